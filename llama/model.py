@@ -1,0 +1,247 @@
+"""LLaMA (1, 2, 3.x) with fairscale tensor parallelism, returning the hidden state after chosen layers.
+
+Written from the published architecture in the style of Meta's reference model.py. The one
+addition is a functional KV cache with per-row start positions, so a batch of right-padded shared
+prefixes can be run once and each row's continuation run on top of it.
+"""
+import math
+from dataclasses import dataclass, fields
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from torch import nn
+
+from .errors import LlamaError
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1  # -1 in Llama 1/2 params.json: taken from the tokenizer
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    ffn_dim: Optional[int] = None  # explicit FFN size, when a converter knows it
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False
+    rope_scale_factor: float = 8.0  # 8 for Llama 3.1/3.3, 32 for 3.2
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    vocab_parallel_embedding: bool = False  # Llama 3 splits the embedding by vocab, 1/2 by dim
+    max_batch_size: int = 32  # carried by some params.json files; unused here
+    max_seq_len: int = 8192
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LlamaError(f"unknown model parameter {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        h = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            h = int(self.ffn_dim_multiplier * h)
+        return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+
+
+def check_parallel(args: ModelArgs, mp: int) -> int:
+    """Number of kv heads the model holds at model-parallel size mp (replicated when mp > kv heads)."""
+    if args.n_heads % mp:
+        raise LlamaError(f"model-parallel size {mp} does not divide n_heads={args.n_heads}")
+    kv = args.kv_heads
+    if kv % mp == 0:
+        return kv
+    if mp % kv == 0:
+        return mp
+    raise LlamaError(f"model-parallel size {mp} neither divides n_kv_heads={kv} nor is a multiple of it")
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """The rotary frequency of each of the head_dim // 2 channel pairs, with Llama 3.1 scaling."""
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    if not args.use_scaled_rope:
+        return freqs
+    low_wavelen = args.rope_original_context / args.rope_low_freq_factor
+    high_wavelen = args.rope_original_context / args.rope_high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (args.rope_original_context / wavelen - args.rope_low_freq_factor) / (
+        args.rope_high_freq_factor - args.rope_low_freq_factor
+    )
+    blended = (1 - smooth) * freqs / args.rope_scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_wavelen, freqs / args.rope_scale_factor, blended)
+    return torch.where(wavelen < high_wavelen, freqs, scaled)
+
+
+def apply_rotary(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, hd] with interleaved (real, imag) pairs; rot [B, S, hd // 2] complex."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rot[:, :, None, :]).flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def keep(x):  # fairscale init: leave the (overwritten at load) weight alone
+    return x
+
+
+KV = Tuple[torch.Tensor, torch.Tensor]  # each [B, P, n_local_kv_heads, head_dim]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, kv_heads: int):
+        super().__init__()
+        mp = fs_init.get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // mp
+        self.n_local_kv_heads = kv_heads // mp
+        self.head_dim = args.head_dim
+        hd = self.head_dim
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * hd, bias=False, gather_output=False, init_method=keep)
+        self.wk = ColumnParallelLinear(args.dim, kv_heads * hd, bias=False, gather_output=False, init_method=keep)
+        self.wv = ColumnParallelLinear(args.dim, kv_heads * hd, bias=False, gather_output=False, init_method=keep)
+        self.wo = RowParallelLinear(args.n_heads * hd, args.dim, bias=False, input_is_parallel=True, init_method=keep)
+
+    def forward(self, x, rot, mask, past: Optional[KV]) -> Tuple[torch.Tensor, KV]:
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(B, S, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, S, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, rot), apply_rotary(k, rot)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
+        rep = self.n_local_heads // self.n_local_kv_heads
+        keys = k.repeat_interleave(rep, dim=2) if rep > 1 else k
+        values = v.repeat_interleave(rep, dim=2) if rep > 1 else v
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, is_causal=mask is None
+        )  # [B, H, S, hd]
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1)), (k, v)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=keep)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=keep)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=keep)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, kv_heads: int):
+        super().__init__()
+        self.attention = Attention(args, kv_heads)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, rot, mask, past: Optional[KV]):
+        a, kv = self.attention(self.attention_norm(x), rot, mask, past)
+        h = x + a
+        return h + self.feed_forward(self.ffn_norm(h)), kv
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise LlamaError("vocab_size is not set (params.json has -1: take it from the tokenizer)")
+        mp = fs_init.get_model_parallel_world_size()
+        self.kv_heads = check_parallel(args, mp)
+        self.params = args
+        embedding = VocabParallelEmbedding if args.vocab_parallel_embedding else ParallelEmbedding
+        self.tok_embeddings = embedding(args.vocab_size, args.dim, init_method=keep)
+        self.layers = nn.ModuleList(TransformerBlock(args, self.kv_heads) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=keep)
+        self.register_buffer("freqs", rope_frequencies(args), persistent=False)
+
+    def layer_list(self, layers: Optional[Iterable[int]]) -> List[int]:
+        wanted = sorted(set(range(self.params.n_layers + 1) if layers is None else layers))
+        bad = [i for i in wanted if not 0 <= i <= self.params.n_layers]
+        if bad:
+            raise LlamaError(f"layer {bad[0]} out of range: this model has layers 0..{self.params.n_layers}")
+        return wanted
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        layers: Optional[Iterable[int]] = None,
+        logits: bool = False,
+        start: Optional[torch.Tensor] = None,
+        past: Optional[List[KV]] = None,
+        return_kv: bool = False,
+    ) -> Dict:
+        """tokens [B, S], right-padded. Returns {layer: [B, S, dim]}: 0 is the embedding output,
+        i the output of block i. Runs no block past the deepest requested layer unless `logits`
+        (then "logits": [B, S, vocab], float32).
+
+        start [B]: position of tokens[:, 0] in each row. With it, `past` holds each block's keys
+        and values of the tokens before (one (k, v) per block, [B, P, kv_heads, hd], of which row b
+        uses the first start[b]); `return_kv` adds "kv": per block, the keys and values of `past` and these tokens.
+        """
+        wanted = self.layer_list(layers)
+        B, S = tokens.shape
+        depth = self.params.n_layers if logits else max(wanted)
+        h = self.tok_embeddings(tokens)
+        if start is None:
+            start = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        pos = start[:, None] + torch.arange(S, device=tokens.device)  # [B, S]
+        angles = pos[..., None].float() * self.freqs  # [B, S, hd // 2]
+        rot = torch.polar(torch.ones_like(angles), angles)
+        mask = None
+        if past is not None:
+            P = past[0][0].shape[1]
+            seen = torch.arange(P, device=tokens.device)[None, :] < start[:, None]  # [B, P]
+            causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
+            mask = torch.cat([seen[:, None, :].expand(B, S, P), causal.expand(B, S, S)], -1)[:, None]
+        out = {0: h} if 0 in wanted else {}
+        kvs = []
+        for i, block in enumerate(self.layers[:depth], start=1):
+            h, kv = block(h, rot, mask, None if past is None else past[i - 1])
+            if return_kv:
+                kvs.append(kv)
+            if i in wanted:
+                out[i] = h
+        if logits:
+            out["logits"] = self.output(self.norm(h)).float()
+        if return_kv:
+            out["kv"] = kvs
+        return out
