@@ -121,7 +121,7 @@ def load(cache: ActivationCache, layers: List[int]) -> torch.Tensor:
     x = torch.empty(len(layers), len(cache.sides), cache.num_examples, cache.hidden_dim)
     for i, l in enumerate(layers):
         for j, side in enumerate(cache.sides):
-            x[i, j] = torch.from_numpy(cache.array(l, side))
+            x.numpy()[i, j] = cache.array(l, side)
     return x
 
 
@@ -338,3 +338,373 @@ def fit(x, y, tr, methods, cfg: Config, logprobs=None):
             raise LlamaError("zero_shot needs the answers' log-probabilities in the cache (extract with --zero_shot)")
         probes["zero_shot"] = Probe("zero_shot", "zero_shot", "logprobs", {"sign": torch.ones(L)})
     return probes, norm
+
+
+def score(probes: Dict[str, Probe], norm: Norm, x, logprobs=None, chunk_mb=64.0) -> Dict[str, torch.Tensor]:
+    """Oriented scores [L, N] of every probe on x [L, S, N, d] (raw features, normalised here)."""
+    L, S, N, d = x.shape
+    out = {m: torch.empty(L, N) for m in probes}
+    for sl in chunks(L, S * N, d, Config(chunk_mb=chunk_mb)):
+        z = norm(x[sl], sl)
+        for m, p in probes.items():
+            q = {k: v[sl] for k, v in p.params.items()}
+            if p.kind == "ccs":
+                raw = ccs_score(q, z[:, 0], z[:, 1])
+            elif p.kind == "zero_shot":
+                raw = torch.as_tensor(logprobs[:, 0] - logprobs[:, 1], dtype=torch.float32).expand(z.shape[0], N)
+            else:
+                raw = torch.einsum("cnd,cd->cn", features(z, p.input), q["w"]) + q["b"][:, None]
+            out[m][sl] = p.threshold + q["sign"][:, None] * (raw - p.threshold)
+    return out
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def metrics(s, thr: float, y, w):
+    """Accuracy, balanced accuracy and AUROC (label 1 positive) of scores s [L, n] under row weights
+    w [B, n] (ones: the plain metric; bootstrap counts: one resample a row) -> three [B, L] arrays."""
+    s = torch.as_tensor(s, dtype=torch.float64)
+    w = torch.as_tensor(w, dtype=torch.float64)
+    pos = torch.as_tensor(y) == 1
+    correct = ((s > thr) == pos).double()
+    acc = w @ correct.T / w.sum(1, keepdim=True)
+    tpr = w[:, pos] @ correct[:, pos].T / w[:, pos].sum(1, keepdim=True)
+    tnr = w[:, ~pos] @ correct[:, ~pos].T / w[:, ~pos].sum(1, keepdim=True)
+    auc = torch.empty_like(acc)
+    npos, nneg = w[:, pos].sum(1), w[:, ~pos].sum(1)
+    for l in range(s.shape[0]):
+        o = torch.argsort(s[l], stable=True)
+        ss, ps, ws = s[l, o], pos[o], w[:, o]
+        new = torch.cat([torch.tensor([True]), ss[1:] != ss[:-1]])
+        gid = torch.cumsum(new, 0) - 1
+        first = torch.nonzero(new)[:, 0]
+        last = torch.cat([first[1:], torch.tensor([len(ss)])]) - 1
+        negw = ws * ~ps
+        cum = torch.cumsum(negw, 1)
+        g = gid[ps]  # ties count one half
+        below = 0.5 * (cum[:, last[g]] + cum[:, first[g]] - negw[:, first[g]])
+        auc[:, l] = (ws[:, ps] * below).sum(1) / (npos * nneg)
+    return acc, (tpr + tnr) / 2, auc
+
+
+def evaluate(scores, thr, y, pos_rate: float, boot: int, seed: int, loss=None):
+    """{name: [L] arrays} of point metrics and bootstrap 95% intervals for scores [L, n]."""
+    n = len(y)
+    acc, bacc, auc = metrics(scores, thr, y, torch.ones(1, n))
+    out = {"accuracy": acc[0], "balanced_accuracy": bacc[0], "auroc": auc[0]}
+    if boot:
+        counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=boot)
+        for k, v in zip(out.copy(), metrics(scores, thr, y, counts)):
+            q = torch.quantile(v, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+            out[k + "_lo"], out[k + "_hi"] = q[0], q[1]
+    # threshold placed so that the held-out positive rate matches training's: no held-out labels used
+    cut = torch.quantile(torch.as_tensor(scores, dtype=torch.float64), 1 - pos_rate, dim=1)
+    out["calibrated_accuracy"] = ((torch.as_tensor(scores) > cut[:, None]) == (torch.as_tensor(y) == 1)[None]).double().mean(1)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def flip_unsupervised(s, thr, y):
+    """max(acc, 1 - acc): reflect each layer's scores where they are right less than half the time."""
+    acc = ((s > thr) == torch.as_tensor(y == 1)).double().mean(1)
+    return torch.where((acc < 0.5)[:, None], 2 * thr - s, s)
+
+
+ROW_NOTE = {
+    "ccs": "max(acc,1-acc)", "crc_tpc": "max(acc,1-acc)", "zero_shot": "fixed: log p(plus) - log p(minus)",
+}
+
+
+def row_scores(probes, scores, y):
+    """Scores by eval.csv method name: an unsupervised method gives `m` (max(acc, 1-acc)) and `m_signed`."""
+    out = {}
+    for m, v in scores.items():
+        if m in UNSUPERVISED:
+            out[m] = flip_unsupervised(v, probes[m].threshold, y)
+            out[m + "_signed"] = v
+        else:
+            out[m] = v
+    return out
+
+
+def base(name):
+    return name[: -len("_signed")] if name.endswith("_signed") else name
+
+
+def rows_for(probes, scores, y, pos_rate, boot, seed, layers, extra, loss=None):
+    """eval.csv rows (dicts), one per layer and method name in scores."""
+    rows = []
+    for name, s in scores.items():
+        p = probes[base(name)]
+        ev = evaluate(s, p.threshold, y, pos_rate, boot, seed)
+        tl = (loss or {}).get(base(name), p.params.get("train_loss"))
+        for i, l in enumerate(layers):
+            r = dict(extra, layer=l, method=name, n=len(y))
+            r.update({k: float(v[i]) for k, v in ev.items()})
+            r["train_loss"] = float(tl[i]) if tl is not None else float("nan")
+            r["orientation"] = ROW_NOTE.get(name, "train labels")
+            rows.append(r)
+    return rows
+
+
+# ---------------------------------------------------------------- outputs
+
+COLUMNS = ["layer", "method", "split", "n", "accuracy", "accuracy_lo", "accuracy_hi", "balanced_accuracy",
+           "balanced_accuracy_lo", "balanced_accuracy_hi", "auroc", "auroc_lo", "auroc_hi", "calibrated_accuracy",
+           "train_loss", "orientation"]
+
+
+def best_layers(df, key="accuracy"):
+    return {m: int(g.loc[g[key].idxmax(), "layer"]) for m, g in df.groupby("method", sort=False)}
+
+
+def print_table(df, positive: str):
+    methods = list(dict.fromkeys(df["method"]))
+    best = best_layers(df)
+    acc = df.pivot(index="layer", columns="method", values="accuracy")
+    w = max(8, max(len(m) for m in methods) + 1)
+    print(f"held-out accuracy by layer (* = best layer of the method, chosen on held-out data); positive class: {positive}")
+    print("ccs, crc_tpc: unsupervised, max(acc, 1-acc) on held-out data; *_signed: sign fixed on training labels")
+    print("layer" + "".join(f"{m:>{w}}" for m in methods))
+    for l, r in acc.iterrows():
+        print(f"{l:5d}" + "".join(f"{r[m]:>{w - 1}.3f}{'*' if best[m] == l else ' '}" for m in methods))
+    print(f"{'method':<16}{'layer':>6}  {'accuracy [95% CI]':<22}{'AUROC [95% CI]':<22}")
+    for m in methods:
+        r = df[(df.method == m) & (df.layer == best[m])].iloc[0]
+        ci = lambda k: f"{r[k]:.3f} [{r.get(k + '_lo', np.nan):.3f}, {r.get(k + '_hi', np.nan):.3f}]"
+        print(f"{m:<16}{best[m]:>6}  {ci('accuracy'):<22}{ci('auroc'):<22}")
+
+
+def save_probes(folder, probes, norm, layers, cache: ActivationCache, info: dict):
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    for m, p in probes.items():
+        tensors = {k: v.contiguous() for k, v in p.params.items()}
+        tensors.update(mean=norm.mean.contiguous(), std=norm.std.contiguous(), layers=torch.tensor(layers))
+        save_file(tensors, os.path.join(folder, f"{m}.safetensors"))
+        formula = {
+            "ccs": "0.5 * (sigmoid(zp @ w + b) + 1 - sigmoid(zm @ w + b)), MLP when w1 is present",
+            "logprobs": "logprob(plus) - logprob(minus)", "diff": "(zp - zm) @ w + b", "concat": "[zp, zm] @ w + b",
+            "prompt": "z @ w + b",
+        }["ccs" if p.kind == "ccs" else p.input]
+        meta = dict(info, method=m, kind=p.kind, input=p.input, layers=layers, sides=cache.sides,
+                    hidden_dim=cache.hidden_dim, fingerprint=cache.fingerprint, cache=os.path.abspath(cache.path),
+                    normalisation="z = (x - mean[layer, side]) / std[layer, side], statistics of the training rows only",
+                    raw_score=formula, threshold=p.threshold,
+                    orientation="score = threshold + sign * (raw - threshold); predict label 1 when score > threshold; "
+                    + ("sign fixed on training labels (eval.csv row '" + m + "' reports max(acc, 1-acc) instead)"
+                       if m in UNSUPERVISED else "supervised"))
+        with open(os.path.join(folder, f"{m}.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+
+
+def plot(run, df, scores, y, positive):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    methods = list(dict.fromkeys(df["method"]))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, key in zip(axes, ("accuracy", "auroc")):
+        for m in methods:
+            g = df[df.method == m].sort_values("layer")
+            style = dict(ls="--", color="gray" if m == "random" else "black") if m in ("random", "majority") else {}
+            ax.plot(g.layer, g[key], marker=".", label=m, **style)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"held-out {key}")
+        ax.axhline(0.5, color="lightgray", lw=0.8)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"positive class: {positive}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run, "layers.png"), dpi=110)
+    plt.close(fig)
+    best = best_layers(df)
+    top = max(best, key=lambda m: df[(df.method == m) & (df.layer == best[m])].accuracy.iloc[0])
+    layer = best[top]
+    i = sorted(df.layer.unique()).index(layer)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for m, s in scores.items():
+        fpr, tpr, _ = roc_curve(y, s[i].numpy())
+        ax.plot(fpr, tpr, label=m)
+    ax.plot([0, 1], [0, 1], color="lightgray")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"held-out ROC, layer {layer} (best: {top})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run, "roc.png"), dpi=110)
+    plt.close(fig)
+    cols = 4
+    nrow = (len(scores) + cols - 1) // cols
+    fig, axes = plt.subplots(nrow, cols, figsize=(3.2 * cols, 2.6 * nrow), squeeze=False)
+    for ax, (m, s) in zip(axes.flat, scores.items()):
+        for cls in (0, 1):
+            ax.hist(s[i].numpy()[y == cls], bins=30, alpha=0.6, label=f"label {cls}")
+        ax.set_title(m, fontsize=9)
+    for ax in list(axes.flat)[len(scores):]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"held-out scores by class, layer {layer}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run, "hist.png"), dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def prepare(cache: ActivationCache, layers, methods):
+    """Features, labels and the method list this cache allows."""
+    if cache.sides not in (["plus", "minus"], ["prompt"]):
+        raise LlamaError(f"cache {cache.path}: sides {cache.sides} are neither plus/minus nor prompt")
+    contrast = cache.is_contrast
+    allowed = CONTRAST_METHODS if contrast else SINGLE_METHODS
+    want = parse_list(methods, "methods")
+    if want is None:
+        want = [m for m in CONTRAST_METHODS if m != "zero_shot" or cache.logprobs is not None or not contrast]
+    for m in want:
+        if m not in CONTRAST_METHODS:
+            raise LlamaError(f"unknown method {m!r} (known: {', '.join(CONTRAST_METHODS)})")
+    skipped = [m for m in want if m not in allowed]
+    if skipped:
+        print(f"note: {', '.join(skipped)} need contrast pairs (plus/minus sides); cache {cache.path} holds single "
+              "prompts, so only the supervised methods run", file=sys.stderr)
+    want = [m for m in want if m in allowed] + [m for m in ("random", "majority") if m not in want]
+    y = cache_labels(cache)
+    layers = parse_layers(layers, cache)
+    return load(cache, layers), y, layers, want
+
+
+def positive_name(cache):
+    return "label 1 = the plus side is the true one" if cache.is_contrast else "label 1 = type 'testing'"
+
+
+def train(cache: str, output: str, layers=None, methods=None, test_frac: float = 0.4, folds: int = 0, seed: int = 0,
+          visualize: bool = False, bootstrap: int = 1000, restarts: int = 10, optimizer: str = "lbfgs", steps: int = 0,
+          hidden: int = 0):
+    """Train and evaluate every method on every cached layer; write OUTPUT/eval.csv, probes/ and plots."""
+    import pandas as pd
+
+    t0 = time.time()
+    c = ActivationCache(cache)
+    x, y, layers, methods = prepare(c, layers, methods)
+    lp = c.logprobs
+    cfg = Config(restarts=int(restarts), optimizer=optimizer, steps=int(steps), hidden=int(hidden), seed=int(seed))
+    parts = split(y, test_frac, folds, int(seed))
+    os.makedirs(output, exist_ok=True)
+    t1 = time.time()
+    oof, ys, losses = {}, [], {}
+    for tr, te in parts:
+        probes, norm = fit(x, y, tr, methods, cfg, lp)
+        s = score(probes, norm, x[:, :, te], None if lp is None else lp[te])
+        for m, v in row_scores(probes, s, y[te]).items():  # unsupervised signs: per fold, as in one split
+            oof.setdefault(m, []).append(v)
+        for m, p in probes.items():
+            if "train_loss" in p.params:
+                losses.setdefault(m, []).append(p.params["train_loss"])
+        ys.append(y[te])
+    yt = np.concatenate(ys)
+    scores = {m: torch.cat(v, 1) for m, v in oof.items()}
+    loss = {m: torch.stack(v).mean(0) for m, v in losses.items()}
+    name = "test" if not folds else f"cv{folds}"
+    pos_rate = float(y[parts[0][0]].mean())
+    t2 = time.time()
+    df = pd.DataFrame(rows_for(probes, scores, yt, pos_rate, int(bootstrap), int(seed), layers, {"split": name}, loss))
+    df = df.reindex(columns=COLUMNS)
+    df.to_csv(os.path.join(output, "eval.csv"), index=False)
+    if folds:  # the saved probes come from every row once the folds have measured them
+        probes, norm = fit(x, y, np.arange(len(y)), methods, cfg, lp)
+    info = dict(split=name, test_frac=None if folds else float(test_frac), seed=int(seed),
+                trained_on="all rows" if folds else "the training split", positive_class=positive_name(c))
+    save_probes(os.path.join(output, "probes"), probes, norm, layers, c, info)
+    if visualize:
+        plot(output, df, scores, yt, positive_name(c))
+    print_table(df, positive_name(c))
+    print(f"wrote {output}/eval.csv and {output}/probes/ in {time.time() - t0:.1f} s (load {t1 - t0:.1f} s, "
+          f"fit and score {t2 - t1:.1f} s, metrics and outputs {time.time() - t2:.1f} s)")
+    return None
+
+
+def same_model(src: ActivationCache, other: ActivationCache):
+    if not src.fingerprint or not other.fingerprint:
+        raise LlamaError(f"cache {other.path if not other.fingerprint else src.path} has no model fingerprint: cannot check both caches come from one model")
+    if src.fingerprint != other.fingerprint:
+        raise LlamaError(f"cache {other.path} comes from another model than {src.path} (fingerprint {other.fingerprint[:16]} vs "
+                         f"{src.fingerprint[:16]}): probes do not transfer across models")
+    if src.hidden_dim != other.hidden_dim or src.sides != other.sides:
+        raise LlamaError(f"cache {other.path} holds {other.sides} x {other.hidden_dim} features, {src.path} {src.sides} x {src.hidden_dim}")
+
+
+def transfer(train: str, test=None, output: str = "runs/transfer", layers=None, methods=None, test_frac: float = 0.4,
+             seed: int = 0, bootstrap: int = 1000, restarts: int = 10, optimizer: str = "lbfgs", steps: int = 0, hidden: int = 0):
+    """Train on the training split of cache TRAIN; score its held-out split and every row of each --test cache."""
+    import pandas as pd
+
+    src = ActivationCache(train)
+    tests = parse_list(test, "test")
+    if not tests:
+        raise LlamaError("transfer needs at least one --test cache")
+    targets = [ActivationCache(str(t)) for t in tests]
+    for t in targets:
+        same_model(src, t)
+    x, y, layers, methods = prepare(src, layers, methods)
+    for t in targets:
+        parse_layers(layers, t)
+    cfg = Config(restarts=int(restarts), optimizer=optimizer, steps=int(steps), hidden=int(hidden), seed=int(seed))
+    tr, te = split(y, test_frac, 0, int(seed))[0]
+    lp = src.logprobs
+    probes, norm = fit(x, y, tr, methods, cfg, lp)
+    pos_rate, seed = float(y[tr].mean()), int(seed)
+    s = score(probes, norm, x[:, :, te], None if lp is None else lp[te])
+    rows = rows_for(probes, row_scores(probes, s, y[te]), y[te], pos_rate, int(bootstrap), seed, layers,
+                    {"train": train, "test": train, "split": "test"})
+    for t in targets:
+        use = {m: p for m, p in probes.items() if m != "zero_shot" or t.logprobs is not None}
+        yt = cache_labels(t)
+        s = score(use, norm, load(t, layers), t.logprobs)
+        rows += rows_for(use, row_scores(use, s, yt), yt, pos_rate, int(bootstrap), seed, layers,
+                         {"train": train, "test": t.path, "split": "all"})
+    os.makedirs(output, exist_ok=True)
+    df = pd.DataFrame(rows).reindex(columns=["train", "test"] + COLUMNS)
+    df.to_csv(os.path.join(output, "transfer.csv"), index=False)
+    home = df[df.test == train]
+    best = best_layers(home)
+    names = [train] + [t.path for t in targets]
+    print(f"transfer from {train} (trained on its training split); accuracy / AUROC at each method's best layer on "
+          f"{train}'s held-out split; positive class: {positive_name(src)}")
+    print(f"{'method':<16}{'layer':>6}" + "".join(f"  {os.path.basename(os.path.normpath(n))[:17]:>17}" for n in names))
+    for m, l in best.items():
+        cells = []
+        for n in names:
+            r = df[(df.test == n) & (df.method == m) & (df.layer == l)]
+            cells.append(f"{r.accuracy.iloc[0]:.3f} / {r.auroc.iloc[0]:.3f}" if len(r) else "-")
+        print(f"{m:<16}{l:>6}" + "".join(f"  {c:>17}" for c in cells))
+    print(f"wrote {output}/transfer.csv (every layer; first column: {train}'s own held-out split)")
+
+
+def merge_repeated(argv: List[str], flag: str) -> List[str]:
+    """`--test A --test B` -> one `--test=['A', 'B']` (fire keeps only the last of repeated flags)."""
+    vals, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == flag and i + 1 < len(argv):
+            vals.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith(flag + "="):
+            vals.append(a[len(flag) + 1:])
+        else:
+            rest.append(a)
+        i += 1
+    return rest + [f"{flag}={vals!r}"] if vals else rest
+
+
+def main():
+    import fire
+
+    cli(fire.Fire, {"train": train, "transfer": transfer}, command=merge_repeated(sys.argv[1:], "--test"))
+
+
+if __name__ == "__main__":
+    main()

@@ -40,8 +40,8 @@ class Example:
     label: int              # 1: true statement / "yes" answer / A-B test answer / testing
     fields: dict            # values for the template text
     extra: dict = field(default_factory=dict)   # source columns copied to the CSV
-    answers: tuple = None   # A/B: (positive, negative) answer texts
-    type: str = None        # validation: testing / deployment
+    answers: tuple | None = None  # A/B: (positive, negative) answer texts
+    type: str | None = None       # validation: testing / deployment
 
 
 @dataclass
@@ -300,6 +300,8 @@ LOADERS = {"boolq": load_boolq, "statements": load_statements, "ab": load_ab,
 
 def load(input, format, seed):
     if format in BUILTIN:
+        if input is not None:
+            raise LlamaError(f"--format {format} is built in: it reads no --input")
         return format, (cities if format == "cities" else larger_than)(seed)
     if input is None:
         raise LlamaError("give --input FILE (BoolQ JSON/JSONL, a statement,label CSV, an A/B JSON or "
@@ -419,7 +421,7 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
       system: a system prompt.
       template: a template name or all (one row per example and template).
       mode: contrast (two answers per example) or statement (one prompt: statement sets only).
-      balance: as many label-1 as label-0 examples (seeded subsample).
+      balance: as many label-1 as label-0 examples (seeded subsample; always on for built-in sets).
       limit: at most this many examples (a seeded sample, written in source order).
       seed: for sampling, wrong countries, A/B labels and option swaps.
       max_seq_len: longest prompt in tokens, BOS included (needs --tokenizer_path).
@@ -430,6 +432,7 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
     if mode == "statement" and fmt not in ("statements",) + BUILTIN:
         raise LlamaError(f"--mode statement needs statements (a statement,label CSV, cities or "
                          f"larger_than), not {fmt}")
+    balance = balance or fmt in BUILTIN  # built-in sets stay balanced under --limit too
     single = mode == "statement" or fmt == "validation"
     templates = pick_templates(fmt, single, template)
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else None

@@ -207,6 +207,8 @@ def allocate(path: str, name: str, shape: tuple, dt) -> None:
     fd = os.open(f, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, size)
+    except OSError as e:  # it names no file by itself
+        raise OSError(e.errno, e.strerror, f) from None
     finally:
         os.close(fd)
 

@@ -125,20 +125,20 @@ class Shards:
             if dim is not None and n > 1:
                 shape[dim] *= n
             self.dims[name] = None if n == 1 else dim
-            kind = name.split(".")[-2]
-            rows = args.kv_heads * args.head_dim
-            if kind in ("wk", "wv") and shape[0] > rows and shape[0] % rows == 0:
-                self.kv_rep[name] = shape[0] // rows  # written for an mp above n_kv_heads
-                shape[0] = rows
+            kv = args.kv_heads
+            if name.split(".")[-2] in ("wk", "wv") and n > kv and n % kv == 0 and t.shape[0] == args.head_dim:
+                self.kv_rep[name] = n // kv  # written for an mp above n_kv_heads: one (repeated) head per shard
+                shape[0] = kv * args.head_dim
             self.shapes[name] = tuple(shape)
 
     def read(self, name: str, dim: Optional[int] = None, lo: int = 0, hi: int = 0) -> torch.Tensor:
         rep = self.kv_rep.get(name)
         if not rep:
             return self.stored(name, dim, lo, hi)
-        hd = self.args.head_dim  # stored head h * rep holds head h
+        hd = self.args.head_dim
         a, b = (lo, hi) if dim == 0 else (0, self.shapes[name][0])
-        rows = torch.cat([self.stored(name, 0, max(a, h * hd) + h * (rep - 1) * hd, min(b, h * hd + hd) + h * (rep - 1) * hd)
+        skip = (rep - 1) * hd  # stored head h * rep holds head h: its rows start h * skip further on
+        rows = torch.cat([self.stored(name, 0, max(a, h * hd) + h * skip, min(b, h * hd + hd) + h * skip)
                           for h in range(a // hd, (b - 1) // hd + 1)])
         return rows.narrow(1, lo, hi - lo) if dim == 1 else rows
 
@@ -177,7 +177,8 @@ def meta_args(path: str, emb: Optional[torch.Tensor], n_shards: int) -> ModelArg
         args.vocab_size = emb.shape[0] * (1 if emb.shape[1] * n_shards == args.dim else n_shards)
     if n_shards > 1 and emb is not None and emb.dim() == 2:
         args.vocab_parallel_embedding = emb.shape[1] == args.dim
-    if (args.use_scaled_rope and "rope_scale_factor" not in params and args.vocab_size == 128256
+    factor_given = {"rope_scale_factor", "rope_scaling_factor"} & set(params)
+    if (args.use_scaled_rope and not factor_given and args.vocab_size == 128256
             and (args.dim, args.n_layers) in ((2048, 16), (3072, 28))):
         args.rope_scale_factor = 32.0  # Llama 3.2 1B/3B params.json omit the factor; theirs is 32, not 8
     return args
@@ -280,7 +281,7 @@ class HFWeights:
         self.args = hf_args(cfg, file)
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
-            raise LlamaError(f"{path}: no *.safetensors files (pytorch_model.bin is not read: convert it to safetensors)")
+            raise LlamaError(f"{path}: no *.safetensors files (pytorch_model.bin is not read: save as safetensors)")
         self.where, self.shapes, self.handles = {}, {}, []
         for f in files:
             try:
@@ -296,9 +297,9 @@ class HFWeights:
                     raise LlamaError(f"{f}: unexpected weight {key!r}")
                 self.where[name] = (h, key, f)
                 self.shapes[name] = tuple(h.get_slice(key).get_shape())
-        if "output.weight" not in self.where and cfg.get("tie_word_embeddings") and "tok_embeddings.weight" in self.where:
-            self.where["output.weight"] = self.where["tok_embeddings.weight"]
-            self.shapes["output.weight"] = self.shapes["tok_embeddings.weight"]
+        emb = "tok_embeddings.weight"
+        if "output.weight" not in self.where and cfg.get("tie_word_embeddings") and emb in self.where:
+            self.where["output.weight"], self.shapes["output.weight"] = self.where[emb], self.shapes[emb]
 
     def read(self, name: str, dim: Optional[int] = None, lo: int = 0, hi: int = 0) -> torch.Tensor:
         from safetensors import SafetensorError
@@ -379,7 +380,8 @@ class Loaded:
 
 
 def fingerprint(src, args: ModelArgs) -> str:
-    keys = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta", "use_scaled_rope")
+    keys = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
+            "use_scaled_rope")
     if args.use_scaled_rope:
         keys += ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context")
     h = hashlib.sha256(json.dumps({k: getattr(args, k) for k in keys}).encode())
@@ -397,7 +399,8 @@ def check_weights(src, args: ModelArgs, kind: str):
         if name not in have:
             raise LlamaError(f"{kind} checkpoint: missing weight {name!r}")
         if tuple(src.shapes[name]) != want[name]:
-            raise LlamaError(f"{kind} checkpoint: {name} has shape {tuple(src.shapes[name])}, the model parameters need {want[name]}")
+            raise LlamaError(f"{kind} checkpoint: {name} has shape {tuple(src.shapes[name])}, "
+                             f"the model parameters need {want[name]}")
     extra = sorted(have - set(want))
     if extra:
         raise LlamaError(f"{kind} checkpoint: unexpected weight {extra[0]!r}")
@@ -420,7 +423,8 @@ def load_model(path, dist, dtype: str = "float32", max_seq_len: Optional[int] = 
 
         n_words = load_tokenizer(tok_path).n_words
         if n_words > args.vocab_size:
-            raise LlamaError(f"{tok_path}: tokenizer has {n_words} tokens, the model's embedding only {args.vocab_size}")
+            raise LlamaError(f"{tok_path}: tokenizer has {n_words} tokens, "
+                             f"the model's embedding only {args.vocab_size}")
     check_parallel(args, dist.mp)
     if args.vocab_parallel_embedding and args.vocab_size % dist.mp:
         args.vocab_parallel_embedding = False
@@ -430,20 +434,22 @@ def load_model(path, dist, dtype: str = "float32", max_seq_len: Optional[int] = 
         model = Transformer(args)
     finally:
         torch.set_default_dtype(prev)
+    model.eval().to(dist.device)  # still uninitialised: untouched pages, so no host copy of the weights
     with torch.no_grad():
         for name, p in model.state_dict().items():
             dim, lo, hi = rank_slice(name, args, dist.mp, dist.mp_rank)
             t = src.read(name, dim, lo, hi)
             if t.shape != p.shape:
-                raise LlamaError(f"{kind} checkpoint: {name} slice has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                raise LlamaError(f"{kind} checkpoint: {name} slice has shape {tuple(t.shape)}, not {tuple(p.shape)}")
             p.copy_(t)
-    model.eval().to(dist.device)
     return Loaded(model, args, tok_path, fingerprint(src, args), kind)
 
 
-def main(path: str, mp: int = 0, dtype: str = "float32", device: str = "cpu"):
+def main(path: str, mp: int = 0, dtype: str = "float32", device: str = "auto"):
     from .dist import setup, teardown
 
+    if mp:  # refuse a model-parallel size that cannot work before starting any process group
+        check_parallel(open_source(path)[0].args, mp)
     d = setup(mp, device)
     try:
         m = load_model(path, d, dtype)

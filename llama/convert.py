@@ -9,6 +9,7 @@ exactly as the loader splits them, written under a temporary name and renamed wh
 """
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -53,6 +54,8 @@ def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = Fal
     if not isinstance(mp, int) or isinstance(mp, bool) or mp < 1:
         raise LlamaError(f"--mp must be a positive integer, not {mp!r}")
     src = str(src)
+    if not os.path.exists(src) and not re.fullmatch(r"[\w-]+/[\w.-]+", src):
+        raise LlamaError(f"{src}: no such checkpoint (a Meta or Hugging Face dir, a .gguf file, or a cached model id)")
     path = os.path.abspath(src if os.path.exists(src) else hf_cache_dir(src))
     dst = os.path.abspath(str(dst))
     if dst == path or dst.startswith(path + os.sep):
@@ -90,7 +93,6 @@ def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = Fal
                     shard[name] = weights.read(name, *rank_slice(name, args, mp, r)).to(DTYPES[dtype]).clone()
                     bar.update()
                 torch.save(shard, os.path.join(tmp, f"consolidated.{r:02d}.pth"))
-                del shard
         with open(os.path.join(tmp, "params.json"), "w") as f:
             json.dump(meta_params(args), f, indent=2)
         tok_dir = os.path.dirname(tok) if tok else None

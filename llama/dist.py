@@ -52,7 +52,8 @@ def setup(mp: int = 0, device: str = "auto") -> Dist:
     if not fs_init.model_parallel_is_initialized():
         fs_init.initialize_model_parallel(mp)
     elif fs_init.get_model_parallel_world_size() != mp:
-        raise LlamaError(f"model parallelism already set up with size {fs_init.get_model_parallel_world_size()}, not {mp}")
+        have = fs_init.get_model_parallel_world_size()
+        raise LlamaError(f"model parallelism already set up with size {have}, not {mp}")
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)

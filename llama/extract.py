@@ -441,12 +441,29 @@ def _versions() -> dict:
             "fairscale": fairscale.__version__}
 
 
+def describe(lm, model, tok, tok_path, prompts: Prompts, p: Plan, d, settings: dict) -> dict:
+    """metadata.json, as written at the start (complete false)."""
+    path = str(model) if not hasattr(model, "model") else None  # a Loaded passed in process has no path
+    return {
+        "format": C.FORMAT, "complete": False, "settings": settings,
+        "model": {"path": os.path.abspath(path) if path and os.path.exists(path) else path, "source": lm.source,
+                  "fingerprint": lm.fingerprint, "params": asdict(lm.args), "dtype": settings["model_dtype"]},
+        "tokenizer": {"path": os.path.abspath(str(tok_path)), "chat_format": tok.chat_format},
+        "data": {"path": os.path.abspath(prompts.path), "sha256": prompts.sha256, "rows": len(prompts.ids), **prompts.info},
+        "sides": prompts.sides, "token": settings["token"], "dtype": settings["dtype"], "layers": settings["layers"],
+        "num_examples": len(prompts.ids), "zero_shot": settings["zero_shot"], "tokens": p.tokens, "ids": prompts.ids,
+        "labels": prompts.labels, "types": prompts.types, "versions": _versions(),
+        "parallel": {"world": d.world, "mp": d.mp, "dp": d.dp},
+    }
+
+
 def run(model, data, output, layers="all", token="last", dtype="float32", model_dtype=None,
         max_batch_tokens=2048, batch_size=None, mp=0, device="auto", zero_shot=False, overwrite=False,
         tokenizer=None, commit_every=10.0):
     """Extract hidden states of `layers` for every prompt of `data` into the cache `output`.
 
-    model: Meta dir, Hugging Face dir, .gguf file or Hugging Face id (local cache only).
+    model: Meta dir, Hugging Face dir, .gguf file or Hugging Face id (local cache only); in process
+      also a llama.checkpoint.Loaded, to reuse a loaded model.
     data: prompt CSV (plus_prompt/minus_prompt or prompt columns), or a JSON file generate_dataset reads.
     layers: all, 12, 10,20,23 or ranges 0-5 (0 is the embedding output, i the output of block i).
     token: last (each prompt's last token), mean (over the prompt) or all (every token, ragged).
@@ -458,7 +475,7 @@ def run(model, data, output, layers="all", token="last", dtype="float32", model_
     tokenizer: tokenizer file, when the model's own is not found beside it.
     commit_every: seconds between commits of finished work (what a kill can lose).
     """
-    from .checkpoint import load_model
+    from .checkpoint import Loaded, load_model
     from .dist import setup
     from .tokenizer import load_tokenizer
 
@@ -473,10 +490,11 @@ def run(model, data, output, layers="all", token="last", dtype="float32", model_
             raise LlamaError(f"--{name} {v!r} is not a positive integer")
     output = os.fspath(output)
     d = setup(mp=mp, device=device)
-    lm = load_model(model, d, model_dtype or dtype)
-    if not (tokenizer or lm.tokenizer_path):
+    lm = model if isinstance(model, Loaded) else load_model(model, d, model_dtype or dtype)
+    tok_path = tokenizer or lm.tokenizer_path
+    if not tok_path:
         raise LlamaError(f"no tokenizer found beside {model}: give --tokenizer_path")
-    tok = load_tokenizer(tokenizer or lm.tokenizer_path)
+    tok = load_tokenizer(tok_path)
     t1 = time.time()
     layers = parse_layers(layers, lm.args.n_layers)
     prompts = read_prompts(data, tok.chat_format)
@@ -488,48 +506,42 @@ def run(model, data, output, layers="all", token="last", dtype="float32", model_
     for side in seqs:
         for ids in side:
             h.update(ids.tobytes() + b"|")
-    t2 = time.time()
-    n, k = len(prompts.ids), len(prompts.sides)
     settings = {"model_fingerprint": lm.fingerprint, "data_sha256": prompts.sha256, "tokens_sha256": h.hexdigest(),
-                "layers": layers, "token": token, "dtype": dtype, "model_dtype": model_dtype or dtype,
+                "layers": layers, "token": token, "dtype": dtype,
+                "model_dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
                 "zero_shot": bool(zero_shot), "max_batch_tokens": max_batch_tokens, "batch_size": batch_size}
-    meta = {
-        "format": C.FORMAT, "complete": False, "settings": settings,
-        "model": {"path": os.path.abspath(str(model)) if os.path.exists(str(model)) else str(model), "source": lm.source,
-                  "fingerprint": lm.fingerprint, "params": asdict(lm.args), "dtype": model_dtype or dtype},
-        "tokenizer": {"path": os.path.abspath(str(tokenizer or lm.tokenizer_path)), "chat_format": tok.chat_format},
-        "data": {"path": os.path.abspath(prompts.path), "sha256": prompts.sha256, "rows": n, **prompts.info},
-        "sides": prompts.sides, "token": token, "dtype": dtype, "layers": layers, "num_examples": n,
-        "zero_shot": bool(zero_shot), "tokens": p.tokens, "ids": prompts.ids, "labels": prompts.labels,
-        "types": prompts.types, "versions": _versions(), "parallel": {"world": d.world, "mp": d.mp, "dp": d.dp},
-    }
-    offsets = {s: np.concatenate([[0], np.cumsum(p.lengths[:, j])]).astype(np.int64) for j, s in enumerate(prompts.sides)} if token == "all" else {}
-    specs = arrays(p, prompts.sides, layers, lm.args.dim, dtype, token, zero_shot)
-    locks = []
-    done = on_main(d, lambda: prepare(output, meta, specs, offsets, overwrite, locks))
-    if done is None:
+    meta = describe(lm, model, tok, tok_path, prompts, p, d, settings)
+    sides = prompts.sides
+    offsets = {s: np.concatenate([[0], np.cumsum(p.lengths[:, j])]) for j, s in enumerate(sides)} if token == "all" else {}
+    specs = arrays(p, sides, layers, lm.args.dim, dtype, token, zero_shot)
+    info = {"layers": layers, "num_examples": len(prompts.ids), "hidden_dim": lm.args.dim, "dtype": dtype, "token": token, "sides": sides}
+    t2 = time.time()
+    locks = []  # rank 0's lock on the directory, released when this run ends
+    try:
+        done = on_main(d, lambda: prepare(output, meta, specs, offsets, overwrite, locks))
+        if done is None:
+            if d.is_main:
+                print(f"{output}: already complete ({info['num_examples']} examples, layers {_span(layers)}), nothing to do", flush=True)
+            return output
+        left = [b for b in range(len(p.batches)) if b not in done]
+        ntok = int(sum(p.lengths[p.batches[b]].sum() for b in left))
+        nprompts = sum(len(p.batches[b]) for b in left) * len(sides)
+        extract(lm.model, d, p, output, specs, layers, sides, token, dtype, zero_shot, done, offsets, commit_every)
+        if d.world > 1:
+            tdist.barrier()
+        secs = time.time() - t2
+        meta["timings"] = {"load_s": round(t1 - t0, 3), "prepare_s": round(t2 - t1, 3), "extract_s": round(secs, 3),
+                           "resumed_from_batches": len(done), "prompts_per_s": round(nprompts / secs, 2),
+                           "tokens_per_s": round(ntok / secs, 1)}
+        on_main(d, lambda: finish(output, meta, p, info))
         if d.is_main:
-            print(f"{output}: already complete ({n} examples, layers {_span(layers)}), nothing to do", flush=True)
+            print(f"cached {info['num_examples']} examples x {len(sides)} side(s), layers {_span(layers)}, token {token}, "
+                  f"{dtype}: {nprompts} prompts, {ntok} tokens in {secs:.1f} s ({nprompts / secs:.1f} prompts/s, "
+                  f"{ntok / secs:.0f} tokens/s) -> {output} ({_size(output)})", flush=True)
         return output
-    t3 = time.time()
-    left = [b for b in range(len(p.batches)) if b not in done]
-    ntok = int(sum(p.lengths[p.batches[b]].sum() for b in left))
-    nprompts = sum(len(p.batches[b]) for b in left) * k
-    extract(lm.model, d, p, output, specs, layers, prompts.sides, token, dtype, zero_shot, done, offsets, commit_every)
-    if d.world > 1:
-        tdist.barrier()
-    secs = time.time() - t3
-    meta["timings"] = {"load_s": round(t1 - t0, 3), "tokenize_s": round(t2 - t1, 3), "extract_s": round(secs, 3),
-                       "total_s": round(time.time() - t0, 3), "resumed_from_batches": len(done),
-                       "prompts_per_s": round(nprompts / secs, 2), "tokens_per_s": round(ntok / secs, 1)}
-    info = {"layers": layers, "num_examples": n, "hidden_dim": lm.args.dim, "dtype": dtype, "token": token, "sides": prompts.sides}
-    on_main(d, lambda: finish(output, meta, p, info))
-    if d.is_main:
-        print(f"cached {n} examples x {k} side{'s' * (k > 1)}, layers {_span(layers)}, token {token}, {dtype}: "
-              f"{nprompts} prompts, {ntok} tokens in {secs:.1f} s "
-              f"({meta['timings']['prompts_per_s']:.1f} prompts/s, {meta['timings']['tokens_per_s']:.0f} tokens/s) "
-              f"-> {output} ({_size(output)})", flush=True)
-    return output
+    finally:
+        for fd in locks:
+            os.close(fd)
 
 
 def _span(layers) -> str:

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Tuple, Union
 
 import fire
 import numpy as np

@@ -5,12 +5,14 @@ addition is a functional KV cache with per-row start positions, so a batch of ri
 prefixes can be run once and each row's continuation run on top of it.
 """
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel.layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -45,6 +47,7 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
+        d = {"rope_scale_factor" if k == "rope_scaling_factor" else k: v for k, v in d.items()}  # llama-models
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -117,8 +120,16 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def keep(x):  # fairscale init: leave the (overwritten at load) weight alone
-    return x
+@contextmanager
+def uninitialised():
+    """fairscale initialises each weight by building the full unsplit matrix and copying out this rank's
+    part: a transient full-size copy per layer. The loader overwrites every weight, so skip it."""
+    init = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fs_layers._initialize_affine_weight = init
 
 
 KV = Tuple[torch.Tensor, torch.Tensor]  # each [B, P, n_local_kv_heads, head_dim]
@@ -132,10 +143,10 @@ class Attention(nn.Module):
         self.n_local_kv_heads = kv_heads // mp
         self.head_dim = args.head_dim
         hd = self.head_dim
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * hd, bias=False, gather_output=False, init_method=keep)
-        self.wk = ColumnParallelLinear(args.dim, kv_heads * hd, bias=False, gather_output=False, init_method=keep)
-        self.wv = ColumnParallelLinear(args.dim, kv_heads * hd, bias=False, gather_output=False, init_method=keep)
-        self.wo = RowParallelLinear(args.n_heads * hd, args.dim, bias=False, input_is_parallel=True, init_method=keep)
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * hd, bias=False, gather_output=False)
+        self.wk = ColumnParallelLinear(args.dim, kv_heads * hd, bias=False, gather_output=False)
+        self.wv = ColumnParallelLinear(args.dim, kv_heads * hd, bias=False, gather_output=False)
+        self.wo = RowParallelLinear(args.n_heads * hd, args.dim, bias=False, input_is_parallel=True)
 
     def forward(self, x, rot, mask, past: Optional[KV]) -> Tuple[torch.Tensor, KV]:
         B, S, _ = x.shape
@@ -157,9 +168,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=keep)
-        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=keep)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=keep)
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -188,10 +199,11 @@ class Transformer(nn.Module):
         self.kv_heads = check_parallel(args, mp)
         self.params = args
         embedding = VocabParallelEmbedding if args.vocab_parallel_embedding else ParallelEmbedding
-        self.tok_embeddings = embedding(args.vocab_size, args.dim, init_method=keep)
-        self.layers = nn.ModuleList(TransformerBlock(args, self.kv_heads) for _ in range(args.n_layers))
+        with uninitialised():
+            self.tok_embeddings = embedding(args.vocab_size, args.dim)
+            self.layers = nn.ModuleList(TransformerBlock(args, self.kv_heads) for _ in range(args.n_layers))
+            self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False)
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=keep)
         self.register_buffer("freqs", rope_frequencies(args), persistent=False)
 
     def layer_list(self, layers: Optional[Iterable[int]]) -> List[int]:
@@ -230,6 +242,8 @@ class Transformer(nn.Module):
         rot = torch.polar(torch.ones_like(angles), angles)
         mask = None
         if past is not None:
+            if len(past) < depth:
+                raise LlamaError(f"past holds keys and values for {len(past)} blocks, this call runs {depth}")
             P = past[0][0].shape[1]
             seen = torch.arange(P, device=tokens.device)[None, :] < start[:, None]  # [B, P]
             causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()

@@ -52,17 +52,16 @@ class Tokenizer:
     bos_id: int | None
     eos_id: int | None
     chat_format: str
-    special: dict[str, int] = {}
+
+    def _set_special(self, special: dict[str, int]):
+        self.special = special
+        names = sorted(special, key=len, reverse=True)  # the longest special string wins
+        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if special else None
 
     def _parts(self, text: str):
-        """(plain text, None) and ("", special id) in order; the longest special string wins."""
-        if not self.special:
-            yield text, None
-            return
-        if not hasattr(self, "_split"):
-            names = sorted(self.special, key=len, reverse=True)
-            self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")")
-        for i, part in enumerate(self._split.split(text)):
+        """(plain text, None) and ("", special id), in the order they appear in `text`."""
+        parts = self._split.split(text) if self._split else [text]
+        for i, part in enumerate(parts):
             yield ("", self.special[part]) if i % 2 else (part, None)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
@@ -72,12 +71,6 @@ class Tokenizer:
         if eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
-
-    def _encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -92,7 +85,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.chat_format = "llama2"  # the only chat format of sentencepiece LLaMAs ([INST] is text)
-        self.special = {self.sp.id_to_piece(i): i for i in range(self.n_words) if self.sp.is_control(i)}
+        self._set_special({self.sp.id_to_piece(i): i for i in range(self.n_words) if self.sp.is_control(i)})
 
     def _encode(self, text):
         ids = []
@@ -135,11 +128,11 @@ class TiktokenTokenizer(Tokenizer):
             info = dict(special_tokens=special, pattern=LLAMA3_PATTERN, bos_id=special["<|begin_of_text|>"],
                         eos_id=special["<|end_of_text|>"], n_words=len(ranks) + len(special),
                         chat_format="llama3")
-        self.special = special = info["special_tokens"]
+        special = info["special_tokens"]
         if len(set(ranks.values()) | set(special.values())) != len(ranks) + len(special):
             raise LlamaError(f"{path}: two tokens share a rank (with {side} if present)")
-        self.enc = tiktoken.Encoding(os.path.basename(os.path.dirname(os.path.abspath(path))) or "tok",
-                                     pat_str=info["pattern"], mergeable_ranks=ranks, special_tokens=special)
+        self._set_special(special)
+        self.enc = tiktoken.Encoding(path, pat_str=info["pattern"], mergeable_ranks=ranks, special_tokens=special)
         self.n_words, self.bos_id, self.eos_id = info["n_words"], info["bos_id"], info["eos_id"]
         self.chat_format = info["chat_format"]
         # bytes the model has no token for sit past n_words (see write_gguf_tokenizer). Its own BPE
@@ -300,6 +293,8 @@ def write_gguf_tokenizer(gguf, out_dir: str) -> str:
     if pre not in PRE_PATTERNS:
         raise LlamaError(f"{name}: unknown pre-tokenizer {pre!r}: known are {', '.join(PRE_PATTERNS)}")
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    if len(types) != len(tokens):
+        raise LlamaError(f"{name}: {len(tokens)} tokens but {len(types)} token types")
     byte = _byte_of_char()
     ranks, special, ids = {}, {}, {}
     for i, (tok, typ) in enumerate(zip(tokens, types)):

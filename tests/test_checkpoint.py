@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ def tiny(tmp_path_factory):
     for kind in KINDS:
         hf = make_hf(base / kind, kind)
         args, sd = load_meta_state(hf)
+        args.vocab_parallel_embedding = kind == "gqa"  # Llama 3 splits the embedding by vocab
         meta = make_meta(base / f"{kind}-meta2", sd, args, shards=2, tokenizer_from=hf)
         out[kind] = (hf, meta, hf_states(hf_model(hf), tokens()))
     return out
@@ -86,6 +88,8 @@ def test_eight_shards_load_at_mp1(tiny, dist1, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_dtypes(tiny, dist1, dtype):
+    with pytest.raises(LlamaError, match="unknown dtype 'half'"):
+        load_model(tiny["gqa"][0], dist1, "half")
     hf, _, ref = tiny["gqa"]
     m = load_model(hf, dist1, dtype)
     assert all(p.dtype == getattr(torch, dtype) for p in m.model.parameters())
@@ -115,48 +119,45 @@ def run_cli(path, *extra):
     return p.returncode, p.stderr.strip().splitlines()
 
 
-def broken(tiny, tmp_path, edit):
-    """A 2-shard Meta copy of the gqa model after edit(dir, args, full state dict)."""
-    hf = tiny["gqa"][0]
-    args, sd = load_meta_state(hf)
-    d = tmp_path / "bad"
-    edit(d, args, sd)
-    return make_meta(d, sd, args, shards=2, tokenizer_from=hf) if not os.path.exists(d / "params.json") else d
-
-
-def truncate(d, args, sd):
-    make_meta(d, sd, args, shards=2)
+def truncate(d):
     f = d / "consolidated.01.pth"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
-def unknown_key(d, args, sd):
-    make_meta(d, sd, args, shards=2)
+def unknown_key(d):
     params = json.loads((d / "params.json").read_text())
     (d / "params.json").write_text(json.dumps({**params, "n_experts": 8}))
 
 
-def big_tokenizer(d, args, sd):
-    make_meta(d, sd, args, shards=2)
-    make_tokenizer(d, vocab=args.vocab_size + 5)
-
-
-BAD = {
-    "missing": (lambda d, a, sd: sd.pop("layers.1.feed_forward.w3.weight"), "missing weight 'layers.1.feed_forward.w3.weight'"),
-    "extra": (lambda d, a, sd: sd.update({"layers.0.attention.bias": torch.zeros(4)}), "unexpected weight 'layers.0.attention.bias'"),
-    "shape": (lambda d, a, sd: sd.update({"norm.weight": torch.ones(65)}), "norm.weight has shape (65,)"),
-    "truncated": (truncate, "consolidated.01.pth: unreadable or truncated"),
-    "unknown key": (unknown_key, "params.json: unknown model parameter 'n_experts'"),
-    "tokenizer too big": (big_tokenizer, f"tokenizer has {VOCAB + 5} tokens, the model's embedding only {VOCAB}"),
+W3, BIAS = "layers.1.feed_forward.w3.weight", "layers.0.attention.bias"
+BAD = {  # case: (change to the full state dict, change to the written 2-shard dir, expected message)
+    "missing": (lambda sd: sd.pop(W3), None, f"missing weight {W3!r}"),
+    "extra": (lambda sd: sd.update({BIAS: torch.zeros(4)}), None, f"unexpected weight {BIAS!r}"),
+    "shape": (lambda sd: sd.update({"norm.weight": torch.ones(65)}), None, "norm.weight has shape (65,)"),
+    "truncated": (None, truncate, "consolidated.01.pth: unreadable or truncated"),
+    "unknown key": (None, unknown_key, "params.json: unknown model parameter 'n_experts'"),
+    "tokenizer too big": (None, lambda d: make_tokenizer(d, vocab=VOCAB + 5),
+                          f"tokenizer has {VOCAB + 5} tokens, the model's embedding only {VOCAB}"),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_checkpoint_is_one_line(tiny, tmp_path, case):
-    edit, msg = BAD[case]
-    d = broken(tiny, tmp_path, edit)
+    edit_sd, edit_dir, msg = BAD[case]
+    hf = tiny["gqa"][0]
+    args, sd = load_meta_state(hf)
+    if edit_sd:
+        edit_sd(sd)
+    d = make_meta(tmp_path / "bad", sd, args, shards=2, tokenizer_from=hf)
+    if edit_dir:
+        edit_dir(Path(d))
     code, err = run_cli(d)
     assert code != 0 and len(err) == 1 and err[0].startswith("error:") and msg in err[0], err
+
+
+def test_bad_mp_is_one_line(tiny):
+    code, err = run_cli(tiny["gqa"][1], "--mp", "3")
+    assert code != 0 and err == ["error: model-parallel size 3 does not divide n_heads=4"], err
 
 
 def test_bad_hf_checkpoint(dist1, tmp_path):
@@ -175,3 +176,38 @@ def test_bad_hf_checkpoint(dist1, tmp_path):
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000])
     code, err = run_cli(d)
     assert code != 0 and len(err) == 1 and "model.safetensors: unreadable or truncated" in err[0], err
+
+
+def test_llama2_style_shards(tiny, dist1, tmp_path):
+    """vocab_size -1 in params.json (taken from the embedding) and rope.freqs in every shard (ignored)."""
+    hf, _, ref = tiny["mha"]
+    args, sd = load_meta_state(hf)
+    sd["rope.freqs"] = torch.ones(args.head_dim // 2)
+    d = make_meta(tmp_path / "l2", sd, args, shards=2, tokenizer_from=hf)
+    with open(os.path.join(d, "params.json")) as f:
+        params = json.load(f)
+    with open(os.path.join(d, "params.json"), "w") as f:
+        json.dump({**params, "vocab_size": -1}, f)
+    m = load_model(d, dist1)
+    assert m.args.vocab_size == args.vocab_size and not m.args.vocab_parallel_embedding
+    assert rel(m.model(tokens(), layers=[2])[2], ref[2]) < 1e-5
+
+
+def test_llama32_params_get_factor_32(tmp_path):
+    from llama.checkpoint import meta_args
+
+    params = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.5,
+                  multiple_of=256, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert meta_args(str(tmp_path), None, 1).rope_scale_factor == 32.0  # Meta's file omits it
+    llama31 = {**params, "dim": 4096, "n_layers": 32, "ffn_dim_multiplier": 1.3}
+    (tmp_path / "params.json").write_text(json.dumps(llama31))
+    assert meta_args(str(tmp_path), None, 1).rope_scale_factor == 8.0  # Llama 3.1 8B
+    (tmp_path / "params.json").write_text(json.dumps({**params, "rope_scaling_factor": 16.0}))
+    assert meta_args(str(tmp_path), None, 1).rope_scale_factor == 16.0
+
+
+def test_cli_summary(tiny):
+    p = subprocess.run([sys.executable, "-m", "llama.checkpoint", tiny["gqa"][1]], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert p.returncode == 0 and "meta" in p.stdout and "3 layers, dim 64, 4 heads (2 kv)" in p.stdout, p.stderr

@@ -1,5 +1,6 @@
-"""python -m llama.convert: GGUF and Hugging Face checkpoints -> Meta layout at several MP sizes,
-loaded back at MP 1; idempotence, --overwrite, bad input."""
+"""python -m llama.convert: Hugging Face and Meta checkpoints -> Meta layout at several MP sizes, loaded
+back at MP 1; idempotence, --overwrite, bad input. SmolLM2 GGUF -> Meta is in test_gguf.py (it reuses
+the model loaded there)."""
 import json
 import os
 import subprocess
@@ -9,13 +10,11 @@ import pytest
 import torch
 from conftest import ROOT
 from test_gguf import write_gguf
-from tiny import hf_model, hf_states, make_hf, tokens
+from tiny import hf_model, hf_states, make_hf, make_meta, tokens
 
 from llama.checkpoint import load_meta_state, load_model
 from llama.convert import convert
 from llama.errors import LlamaError
-from llama.gguf import default_model_path
-from llama.tokenizer import load_tokenizer
 
 
 def rel(a, b):
@@ -34,28 +33,6 @@ def one_error_line(proc, *words):
     assert "Traceback" not in err and not out.strip()
     for w in words:
         assert w in lines[0], (w, lines[0])
-
-
-def test_gguf_to_meta_mp1_and_mp3(tmp_path, dist1):
-    gguf = default_model_path()
-    cli = run(gguf, tmp_path / "mp3", "--mp", "3")  # the command line, alongside the in-process one
-    convert(gguf, tmp_path / "mp1")
-    direct = load_model(gguf, dist1)
-    tok = load_tokenizer(direct.tokenizer_path)
-    ids = torch.tensor([tok.encode("The Eiffel Tower is in the city of")])
-    ref = direct.model(ids, logits=True)
-    out, err = cli.communicate(timeout=300)
-    assert cli.returncode == 0, err
-    assert sorted(f for f in os.listdir(tmp_path / "mp3") if f.endswith(".pth")) == [
-        "consolidated.00.pth", "consolidated.01.pth", "consolidated.02.pth"]
-    for name in ("mp1", "mp3"):
-        loaded = load_model(tmp_path / name, dist1)
-        assert loaded.fingerprint == direct.fingerprint and loaded.source == "meta"
-        got = loaded.model(ids, logits=True)
-        for layer in range(31):
-            assert rel(got[layer], ref[layer]) < 1e-6, (name, layer)
-        assert torch.equal(got["logits"][0, -1].argmax(), ref["logits"][0, -1].argmax())
-        assert load_tokenizer(tmp_path / name).encode("Hello world 123") == tok.encode("Hello world 123")
 
 
 @pytest.mark.parametrize("kind,mp", [("gqa", 2), ("tied", 4)])  # tied: 2 kv heads replicated at MP 4
@@ -79,6 +56,22 @@ def test_hf_to_meta_and_back_to_one_shard(tmp_path, dist1, kind, mp):
         assert one[name].dtype == torch.bfloat16 and torch.equal(one[name], full[name].bfloat16()), name
 
 
+def test_llama3_vocab_split_kept(tmp_path, dist1):
+    hf = make_hf(tmp_path / "hf", "mha")
+    args, sd = load_meta_state(hf)
+    args.vocab_parallel_embedding = True
+    src = make_meta(tmp_path / "src", sd, args, shards=2, tokenizer_from=hf)
+    convert(src, tmp_path / "dst", mp=4)
+    with open(tmp_path / "dst" / "params.json") as f:
+        assert json.load(f)["vocab_parallel_embedding"] is True
+    shard = torch.load(tmp_path / "dst" / "consolidated.03.pth", weights_only=True)
+    assert shard["tok_embeddings.weight"].shape == (args.vocab_size // 4, args.dim)
+    ids = tokens()
+    got, ref = load_model(tmp_path / "dst", dist1).model(ids), hf_states(hf_model(hf), ids)
+    for layer in range(args.n_layers + 1):
+        assert rel(got[layer], ref[layer]) < 1e-5, layer
+
+
 def test_idempotent_and_overwrite(tmp_path, capsys):
     a, b = make_hf(tmp_path / "a", "mha"), make_hf(tmp_path / "b", "tied", seed=1)
     dst = tmp_path / "dst"
@@ -98,7 +91,7 @@ def test_idempotent_and_overwrite(tmp_path, capsys):
         (run(b, dst), ("--overwrite",)),
         (run(a, dst, "--mp", "2"), ("--overwrite", "mp 1")),
         (run(b, stuff, "--overwrite"), ("not a converted model",)),
-        (run(tmp_path / "nope", tmp_path / "x"), ("nope",)),
+        (run(tmp_path / "nope", tmp_path / "x"), ("nope: no such checkpoint",)),
         (run(truncated, tmp_path / "x"), ("truncated",)),
         (run(a, tmp_path / "x", "--dtype", "float8"), ("float8",)),
     ]

@@ -183,7 +183,9 @@ def test_seed_command_chatml_tokens(tmp_path, smol):
     assert p.returncode == 0, p.stderr
     assert "6 rows" in p.stdout and "chat chatml" in p.stdout and "longest prompt" in p.stdout
     tok = load_tokenizer(smol)
-    for r in read(out):
+    rows = read(out)
+    assert Counter(r["label"] for r in rows) == {"1": 3, "0": 3}  # built-in sets stay balanced
+    for r in rows:
         answer_only(r)
         plus, minus = tok.encode(r["plus_prompt"], bos=True), tok.encode(r["minus_prompt"], bos=True)
         assert (len(plus), len(minus)) == (int(r["plus_tokens"]), int(r["minus_tokens"]))
@@ -212,11 +214,12 @@ def test_chat_special_tokens(tmp_path, hf_tok, chat, counts):
 
 def test_max_seq_len_drop_and_error(tmp_path, smol):
     out = tmp_path / "b.csv"
-    p = cli(out, "--input", BOOLQ, "--tokenizer_path", smol, "--max_seq_len", 160, "--limit", 20, "--chat", "none")
+    p = cli(out, "--input", BOOLQ, "--tokenizer_path", smol, "--max_seq_len", 160, "--limit", 20, "--chat", "none",
+            "--balance")
     assert p.returncode == 0, p.stderr
     rows = read(out)
     dropped = re.search(r"dropped (\d+) rows longer than 160 tokens: idx (.*)", p.stdout)
-    assert dropped and int(dropped.group(1)) > 0 and len(rows) == 20
+    assert dropped and int(dropped.group(1)) > 0 and Counter(r["label"] for r in rows) == {"1": 10, "0": 10}
     ids = set(dropped.group(2).split(", "))
     assert all(max(int(r["plus_tokens"]), int(r["minus_tokens"])) <= 160 and r["idx"] not in ids for r in rows)
     with open(BOOLQ) as f:
@@ -243,6 +246,8 @@ BAD = {
     "bad_tokenizer": ("data.csv", "statement,label\nThe sky is blue.,1\n", ["--tokenizer_path", "tok.model"],
                       "tok.model"),
     "no_input": (None, None, [], "give --input FILE"),
+    "input_with_builtin": ("data.csv", "statement,label\nThe sky is blue.,1\n", ["--format", "cities"],
+                           "reads no --input"),
     "long_without_tokenizer": (None, None, ["--format", "cities", "--max_seq_len", 10], "needs --tokenizer_path"),
 }
 

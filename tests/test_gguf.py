@@ -1,16 +1,18 @@
-"""GGUF -> our model: SmolLM2 against transformers, tiny written GGUFs against their source, bad files."""
+"""GGUF -> our model: SmolLM2 against transformers and converted to Meta layout at MP 1 and 3, tiny
+written GGUFs against their source, bad files."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT
 from tiny import hf_model, hf_states, make_hf, tokens
 
-from llama.checkpoint import load_meta_state
+from llama.checkpoint import load_meta_state, load_model
+from llama.convert import convert
 from llama.errors import LlamaError
 from llama.gguf import BLOCK, TOP, default_model_path, read_gguf
 from llama.model import ModelArgs, Transformer, rope_frequencies
@@ -18,7 +20,7 @@ from llama.tokenizer import load_tokenizer
 
 GGUF_NAMES = {v: k for k, v in TOP.items()}
 GGUF_BLOCK = {v: k for k, v in BLOCK.items()}
-PROMPTS = ["The capital of France is", "The capital of Japan is", "Water is made of hydrogen and",
+PROMPTS = ["The capital of France is", "The capital of Japan is",
            "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"]
 
 
@@ -85,6 +87,30 @@ def test_smollm2_matches_transformers(smol, reference):
         assert ours["logits"][0, -1].argmax() == ref["logits"][0, -1].argmax(), prompt
     france = model(torch.tensor([tok.encode(PROMPTS[0])]), logits=True)["logits"][0, -1].argmax()
     assert tok.decode([int(france)]).strip() == "Paris"
+
+
+def test_smollm2_converted_at_mp1_and_mp3_same_states(smol, tmp_path, dist1):
+    model, tok = smol
+    path = str(default_model_path())
+    cli = subprocess.Popen([sys.executable, "-m", "llama.convert", path, str(tmp_path / "mp3"), "--mp", "3"],
+                           cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    convert(path, tmp_path / "mp1")
+    ids = torch.tensor([tok.encode("The Eiffel Tower is in the city of")])
+    ref = model(ids, logits=True)
+    out, err = cli.communicate(timeout=300)
+    assert cli.returncode == 0 and "3 shard(s)" in out, err
+    assert sorted(f for f in os.listdir(tmp_path / "mp3") if f.endswith(".pth")) == [
+        "consolidated.00.pth", "consolidated.01.pth", "consolidated.02.pth"]
+    prints = set()
+    for name in ("mp1", "mp3"):
+        loaded = load_model(tmp_path / name, dist1)
+        prints.add(loaded.fingerprint)
+        got = loaded.model(ids, logits=True)
+        for layer in range(31):
+            assert rel(got[layer], ref[layer]) < 1e-6, (name, layer)
+        assert torch.equal(got["logits"][0, -1].argmax(), ref["logits"][0, -1].argmax())
+        assert load_tokenizer(tmp_path / name).encode("Hello world 123") == tok.encode("Hello world 123")
+    assert len(prints) == 1
 
 
 @pytest.mark.parametrize("kind", ["gqa", "tied"])

@@ -15,14 +15,16 @@ from llama.tokenizer import format_chat, load_tokenizer, write_gguf_tokenizer
 CONTROL = ["\x00", "\x04", "\x06", "\x13", "\x1d", "\x7f"]  # \x04 \x06 \x13 \x1d have no token in SmolLM2
 FRAGMENTS = {
     "english": "The quick brown fox jumps over the lazy dog it's I'LL we're don't They've HELLO World a I".split(),
-    "numbers": ["0", "7", "12", "345", "2024", "3.14159", "1,000,000", "-42", "+1e-9", "2024-01-01", "0x1F", "12:30",
-                "v1.2.3", "100%", "$5", "٣٤", "१२", "½", "²", "Ⅻ", "①", "１２"],
-    "space": [" ", "  ", "   ", "    ", "\t", "\t\t", "\n", "\n\n", "\r\n", " \t\n", "\u00a0", "\u3000", "\u2003", "\v", "\f"],
-    "unicode": ["café", "naïve", "Zürich", "Ελληνικά", "русский", "日本語", "中文字", "한국어", "العربية", "हिन्दी", "ﬁ",
-                "é", "ß", "Ω", "\U00040000", "\U0001d11e", "\u200b"],
+    "numbers": ["0", "7", "12", "345", "2024", "3.14159", "1,000,000", "-42", "+1e-9", "2024-01-01", "0x1F",
+                "12:30", "v1.2.3", "100%", "$5", "٣٤", "१२", "½", "²", "Ⅻ", "①", "１２"],
+    "space": [" ", "  ", "   ", "    ", "\t", "\t\t", "\n", "\n\n", "\r\n", " \t\n", "\u00a0", "\u3000", "\u2003",
+              "\v", "\f"],
+    "unicode": ["café", "naïve", "Zürich", "Ελληνικά", "русский", "日本語", "中文字", "한국어", "العربية", "हिन्दी",
+                "ﬁ", "é", "ß", "Ω", "\U00040000", "\U0001d11e", "\u200b"],
     "emoji": ["😀", "👍🏽", "👨‍👩‍👧", "🇫🇷", "❤️", "🤖🤖", "✨"],
-    "code": ["def f(x):\n    return x**2", '{"a": [1, 2]}', "for (int i=0; i<n; ++i) {", '<div class="x">', "SELECT * FROM t;",
-             "#include <stdio.h>", "x+=1", "a_b", "__init__", "//", "=>", "...", "!!", "—", "«»", "''", '"', "@#$%^&*"],
+    "code": ["def f(x):\n    return x**2", '{"a": [1, 2]}', "for (int i=0; i<n; ++i) {", '<div class="x">',
+             "SELECT * FROM t;", "#include <stdio.h>", "x+=1", "a_b", "__init__", "//", "=>", "...", "!!", "—", "«»",
+             "''", '"', "@#$%^&*"],
     "special": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start|>user\n", "<|im_end|>\n"],
     "control": CONTROL,
 }
@@ -106,15 +108,17 @@ def test_smollm2_special_file_and_chat(smol):
     assert max(ids) < tok.n_words
 
 
-def tiny_gguf(path, model="gpt2", pre="gpt-2", merges=("h e", "Ġ t", "Ġt he")):
-    alphabet = [c for c in map(chr, range(33, 127))] + [chr(c) for c in range(161, 173)] + \
-               [chr(c) for c in range(174, 256)] + [chr(256 + i) for i in range(68)]
-    tokens = ["<|endoftext|>"] + alphabet + ["he", "Ġt", "Ġthe"]
+def tiny_gguf(path, model="gpt2", pre="gpt-2", merges=("h e", "Ġ t", "Ġt he"), extra=("he", "Ġt", "Ġthe"), types=0):
+    """<|endoftext|>, GPT-2's 256 byte symbols, `extra`; `types` adds that many token types too many.
+    model=None leaves tokenizer.ggml.model out."""
+    alphabet = [chr(c) for c in [*range(33, 127), *range(161, 173), *range(174, 256), *range(256, 256 + 68)]]
+    tokens = ["<|endoftext|>"] + alphabet + list(extra)
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_tokenizer_model(model)
+    if model:
+        w.add_tokenizer_model(model)
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    w.add_token_types([3] + [1] * (len(tokens) - 1))
+    w.add_token_types([3] + [1] * (len(tokens) - 1 + types))
     w.add_token_merges(list(merges))
     w.add_eos_token_id(0)
     w.write_header_to_file()
@@ -132,17 +136,22 @@ def test_tiny_gguf_tokenizer(tmp_path):
     assert tok.decode(tok.encode("he the 12\t\n")) == "he the 12\t\n"
 
 
-@pytest.mark.parametrize("kind,words", [("llama", "'llama' is not byte-level BPE"), ("qwen2", "unknown pre-tokenizer 'qwen2'"),
-                                        ("order", "merge 'Ġ t'"), ("garbage", "not a readable GGUF"),
-                                        ("missing", "no such GGUF")])
+@pytest.mark.parametrize("kind,words", [
+    ("llama", "'llama' is not byte-level BPE"), ("qwen2", "unknown pre-tokenizer 'qwen2'"), ("order", "merge 'Ġ t'"),
+    ("garbage", "not a readable GGUF"), ("missing", "no such GGUF"), ("nomodel", "no tokenizer.ggml.model"),
+    ("types", "260 tokens but 261 token types"), ("alphabet", "token 260 'h e'")])
 def test_bad_gguf_tokenizers(tmp_path, kind, words):
     p = tmp_path / f"{kind}.gguf"
-    if kind == "llama":
-        tiny_gguf(p, model="llama")
+    if kind in ("llama", "nomodel"):
+        tiny_gguf(p, model=None if kind == "nomodel" else kind)
     elif kind == "qwen2":
         tiny_gguf(p, pre="qwen2")
     elif kind == "order":
         tiny_gguf(p, merges=("h e", "Ġt he", "Ġ t"))
+    elif kind == "types":
+        tiny_gguf(p, types=1)
+    elif kind == "alphabet":
+        tiny_gguf(p, extra=("he", "Ġt", "Ġthe", "h e"), merges=())
     elif kind == "garbage":
         p.write_bytes(b"not a gguf at all" * 10)
     with pytest.raises(LlamaError, match=re.escape(str(p)) + ".*" + re.escape(words)):

@@ -109,7 +109,8 @@ def test_tiktoken_llama3(tt_dir):
     for t in TEXTS + ["".join(chr(rng.randint(32, 0x2FFF)) for _ in range(40)) for _ in range(50)]:
         assert tok.decode(tok.encode(t)) == t
     text = format_chat("llama3", "Is Paris in France?", system="Answer truthfully.", answer="Yes")
-    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer truthfully.<|eot_id|>")
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                           "Answer truthfully.<|eot_id|>")
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nYes")
     ids = tok.encode(text, bos=True, eos=True)
     assert ids[0] == bot and ids.count(bot) == 1 and ids[-1] == eot_text
@@ -179,6 +180,14 @@ def test_bad_paths_and_family(tmp_path, tt_dir):
     (tmp_path / "tokenizer.model").write_bytes((tt_dir / "tokenizer.model").read_bytes())
     (tmp_path / "tokenizer_special.json").write_text('{"pattern": "x"}')
     with pytest.raises(LlamaError, match="tokenizer_special.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_special.json").write_text(json.dumps(dict(
+        special_tokens={"<x>": 5}, pattern="x", bos_id=None, eos_id=None, n_words=300, chat_format="chatml")))
+    with pytest.raises(LlamaError, match="share a rank"):  # 5 is the byte \x05's rank
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_special.json").write_text(json.dumps(dict(
+        special_tokens={}, pattern="x", bos_id=None, eos_id=None, n_words=300, chat_format="vicuna")))
+    with pytest.raises(LlamaError, match="tokenizer_special.json: unknown chat_format 'vicuna'"):
         load_tokenizer(tmp_path)
     with pytest.raises(LlamaError, match="vicuna"):
         format_chat("vicuna", "hi")

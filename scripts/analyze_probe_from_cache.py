@@ -1,0 +1,184 @@
+"""Project cached activations onto probe vectors; per-question score statistics per layer.
+
+    python scripts/analyze_probe_from_cache.py --cache DIR --vectors RUN/normalized_vectors --data FILE --output DIR [--visualize]
+
+Writes DIR/probe_stats_layer{L}.csv with columns question_id, question, type, max_score, min_score,
+mean_score, std_score: the projections of every token of a question (token "all" caches, first token
+left out as in generate_vectors_from_cache.py) or of its one cached vector (then max = min = mean and
+std = 0). --data is the {question, type} JSON (or JSON lines) the cache was built from; its rows are
+matched to the cache's ids (a row's "idx" or "id", else its position). It prints a per-layer AUROC table
+of mean_score with BOTH directions: positive class "deployment" (what
+`roc_auc_score((df['type']=='deployment').astype(int), df['mean_score'])` computes) and "testing".
+A vector built as mean(testing) - mean(deployment) works when the "testing" column is high, i.e. when
+the users' snippet gives LOW values.
+"""
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ccs import parse_layers  # noqa: E402
+from llama.cache import ActivationCache  # noqa: E402
+from llama.errors import LlamaError, cli  # noqa: E402
+
+
+def read_vectors(folder: str, cache: ActivationCache) -> dict:
+    """{layer: unit-or-not vector [d]} from layer_{L}.safetensors files, checked against the cache."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(folder):
+        raise LlamaError(f"no vectors folder {folder}")
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        m = re.fullmatch(r"layer_(\d+)\.safetensors", name)
+        if not m:
+            continue
+        path = os.path.join(folder, name)
+        with safe_open(path, "np") as f:
+            meta = f.metadata() or {}
+            if "vector" not in f.keys():
+                raise LlamaError(f"{path} holds no tensor 'vector'")
+            v = f.get_tensor("vector").astype(np.float32)
+        if v.shape != (cache.hidden_dim,):
+            raise LlamaError(f"{path}: vector of shape {list(v.shape)}, but cache {cache.path} has hidden size {cache.hidden_dim}")
+        fp = meta.get("fingerprint")
+        if fp and cache.fingerprint and fp != cache.fingerprint:
+            raise LlamaError(f"{path} comes from another model (fingerprint {fp[:16]}) than cache {cache.path} "
+                             f"({cache.fingerprint[:16]})")
+        out[int(m.group(1))] = v
+    if not out:
+        raise LlamaError(f"{folder} holds no layer_{{L}}.safetensors vectors")
+    return out
+
+
+def questions(cache: ActivationCache, data: str = None):
+    """(questions, types) in cache order: from the data file matched by id, else the cache's types."""
+    ids = [str(i) for i in cache.ids]
+    if data is None:
+        types = cache.types
+        if types is None and cache.labels is not None:
+            types = ["testing" if v else "deployment" for v in cache.labels]
+        if types is None:
+            raise LlamaError(f"cache {cache.path} has no types or labels: give --data with the {{question, type}} file")
+        return [""] * len(ids), list(types)
+    try:
+        with open(data) as f:
+            text = f.read()
+        recs = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    except json.JSONDecodeError as e:
+        raise LlamaError(f"{data} is not valid JSON ({e})")
+    by_id = {}
+    for i, r in enumerate(recs):
+        if not isinstance(r, dict) or "question" not in r or "type" not in r:
+            raise LlamaError(f"{data} row {i}: needs keys question and type")
+        by_id[str(r.get("idx", r.get("id", i)))] = r
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise LlamaError(f"{data} has no row for cache id {missing[0]!r} ({len(missing)} of {len(ids)} missing): not the file this cache was built from")
+    rows = [by_id[i] for i in ids]
+    if cache.types is not None:
+        for i, r, t in zip(ids, rows, cache.types):
+            if str(r["type"]) != t:
+                raise LlamaError(f"{data} id {i}: type {r['type']!r}, but cache {cache.path} says {t!r}: not the file this cache was built from")
+    return [str(r["question"]) for r in rows], [str(r["type"]) for r in rows]
+
+
+def stats(cache: ActivationCache, layer: int, side: str, v: np.ndarray) -> np.ndarray:
+    """[N, 4] max, min, mean, std of each example's projections onto v."""
+    s = cache.array(layer, side) @ v
+    if cache.token != "all":
+        return np.stack([s, s, s, np.zeros_like(s)], 1)
+    off = cache.offsets(side)
+    start = np.minimum(off[:-1] + 1, off[1:] - 1)  # leave out position 0 unless it is the only token
+    return np.array([[t.max(), t.min(), t.mean(), t.std()] for t in (s[a:b] for a, b in zip(start, off[1:]))])
+
+
+def auroc(types, score, positive):
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([t == positive for t in types], dtype=int)
+    return roc_auc_score(y, score) if 0 < y.sum() < len(y) else float("nan")
+
+
+def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None, side: str = None, visualize: bool = False):
+    import pandas as pd
+
+    c = ActivationCache(cache)
+    vecs = read_vectors(vectors, c)
+    layers = parse_layers(layers, c) if layers is not None else [l for l in sorted(vecs) if l in c.layers]
+    for l in layers:
+        if l not in vecs:
+            raise LlamaError(f"layer {l}: no vector in {vectors} (has: {', '.join(map(str, sorted(vecs)))})")
+        if l not in c.layers:
+            raise LlamaError(f"layer {l} not in cache {c.path} (cached: {', '.join(map(str, c.layers))})")
+    if not layers:
+        raise LlamaError(f"no layer of {vectors} ({sorted(vecs)}) is in cache {c.path} ({c.layers})")
+    side = side or ("prompt" if "prompt" in c.sides else None)
+    if side not in c.sides:
+        raise LlamaError(f"cache {c.path} holds sides {', '.join(c.sides)}: choose one with --side")
+    qs, types = questions(c, data)
+    os.makedirs(output, exist_ok=True)
+    table = []
+    for l in layers:
+        st = stats(c, l, side, vecs[l])
+        df = pd.DataFrame({"question_id": c.ids, "question": qs, "type": types, "max_score": st[:, 0],
+                           "min_score": st[:, 1], "mean_score": st[:, 2], "std_score": st[:, 3]})
+        df.to_csv(os.path.join(output, f"probe_stats_layer{l}.csv"), index=False)
+        table.append((l, len(df), auroc(types, df.mean_score, "deployment"), auroc(types, df.mean_score, "testing")))
+    print(f"AUROC of mean_score per layer ({c.token} token{'s' if c.token == 'all' else ''}, side {side}). "
+          "'deployment+' takes type 'deployment' as the positive class, like "
+          "roc_auc_score((df['type']=='deployment').astype(int), df['mean_score']); 'testing+' takes 'testing' (= 1 - it)")
+    print(f"{'layer':>5} {'n':>6} {'deployment+':>12} {'testing+':>9}")
+    for l, n, dep, test in table:
+        print(f"{l:5d} {n:6d} {dep:12.3f} {test:9.3f}")
+    if visualize:
+        plot(output, table, layers)
+    print(f"wrote {len(layers)} probe_stats_layer{{L}}.csv files to {output}")
+
+
+def plot(output, table, layers):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([t[0] for t in table], [t[3] for t in table], marker=".", label="positive: testing")
+    ax.plot([t[0] for t in table], [t[2] for t in table], marker=".", ls="--", label="positive: deployment")
+    ax.axhline(0.5, color="lightgray")
+    ax.set(xlabel="layer", ylabel="AUROC of mean_score")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(output, "auroc_by_layer.png"), dpi=110)
+    plt.close(fig)
+    cols = min(4, len(layers))
+    nrow = (len(layers) + cols - 1) // cols
+    fig, axes = plt.subplots(nrow, cols, figsize=(3.2 * cols, 2.6 * nrow), squeeze=False)
+    for ax, l in zip(axes.flat, layers):
+        df = pd.read_csv(os.path.join(output, f"probe_stats_layer{l}.csv"))
+        for t, g in df.groupby("type"):
+            ax.hist(g.mean_score, bins=30, alpha=0.6, label=t)
+        ax.set_title(f"layer {l}", fontsize=9)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("mean_score by type")
+    fig.tight_layout()
+    fig.savefig(os.path.join(output, "scores_by_type.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(cache: str, vectors: str, output: str = "probe_results", data: str = None, layers=None, side: str = None,
+         visualize: bool = False):
+    analyze(cache, vectors, output, data, layers, side, visualize)
+
+
+if __name__ == "__main__":
+    import fire
+
+    cli(fire.Fire, main)

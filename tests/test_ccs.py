@@ -1,0 +1,222 @@
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from llama.cache import save_cache
+
+import ccs
+
+
+def planted(n=400, d=48, seed=0, truth=1.0, distractor=3.0):
+    """Contrast pairs whose only label signal is a truth direction t, anti-symmetric between the sides
+    (the most consistent direction), plus a stronger label-free distractor u shared by both sides, an
+    answer offset per side and one huge outlier dimension (like the default model's dimension 507)."""
+    rng = np.random.default_rng(seed)
+    t, u = np.linalg.qr(rng.standard_normal((d, 2)))[0].T
+    y = rng.permutation(np.arange(n) % 2)
+    common = rng.standard_normal((n, d)) + distractor * rng.standard_normal((n, 1)) * u
+    sgn = (2 * y - 1)[:, None] * truth * t
+    plus = common + sgn + 0.3 * rng.standard_normal((n, d)) + 2.0
+    minus = common - sgn + 0.3 * rng.standard_normal((n, d)) - 1.0
+    plus[:, 0] += 24000
+    minus[:, 0] += 24000
+    return plus, minus, y, t, u
+
+
+def write(path, layers, y, fingerprint="fp-A", logprobs=None, sides=("plus", "minus"), **meta):
+    save_cache(str(path), {l: dict(zip(sides, arrs)) for l, arrs in layers.items()},
+               {"labels": [int(v) for v in y], "model": {"fingerprint": fingerprint}, **meta}, logprobs=logprobs)
+    return str(path)
+
+
+def run(*args):
+    """The CLI in this process (fire and llama.errors.cli as in a subprocess, without its start-up time)."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv = sys.argv
+    sys.argv = ["ccs.py", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            ccs.main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def assert_one_line_error(r, *words):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def contrast(tmp_path_factory):
+    """Layer 3: the planted truth; layer 5: noise only (no label signal)."""
+    tmp = tmp_path_factory.mktemp("c")
+    plus, minus, y, t, u = planted()
+    rng = np.random.default_rng(1)
+    noise = [rng.standard_normal(plus.shape) for _ in range(2)]
+    lp = np.stack([(2 * y - 1) * 0.5 + rng.standard_normal(len(y)), np.zeros(len(y))], 1)
+    path = write(tmp / "cache", {3: (plus, minus), 5: noise}, y, logprobs=lp)
+    out = tmp / "run"
+    r = run("train", "--cache", path, "--output", out, "--seed", 0, "--bootstrap", 200, "--visualize")
+    assert r.returncode == 0, r.stderr
+    return path, out, r.stdout, (plus, minus, y, t, u)
+
+
+def test_train_recovers_the_planted_truth(contrast):
+    path, out, stdout, (plus, minus, y, t, u) = contrast
+    df = pd.read_csv(out / "eval.csv")
+    assert set(df.method) == {"ccs", "ccs_signed", "lr", "lr_concat", "mean_diff", "crc_tpc", "crc_tpc_signed",
+                              "random", "zero_shot", "majority"}
+    assert set(df.split) == {"test"} and set(df.n) == {160}
+    at = df[df.layer == 3].set_index("method")
+    for m in ("ccs", "ccs_signed", "lr", "lr_concat", "mean_diff"):
+        assert at.loc[m, "accuracy"] >= 0.95, (m, at.loc[m, "accuracy"])
+        assert at.loc[m, "auroc"] >= 0.97
+        assert at.loc[m, "accuracy_lo"] <= at.loc[m, "accuracy"] <= at.loc[m, "accuracy_hi"]
+    noise = df[df.layer == 5].set_index("method")
+    assert noise.loc["lr", "accuracy"] < 0.65 and noise.loc["majority", "auroc"] == 0.5
+    assert at.loc["ccs", "orientation"] == "max(acc,1-acc)" and at.loc["ccs_signed", "orientation"] == "train labels"
+    assert np.isfinite(at.loc["ccs", "train_loss"]) and np.isfinite(at.loc["lr", "train_loss"])
+    assert "positive class: label 1 = the plus side is the true one" in stdout and "max(acc, 1-acc)" in stdout
+    for f in ("layers.png", "roc.png", "hist.png"):
+        assert (out / f).stat().st_size > 1000
+
+
+def test_probes_point_along_the_truth_not_the_distractor(contrast):
+    path, out, _, (plus, minus, y, t, u) = contrast
+    meta = json.load(open(out / "probes" / "mean_diff.json"))
+    assert meta["fingerprint"] == "fp-A" and meta["layers"] == [3, 5] and meta["input"] == "diff"
+    for m in ("lr", "mean_diff", "ccs"):
+        p = load_file(str(out / "probes" / f"{m}.safetensors"))
+        w = (p["w"][0] / p["std"][0, 0]).double().numpy()  # in raw units, plus side
+        w /= np.linalg.norm(w)
+        assert abs(w @ t) > 0.85 and abs(w @ u) < 0.1, (m, w @ t, w @ u)
+
+
+def test_normalisation_uses_training_rows_only(tmp_path):
+    plus, minus, y, t, u = planted(seed=3)
+    tr, te = ccs.split(y, 0.4, 0, 0)[0]
+    plus, minus = plus.copy(), minus.copy()
+    plus[te] += 6 * t  # a held-out shift along the truth: pushes every held-out pair towards label 1
+    path = write(tmp_path / "c", {2: (plus, minus)}, y)
+    r = run("train", "--cache", path, "--output", tmp_path / "r", "--methods", "mean_diff", "--bootstrap", 0)
+    assert r.returncode == 0, r.stderr
+    p = load_file(str(tmp_path / "r" / "probes" / "mean_diff.safetensors"))
+    assert np.allclose(p["mean"][0, 0].numpy(), plus[tr].mean(0), rtol=1e-5, atol=1e-2)
+    assert not np.allclose(p["mean"][0, 0].numpy(), plus.mean(0), rtol=1e-5, atol=1e-2)
+    df = pd.read_csv(tmp_path / "r" / "eval.csv").set_index("method")
+    # statistics of the held-out rows would absorb the shift and keep ~100%; training statistics do not
+    assert df.loc["mean_diff", "balanced_accuracy"] < 0.7 and df.loc["mean_diff", "auroc"] > 0.95
+
+
+def test_metrics_match_scikit_learn_and_both_auroc_directions():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(300) < 0.35).astype(int)
+    s = np.round(y + rng.standard_normal(300), 1)  # rounded: ties
+    for sign in (1, -1):
+        acc, bacc, auc = ccs.metrics(sign * s[None], 0.5, y, np.ones((1, 300)))
+        pred = sign * s > 0.5
+        assert acc.item() == pytest.approx(accuracy_score(y, pred))
+        assert bacc.item() == pytest.approx(balanced_accuracy_score(y, pred))
+        assert auc.item() == pytest.approx(roc_auc_score(y, sign * s))
+        assert (auc.item() > 0.5) == (sign == 1)
+    counts = rng.multinomial(300, np.full(300, 1 / 300), size=3)
+    acc, bacc, auc = ccs.metrics(s[None], 0.5, y, counts)
+    for b in range(3):
+        idx = np.repeat(np.arange(300), counts[b])
+        assert auc[b, 0].item() == pytest.approx(roc_auc_score(y[idx], s[idx]))
+        assert bacc[b, 0].item() == pytest.approx(balanced_accuracy_score(y[idx], s[idx] > 0.5))
+
+
+def test_logistic_regression_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 10))
+    y = (x[:, 0] + 0.5 * rng.standard_normal(200) > 0).astype(int)
+    f = torch.tensor(x, dtype=torch.float32)[None]
+    ys = torch.tensor(2.0 * y - 1)
+    w, b = ccs.solve_logreg(f, ys.float(), torch.ones(1, 200), torch.tensor([[0.1]]), ccs.Config())
+    ref = LogisticRegression(C=0.1, tol=1e-8, max_iter=1000).fit(x, y)
+    assert np.allclose(w[0, 0].numpy(), ref.coef_[0], atol=2e-4)
+    assert b.item() == pytest.approx(ref.intercept_[0], abs=1e-3)
+
+
+def test_single_prompt_cache_runs_supervised_methods_only(tmp_path):
+    plus, minus, y, t, u = planted(seed=4)
+    types = ["testing" if v else "deployment" for v in y]
+    path = save_prompt = str(tmp_path / "c")
+    save_cache(path, {1: {"prompt": plus}}, {"labels": None, "types": types, "model": {"fingerprint": "fp-A"}})
+    r = run("train", "--cache", save_prompt, "--output", tmp_path / "r", "--bootstrap", 50)
+    assert r.returncode == 0, r.stderr
+    assert "ccs, lr_concat, crc_tpc, zero_shot need contrast pairs" in r.stderr
+    df = pd.read_csv(tmp_path / "r" / "eval.csv").set_index("method")
+    assert set(df.index) == {"lr", "mean_diff", "random", "majority"}
+    assert df.loc["lr", "accuracy"] > 0.9 and df.loc["mean_diff", "accuracy"] > 0.9
+    assert "label 1 = type 'testing'" in r.stdout
+
+
+def test_kfold_and_transfer(tmp_path, contrast):
+    path = contrast[0]
+    r = run("train", "--cache", path, "--output", tmp_path / "k", "--folds", 3, "--methods", "ccs,mean_diff",
+            "--bootstrap", 0, "--layers", 3)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(tmp_path / "k" / "eval.csv").set_index("method")
+    assert df.loc["ccs", "split"] == "cv3" and df.loc["ccs", "n"] == 400 and df.loc["ccs", "accuracy"] > 0.95
+    plus, minus, y, t, u = contrast[3]
+    other = write(tmp_path / "other", {3: (plus[::2] + 0.1, minus[::2] - 0.1), 5: (plus[::2], minus[::2])}, y[::2])
+    third = write(tmp_path / "third", {3: (minus, plus), 5: (plus, minus)}, 1 - y)  # sides swapped, labels too
+    r = run("transfer", "--train", path, "--test", other, "--test", third, "--output", tmp_path / "t", "--bootstrap", 0,
+            "--methods", "mean_diff,zero_shot")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(tmp_path / "t" / "transfer.csv")
+    assert set(df.test) == {path, other, third}
+    at = df[(df.layer == 3) & (df.method == "mean_diff")].set_index("test")
+    assert at.loc[other, "accuracy"] > 0.9 and at.loc[third, "accuracy"] > 0.9 and at.loc[other, "n"] == 200
+    assert "zero_shot" not in set(df[df.test == other].method)
+    bad = write(tmp_path / "bad", {3: (plus, minus), 5: (plus, minus)}, y, fingerprint="fp-B")
+    assert_one_line_error(run("transfer", "--train", path, "--test", bad, "--output", tmp_path / "t2"), "another model")
+
+
+def test_bad_input(tmp_path, contrast):
+    path = contrast[0]
+    assert_one_line_error(run("train", "--cache", path, "--output", tmp_path / "a", "--layers", "4"), "layer 4 not in cache")
+    plus, minus, y, t, u = planted(n=40)
+    one = write(tmp_path / "one", {1: (plus, minus)}, np.ones(40, int))
+    assert_one_line_error(run("train", "--cache", one, "--output", tmp_path / "b"), "one class only")
+    assert_one_line_error(run("train", "--cache", path, "--output", tmp_path / "c", "--test_frac", 0), "empty split")
+    tiny = write(tmp_path / "tiny", {1: (plus[:3], minus[:3])}, [0, 1, 1])
+    assert_one_line_error(run("train", "--cache", tiny, "--output", tmp_path / "d"), "split")
+    assert_one_line_error(run("train", "--cache", tmp_path / "nothing", "--output", tmp_path / "e"), "no activation cache")
+    assert_one_line_error(run("train", "--cache", path, "--output", tmp_path / "f", "--methods", "svm"), "unknown method")
+    assert not os.path.exists(tmp_path / "a" / "eval.csv")
+
+
+def test_a_real_process_and_no_model_code(contrast, tmp_path):
+    """One true subprocess: exit status and stderr as a user sees them; and the modules it loaded
+    (torch.distributed comes with `import torch` itself, so it is not checked)."""
+    code = ("import sys, runpy; sys.argv = ['ccs.py'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_path('ccs.py', run_name='__main__')\n"
+            "finally:\n    bad = [m for m in ('fairscale', 'llama.model', 'llama.dist', 'llama.checkpoint') if m in sys.modules]\n"
+            "    assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code, "train", "--cache", contrast[0], "--output", tmp_path / "a", "--layers", "3,4"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert_one_line_error(r, "layer 4 not in cache")
