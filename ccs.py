@@ -32,7 +32,7 @@ CS = (1e-3, 1e-2, 1e-1, 1.0)  # inverse L2 strengths tried for logistic regressi
 class Config:
     restarts: int = 10
     optimizer: str = "lbfgs"  # or "adam"
-    steps: int = 0  # 0: 60 for lbfgs, 1000 for adam
+    steps: int = 0  # 0: 40 for lbfgs (converged on real-sized problems), 1000 for adam
     lr: float = 1e-2  # adam only
     hidden: int = 0  # CCS: 0 = linear probe with bias, >0 = MLP with one hidden layer of this size
     l2: float = 1e-3  # CCS weight penalty: keeps the scale of w finite
@@ -41,7 +41,7 @@ class Config:
     chunk_mb: float = 64.0  # layers solved together: small enough to stay in the CPU cache
 
     def n_steps(self):
-        return self.steps or (60 if self.optimizer == "lbfgs" else 1000)
+        return self.steps or (40 if self.optimizer == "lbfgs" else 1000)
 
 
 @dataclass
@@ -153,29 +153,35 @@ def chunks(n_layers: int, rows: int, dim: int, cfg: Config):
 # ---------------------------------------------------------------- solvers
 
 
-def minimise(params, loss_fn, cfg: Config) -> torch.Tensor:
-    """Minimise loss_fn().sum() over independent problems batched in params; return each one's loss."""
+def minimise(params, fg, cfg: Config) -> torch.Tensor:
+    """Minimise the sum of independent problems batched in params. fg() returns each problem's loss
+    and sets the params' .grad; returns the final losses."""
     if cfg.optimizer == "lbfgs":
         opt = torch.optim.LBFGS(params, lr=1, max_iter=cfg.n_steps(), history_size=20, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-6, tolerance_change=1e-10)
-
-        def closure():
-            opt.zero_grad()
-            loss = loss_fn().sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(lambda: fg().sum())
     elif cfg.optimizer == "adam":
         opt = torch.optim.Adam(params, lr=cfg.lr)
         for _ in range(cfg.n_steps()):
-            opt.zero_grad()
-            loss_fn().sum().backward()
+            fg()
             opt.step()
     else:
         raise LlamaError(f"unknown --optimizer {cfg.optimizer!r} (lbfgs or adam)")
-    with torch.no_grad():
-        return loss_fn()
+    return fg()
+
+
+def autograd(params, loss_fn):
+    """fg for minimise() from a differentiable loss_fn() -> per-problem losses."""
+
+    def fg():
+        for t in params:
+            t.grad = None
+        with torch.enable_grad():
+            loss = loss_fn()
+            loss.sum().backward()
+        return loss.detach()
+
+    return fg
 
 
 def ccs_prob(p: dict, x):
@@ -199,22 +205,44 @@ def fit_ccs(zp, zm, cfg: Config, gen: torch.Generator):
     if h:
         p = {"w1": torch.randn(c, R, d, h, generator=gen) / d**0.5, "b1": torch.zeros(c, R, h),
              "w2": torch.randn(c, R, h, generator=gen) / h**0.5, "b2": torch.zeros(c, R)}
+        for t in p.values():
+            t.requires_grad_(True)
+
+        def loss_fn():
+            prob = ccs_prob(p, x)
+            penalty = sum(t.square().flatten(2).sum(-1) for k, t in p.items() if k.startswith("w"))
+            return ccs_loss(prob[..., :n], prob[..., n:]) + cfg.l2 * penalty
+
+        fg = autograd(list(p.values()), loss_fn)
     else:
         p = {"w": torch.randn(c, R, d, generator=gen) / d**0.5, "b": torch.zeros(c, R)}
-    for t in p.values():
-        t.requires_grad_(True)
-
-    def loss_fn():
-        prob = ccs_prob(p, x)
-        penalty = sum(t.square().flatten(2).sum(-1) for k, t in p.items() if k.startswith("w"))
-        return ccs_loss(prob[..., :n], prob[..., n:]) + cfg.l2 * penalty
-
-    loss = minimise(list(p.values()), loss_fn, cfg)
+        fg = ccs_linear_fg(p["w"], p["b"], x, n, cfg.l2)
+    loss = minimise(list(p.values()), fg, cfg)
     best = loss.argmin(1)
     pick = torch.arange(c)
     out = {k: t.detach()[pick, best] for k, t in p.items()}
     out["train_loss"] = loss[pick, best]
     return out
+
+
+def ccs_linear_fg(w, b, x, n, l2):
+    """The linear CCS loss and its gradient by hand: autograd's bookkeeping costs more than the maths."""
+    xt = x.transpose(1, 2).contiguous()  # [c, d, 2n]: the fast layout for w @ x^T
+
+    @torch.no_grad()
+    def fg():
+        p = torch.sigmoid(torch.baddbmm(b[..., None], w, xt))  # [c, R, 2n]
+        pp, pm = p[..., :n], p[..., n:]
+        cons = pp + pm - 1
+        low = torch.minimum(pp, pm)
+        loss = cons.square().mean(-1) + low.square().mean(-1) + l2 * w.square().sum(-1)
+        first = pp <= pm
+        g = torch.cat([cons + low * first, cons + low * ~first], -1).mul_(p * (1 - p) * (2 / n))
+        w.grad = torch.bmm(g, x).add_(w, alpha=2 * l2)
+        b.grad = g.sum(-1)
+        return loss
+
+    return fg
 
 
 def ccs_score(p, zp, zm):
@@ -254,16 +282,22 @@ def solve_logreg(f, ys, mask, C, cfg: Config):
     """P problems per layer, batched: rows mask [P, n], C [c, P] -> w [c, P, d], b [c, P]."""
     c, n, d = f.shape
     P = mask.shape[0]
-    w = torch.zeros(c, P, d, requires_grad=True)
-    b = torch.zeros(c, P, requires_grad=True)
+    w, b = torch.zeros(c, P, d), torch.zeros(c, P)
     m = mask / mask.sum(-1, keepdim=True)
+    decay = 1 / (C * mask.sum(-1))  # [c, P]
+    ft = f.transpose(1, 2).contiguous()
 
-    def loss_fn():
-        s = torch.baddbmm(b[..., None], w, f.transpose(1, 2))
-        return (m * F.softplus(-ys * s)).sum(-1) + w.square().sum(-1) / (2 * C * mask.sum(-1))
+    @torch.no_grad()
+    def fg():
+        margin = -ys * torch.baddbmm(b[..., None], w, ft)  # [c, P, n]
+        loss = (m * F.softplus(margin)).sum(-1) + decay * w.square().sum(-1) / 2
+        g = m * -ys * torch.sigmoid(margin)
+        w.grad = torch.bmm(g, f).add_(decay[..., None] * w)
+        b.grad = g.sum(-1)
+        return loss
 
-    minimise([w, b], loss_fn, Config(steps=max(cfg.n_steps(), 100)))
-    return w.detach(), b.detach()
+    minimise([w, b], fg, Config(steps=cfg.n_steps()))
+    return w, b
 
 
 # ---------------------------------------------------------------- methods
@@ -364,39 +398,46 @@ def score(probes: Dict[str, Probe], norm: Norm, x, logprobs=None, chunk_mb=64.0)
 def metrics(s, thr: float, y, w):
     """Accuracy, balanced accuracy and AUROC (label 1 positive) of scores s [L, n] under row weights
     w [B, n] (ones: the plain metric; bootstrap counts: one resample a row) -> three [B, L] arrays."""
-    s = torch.as_tensor(s, dtype=torch.float64)
-    w = torch.as_tensor(w, dtype=torch.float64)
+    s = torch.as_tensor(s, dtype=torch.float32)
+    wt = torch.as_tensor(w, dtype=torch.float32).T.contiguous()  # [n, B]: rows are cheap to gather
     pos = torch.as_tensor(y) == 1
-    correct = ((s > thr) == pos).double()
-    acc = w @ correct.T / w.sum(1, keepdim=True)
-    tpr = w[:, pos] @ correct[:, pos].T / w[:, pos].sum(1, keepdim=True)
-    tnr = w[:, ~pos] @ correct[:, ~pos].T / w[:, ~pos].sum(1, keepdim=True)
+    neg = ~pos
+    correct = ((s > thr) == pos).float()  # [L, n]
+    acc = (correct @ wt / wt.sum(0)).T
+    npos, nneg = pos.float() @ wt, neg.float() @ wt  # [B]
+    bacc = ((correct * pos) @ wt / npos + (correct * neg) @ wt / nneg).T / 2
     auc = torch.empty_like(acc)
-    npos, nneg = w[:, pos].sum(1), w[:, ~pos].sum(1)
+    norm = npos.double() * nneg.double()
+    wn, wp = wt * neg[:, None], wt * pos[:, None]
     for l in range(s.shape[0]):
-        o = torch.argsort(s[l], stable=True)
-        ss, ps, ws = s[l, o], pos[o], w[:, o]
-        new = torch.cat([torch.tensor([True]), ss[1:] != ss[:-1]])
-        gid = torch.cumsum(new, 0) - 1
-        first = torch.nonzero(new)[:, 0]
-        last = torch.cat([first[1:], torch.tensor([len(ss)])]) - 1
-        negw = ws * ~ps
-        cum = torch.cumsum(negw, 1)
-        g = gid[ps]  # ties count one half
-        below = 0.5 * (cum[:, last[g]] + cum[:, first[g]] - negw[:, first[g]])
-        auc[:, l] = (ws[:, ps] * below).sum(1) / (npos * nneg)
-    return acc, (tpr + tnr) / 2, auc
+        ss, o = torch.sort(s[l], stable=True)
+        negs = wn[o]
+        cum = torch.cumsum(negs, 0)  # negatives at or below each place, in score order
+        if not bool((ss[1:] == ss[:-1]).any()):
+            below = cum
+        else:  # ties count one half: negatives strictly below, plus half of those tied
+            new = torch.cat([torch.tensor([True]), ss[1:] != ss[:-1]])
+            gid = torch.cumsum(new, 0) - 1
+            first = torch.nonzero(new)[:, 0]
+            last = torch.cat([first[1:], torch.tensor([len(ss)])]) - 1
+            below = 0.5 * (cum[last[gid]] + cum[first[gid]] - negs[first[gid]])
+        auc[:, l] = (wp[o] * below).sum(0, dtype=torch.float64) / norm
+    return acc, bacc, auc
 
 
 def evaluate(scores, thr, y, pos_rate: float, boot: int, seed: int, loss=None):
     """{name: [L] arrays} of point metrics and bootstrap 95% intervals for scores [L, n]."""
     n = len(y)
+    scores = torch.as_tensor(scores)
+    if len(scores) > 1 and bool((scores == scores[:1]).all()):  # the same on every layer: compute once
+        one = evaluate(scores[:1], thr, y, pos_rate, boot, seed)
+        return {k: np.repeat(v, len(scores)) for k, v in one.items()}
     acc, bacc, auc = metrics(scores, thr, y, torch.ones(1, n))
     out = {"accuracy": acc[0], "balanced_accuracy": bacc[0], "auroc": auc[0]}
     if boot:
         counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=boot)
         for k, v in zip(out.copy(), metrics(scores, thr, y, counts)):
-            q = torch.quantile(v, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+            q = torch.quantile(v.double(), torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
             out[k + "_lo"], out[k + "_hi"] = q[0], q[1]
     # threshold placed so that the held-out positive rate matches training's: no held-out labels used
     cut = torch.quantile(torch.as_tensor(scores, dtype=torch.float64), 1 - pos_rate, dim=1)

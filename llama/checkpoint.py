@@ -380,6 +380,8 @@ class Loaded:
 
 
 def fingerprint(src, args: ModelArgs) -> str:
+    """A short hash of the model parameters, every weight's name and shape, and the first values of
+    each weight (read as float32 from the checkpoint, in Meta's layout)."""
     keys = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
             "use_scaled_rope")
     if args.use_scaled_rope:
@@ -426,8 +428,6 @@ def load_model(path, dist, dtype: str = "float32", max_seq_len: Optional[int] = 
             raise LlamaError(f"{tok_path}: tokenizer has {n_words} tokens, "
                              f"the model's embedding only {args.vocab_size}")
     check_parallel(args, dist.mp)
-    if args.vocab_parallel_embedding and args.vocab_size % dist.mp:
-        args.vocab_parallel_embedding = False
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dt)  # fairscale allocates its weights (uninitialised) in the default dtype
     try:

@@ -37,6 +37,11 @@ def setup(mp: int = 0, device: str = "auto") -> Dist:
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise LlamaError("--device cuda asked for, but torch sees no CUDA device")
+    if use_cuda:  # before the process group, so NCCL binds each rank to its own GPU
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
     if not dist.is_initialized():
         if "RANK" in os.environ:
             dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -54,12 +59,6 @@ def setup(mp: int = 0, device: str = "auto") -> Dist:
     elif fs_init.get_model_parallel_world_size() != mp:
         have = fs_init.get_model_parallel_world_size()
         raise LlamaError(f"model parallelism already set up with size {have}, not {mp}")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
     return Dist(rank, world, mp, fs_init.get_model_parallel_rank(), world // mp, fs_init.get_data_parallel_rank(), dev)
 
 

@@ -1,3 +1,4 @@
+import os
 import sys
 
 
@@ -6,7 +7,8 @@ class LlamaError(Exception):
 
 
 def fail(msg: str, code: int = 2):
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one of them says so
+        print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 

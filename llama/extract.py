@@ -239,11 +239,9 @@ def forward_batch(model, p: Plan, idx: np.ndarray, layers: List[int], token: str
                 tot = tot + (pre[layer].float() * mask[..., None]).sum(1)[:, None, :]
                 cnt = cnt + start.view(B, k).float()
             res[layer] = tot / cnt[..., None]
-        else:
-            res[layer] = [
-                [torch.cat([pre[layer][b, : P[b]] if pre is not None else h[:0, 0], h[b * k + s, : n[b * k + s]]]).float() for b in range(B)]
-                for s in range(k)
-            ]
+        else:  # the shared prefix's states, then the side's own
+            head = [pre[layer][b, : P[b]] if pre is not None else h[b * k, :0] for b in range(B)]
+            res[layer] = [[torch.cat([head[b], h[b * k + s, : n[b * k + s]]]).float() for b in range(B)] for s in range(k)]
     logp = None
     if zero_shot:
         logp = torch.zeros(B, k)
@@ -262,22 +260,26 @@ def _bits(x: torch.Tensor, dtype: str) -> np.ndarray:
     return x.view(torch.uint16).numpy() if dtype == "bfloat16" else x.numpy()
 
 
+def array_name(layer: int, side: str) -> str:
+    return os.path.join(C.layer_dir("", layer), f"{side}.npy")
+
+
 def arrays(p: Plan, sides, layers, dim: int, dtype: str, token: str, zero_shot: bool) -> dict:
+    """{file in the cache: (shape, numpy dtype)} of every array the cache will hold."""
     n = len(p.lengths)
     out = {}
     for layer in layers:
         for j, s in enumerate(sides):
             rows = int(p.lengths[:, j].sum()) if token == "all" else n
-            out[os.path.join(os.path.basename(C.layer_dir("", layer)), f"{s}.npy")] = ((rows, dim), C.storage_dtype(dtype))
+            out[array_name(layer, s)] = ((rows, dim), C.storage_dtype(dtype))
     if zero_shot:
         out["logprobs.npy"] = ((n, len(sides)), np.dtype(np.float32))
     return out
 
 
 def _maybe_die(stage: str, count: int) -> None:
-    """Tests only: LLAMA_EXTRACT_KILL="STAGE:K" SIGKILLs this process at STAGE ("alloc": after the
-    first array is created, "write": after batch K's rows are written but not committed, "commit":
-    after the K-th commit)."""
+    """For the tests of resuming: LLAMA_EXTRACT_KILL="STAGE:K" SIGKILLs this process at "alloc:K" (the
+    K-th array created), "write:K" (the K-th batch's rows written, not committed) or "commit:K"."""
     want = os.environ.get("LLAMA_EXTRACT_KILL", "")
     if want == f"{stage}:{count}":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -392,7 +394,7 @@ def extract(model, d, p: Plan, output: str, specs: dict, layers, sides, token: s
         if writer is not None:
             for layer in layers:
                 for si, s in enumerate(sides):
-                    name = os.path.join(f"layer_{layer:02d}", f"{s}.npy")
+                    name = array_name(layer, s)
                     if token == "all":
                         for bi, i in enumerate(idx):
                             writer.put(name, int(offsets[s][i]), _bits(res[layer][si][bi], dtype))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT
-from tiny import VOCAB, hf_model, hf_states, make_hf, make_meta, make_tokenizer, tokens
+from tiny import VOCAB, hf_model, hf_states, make_hf, make_meta, make_tokenizer, meta_state, tokens
 
 from llama.checkpoint import load_meta_state, load_model, merge_shards, shard_state_dict
 from llama.errors import LlamaError
@@ -28,9 +28,12 @@ def tiny(tmp_path_factory):
     for kind in KINDS:
         hf = make_hf(base / kind, kind)
         args, sd = load_meta_state(hf)
+        model = hf_model(hf)
+        theirs = meta_state(model)
+        assert sd.keys() == theirs.keys() and all(torch.equal(sd[k], theirs[k]) for k in sd)
         args.vocab_parallel_embedding = kind == "gqa"  # Llama 3 splits the embedding by vocab
-        meta = make_meta(base / f"{kind}-meta2", sd, args, shards=2, tokenizer_from=hf)
-        out[kind] = (hf, meta, hf_states(hf_model(hf), tokens()))
+        meta = make_meta(base / f"{kind}-meta2", theirs, args, shards=2, tokenizer_from=hf)
+        out[kind] = (hf, meta, hf_states(model, tokens()))
     return out
 
 
@@ -97,6 +100,7 @@ def test_half_dtypes(tiny, dist1, dtype):
     h = m.model(tokens(), layers=[3])[3]
     assert h.dtype == getattr(torch, dtype)
     assert torch.nn.functional.cosine_similarity(h.float().flatten(), ref[3].flatten(), 0) > 0.99
+    assert m.fingerprint == load_model(hf, dist1).fingerprint
 
 
 def test_model_id_from_local_cache(tiny, dist1, tmp_path, monkeypatch):
@@ -211,3 +215,12 @@ def test_cli_summary(tiny):
     p = subprocess.run([sys.executable, "-m", "llama.checkpoint", tiny["gqa"][1]], capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
     assert p.returncode == 0 and "meta" in p.stdout and "3 layers, dim 64, 4 heads (2 kv)" in p.stdout, p.stderr
+
+
+def test_sharded_safetensors(tiny, dist1, tmp_path):
+    hf, _, ref = tiny["tied"]
+    hf_model(hf).save_pretrained(tmp_path, max_shard_size="60KB")
+    make_tokenizer(tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    out = load_model(tmp_path, dist1).model(tokens(), logits=True)
+    assert rel(out[2], ref[2]) < 1e-5 and rel(out["logits"], ref["logits"]) < 1e-5

@@ -36,7 +36,7 @@ def test_torchrun_matches_mp1(ckpts, dist1, tmp_path, n, mp):
     hf, meta = ckpts
     paths = {  # mp 4: 2 kv heads replicated to 4; (4, 2): two data-parallel groups, shards by model-parallel rank
         (2, 2): [hf["gqa"], meta["gqa", 1], meta["tied", 8]],
-        (4, 4): [meta["gqa", 2], meta["tied", 8], hf["mha"]],
+        (4, 4): [meta["gqa", 2], meta["tied", 8], hf["mha"], hf["gqa"]],
         (4, 2): [meta["gqa", 2], hf["tied"]],
     }[n, mp]
     cmd = ["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),

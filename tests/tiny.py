@@ -3,6 +3,7 @@
     hf_dir = make_hf(tmp_path / "hf", "gqa")           # "mha" (Llama-2-like), "gqa" (Llama-3.2-like,
                                                        # rope llama3 factor 32), "tied" (tied embeddings)
     args, sd = load_meta_state(hf_dir)                 # llama.checkpoint: Meta names, full tensors
+    sd = meta_state(hf_model(hf_dir))                  # the same, written here independently
     meta_dir = make_meta(tmp_path / "meta", sd, args, shards=2, tokenizer_from=hf_dir)
     model = hf_model(hf_dir)                           # the transformers oracle (float32, eval)
 """
@@ -14,6 +15,7 @@ import torch
 
 VOCAB = 320  # model vocabulary; the tokenizer has TOKENIZER_VOCAB <= VOCAB entries
 SPECIALS = ["<unk>", "<s>", "</s>"]
+TOKENIZER_VOCAB = len(SPECIALS) + 256
 
 CONFIGS = {
     "mha": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -44,9 +46,6 @@ def make_tokenizer(path, vocab=None):
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
     return file
-
-
-TOKENIZER_VOCAB = len(SPECIALS) + 256
 
 
 def make_hf(path, kind="mha", seed=0, vocab=VOCAB, hub_style=False):
@@ -98,6 +97,26 @@ def hf_states(model, tokens, attention_mask=None):
     states[len(out.hidden_states) - 1] = raw["h"]
     states["logits"] = out.logits
     return states
+
+
+def meta_state(model):
+    """A transformers LlamaForCausalLM's weights in Meta's names and interleaved rotary layout, written
+    here independently of llama.checkpoint (which the tests check against it)."""
+    c = model.config
+    hd = c.hidden_size // c.num_attention_heads
+    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+             "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+             "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+             "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    sd = {"tok_embeddings.weight": model.model.embed_tokens.weight, "norm.weight": model.model.norm.weight,
+          "output.weight": model.lm_head.weight}
+    for i, layer in enumerate(model.model.layers):
+        for hf, meta in names.items():
+            w = layer.get_submodule(hf).weight
+            if hf in ("self_attn.q_proj", "self_attn.k_proj"):  # rotate-half rows back to interleaved pairs
+                w = w.reshape(-1, 2, hd // 2, c.hidden_size).transpose(1, 2).reshape(-1, c.hidden_size)
+            sd[f"layers.{i}.{meta}.weight"] = w
+    return {k: v.detach().clone() for k, v in sd.items()}
 
 
 def make_meta(path, full_sd, args, shards=1, tokenizer_from=None):

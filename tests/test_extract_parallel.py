@@ -1,0 +1,65 @@
+"""Extraction under torchrun (gloo, CPU): model parallel 2, and model parallel 2 x data parallel 2,
+write the cache a single process writes (float32, within 1e-5)."""
+import csv
+import fcntl
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+import tiny
+from llama.cache import LOCK, ActivationCache
+from llama.extract import run
+from test_extract import pair_rows, write_csv
+
+CLI = os.path.join(ROOT, "scripts", "cache_activations.py")
+FLAGS = ["--token", "all", "--zero_shot", "--batch_size", "2", "--layers", "0,1,3"]
+
+
+def torchrun(n, args, timeout=170):
+    cmd = ["timeout", str(timeout), sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(n), CLI, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def setup_mp1(tmp_path_factory, dist1):
+    tmp = tmp_path_factory.mktemp("par")
+    hf = tiny.make_hf(tmp / "gqa", "gqa")
+    data = write_csv(tmp / "pairs.csv", pair_rows(9, seed=3))
+    ref = run(hf, data, tmp / "mp1", token="all", zero_shot=True, batch_size=2, layers="0,1,3")
+    return hf, data, ActivationCache(ref)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_model_and_data_parallel_equal_one_process(setup_mp1, tmp_path, world):
+    hf, data, ref = setup_mp1
+    r = torchrun(world, ["--model", hf, "--data", data, "--output", tmp_path / "c", "--mp", 2, *FLAGS])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("cached 9 examples") == 1  # one rank reports
+    c = ActivationCache(str(tmp_path / "c"))
+    assert c.meta["parallel"] == {"world": world, "mp": 2, "dp": world // 2}
+    groups = sorted(os.listdir(tmp_path / "c" / "progress"))
+    assert groups == [f"group_{g}.json" for g in range(world // 2)]  # every data-parallel group wrote its share
+    for side in ref.sides:
+        assert (c.offsets(side) == ref.offsets(side)).all()
+        for layer in ref.layers:
+            a, b = c.array(layer, side), ref.array(layer, side)
+            assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert np.abs(c.logprobs - ref.logprobs).max() < 1e-4
+    assert c.ids == ref.ids and (c.labels == ref.labels).all()
+
+
+def test_refusal_on_rank0_stops_every_rank(setup_mp1, tmp_path):
+    """rank 0 finds the directory locked: every rank exits (no rank left waiting), one error line."""
+    hf, data, _ = setup_mp1
+    out = tmp_path / "c"
+    out.mkdir()
+    with open(out / LOCK, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        r = torchrun(2, ["--model", hf, "--data", data, "--output", out, "--mp", 2], timeout=120)
+    assert r.returncode not in (0, 124), r.stderr[-2000:]
+    assert r.stderr.count("error: ") == 1 and "another extraction" in r.stderr
