@@ -7,6 +7,17 @@ Every score reads "higher = label 1": the plus side is the true one (contrast ca
 "testing" one (single-prompt caches). AUROC takes label 1 as the positive class. Features are
 standardised per side and per dimension with statistics of the training rows only, then applied
 unchanged to held-out rows. Never imports fairscale or the model.
+
+Methods: ccs (Burns et al. 2022; every restart of every layer solved as one batch), lr (logistic
+regression on plus - minus), lr_concat (on [plus, minus]), mean_diff, crc_tpc (top principal component
+of the differences), random (a random direction), zero_shot (log p(plus) - log p(minus), when cached),
+majority. Single-prompt caches get the supervised ones: lr, mean_diff, random, majority.
+
+RUN/eval.csv, one row per layer and method: split (test, or cvK for k folds), n, accuracy,
+balanced_accuracy, auroc and their bootstrap 95% intervals (*_lo, *_hi), calibrated_accuracy (threshold
+set so the held-out positive rate equals training's), train_loss, orientation: CCS and CRC-TPC cannot
+tell true from false, so row `ccs` reports max(acc, 1 - acc) on held-out data (orientation
+"max(acc,1-acc)", as published) and row `ccs_signed` the sign fixed on training labels.
 """
 import json
 import os
@@ -25,7 +36,7 @@ from llama.errors import LlamaError, cli
 CONTRAST_METHODS = ("ccs", "lr", "lr_concat", "mean_diff", "crc_tpc", "random", "zero_shot", "majority")
 SINGLE_METHODS = ("lr", "mean_diff", "random", "majority")
 UNSUPERVISED = ("ccs", "crc_tpc")  # their sign is unidentified: reported as max(acc, 1 - acc) and as `_signed`
-CS = (1e-3, 1e-2, 1e-1, 1.0)  # inverse L2 strengths tried for logistic regression (scikit-learn's C)
+CS = (1e-4, 1e-3, 1e-2, 1e-1)  # inverse L2 strengths tried for logistic regression (scikit-learn's C)
 
 
 @dataclass
@@ -127,22 +138,28 @@ def load(cache: ActivationCache, layers: List[int]) -> torch.Tensor:
 
 def split(y: np.ndarray, test_frac: float, folds: int, seed: int):
     """[(train rows, test rows)]: one stratified held-out split, or stratified k folds."""
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
-    rows = np.arange(len(y))
-    try:
-        if folds:
-            parts = list(StratifiedKFold(int(folds), shuffle=True, random_state=seed).split(rows, y))
-        else:
-            if not 0 < float(test_frac) < 1:
-                raise LlamaError(f"--test_frac must be between 0 and 1 (got {test_frac}): an empty split")
-            parts = [train_test_split(rows, test_size=float(test_frac), stratify=y, random_state=seed)]
-    except ValueError as e:
-        raise LlamaError(f"cannot split {len(y)} examples (classes {np.bincount(y).tolist()}): {e}")
+    if folds:
+        k = int(folds)
+        if k < 2:
+            raise LlamaError(f"--folds must be 2 or more (got {folds})")
+        fold = stratified_folds(y, k, seed)
+        parts = [(np.flatnonzero(fold != i), np.flatnonzero(fold == i)) for i in range(k)]
+    else:
+        if not 0 < float(test_frac) < 1:
+            raise LlamaError(f"--test_frac must be between 0 and 1 (got {test_frac}): an empty split")
+        rng = np.random.default_rng(seed)
+        test = [rng.permutation(np.flatnonzero(y == cls))[: int(round(float(test_frac) * np.sum(y == cls)))]
+                for cls in np.unique(y)]
+        test = np.sort(np.concatenate(test))
+        parts = [(np.setdiff1d(np.arange(len(y)), test), test)]
     for tr, te in parts:
-        if len(te) == 0 or len(np.unique(y[tr])) < 2:
+        if len(te) == 0 or len(tr) == 0:
             raise LlamaError(f"empty split: {len(tr)} training and {len(te)} held-out rows of {len(y)}")
-    return [(np.sort(tr), np.sort(te)) for tr, te in parts]
+        if np.bincount(y[tr], minlength=2).min() < 2 or len(np.unique(y[te])) < 2:
+            raise LlamaError(f"too few examples to split: {len(y)} rows (classes {np.bincount(y).tolist()}) leave "
+                             f"{np.bincount(y[tr], minlength=2).tolist()} per class to train on and "
+                             f"{np.bincount(y[te], minlength=2).tolist()} to test; each needs both classes")
+    return parts
 
 
 def chunks(n_layers: int, rows: int, dim: int, cfg: Config):
@@ -153,42 +170,80 @@ def chunks(n_layers: int, rows: int, dim: int, cfg: Config):
 # ---------------------------------------------------------------- solvers
 
 
-def minimise(params, fg, cfg: Config) -> torch.Tensor:
-    """Minimise the sum of independent problems batched in params. fg() returns each problem's loss
-    and sets the params' .grad; returns the final losses."""
+def lbfgs(fg, theta, steps: int, memory: int = 10, tol: float = 1e-5):
+    """L-BFGS run independently on every problem of a batch: theta [..., m], fg(theta) -> (loss [...],
+    grad [..., m]). Each problem keeps its own history, step size (Armijo backtracking) and stopping
+    test; one call of fg evaluates all of them, so a problem costs what it would alone."""
+    dot = lambda a, b: (a * b).sum(-1, keepdim=True)
+    f, g = fg(theta)
+    hist = []  # (s, y, 1 / s.y) per step, zero where the pair was rejected
+    gamma = 1 / g.abs().sum(-1, keepdim=True).clamp_min(1)
+    done = torch.zeros_like(gamma, dtype=torch.bool)
+    for _ in range(steps):
+        active = ~done & (g.abs().amax(-1, keepdim=True) > tol)
+        if not bool(active.any()):
+            break
+        q, alphas = g.clone(), []
+        for s_, y_, rho in reversed(hist):
+            a_ = rho * dot(s_, q)
+            q -= a_ * y_
+            alphas.append(a_)
+        r = gamma * q
+        for (s_, y_, rho), a_ in zip(hist, reversed(alphas)):
+            r += s_ * (a_ - rho * dot(y_, r))
+        d = torch.where(dot(g, r) > 0, -r, -gamma * g) * active  # lost curvature: steepest descent
+        slope = dot(g, d)
+        t = torch.ones_like(slope)
+        for _ in range(10):
+            f2, g2 = fg(theta + t * d)
+            ok = ((f2[..., None] <= f[..., None] + 1e-4 * t * slope) & torch.isfinite(f2[..., None])) | ~active
+            if bool(ok.all()):
+                break
+            t = torch.where(ok, t, t * 0.3)
+        step = d * t * ok
+        theta = theta + step
+        y_ = (g2 - g) * ok
+        # a problem is done when no step helps or the loss stops moving (float32 rounding)
+        done |= active & (~ok | ((f[..., None] - f2[..., None]).abs() <= 1e-7 * f[..., None].abs()))
+        f, g = torch.where(ok[..., 0], f2, f), torch.where(ok, g2, g)
+        sy = dot(step, y_)
+        good = sy > 1e-10
+        hist.append((step * good, y_ * good, torch.where(good, 1 / sy.clamp_min(1e-10), 0)))
+        hist = hist[-memory:]
+        gamma = torch.where(good, sy / dot(y_, y_).clamp_min(1e-20), gamma)
+    return theta, f
+
+
+def minimise(fg, theta, cfg: Config):
+    """(theta, loss) after minimising every problem of the batch with cfg.optimizer."""
     if cfg.optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(params, lr=1, max_iter=cfg.n_steps(), history_size=20, line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-6, tolerance_change=1e-10)
-        opt.step(lambda: fg().sum())
-    elif cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr)
-        for _ in range(cfg.n_steps()):
-            fg()
-            opt.step()
-    else:
+        return lbfgs(fg, theta, cfg.n_steps())
+    if cfg.optimizer != "adam":
         raise LlamaError(f"unknown --optimizer {cfg.optimizer!r} (lbfgs or adam)")
-    return fg()
+    theta = theta.clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=cfg.lr)
+    for _ in range(cfg.n_steps()):
+        theta.grad = fg(theta.detach())[1]
+        opt.step()
+    theta = theta.detach()
+    return theta, fg(theta)[0]
 
 
-def autograd(params, loss_fn):
-    """fg for minimise() from a differentiable loss_fn() -> per-problem losses."""
-
-    def fg():
-        for t in params:
-            t.grad = None
-        with torch.enable_grad():
-            loss = loss_fn()
-            loss.sum().backward()
-        return loss.detach()
-
-    return fg
+def unpack(theta, d: int, h: int) -> dict:
+    """CCS parameters from theta [..., m]: linear (w, b) or MLP (w1, b1, w2, b2) with h hidden units."""
+    if not h:
+        return {"w": theta[..., :d], "b": theta[..., d]}
+    w1, b1, w2, b2 = theta.split([d * h, h, h, 1], -1)
+    return {"w1": w1.unflatten(-1, (d, h)), "b1": b1, "w2": w2, "b2": b2[..., 0]}
 
 
 def ccs_prob(p: dict, x):
     """p(true) of x [c, n, d] under every restart: [c, R, n]."""
     if "w1" in p:
-        h = torch.relu(torch.einsum("crdh,cnd->crnh", p["w1"], x) + p["b1"][:, :, None])
-        return torch.sigmoid(torch.einsum("crnh,crh->crn", h, p["w2"]) + p["b2"][..., None])
+        c, R, d, h = p["w1"].shape
+        w1 = p["w1"].permute(0, 2, 1, 3).reshape(c, d, R * h)
+        hid = torch.relu(torch.bmm(x, w1).view(c, -1, R, h) + p["b1"][:, None])  # [c, n, R, h]
+        return torch.sigmoid((hid * p["w2"][:, None]).sum(-1).transpose(1, 2) + p["b2"][..., None])
     return torch.sigmoid(torch.baddbmm(p["b"][..., None], p["w"], x.transpose(1, 2)))
 
 
@@ -203,34 +258,35 @@ def fit_ccs(zp, zm, cfg: Config, gen: torch.Generator):
     R, h = cfg.restarts, cfg.hidden
     x = torch.cat([zp, zm], 1)
     if h:
-        p = {"w1": torch.randn(c, R, d, h, generator=gen) / d**0.5, "b1": torch.zeros(c, R, h),
-             "w2": torch.randn(c, R, h, generator=gen) / h**0.5, "b2": torch.zeros(c, R)}
-        for t in p.values():
-            t.requires_grad_(True)
+        theta = torch.cat([torch.randn(c, R, d * h, generator=gen) / d**0.5, torch.zeros(c, R, h),
+                           torch.randn(c, R, h, generator=gen) / h**0.5, torch.zeros(c, R, 1)], -1)
 
-        def loss_fn():
-            prob = ccs_prob(p, x)
-            penalty = sum(t.square().flatten(2).sum(-1) for k, t in p.items() if k.startswith("w"))
-            return ccs_loss(prob[..., :n], prob[..., n:]) + cfg.l2 * penalty
-
-        fg = autograd(list(p.values()), loss_fn)
+        def fg(th):
+            with torch.enable_grad():
+                th = th.detach().requires_grad_(True)
+                p = unpack(th, d, h)
+                prob = ccs_prob(p, x)
+                penalty = p["w1"].square().sum((-1, -2)) + p["w2"].square().sum(-1)
+                loss = ccs_loss(prob[..., :n], prob[..., n:]) + cfg.l2 * penalty
+                return loss.detach(), torch.autograd.grad(loss.sum(), th)[0]
     else:
-        p = {"w": torch.randn(c, R, d, generator=gen) / d**0.5, "b": torch.zeros(c, R)}
-        fg = ccs_linear_fg(p["w"], p["b"], x, n, cfg.l2)
-    loss = minimise(list(p.values()), fg, cfg)
+        theta = torch.cat([torch.randn(c, R, d, generator=gen) / d**0.5, torch.zeros(c, R, 1)], -1)
+        fg = ccs_linear_fg(x, n, cfg.l2)
+    theta, loss = minimise(fg, theta, cfg)
     best = loss.argmin(1)
     pick = torch.arange(c)
-    out = {k: t.detach()[pick, best] for k, t in p.items()}
+    out = unpack(theta[pick, best], d, h)
     out["train_loss"] = loss[pick, best]
     return out
 
 
-def ccs_linear_fg(w, b, x, n, l2):
-    """The linear CCS loss and its gradient by hand: autograd's bookkeeping costs more than the maths."""
+def ccs_linear_fg(x, n, l2):
+    """The linear CCS loss and its gradient by hand (autograd's bookkeeping costs more than the maths)
+    for theta [c, R, d + 1] = (w, b)."""
     xt = x.transpose(1, 2).contiguous()  # [c, d, 2n]: the fast layout for w @ x^T
 
-    @torch.no_grad()
-    def fg():
+    def fg(theta):
+        w, b = theta[..., :-1], theta[..., -1]
         p = torch.sigmoid(torch.baddbmm(b[..., None], w, xt))  # [c, R, 2n]
         pp, pm = p[..., :n], p[..., n:]
         cons = pp + pm - 1
@@ -238,9 +294,7 @@ def ccs_linear_fg(w, b, x, n, l2):
         loss = cons.square().mean(-1) + low.square().mean(-1) + l2 * w.square().sum(-1)
         first = pp <= pm
         g = torch.cat([cons + low * first, cons + low * ~first], -1).mul_(p * (1 - p) * (2 / n))
-        w.grad = torch.bmm(g, x).add_(w, alpha=2 * l2)
-        b.grad = g.sum(-1)
-        return loss
+        return loss, torch.cat([torch.bmm(g, x).add_(w, alpha=2 * l2), g.sum(-1, keepdim=True)], -1)
 
     return fg
 
@@ -251,53 +305,54 @@ def ccs_score(p, zp, zm):
     return 0.5 * (ccs_prob(one, zp)[:, 0] + 1 - ccs_prob(one, zm)[:, 0])
 
 
+def stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold number [n] of each row: every class dealt out evenly over k folds, in a seeded order."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=np.int64)
+    start = 0
+    for cls in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == cls))
+        fold[rows] = (np.arange(len(rows)) + start) % k
+        start += len(rows)
+    return fold
+
+
 def fit_logreg(f, y, cfg: Config):
     """L2 logistic regression on f [c, n, d] with labels y [n]: scikit-learn's objective
     (C * sum(log-loss) + |w|^2 / 2, intercept not penalised), C per layer chosen by cfg.cv-fold
-    cross-validation on these rows (held-out log-loss), then refit on all of them."""
-    from sklearn.model_selection import StratifiedKFold
-
+    cross-validation on these rows (held-out log-loss), then refit on all of them from the
+    chosen C's fold solutions."""
     c, n, d = f.shape
     ys = torch.as_tensor(2.0 * y - 1, dtype=torch.float32)
-    folds = list(StratifiedKFold(cfg.cv, shuffle=True, random_state=cfg.seed).split(np.zeros(n), y))
-    fit_mask = torch.zeros(cfg.cv, n)
-    for k, (tr, _) in enumerate(folds):
-        fit_mask[k, tr] = 1
+    fold = torch.as_tensor(stratified_folds(y, cfg.cv, cfg.seed))
     Cs = torch.tensor(CS)
-    mask = fit_mask.repeat_interleave(len(CS), 0)  # problems: fold-major, C-minor
+    mask = (fold[None] != torch.arange(cfg.cv)[:, None]).float().repeat_interleave(len(CS), 0)  # fold-major
     C = Cs.repeat(cfg.cv)[None].expand(c, -1)
-    w, b = solve_logreg(f, ys, mask, C, cfg)
-    with torch.no_grad():
-        s = torch.baddbmm(b[..., None], w, f.transpose(1, 2))
-        held = (1 - mask)[None] * F.softplus(-ys * s)
-        val = (held.sum(-1) / (1 - mask).sum(-1)).view(c, cfg.cv, len(CS)).mean(1)
-    best = Cs[val.argmin(1)]  # [c]
-    w, b = solve_logreg(f, ys, torch.ones(1, n), best[:, None], cfg)
-    with torch.no_grad():
-        loss = F.softplus(-ys * (f @ w[:, 0, :, None] + b[:, :, None])[..., 0]).mean(-1)
-    return {"w": w[:, 0], "b": b[:, 0], "C": best, "train_loss": loss}
+    theta = solve_logreg(f, ys, mask, C, torch.zeros(c, len(mask), d + 1), cfg)
+    s = torch.baddbmm(theta[..., -1:], theta[..., :-1], f.transpose(1, 2))
+    held = (1 - mask)[None] * F.softplus(-ys * s)
+    val = (held.sum(-1) / (1 - mask).sum(-1)).view(c, cfg.cv, len(CS)).mean(1)
+    pick = val.argmin(1)
+    start = theta.view(c, cfg.cv, len(CS), d + 1)[torch.arange(c), :, pick].mean(1, keepdim=True)
+    theta = solve_logreg(f, ys, torch.ones(1, n), Cs[pick][:, None], start, cfg)[:, 0]
+    loss = F.softplus(-ys * (torch.einsum("cnd,cd->cn", f, theta[:, :-1]) + theta[:, -1:])).mean(-1)
+    return {"w": theta[:, :-1], "b": theta[:, -1], "C": Cs[pick], "train_loss": loss}
 
 
-def solve_logreg(f, ys, mask, C, cfg: Config):
-    """P problems per layer, batched: rows mask [P, n], C [c, P] -> w [c, P, d], b [c, P]."""
-    c, n, d = f.shape
-    P = mask.shape[0]
-    w, b = torch.zeros(c, P, d), torch.zeros(c, P)
+def solve_logreg(f, ys, mask, C, theta, cfg: Config):
+    """P problems per layer, batched: rows mask [P, n], C [c, P], theta [c, P, d + 1] (w, b) to start."""
     m = mask / mask.sum(-1, keepdim=True)
     decay = 1 / (C * mask.sum(-1))  # [c, P]
     ft = f.transpose(1, 2).contiguous()
 
-    @torch.no_grad()
-    def fg():
+    def fg(theta):
+        w, b = theta[..., :-1], theta[..., -1]
         margin = -ys * torch.baddbmm(b[..., None], w, ft)  # [c, P, n]
         loss = (m * F.softplus(margin)).sum(-1) + decay * w.square().sum(-1) / 2
         g = m * -ys * torch.sigmoid(margin)
-        w.grad = torch.bmm(g, f).add_(decay[..., None] * w)
-        b.grad = g.sum(-1)
-        return loss
+        return loss, torch.cat([torch.bmm(g, f).add_(decay[..., None] * w), g.sum(-1, keepdim=True)], -1)
 
-    minimise([w, b], fg, Config(steps=cfg.n_steps()))
-    return w, b
+    return lbfgs(fg, theta, max(cfg.n_steps(), 100), tol=1e-4)[0]
 
 
 # ---------------------------------------------------------------- methods
@@ -318,9 +373,21 @@ def orient(raw, y):
     return torch.where(raw[:, yt].mean(1) >= raw[:, ~yt].mean(1), 1.0, -1.0)
 
 
+def top_component(f, gen, k: int = 8, iters: int = 6):
+    """Top right singular vector [c, d] of f [c, n, d]: seeded subspace iteration, then Rayleigh-Ritz."""
+    q = torch.randn(f.shape[0], f.shape[2], k, generator=gen)
+    for _ in range(iters):
+        q = torch.linalg.qr(f.transpose(1, 2) @ (f @ q)).Q
+    h = f @ q
+    _, v = torch.linalg.eigh(h.transpose(1, 2) @ h)
+    return (q @ v[..., -1:])[..., 0]
+
+
 def fit(x, y, tr, methods, cfg: Config, logprobs=None):
     """Fit every method on the training rows tr of x [L, S, N, d] -> ({method: Probe}, Norm)."""
     L, S, N, d = x.shape
+    if "zero_shot" in methods and logprobs is None:
+        raise LlamaError("zero_shot needs the answers' log-probabilities in the cache (extract with --zero_shot)")
     contrast = S == 2
     gen = torch.Generator().manual_seed(cfg.seed)
     ytr = y[tr]
@@ -348,8 +415,7 @@ def fit(x, y, tr, methods, cfg: Config, logprobs=None):
                 p = {"w": w, "b": -(w * (m1 + m0)).sum(-1) / 2, "sign": torch.ones(c)}
             elif m == "crc_tpc":
                 mu = f.mean(1)
-                _, _, v = torch.svd_lowrank(f - mu[:, None], q=8, niter=6)
-                w = v[..., 0]
+                w = top_component(f - mu[:, None], gen)
                 p = {"w": w, "b": -(w * mu).sum(-1)}
                 p["sign"] = orient(torch.einsum("cnd,cd->cn", f, w), ytr)
             elif m == "random":
@@ -366,10 +432,8 @@ def fit(x, y, tr, methods, cfg: Config, logprobs=None):
     for m, ps in parts.items():
         params = {k: torch.cat([p[k] for p in ps]) for k in ps[0]}
         kind = "ccs" if m == "ccs" else "linear"
-        probes[m] = Probe(m, kind, "concat" if m == "lr_concat" else lin_input, params)
+        probes[m] = Probe(m, kind, {"ccs": "sides", "lr_concat": "concat"}.get(m, lin_input), params)
     if "zero_shot" in methods:
-        if logprobs is None:
-            raise LlamaError("zero_shot needs the answers' log-probabilities in the cache (extract with --zero_shot)")
         probes["zero_shot"] = Probe("zero_shot", "zero_shot", "logprobs", {"sign": torch.ones(L)})
     return probes, norm
 
@@ -407,7 +471,7 @@ def metrics(s, thr: float, y, w):
     npos, nneg = pos.float() @ wt, neg.float() @ wt  # [B]
     bacc = ((correct * pos) @ wt / npos + (correct * neg) @ wt / nneg).T / 2
     auc = torch.empty_like(acc)
-    norm = npos.double() * nneg.double()
+    norm = npos * nneg
     wn, wp = wt * neg[:, None], wt * pos[:, None]
     for l in range(s.shape[0]):
         ss, o = torch.sort(s[l], stable=True)
@@ -421,21 +485,25 @@ def metrics(s, thr: float, y, w):
             first = torch.nonzero(new)[:, 0]
             last = torch.cat([first[1:], torch.tensor([len(ss)])]) - 1
             below = 0.5 * (cum[last[gid]] + cum[first[gid]] - negs[first[gid]])
-        auc[:, l] = (wp[o] * below).sum(0, dtype=torch.float64) / norm
+        auc[:, l] = (wp[o] * below).sum(0) / norm  # float32 sums: relative error ~1e-7
     return acc, bacc, auc
 
 
-def evaluate(scores, thr, y, pos_rate: float, boot: int, seed: int, loss=None):
+def resamples(n: int, boot: int, seed: int):
+    """Bootstrap counts [boot, n] (how often each row is drawn), shared by every method and layer."""
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=boot) if boot else None
+
+
+def evaluate(scores, thr, y, pos_rate: float, counts=None):
     """{name: [L] arrays} of point metrics and bootstrap 95% intervals for scores [L, n]."""
     n = len(y)
     scores = torch.as_tensor(scores)
     if len(scores) > 1 and bool((scores == scores[:1]).all()):  # the same on every layer: compute once
-        one = evaluate(scores[:1], thr, y, pos_rate, boot, seed)
+        one = evaluate(scores[:1], thr, y, pos_rate, counts)
         return {k: np.repeat(v, len(scores)) for k, v in one.items()}
     acc, bacc, auc = metrics(scores, thr, y, torch.ones(1, n))
     out = {"accuracy": acc[0], "balanced_accuracy": bacc[0], "auroc": auc[0]}
-    if boot:
-        counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=boot)
+    if counts is not None:
         for k, v in zip(out.copy(), metrics(scores, thr, y, counts)):
             q = torch.quantile(v.double(), torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
             out[k + "_lo"], out[k + "_hi"] = q[0], q[1]
@@ -475,9 +543,10 @@ def base(name):
 def rows_for(probes, scores, y, pos_rate, boot, seed, layers, extra, loss=None):
     """eval.csv rows (dicts), one per layer and method name in scores."""
     rows = []
+    counts = resamples(len(y), boot, seed)
     for name, s in scores.items():
         p = probes[base(name)]
-        ev = evaluate(s, p.threshold, y, pos_rate, boot, seed)
+        ev = evaluate(s, p.threshold, y, pos_rate, counts)
         tl = (loss or {}).get(base(name), p.params.get("train_loss"))
         for i, l in enumerate(layers):
             r = dict(extra, layer=l, method=name, n=len(y))
@@ -503,12 +572,12 @@ def print_table(df, positive: str):
     methods = list(dict.fromkeys(df["method"]))
     best = best_layers(df)
     acc = df.pivot(index="layer", columns="method", values="accuracy")
-    w = max(8, max(len(m) for m in methods) + 1)
+    w = {m: max(7, len(m) + 1) for m in methods}
     print(f"held-out accuracy by layer (* = best layer of the method, chosen on held-out data); positive class: {positive}")
     print("ccs, crc_tpc: unsupervised, max(acc, 1-acc) on held-out data; *_signed: sign fixed on training labels")
-    print("layer" + "".join(f"{m:>{w}}" for m in methods))
+    print("layer" + "".join(f"{m:>{w[m]}}" for m in methods))
     for l, r in acc.iterrows():
-        print(f"{l:5d}" + "".join(f"{r[m]:>{w - 1}.3f}{'*' if best[m] == l else ' '}" for m in methods))
+        print(f"{l:5d}" + "".join(f"{r[m]:>{w[m] - 1}.3f}{'*' if best[m] == l else ' '}" for m in methods))
     print(f"{'method':<16}{'layer':>6}  {'accuracy [95% CI]':<22}{'AUROC [95% CI]':<22}")
     for m in methods:
         r = df[(df.method == m) & (df.layer == best[m])].iloc[0]
@@ -545,6 +614,7 @@ def plot(run, df, scores, y, positive):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     from sklearn.metrics import roc_curve
 
     methods = list(dict.fromkeys(df["method"]))
@@ -557,7 +627,8 @@ def plot(run, df, scores, y, positive):
         ax.set_xlabel("layer")
         ax.set_ylabel(f"held-out {key}")
         ax.axhline(0.5, color="lightgray", lw=0.8)
-    axes[1].legend(fontsize=7, ncol=2)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"positive class: {positive}")
     fig.tight_layout()
     fig.savefig(os.path.join(run, "layers.png"), dpi=110)
@@ -623,10 +694,18 @@ def positive_name(cache):
 
 def train(cache: str, output: str, layers=None, methods=None, test_frac: float = 0.4, folds: int = 0, seed: int = 0,
           visualize: bool = False, bootstrap: int = 1000, restarts: int = 10, optimizer: str = "lbfgs", steps: int = 0,
-          hidden: int = 0):
-    """Train and evaluate every method on every cached layer; write OUTPUT/eval.csv, probes/ and plots."""
+          hidden: int = 0, threads: int = 0):
+    """Train and evaluate every method on every cached layer; write OUTPUT/eval.csv, probes/ and plots.
+
+    layers: 10,20 or all; methods: ccs,lr,... (random and majority always run); test_frac: held-out share
+    (stratified, seeded), or folds: k-fold cross-validation instead; bootstrap: resamples for the 95%
+    intervals (0: none); restarts, optimizer (lbfgs or adam), steps (0: 40 lbfgs / 1000 adam), hidden
+    (CCS MLP width; 0 = linear. MLP probes have spurious minima that L-BFGS finds: prefer adam there);
+    threads: torch threads (0: torch's default; on a machine shared with other jobs 1 is much faster)."""
     import pandas as pd
 
+    if threads:
+        torch.set_num_threads(int(threads))
     t0 = time.time()
     c = ActivationCache(cache)
     x, y, layers, methods = prepare(c, layers, methods)
@@ -653,7 +732,7 @@ def train(cache: str, output: str, layers=None, methods=None, test_frac: float =
     t2 = time.time()
     df = pd.DataFrame(rows_for(probes, scores, yt, pos_rate, int(bootstrap), int(seed), layers, {"split": name}, loss))
     df = df.reindex(columns=COLUMNS)
-    df.to_csv(os.path.join(output, "eval.csv"), index=False)
+    df.round(6).to_csv(os.path.join(output, "eval.csv"), index=False)
     if folds:  # the saved probes come from every row once the folds have measured them
         probes, norm = fit(x, y, np.arange(len(y)), methods, cfg, lp)
     info = dict(split=name, test_frac=None if folds else float(test_frac), seed=int(seed),
@@ -664,7 +743,6 @@ def train(cache: str, output: str, layers=None, methods=None, test_frac: float =
     print_table(df, positive_name(c))
     print(f"wrote {output}/eval.csv and {output}/probes/ in {time.time() - t0:.1f} s (load {t1 - t0:.1f} s, "
           f"fit and score {t2 - t1:.1f} s, metrics and outputs {time.time() - t2:.1f} s)")
-    return None
 
 
 def same_model(src: ActivationCache, other: ActivationCache):
@@ -678,10 +756,14 @@ def same_model(src: ActivationCache, other: ActivationCache):
 
 
 def transfer(train: str, test=None, output: str = "runs/transfer", layers=None, methods=None, test_frac: float = 0.4,
-             seed: int = 0, bootstrap: int = 1000, restarts: int = 10, optimizer: str = "lbfgs", steps: int = 0, hidden: int = 0):
-    """Train on the training split of cache TRAIN; score its held-out split and every row of each --test cache."""
+             seed: int = 0, bootstrap: int = 1000, restarts: int = 10, optimizer: str = "lbfgs", steps: int = 0, hidden: int = 0,
+             threads: int = 0):
+    """Train on the training split of cache TRAIN; score its held-out split and every row of each --test cache
+    (same model, checked by fingerprint). Options as for train."""
     import pandas as pd
 
+    if threads:
+        torch.set_num_threads(int(threads))
     src = ActivationCache(train)
     tests = parse_list(test, "test")
     if not tests:
@@ -708,13 +790,15 @@ def transfer(train: str, test=None, output: str = "runs/transfer", layers=None, 
                          {"train": train, "test": t.path, "split": "all"})
     os.makedirs(output, exist_ok=True)
     df = pd.DataFrame(rows).reindex(columns=["train", "test"] + COLUMNS)
-    df.to_csv(os.path.join(output, "transfer.csv"), index=False)
+    df.round(6).to_csv(os.path.join(output, "transfer.csv"), index=False)
     home = df[df.test == train]
     best = best_layers(home)
     names = [train] + [t.path for t in targets]
     print(f"transfer from {train} (trained on its training split); accuracy / AUROC at each method's best layer on "
           f"{train}'s held-out split; positive class: {positive_name(src)}")
-    print(f"{'method':<16}{'layer':>6}" + "".join(f"  {os.path.basename(os.path.normpath(n))[:17]:>17}" for n in names))
+    heads = [os.path.basename(os.path.normpath(n))[:17] for n in names]
+    heads[0] = heads[0][:8] + " held-out"
+    print(f"{'method':<16}{'layer':>6}" + "".join(f"  {h:>17}" for h in heads))
     for m, l in best.items():
         cells = []
         for n in names:

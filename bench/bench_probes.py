@@ -1,7 +1,7 @@
 """CCS with 10 restarts on every layer plus every baseline (ccs.py train), against a straightforward
 per-layer, per-restart Adam loop as public CCS code writes it, on one cache of the issue's shape.
 
-    python bench/bench_probes.py [--cache DIR] [--naive_layers all]
+    python bench/bench_probes.py [--cache DIR] [--naive_layers all] [--threads 2]
 
 Without --cache it writes a synthetic contrast cache of 3270 pairs x 576 dims x 31 layers (BoolQ
 validation through the default model has this shape): a truth direction whose strength rises and falls
@@ -10,6 +10,8 @@ The naive loop: for each layer and each of 10 restarts, a fresh nn.Linear(576, 1
 with AdamW (lr 1e-3, weight decay 0.01) for 1000 full-batch steps on the same train-only normalised
 features, keeping the restart with the lowest loss. Both are scored on the same held-out split as
 max(acc, 1 - acc). --naive_layers K times it on K evenly spaced layers and scales to all (said so).
+Both get the same torch threads; on a machine shared with other jobs use --threads 1 (a second BLAS
+thread then mostly waits) and read the CPU seconds, which other jobs barely change.
 """
 import os
 import sys
@@ -78,7 +80,11 @@ def naive(x, y, tr, te, layers, restarts=10, steps=1000, seed=0):
 
 def main(cache=None, naive_layers="all", threads=2):
     torch.set_num_threads(int(threads))
-    tmp = tempfile.mkdtemp()
+    with tempfile.TemporaryDirectory() as tmp:
+        run(tmp, cache, naive_layers)
+
+
+def run(tmp, cache, naive_layers):
     if cache is None:
         cache = os.path.join(tmp, "cache")
         t = time.time()
@@ -87,9 +93,9 @@ def main(cache=None, naive_layers="all", threads=2):
     c = ActivationCache(cache)
     print(f"cache {cache}: {c.num_examples} pairs x {c.hidden_dim} dims x {len(c.layers)} layers, {torch.get_num_threads()} threads")
 
-    t = time.time()
+    t, cpu = time.time(), time.process_time()
     ccs.train(cache, os.path.join(tmp, "run"), seed=0)
-    fast_s = time.time() - t
+    fast_s, fast_cpu = time.time() - t, time.process_time() - cpu
     df = pd.read_csv(os.path.join(tmp, "run", "eval.csv"))
     fast = df[df.method == "ccs"].sort_values("layer").accuracy.to_numpy()
 
@@ -99,15 +105,18 @@ def main(cache=None, naive_layers="all", threads=2):
     idx = list(range(len(c.layers)))
     if naive_layers != "all":
         idx = sorted(set(np.linspace(0, len(idx) - 1, int(naive_layers)).round().astype(int).tolist()))
-    t = time.time()
+    t, cpu = time.time(), time.process_time()
     slow = naive(x, y, tr, te, idx)
-    slow_s = (time.time() - t) * len(c.layers) / len(idx)
+    scale = len(c.layers) / len(idx)
+    slow_s, slow_cpu = (time.time() - t) * scale, (time.process_time() - cpu) * scale
     scaled = "" if len(idx) == len(c.layers) else f" (timed on {len(idx)} layers, scaled to {len(c.layers)})"
 
     print()
-    print(f"ccs.py train, CCS 10 restarts x {len(c.layers)} layers + every baseline + metrics: {fast_s:.1f} s")
-    print(f"naive per-layer, per-restart AdamW loop, CCS only{scaled}: {slow_s:.1f} s")
-    print(f"speed-up: {slow_s / fast_s:.1f}x")
+    print(f"ccs.py train, CCS 10 restarts x {len(c.layers)} layers + every baseline + metrics: {fast_s:.1f} s "
+          f"({fast_cpu:.1f} s CPU)")
+    print(f"naive per-layer, per-restart AdamW loop, CCS only{scaled}: {slow_s:.1f} s ({slow_cpu:.1f} s CPU)")
+    print(f"speed-up: {slow_s / fast_s:.1f}x wall, {slow_cpu / fast_cpu:.1f}x CPU (CPU time: what a machine shared "
+          "with other jobs still measures)")
     print(f"held-out CCS accuracy, max(acc, 1-acc), mean over the timed layers: ccs.py {fast[idx].mean():.3f}, naive {slow.mean():.3f}")
     print(f"  at the best layer: ccs.py {fast[idx].max():.3f} (layer {c.layers[idx[int(fast[idx].argmax())]]}), "
           f"naive {slow.max():.3f} (layer {c.layers[idx[int(slow.argmax())]]})")

@@ -15,6 +15,9 @@ Layout of a cache directory:
     offsets_SIDE.npy         int64 [num_examples + 1], token "all" only
     logprobs.npy             float32 [num_examples, num_sides], the log-probability of each side's
                              answer tokens (extraction with --zero_shot)
+    progress/group_G.json    while extraction runs: {"done": [batch numbers]} committed by the writer of
+                             data-parallel group G; the folder exists once every array is allocated
+    .lock                    the running extraction holds an flock on it (a second writer is refused)
 Every array is a plain .npy: numpy memory-maps it and nothing is pickle.
 """
 import json
@@ -201,16 +204,17 @@ def allocate(path: str, name: str, shape: tuple, dt) -> None:
     with ENOSPC and never later as a crash on a write into a sparse file."""
     f = os.path.join(path, name)
     os.makedirs(os.path.dirname(f), exist_ok=True)
-    m = np.lib.format.open_memmap(f, mode="w+", dtype=dt, shape=shape)
-    size = m.offset + m.nbytes
-    del m
-    fd = os.open(f, os.O_RDWR)
     try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as e:  # it names no file by itself
+        m = np.lib.format.open_memmap(f, mode="w+", dtype=dt, shape=shape)
+        size = m.offset + m.nbytes
+        del m
+        fd = os.open(f, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError as e:  # say which file: neither numpy nor fallocate does
         raise OSError(e.errno, e.strerror, f) from None
-    finally:
-        os.close(fd)
 
 
 def mark_allocated(path: str) -> None:

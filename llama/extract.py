@@ -341,7 +341,7 @@ def prepare(output: str, meta: dict, specs: dict, offsets: dict, overwrite: bool
     except BlockingIOError:
         os.close(fd)
         raise LlamaError(f"{output} is being written by another extraction (it holds {os.path.join(output, C.LOCK)}); wait for it or choose another --output")
-    locks.append(fd)  # held until this process ends, however it ends
+    locks.append(fd)  # released when run() returns, or when the process dies
     names = [x for x in os.listdir(output) if x != C.LOCK and not x.endswith(".tmp")]
     if names and not _is_cache(output):
         raise LlamaError(f"--output {output} is not empty and holds no activation cache: choose another directory")
@@ -387,36 +387,43 @@ def extract(model, d, p: Plan, output: str, specs: dict, layers, sides, token: s
     mine, commits, last = set(done), 0, time.time()
     bar = tqdm(total=sum(len(p.batches[b]) for b in todo) * len(sides), unit="prompt", desc="extract",
                disable=not d.is_main, dynamic_ncols=True)
-    t0, ntok = time.time(), 0
-    for j, b in enumerate(todo):
-        idx = p.batches[b]
-        res, logp = forward_batch(model, p, idx, layers, token, zero_shot, d.device)
+    try:
+        t0, ntok = time.time(), 0
+        for j, b in enumerate(todo):
+            idx = p.batches[b]
+            res, logp = forward_batch(model, p, idx, layers, token, zero_shot, d.device)
+            if writer is not None:
+                put_rows(writer, res, logp, idx, sides, token, dtype, offsets)
+                mine.add(b)
+                _maybe_die("write", j + 1)
+                if time.time() - last >= commit_every or j == len(todo) - 1:
+                    writer.commit(mine)
+                    commits, last = commits + 1, time.time()
+                    _maybe_die("commit", commits)
+            ntok += int(p.lengths[idx].sum())
+            bar.update(len(idx) * len(sides))
+            bar.set_postfix_str(f"{ntok / max(time.time() - t0, 1e-9):.0f} tokens/s")
+    finally:
+        bar.close()
         if writer is not None:
-            for layer in layers:
-                for si, s in enumerate(sides):
-                    name = array_name(layer, s)
-                    if token == "all":
-                        for bi, i in enumerate(idx):
-                            writer.put(name, int(offsets[s][i]), _bits(res[layer][si][bi], dtype))
-                    else:
-                        rows = _bits(res[layer][:, si], dtype)
-                        for bi, i in enumerate(idx):
-                            writer.put(name, int(i), rows[bi])
-            if logp is not None:
+            writer.close()
+
+
+def put_rows(writer, res, logp, idx, sides, token: str, dtype: str, offsets: dict) -> None:
+    """One batch's results into the cache, each example at its own row(s)."""
+    for layer, states in res.items():
+        for si, s in enumerate(sides):
+            name = array_name(layer, s)
+            if token == "all":
                 for bi, i in enumerate(idx):
-                    writer.put("logprobs.npy", int(i), logp[bi].numpy())
-            mine.add(b)
-            _maybe_die("write", j + 1)
-            if time.time() - last >= commit_every or j == len(todo) - 1:
-                writer.commit(mine)
-                commits, last = commits + 1, time.time()
-                _maybe_die("commit", commits)
-        ntok += int(p.lengths[idx].sum())
-        bar.update(len(idx) * len(sides))
-        bar.set_postfix_str(f"{ntok / max(time.time() - t0, 1e-9):.0f} tokens/s")
-    bar.close()
-    if writer is not None:
-        writer.close()
+                    writer.put(name, int(offsets[s][i]), _bits(states[si][bi], dtype))
+            else:
+                rows = _bits(states[:, si], dtype)
+                for bi, i in enumerate(idx):
+                    writer.put(name, int(i), rows[bi])
+    if logp is not None:
+        for bi, i in enumerate(idx):
+            writer.put("logprobs.npy", int(i), logp[bi].numpy())
 
 
 def _size(path: str) -> str:

@@ -57,7 +57,8 @@ def generate(cache: str, output: str, layers=None) -> str:
     run = f"{output}_{time.strftime('%Y%m%d_%H%M%S')}"
     for sub in ("vectors", "normalized_vectors"):
         os.makedirs(os.path.join(run, sub), exist_ok=True)
-    kind = "mean(true side - false side) over pairs" if c.is_contrast else "mean(testing) - mean(deployment)"
+    kind = ("mean(true side - false side) over pairs" if c.is_contrast
+            else "mean(testing) - mean(deployment)" if c.types else "mean(label 1) - mean(label 0)")
     for l in layers:
         v = class_difference(c, l, y)
         meta = {"layer": str(l), "hidden_dim": str(c.hidden_dim), "fingerprint": c.fingerprint or "",

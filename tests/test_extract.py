@@ -239,6 +239,7 @@ def test_kill_and_resume_is_identical(hf, data, tmp_path, kill, token):
     assert not os.path.exists(out / "layer_info.json")
     with pytest.raises(LlamaError, match="incomplete"):
         ActivationCache(str(out))
+    done = []
     if kill != "alloc:2":
         done = json.load(open(out / "progress" / "group_0.json"))["done"]
         assert 0 < len(done) < 5  # it did stop part-way
@@ -246,6 +247,7 @@ def test_kill_and_resume_is_identical(hf, data, tmp_path, kill, token):
     assert r.returncode == 0, r.stderr
     assert arrays_of(str(out)) == arrays_of(ref) and len(arrays_of(ref)) >= 7
     a, b = (json.load(open(os.path.join(p, "metadata.json"))) for p in (out, ref))
+    assert a["timings"]["resumed_from_batches"] == len(done)  # committed work was not redone
     assert {k: v for k, v in a.items() if k != "timings"} == {k: v for k, v in b.items() if k != "timings"}
     assert ActivationCache(str(out)).num_examples == 10
 

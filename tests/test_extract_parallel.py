@@ -1,6 +1,5 @@
 """Extraction under torchrun (gloo, CPU): model parallel 2, and model parallel 2 x data parallel 2,
 write the cache a single process writes (float32, within 1e-5)."""
-import csv
 import fcntl
 import os
 import subprocess
