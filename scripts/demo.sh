@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-MODEL=data/models/smollm2-135m
-DATA=data/cities/prompts.csv
-CACHE=data/caches/cities
-RUN=data/runs/cities
+OUT=${DEMO_DIR:-data}
+MODEL=$OUT/models/smollm2-135m
+DATA=$OUT/prompts/cities.csv
+CACHE=$OUT/caches/cities
+RUN=$OUT/runs/cities
 N=${DEMO_ROWS:-400}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
@@ -28,5 +29,6 @@ $PY ccs.py train --cache "$CACHE" --output "$RUN" --visualize
 echo
 echo "Done. Look at:"
 echo "  $RUN/eval.csv         one row per layer x method (held-out accuracy, AUROC, 95% intervals)"
-echo "  $RUN/*.png            accuracy/AUROC against layer, ROC curves and score histograms at the best layer"
+echo "  $RUN/layers.png       held-out accuracy and AUROC against layer, every method"
+echo "  $RUN/roc.png, hist.png  ROC curves and score histograms at the best layer"
 echo "  $CACHE                the activation cache (metadata.json says what it holds)"

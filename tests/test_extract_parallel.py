@@ -2,6 +2,7 @@
 write the cache a single process writes (float32, within 1e-5)."""
 import fcntl
 import os
+import socket
 import subprocess
 import sys
 
@@ -62,3 +63,34 @@ def test_refusal_on_rank0_stops_every_rank(setup_mp1, tmp_path):
         r = torchrun(2, ["--model", hf, "--data", data, "--output", out, "--mp", 2], timeout=120)
     assert r.returncode not in (0, 124), r.stderr[-2000:]
     assert r.stderr.count("error: ") == 1 and "another extraction" in r.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mp", [2, 4])
+def test_two_nodes_on_localhost_equal_one_process(setup_mp1, tmp_path, mp):
+    """Two torchrun launchers (--nnodes 2, 2 processes each) as two nodes: MP 2 x DP 2 (one model-parallel
+    group per node) and MP 4 (one group across both nodes) write the single-process cache."""
+    hf, data, ref = setup_mp1
+    port = free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+              "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    args = [CLI, "--model", hf, "--data", data, "--output", tmp_path / "c", "--mp", mp, *FLAGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(["timeout", "170", *launch, "--node_rank", str(i), *map(str, args)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [n.communicate() for n in nodes]
+    for n, (_, err) in zip(nodes, outs):
+        assert n.returncode == 0, err[-3000:]
+    assert sum(out.count("cached 9 examples") for out, _ in outs) == 1  # global rank 0 reports, on node 0
+    c = ActivationCache(str(tmp_path / "c"))
+    assert c.meta["parallel"] == {"world": 4, "mp": mp, "dp": 4 // mp}
+    for side in ref.sides:
+        for layer in ref.layers:
+            a, b = c.array(layer, side), ref.array(layer, side)
+            assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert c.ids == ref.ids
