@@ -18,10 +18,10 @@ $PY -m llama.convert "$($PY -c 'from llama.gguf import default_model_path; print
 echo "== 2/4 generate $N cities contrast pairs ($DATA)"
 $PY generate_dataset.py "$DATA" --format cities --limit "$N" --seed 0 --tokenizer_path "$MODEL/tokenizer.model"
 
-echo "== 3/4 extract every layer (torchrun, CPU) into $CACHE"
+echo "== 3/4 extract every layer and the answers' log-probabilities (torchrun, CPU) into $CACHE"
 $PY -m torch.distributed.run --standalone --nproc_per_node 1 example.py \
   --ckpt_dir "$MODEL" --tokenizer_path "$MODEL/tokenizer.model" \
-  --save_activations_path "$CACHE" --prompt_csv "$DATA" --device cpu
+  --save_activations_path "$CACHE" --prompt_csv "$DATA" --device cpu --zero_shot
 
 echo "== 4/4 train CCS and the baselines on every layer ($RUN)"
 $PY ccs.py train --cache "$CACHE" --output "$RUN" --visualize
