@@ -329,8 +329,9 @@ def make_rows(ex, templates, chat, system, single):
             if ex.type:
                 row["type"] = ex.type
         else:
-            yes, no = ex.answers or (t.yes, t.no)
-            plus, minus = (yes, no) if ex.label else (no, yes)
+            # yes/no: the plus side always says yes, so the answer text is the same in both classes;
+            # A/B: the label was drawn per row, independently of which letter the positive answer is
+            plus, minus = (ex.answers if ex.label else ex.answers[::-1]) if ex.answers else (t.yes, t.no)
             row = {"idx": ex.idx, "plus_prompt": render(chat, system, text, plus, t.cue),
                    "minus_prompt": render(chat, system, text, minus, t.cue), "label": ex.label,
                    "template": t.name, "plus_answer": plus, "minus_answer": minus}

@@ -81,7 +81,7 @@ def test_boolq_schema_templates_labels(tmp_path):
         assert r["question"] == q["question"] and r["label"] == str(int(q["answer"]))
         assert q["passage"].strip() in r["plus_prompt"]
         t = tmpl[r["template"]]
-        assert (r["plus_answer"], r["minus_answer"]) == ((t.yes, t.no) if q["answer"] else (t.no, t.yes))
+        assert (r["plus_answer"], r["minus_answer"]) == (t.yes, t.no)  # label 1: the "yes" side is true
         answer_only(r)
     assert [int(r["idx"]) for r in rows] == sorted(int(r["idx"]) for r in rows)  # source order
 
@@ -104,7 +104,7 @@ def test_statements_contrast_and_statement_mode(tmp_path):
         s = src[int(r["idx"])]
         assert r["label"] == s["label"] and (r["city"], r["country"]) == (s["city"], s["country"])
         assert s["statement"] in r["plus_prompt"]
-        assert r["plus_answer"] in (("Yes", "True") if s["label"] == "1" else ("No", "False"))
+        assert r["plus_answer"] in ("Yes", "True") and r["minus_answer"] in ("No", "False")
         answer_only(r)
     single = gen(tmp_path, "s.csv", input=CITIES, mode="statement", limit=30)
     assert list(single[0])[:3] == ["idx", "prompt", "label"] and "plus_prompt" not in single[0]
@@ -274,3 +274,13 @@ def test_bad_validation_build(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and len(lines) == 1 and "fewer than --n 6" in lines[0]
     assert (tmp_path / "out.json").read_text() == "old"  # untouched
+
+
+@pytest.mark.parametrize("kw", [dict(input=BOOLQ, template="all"), dict(input=CITIES, template="all"),
+                                dict(format="cities"), dict(format="larger_than")])
+def test_no_label_leak_in_the_answers(tmp_path, kw):
+    """Which answer each side ends in must say nothing about the label: the same (plus, minus) answer
+    pairs, equally often, in both classes."""
+    rows = gen(tmp_path, limit=60, balance=True, **kw) if "input" in kw else gen(tmp_path, limit=60, **kw)
+    by = {lab: Counter((r["plus_answer"], r["minus_answer"]) for r in rows if r["label"] == lab) for lab in "01"}
+    assert by["0"] == by["1"] and by["1"]
