@@ -8,9 +8,18 @@ alternated repeats, wall clock and CPU seconds of this process (CPU time is less
 work on a shared machine). Then peak RSS of whole extraction runs (one process each) at 1x and 10x
 the prompts.
 
-    python bench/bench_extract.py [--pairs 48] [--rss_pairs 20] [--threads 2] [--max_batch_tokens 2048] [--repeats 3]
+Achieved FLOP/s, against this machine's float32 matmul rate (torch.mm of two 2048 x 2048 matrices at
+the same threads, best of 5 before the timed runs and 5 after). Counted: 2 FLOPs per block weight per
+token actually run (a shared prefix once, padding not), plus causal attention, 4 * n_heads * head_dim
+per (query, earlier-or-same key) pair, in every block up to the deepest layer asked. Not counted:
+embedding lookups, norms, rotary, softmax, padded positions and the masked half of the score matrices
+both libraries compute. transformers' work is counted the same way for the prompts it runs (every
+block, no prefix sharing).
+
+    python bench/bench_extract.py [--pairs 48] [--rss_pairs 20] [--threads 2] [--max_batch_tokens 2048] [--repeats 3] [--json PATH]
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +34,7 @@ sys.path.insert(0, ROOT)
 BOOLQ = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "boolq", "validation.json")
 
 from llama.cache import ActivationCache  # noqa: E402
-from llama.extract import read_prompts, run  # noqa: E402
+from llama.extract import plan, read_prompts, run, tokenize  # noqa: E402
 
 
 def boolq_pairs(path: str, n: int) -> str:
@@ -70,17 +79,52 @@ def peak_rss(cmd, threads: int):
     return usage.ru_maxrss / 1024, time.perf_counter() - t
 
 
-def main(pairs: int, rss_pairs: int, threads: int, max_batch_tokens: int, repeats: int) -> None:
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` float32 n x n matmuls at the current torch threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def work(model, args, lengths: np.ndarray, shared: np.ndarray, blocks: int) -> float:
+    """FLOPs of running `blocks` blocks over prompts of `lengths` [N, sides], each example's first
+    `shared` tokens once (the counting rule is in the module docstring)."""
+    weights = sum(w.numel() for name, w in model.named_parameters()
+                  if w.dim() == 2 and name.startswith("layers.") and int(name.split(".")[1]) < blocks)
+    tokens = shared.sum() + (lengths - shared[:, None]).sum()
+    pre = shared * (shared + 1) // 2  # (query, key) pairs of the shared prefix
+    pairs = pre.sum() + (lengths * (lengths + 1) // 2 - pre[:, None]).sum()
+    width = args.n_heads * (args.dim // args.n_heads)
+    return float(2 * weights * tokens + 4 * width * pairs * blocks)
+
+
+def main(pairs: int, rss_pairs: int, threads: int, max_batch_tokens: int, repeats: int, json_path=None) -> None:
+    from llama.gguf import default_model_path
+
+    torch.set_num_threads(threads)
+    gguf = str(default_model_path())
+    with tempfile.TemporaryDirectory(prefix="bench-extract-", dir=os.environ.get("BENCH_TMP")) as tmp:
+        res = measure(tmp, gguf, pairs, rss_pairs, threads, max_batch_tokens, repeats)
+    res["command"] = (f"python bench/bench_extract.py --pairs {pairs} --rss_pairs {rss_pairs} --threads {threads} "
+                      f"--max_batch_tokens {max_batch_tokens} --repeats {repeats}")
+    report(res)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def measure(tmp, gguf, pairs, rss_pairs, threads, max_batch_tokens, repeats) -> dict:
     from transformers import AutoModelForCausalLM
 
     from llama.checkpoint import load_model
     from llama.dist import setup
-    from llama.gguf import default_model_path
     from llama.tokenizer import load_tokenizer
 
-    torch.set_num_threads(threads)
-    gguf = str(default_model_path())
-    tmp = tempfile.mkdtemp(prefix="bench-extract-", dir=os.environ.get("BENCH_TMP"))
     data = boolq_pairs(os.path.join(tmp, "pairs.csv"), pairs)
     d = setup(mp=1, device="cpu")
     ours = load_model(gguf, d, "float32")
@@ -94,7 +138,9 @@ def main(pairs: int, rss_pairs: int, threads: int, max_batch_tokens: int, repeat
     hf_extract(hf, seqs[:4], [1], max_batch_tokens)
     run(ours, data, os.path.join(tmp, "warm"), layers="1", max_batch_tokens=max_batch_tokens)
 
-    table = []
+    p = plan(tokenize(prompts, tok, ours.args.vocab_size, ours.args.max_seq_len), False, max_batch_tokens, None)
+    peak = matmul_rate()
+    res = {"threads": threads, "torch": torch.__version__, "repeats": repeats, "speed": [], "rss": []}
     for name, layers in (("all layers", list(range(n_layers + 1))), ("layers up to the middle", list(range(n_layers // 2 + 1)))):
         out = os.path.join(tmp, f"cache-{len(layers)}")
         best = {"hf": [float("inf")] * 2, "ours": [float("inf")] * 2}  # [wall s, CPU s]
@@ -110,9 +156,17 @@ def main(pairs: int, rss_pairs: int, threads: int, max_batch_tokens: int, repeat
         mid = len(layers) // 2
         got = np.concatenate([c.array(layers[mid], s) for s in c.sides])  # prompts ordered side by side
         diff = np.abs(got - ref[:, mid]).max() / np.abs(ref[:, mid]).max()
-        table.append((name, len(layers), len(seqs), sum(map(len, seqs)), *best["hf"], *best["ours"], diff))
+        flops = work(ours.model, ours.args, p.lengths, p.shared, layers[-1])
+        hf_flops = work(ours.model, ours.args, p.lengths, np.zeros_like(p.shared), n_layers)
+        res["speed"].append({
+            "name": name, "layers": len(layers), "prompts": len(seqs), "tokens": p.tokens,
+            "tokens_run": int(p.shared.sum() + (p.lengths - p.shared[:, None]).sum()),
+            "hf_wall_s": best["hf"][0], "hf_cpu_s": best["hf"][1], "ours_wall_s": best["ours"][0], "ours_cpu_s": best["ours"][1],
+            "speedup_wall": best["hf"][0] / best["ours"][0], "speedup_cpu": best["hf"][1] / best["ours"][1],
+            "max_rel_diff": float(diff), "flops": flops, "flops_per_s": flops / best["ours"][0],
+            "hf_flops": hf_flops, "hf_flops_per_s": hf_flops / best["hf"][0]})
+    res["matmul_flops_per_s"] = max(peak, matmul_rate())  # before and after: the better of two moments
 
-    rss = []
     for mult in (1, 10):
         f = boolq_pairs(os.path.join(tmp, f"rss-{mult}.csv"), rss_pairs * mult)
         out = os.path.join(tmp, f"rss-cache-{mult}")
@@ -120,19 +174,28 @@ def main(pairs: int, rss_pairs: int, threads: int, max_batch_tokens: int, repeat
                "--output", out, "--max_batch_tokens", str(max_batch_tokens)]
         mib, secs = peak_rss(cmd, threads)
         size = sum(os.path.getsize(os.path.join(r, x)) for r, _, xs in os.walk(out) for x in xs) / 2 ** 20
-        rss.append((rss_pairs * mult, mib, secs, size))
+        res["rss"].append({"pairs": rss_pairs * mult, "peak_rss_mib": mib, "wall_s": secs, "cache_mib": size})
+    return res
 
-    print(f"\n`python bench/bench_extract.py --pairs {pairs} --rss_pairs {rss_pairs} --threads {threads} "
-          f"--max_batch_tokens {max_batch_tokens} --repeats {repeats}` (best of {repeats}; SmolLM2-135M-Instruct Q4_1 GGUF dequantised to float32, "
-          f"BoolQ contrast pairs, last token, {threads} threads, torch {torch.__version__})\n")
-    print("| layers saved | prompts | tokens | transformers wall s / CPU s | ours wall s / CPU s | speed-up wall / CPU | max rel diff (middle layer) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, nl, n, ntok, a, ac, b, bc, diff in table:
-        print(f"| {name} ({nl}) | {n} | {ntok} | {a:.1f} / {ac:.1f} | {b:.1f} / {bc:.1f} | {a / b:.2f}x / {ac / bc:.2f}x | {diff:.1e} |")
+
+def report(r: dict) -> None:
+    g = 1e9
+    print(f"\n`{r['command']}` (best of {r['repeats']}; SmolLM2-135M-Instruct Q4_1 GGUF dequantised to float32, "
+          f"BoolQ contrast pairs, last token, {r['threads']} threads, torch {r['torch']})\n")
+    print("| layers saved | prompts | tokens (run once) | transformers wall s / CPU s | ours wall s / CPU s | speed-up wall / CPU "
+          "| max rel diff (middle layer) | GFLOP ours / transformers | GFLOP/s ours / transformers |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for x in r["speed"]:
+        print(f"| {x['name']} ({x['layers']}) | {x['prompts']} | {x['tokens']} ({x['tokens_run']}) | {x['hf_wall_s']:.1f} / {x['hf_cpu_s']:.1f} "
+              f"| {x['ours_wall_s']:.1f} / {x['ours_cpu_s']:.1f} | {x['speedup_wall']:.2f}x / {x['speedup_cpu']:.2f}x | {x['max_rel_diff']:.1e} "
+              f"| {x['flops'] / g:.0f} / {x['hf_flops'] / g:.0f} | {x['flops_per_s'] / g:.1f} / {x['hf_flops_per_s'] / g:.1f} |")
+    peak = r["matmul_flops_per_s"]
+    print(f"\nfloat32 matmul (2048 x 2048, best of 10): {peak / g:.1f} GFLOP/s; ours achieves "
+          + ", ".join(f"{x['flops_per_s'] / peak:.0%} ({x['name']})" for x in r["speed"]))
     print("\n| contrast pairs | peak RSS MiB | wall s (load included) | cache MiB |")
     print("| --- | --- | --- | --- |")
-    for n, mib, secs, size in rss:
-        print(f"| {n} | {mib:.0f} | {secs:.1f} | {size:.1f} |")
+    for x in r["rss"]:
+        print(f"| {x['pairs']} | {x['peak_rss_mib']:.0f} | {x['wall_s']:.1f} | {x['cache_mib']:.1f} |")
 
 
 if __name__ == "__main__":
@@ -142,4 +205,5 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max_batch_tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", dest="json_path", help="also write the numbers here, for bench/run_all.py")
     main(**vars(ap.parse_args()))

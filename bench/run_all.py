@@ -1,0 +1,214 @@
+"""Every benchmark, each in a process of its own (its own threads, its own peak RSS), summed up in one
+Markdown table against the targets below, each number with the command that produced it; written to
+bench/RESULTS.md and printed. `make bench` runs it.
+
+    python bench/run_all.py [--quick] [--threads 2]
+
+--quick: small sizes, a smoke check that every benchmark runs (a few minutes; the numbers mean little).
+Run the full size on an otherwise quiet machine.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, ROOT)
+
+from llama.cache import save_cache  # noqa: E402
+from llama.errors import LlamaError, cli  # noqa: E402
+
+SIZES = {  # arguments of each script, full size and --quick
+    "full": {"extract": ["--pairs", "48", "--rss_pairs", "20", "--repeats", "3"], "cache": ["--n", "1000"],
+             "probes": ["--naive_layers", "4"]},
+    "quick": {"extract": ["--pairs", "2", "--rss_pairs", "1", "--repeats", "1"], "cache": ["--n", "100"],
+              "probes": ["--naive_layers", "1"]},
+}
+TARGETS = {  # the least that passes
+    "speedup_all": 1.5, "speedup_middle": 2.5,  # extraction vs transformers, wall clock
+    "rss_growth": 1.1,  # peak RSS at 10x the prompts over 1x: flat, whatever the dataset size
+    "smaller_float32": 1.9, "smaller_bfloat16": 3.8, "open_faster": 10.0,  # cache vs float64 .npy per example;
+    # open_faster is for float32, read in place (bfloat16 is converted to float32 on the way: reported only)
+    "probes_speedup": 10.0,  # ccs.py train (every layer, every baseline) vs the naive Adam loop (CCS only)
+}
+
+
+def quick_cache(path: str, n: int = 150, layers: int = 3, dim: int = 576) -> None:
+    """A small contrast cache with a planted truth direction: bench_probes' own synthetic one (3270 pairs,
+    31 layers) takes minutes to train on."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n)
+    truth = np.outer(2 * y - 1, rng.standard_normal(dim)) * 0.1
+    arrays = {}
+    for layer in range(layers):
+        common = rng.standard_normal((n, dim))
+        arrays[layer] = {"plus": common + truth + 0.5 * rng.standard_normal((n, dim)),
+                         "minus": common - truth + 0.5 * rng.standard_normal((n, dim))}
+    save_cache(path, arrays, {"labels": y.tolist(), "model": {"fingerprint": "synthetic"}})
+
+
+def bench(script: str, args: list, threads: int, tmp: str, json_out: bool = True):
+    """Run bench/SCRIPT ARGS with the given threads -> (its JSON or None, its stdout, the command shown,
+    an error line or None)."""
+    shown = f"OMP_NUM_THREADS={threads} python bench/{script} " + " ".join(map(shlex.quote, args))
+    out = os.path.join(tmp, script + ".json")
+    cmd = [sys.executable, os.path.join(BENCH, script), *args] + (["--json", out] if json_out else [])
+    print(f"running: {shown}", flush=True)
+    t = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
+    if p.returncode:
+        last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return None, p.stdout, shown, f"exit {p.returncode}: {last}"
+    data = None
+    if json_out:
+        with open(out) as f:
+            data = json.load(f)
+    return data, p.stdout, shown, None
+
+
+def probe_numbers(stdout: str) -> dict:
+    """The speed-up and accuracies bench_probes.py prints at the end of its run."""
+    found = {}
+    for key, pattern in (("train_s", r"^ccs\.py train.*?: ([\d.]+) s \(([\d.]+) s CPU\)"),
+                         ("naive_s", r"^naive .*?: ([\d.]+) s \(([\d.]+) s CPU\)"),
+                         ("speedup", r"^speed-up: ([\d.]+)x wall, ([\d.]+)x CPU"),
+                         ("accuracy", r"mean over the timed layers: ccs\.py ([\d.]+), naive ([\d.]+)")):
+        m = re.search(pattern, stdout, re.M)
+        if m is None:
+            raise ValueError(f"bench_probes.py printed no line matching {pattern!r}")
+        found[key] = tuple(float(g) for g in m.groups())
+    return found
+
+
+def verdict(value, target, larger=True) -> str:
+    return "yes" if (value >= target if larger else value <= target) else "**no**"
+
+
+def extract_rows(r: dict, cmd: str) -> list:
+    rows = []
+    peak = r["matmul_flops_per_s"]
+    for x, key in zip(r["speed"], ("speedup_all", "speedup_middle")):
+        rows.append((f"extraction speed-up vs transformers output_hidden_states, {x['name']} ({x['layers']}), "
+                     f"{x['prompts']} prompts, {x['tokens']} tokens",
+                     f"{x['speedup_wall']:.2f}x wall ({x['hf_wall_s']:.1f} s vs {x['ours_wall_s']:.1f} s), "
+                     f"{x['speedup_cpu']:.2f}x CPU; max rel diff {x['max_rel_diff']:.1e}",
+                     f">= {TARGETS[key]}x wall", verdict(x["speedup_wall"], TARGETS[key]), cmd))
+    for x in r["speed"]:
+        rows.append((f"extraction FLOP/s as a share of float32 matmul (torch.mm 2048x2048, best of 10: "
+                     f"{peak / 1e9:.1f} GFLOP/s), {x['name']}",
+                     f"{x['flops_per_s'] / peak:.0%} ({x['flops_per_s'] / 1e9:.1f} GFLOP/s of {x['flops'] / 1e9:.0f} GFLOP "
+                     f"counted, {x['tokens_run']} tokens run); transformers {x['hf_flops_per_s'] / peak:.0%}",
+                     "reported", "-", cmd))
+    one, ten = r["rss"]
+    growth = ten["peak_rss_mib"] / one["peak_rss_mib"]
+    rows.append((f"peak RSS of a whole extraction (all layers), {one['pairs']} vs {ten['pairs']} contrast pairs",
+                 f"{one['peak_rss_mib']:.0f} MiB vs {ten['peak_rss_mib']:.0f} MiB ({growth:.2f}x)",
+                 f"10x pairs <= {TARGETS['rss_growth']}x RSS", verdict(growth, TARGETS["rss_growth"], larger=False), cmd))
+    return rows
+
+
+def cache_rows(r: dict, cmd: str) -> list:
+    seed, *ours = r["rows"]
+    rows = []
+    for x in ours:
+        dt = x["format"].split(", ")[-1]
+        rows.append((f"cache size on disk per example per layer per side, {dt} ({r['n']} pairs x {r['layers']} layers x {r['dim']})",
+                     f"{x['bytes_per_row']:,.0f} B vs {seed['bytes_per_row']:,.0f} B float64 .npy per example "
+                     f"({x['smaller_by']:.2f}x smaller)",
+                     f">= {TARGETS['smaller_' + dt]}x smaller", verdict(x["smaller_by"], TARGETS["smaller_" + dt]), cmd))
+    for x in ours:
+        dt = x["format"].split(", ")[-1]
+        f32 = dt == "float32"
+        rows.append((f"open one layer memory-mapped and read it as float32, {dt} cache, vs the seed's {r['n']} files "
+                     "(page cache dropped where allowed, best of 3)",
+                     f"{x['open_s']:.4f} s vs {seed['open_s']:.3f} s ({x['faster_by']:.0f}x faster)",
+                     f">= {TARGETS['open_faster']:.0f}x faster" if f32 else "reported",
+                     verdict(x["faster_by"], TARGETS["open_faster"]) if f32 else "-", cmd))
+    return rows
+
+
+def probe_rows(n: dict, cmd: str) -> list:
+    (wall, cpu), (acc, naive_acc) = n["speedup"], n["accuracy"]
+    return [("probe training: ccs.py train (CCS 10 restarts, every layer, every baseline) vs a naive per-layer, "
+             "per-restart AdamW loop (CCS only)",
+             f"{wall:.1f}x wall ({n['naive_s'][0]:.1f} s vs {n['train_s'][0]:.1f} s), {cpu:.1f}x CPU; held-out CCS "
+             f"accuracy {acc:.3f} vs {naive_acc:.3f}",
+             f">= {TARGETS['probes_speedup']:.0f}x wall", verdict(wall, TARGETS["probes_speedup"]), cmd)]
+
+
+def cell(s: str) -> str:
+    return str(s).replace("|", "\\|")
+
+
+def main(quick: bool, threads: int) -> int:
+    if threads < 1:
+        raise LlamaError(f"--threads {threads}: give at least 1")
+    size = SIZES["quick" if quick else "full"]
+    t0, load0 = time.time(), os.getloadavg()
+    rows, details, failed = [], [], False
+    with tempfile.TemporaryDirectory(prefix="bench-all-", dir=os.environ.get("BENCH_TMP")) as tmp:
+        probes = size["probes"] + ["--threads", str(threads)]
+        if quick:
+            quick_cache(os.path.join(tmp, "probe-cache"))
+            probes += ["--cache", os.path.join(tmp, "probe-cache")]
+        plan = (("bench_extract.py", size["extract"] + ["--threads", str(threads)], extract_rows, True),
+                ("bench_cache.py", size["cache"], cache_rows, True),
+                ("bench_probes.py", probes, lambda out, cmd: probe_rows(probe_numbers(out), cmd), False))
+        for script, args, table, has_json in plan:
+            data, out, cmd, err = bench(script, args, threads, tmp, has_json)
+            details.append((cmd, out))
+            try:
+                if err:
+                    raise RuntimeError(err)
+                rows += table(data if has_json else out, f"`{cmd}`")
+            except (RuntimeError, ValueError, KeyError) as e:
+                failed = True
+                rows.append((script, f"failed: {e}", "runs", "**no**", f"`{cmd}`"))
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
+    load1 = os.getloadavg()
+    lines = [
+        "# Benchmarks" + (" (--quick: a smoke check; the numbers mean little)" if quick else ""),
+        "",
+        f"`python bench/run_all.py{' --quick' if quick else ''} --threads {threads}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t0))}, "
+        f"{time.time() - t0:.0f} s. Machine: {cpu}, {os.cpu_count()} CPUs, load average {load0[0]:.1f} at the start and "
+        f"{load1[0]:.1f} at the end (other jobs slow wall clock; CPU seconds are less disturbed); "
+        f"python {platform.python_version()}, torch {torch.__version__}, {threads} threads. Model: SmolLM2-135M-Instruct "
+        "(Q4_1 GGUF dequantised to float32); prompts: BoolQ validation contrast pairs.",
+        "",
+        "| benchmark | measured | target | pass | command |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {' | '.join(cell(c) for c in r)} |" for r in rows),
+        "",
+        "FLOPs counted (bench_extract.py): 2 per block weight per token actually run (a contrast pair's shared "
+        "prefix once, padding not), plus causal attention, 4 x n_heads x head_dim per (query, key) pair, in every "
+        "block up to the deepest layer asked; not embedding lookups, norms, rotary, softmax or padded positions.",
+        "",
+        "## Each benchmark's own output",
+    ]
+    for cmd, out in details:
+        lines += ["", f"`{cmd}`", "", out.strip() or "(nothing printed)"]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(BENCH, "RESULTS.md"), "w") as f:
+        f.write(text)
+    print("\n" + text)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke check")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of every benchmark")
+    a = ap.parse_args()
+    sys.exit(cli(main, a.quick, a.threads))
