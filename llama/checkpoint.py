@@ -160,15 +160,20 @@ class Shards:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, sdim)
 
 
-def meta_args(path: str, emb: Optional[torch.Tensor], n_shards: int) -> ModelArgs:
-    file = os.path.join(path, "params.json")
+def read_json_object(file: str) -> dict:
     with open(file) as f:
         try:
-            params = json.load(f)
+            obj = json.load(f)
         except json.JSONDecodeError as e:
             raise LlamaError(f"{file}: not valid JSON ({e})")
-    if not isinstance(params, dict):
+    if not isinstance(obj, dict):
         raise LlamaError(f"{file}: expected a JSON object")
+    return obj
+
+
+def meta_args(path: str, emb: Optional[torch.Tensor], n_shards: int) -> ModelArgs:
+    file = os.path.join(path, "params.json")
+    params = read_json_object(file)
     try:
         args = ModelArgs.from_dict(params)
     except (LlamaError, TypeError) as e:
@@ -273,11 +278,7 @@ class HFWeights:
         from safetensors import SafetensorError, safe_open
 
         file = os.path.join(path, "config.json")
-        with open(file) as f:
-            try:
-                cfg = json.load(f)
-            except json.JSONDecodeError as e:
-                raise LlamaError(f"{file}: not valid JSON ({e})")
+        cfg = read_json_object(file)
         self.args = hf_args(cfg, file)
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
