@@ -19,10 +19,12 @@ set so the held-out positive rate equals training's), train_loss, orientation: C
 tell true from false, so row `ccs` reports max(acc, 1 - acc) on held-out data (orientation
 "max(acc,1-acc)", as published) and row `ccs_signed` the sign fixed on training labels.
 """
+import contextlib
 import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -50,6 +52,7 @@ class Config:
     cv: int = 3  # folds for choosing C of logistic regression
     seed: int = 0
     chunk_mb: float = 64.0  # layers solved together: small enough to stay in the CPU cache
+    workers: int = 1  # threads fitting chunks of layers at once
 
     def n_steps(self):
         return self.steps or (40 if self.optimizer == "lbfgs" else 1000)
@@ -77,7 +80,8 @@ class Norm:
 
     @staticmethod
     def fit(x):  # x [c, S, n, d]
-        return Norm(x.mean(2), x.std(2).clamp_min(1e-6))
+        std, mean = torch.std_mean(x, 2)
+        return Norm(mean, std.clamp_min(1e-6))
 
     def __call__(self, x, sl=slice(None)):
         return (x - self.mean[sl, :, None]) / self.std[sl, :, None]
@@ -163,19 +167,43 @@ def split(y: np.ndarray, test_frac: float, folds: int, seed: int):
 
 
 def chunks(n_layers: int, rows: int, dim: int, cfg: Config):
-    c = max(1, int(cfg.chunk_mb * 2**20 / (rows * dim * 4)))
-    return [slice(i, min(i + c, n_layers)) for i in range(0, n_layers, c)]
+    """Layer slices of near-equal size, at most chunk_mb of features each, a multiple of cfg.workers of them."""
+    most = max(1, int(cfg.chunk_mb * 2**20 / (rows * dim * 4)))
+    k = min(n_layers, -(-n_layers // most // cfg.workers) * cfg.workers)
+    ends = [round(i * n_layers / k) for i in range(k + 1)]
+    return [slice(a, b) for a, b in zip(ends, ends[1:])]
+
+
+def randn(gens, *shape):
+    """[len(gens), *shape] standard normal draws, layer i from generator gens[i]."""
+    return torch.stack([torch.randn(*shape, generator=g) for g in gens])
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """torch ops single-threaded inside, the caller's setting restored after: our threads each take whole
+    chunks of work (on a machine shared with other jobs, one op's threads wait for each other's turn)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- solvers
 
 
-def lbfgs(fg, theta, steps: int, memory: int = 10, tol: float = 1e-5):
-    """L-BFGS run independently on every problem of a batch: theta [..., m], fg(theta) -> (loss [...],
-    grad [..., m]). Each problem keeps its own history, step size (Armijo backtracking) and stopping
-    test; one call of fg evaluates all of them, so a problem costs what it would alone."""
+def lbfgs(fg, theta, steps: int, memory: int = 10, tol: float = 1e-5, lin=None):
+    """L-BFGS run independently on every problem of a batch: theta [..., m], fg(theta, z) -> (loss [...],
+    grad()), grad() -> [..., m] on demand: a rejected trial step costs no gradient. Each problem keeps its
+    own history, step size (Armijo backtracking) and stopping test; one call of fg evaluates all of
+    them, so a problem costs what it would alone. A linear model gives lin(theta) -> z, its outputs,
+    which fg then reads: trial steps move z along lin(direction) at no further product with the data."""
     dot = lambda a, b: (a * b).sum(-1, keepdim=True)
-    f, g = fg(theta)
+    z = lin(theta) if lin else None
+    f, grad = fg(theta, z)
+    g = grad()
     hist = []  # (s, y, 1 / s.y) per step, zero where the pair was rejected
     gamma = 1 / g.abs().sum(-1, keepdim=True).clamp_min(1)
     done = torch.zeros_like(gamma, dtype=torch.bool)
@@ -194,14 +222,18 @@ def lbfgs(fg, theta, steps: int, memory: int = 10, tol: float = 1e-5):
         d = torch.where(dot(g, r) > 0, -r, -gamma * g) * active  # lost curvature: steepest descent
         slope = dot(g, d)
         t = torch.ones_like(slope)
+        zd = lin(d) if lin else None
         for _ in range(10):
-            f2, g2 = fg(theta + t * d)
+            f2, grad = fg(theta + t * d, z + t * zd if lin else None)
             ok = ((f2[..., None] <= f[..., None] + 1e-4 * t * slope) & torch.isfinite(f2[..., None])) | ~active
             if bool(ok.all()):
                 break
             t = torch.where(ok, t, t * 0.3)
+        g2 = grad()  # at the last points tried: those of the problems that took a step
         step = d * t * ok
         theta = theta + step
+        if lin:
+            z = z + t * ok * zd
         y_ = (g2 - g) * ok
         # a problem is done when no step helps or the loss stops moving (float32 rounding)
         done |= active & (~ok | ((f[..., None] - f2[..., None]).abs() <= 1e-7 * f[..., None].abs()))
@@ -214,19 +246,21 @@ def lbfgs(fg, theta, steps: int, memory: int = 10, tol: float = 1e-5):
     return theta, f
 
 
-def minimise(fg, theta, cfg: Config):
-    """(theta, loss) after minimising every problem of the batch with cfg.optimizer."""
+def minimise(fg, theta, cfg: Config, lin=None):
+    """(theta, loss) after minimising every problem of the batch with cfg.optimizer (fg and lin as for lbfgs)."""
     if cfg.optimizer == "lbfgs":
-        return lbfgs(fg, theta, cfg.n_steps())
+        return lbfgs(fg, theta, cfg.n_steps(), lin=lin)
     if cfg.optimizer != "adam":
         raise LlamaError(f"unknown --optimizer {cfg.optimizer!r} (lbfgs or adam)")
+    if lin:
+        fg0, fg = fg, lambda th, _: fg0(th, lin(th))
     theta = theta.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=cfg.lr)
     for _ in range(cfg.n_steps()):
-        theta.grad = fg(theta.detach())[1]
+        theta.grad = fg(theta.detach(), None)[1]()
         opt.step()
     theta = theta.detach()
-    return theta, fg(theta)[0]
+    return theta, fg(theta, None)[0]
 
 
 def unpack(theta, d: int, h: int) -> dict:
@@ -252,27 +286,28 @@ def ccs_loss(pp, pm):
     return (pp - (1 - pm)).square().mean(-1) + torch.minimum(pp, pm).square().mean(-1)
 
 
-def fit_ccs(zp, zm, cfg: Config, gen: torch.Generator):
+def fit_ccs(zp, zm, cfg: Config, gens):
     """zp, zm [c, n, d] normalised training rows -> the best of cfg.restarts restarts per layer."""
     c, n, d = zp.shape
     R, h = cfg.restarts, cfg.hidden
-    x = torch.cat([zp, zm], 1)
     if h:
-        theta = torch.cat([torch.randn(c, R, d * h, generator=gen) / d**0.5, torch.zeros(c, R, h),
-                           torch.randn(c, R, h, generator=gen) / h**0.5, torch.zeros(c, R, 1)], -1)
+        x = torch.cat([zp, zm], 1)
+        theta = torch.cat([randn(gens, R, d * h) / d**0.5, torch.zeros(c, R, h),
+                           randn(gens, R, h) / h**0.5, torch.zeros(c, R, 1)], -1)
 
-        def fg(th):
+        def fg(th, _):
             with torch.enable_grad():
                 th = th.detach().requires_grad_(True)
                 p = unpack(th, d, h)
                 prob = ccs_prob(p, x)
                 penalty = p["w1"].square().sum((-1, -2)) + p["w2"].square().sum(-1)
                 loss = ccs_loss(prob[..., :n], prob[..., n:]) + cfg.l2 * penalty
-                return loss.detach(), torch.autograd.grad(loss.sum(), th)[0]
+                return loss.detach(), lambda: torch.autograd.grad(loss.sum(), th)[0]
     else:
-        theta = torch.cat([torch.randn(c, R, d, generator=gen) / d**0.5, torch.zeros(c, R, 1)], -1)
-        fg = ccs_linear_fg(x, n, cfg.l2)
-    theta, loss = minimise(fg, theta, cfg)
+        theta = torch.cat([randn(gens, R, d) / d**0.5, torch.zeros(c, R, 1)], -1)
+        xt = torch.cat([zp.transpose(1, 2), zm.transpose(1, 2)], 2)  # [c, d, 2n]: the layout both products read fastest
+        fg, lin = ccs_linear_fg(xt, n, cfg.l2), lambda th: logits(th, xt)
+    theta, loss = minimise(fg, theta, cfg, lin if not h else None)
     best = loss.argmin(1)
     pick = torch.arange(c)
     out = unpack(theta[pick, best], d, h)
@@ -280,21 +315,29 @@ def fit_ccs(zp, zm, cfg: Config, gen: torch.Generator):
     return out
 
 
-def ccs_linear_fg(x, n, l2):
-    """The linear CCS loss and its gradient by hand (autograd's bookkeeping costs more than the maths)
-    for theta [c, R, d + 1] = (w, b)."""
-    xt = x.transpose(1, 2).contiguous()  # [c, d, 2n]: the fast layout for w @ x^T
+def logits(theta, xt):
+    """A linear model's outputs [c, P, n]: theta [c, P, d + 1] = (w, b) on xt [c, d, n]."""
+    return torch.baddbmm(theta[..., -1:], theta[..., :-1], xt)
 
-    def fg(theta):
-        w, b = theta[..., :-1], theta[..., -1]
-        p = torch.sigmoid(torch.baddbmm(b[..., None], w, xt))  # [c, R, 2n]
+
+def ccs_linear_fg(xt, n, l2):
+    """The linear CCS loss and its gradient by hand (autograd's bookkeeping costs more than the maths)
+    for theta [c, R, d + 1] = (w, b) on xt [c, d, 2n] (plus rows, then minus rows), given its logits z."""
+
+    def fg(theta, z):
+        w = theta[..., :-1]
+        p = torch.sigmoid(z)  # [c, R, 2n]
         pp, pm = p[..., :n], p[..., n:]
         cons = pp + pm - 1
         low = torch.minimum(pp, pm)
         loss = cons.square().mean(-1) + low.square().mean(-1) + l2 * w.square().sum(-1)
-        first = pp <= pm
-        g = torch.cat([cons + low * first, cons + low * ~first], -1).mul_(p * (1 - p) * (2 / n))
-        return loss, torch.cat([torch.bmm(g, x).add_(w, alpha=2 * l2), g.sum(-1, keepdim=True)], -1)
+
+        def grad():
+            first = pp <= pm
+            g = torch.cat([cons + low * first, cons + low * ~first], -1).mul_(p * (1 - p) * (2 / n))
+            return torch.cat([torch.bmm(g, xt.transpose(1, 2)).add_(w, alpha=2 * l2), g.sum(-1, keepdim=True)], -1)
+
+        return loss, grad
 
     return fg
 
@@ -323,6 +366,7 @@ def fit_logreg(f, y, cfg: Config):
     cross-validation on these rows (held-out log-loss), then refit on all of them from the
     chosen C's fold solutions."""
     c, n, d = f.shape
+    f = f.transpose(1, 2).contiguous().transpose(1, 2)  # the layout solve_logreg reads: one copy for both solves
     ys = torch.as_tensor(2.0 * y - 1, dtype=torch.float32)
     fold = torch.as_tensor(stratified_folds(y, cfg.cv, cfg.seed))
     Cs = torch.tensor(CS)
@@ -345,14 +389,18 @@ def solve_logreg(f, ys, mask, C, theta, cfg: Config):
     decay = 1 / (C * mask.sum(-1))  # [c, P]
     ft = f.transpose(1, 2).contiguous()
 
-    def fg(theta):
-        w, b = theta[..., :-1], theta[..., -1]
-        margin = -ys * torch.baddbmm(b[..., None], w, ft)  # [c, P, n]
+    def fg(theta, z):
+        w = theta[..., :-1]
+        margin = -ys * z  # [c, P, n]
         loss = (m * F.softplus(margin)).sum(-1) + decay * w.square().sum(-1) / 2
-        g = m * -ys * torch.sigmoid(margin)
-        return loss, torch.cat([torch.bmm(g, f).add_(decay[..., None] * w), g.sum(-1, keepdim=True)], -1)
 
-    return lbfgs(fg, theta, max(cfg.n_steps(), 100), tol=1e-4)[0]
+        def grad():
+            g = m * -ys * torch.sigmoid(margin)
+            return torch.cat([torch.bmm(g, ft.transpose(1, 2)).add_(decay[..., None] * w), g.sum(-1, keepdim=True)], -1)
+
+        return loss, grad
+
+    return lbfgs(fg, theta, max(cfg.n_steps(), 100), tol=1e-4, lin=lambda th: logits(th, ft))[0]
 
 
 # ---------------------------------------------------------------- methods
@@ -373,9 +421,9 @@ def orient(raw, y):
     return torch.where(raw[:, yt].mean(1) >= raw[:, ~yt].mean(1), 1.0, -1.0)
 
 
-def top_component(f, gen, k: int = 8, iters: int = 6):
+def top_component(f, gens, k: int = 8, iters: int = 6):
     """Top right singular vector [c, d] of f [c, n, d]: seeded subspace iteration, then Rayleigh-Ritz."""
-    q = torch.randn(f.shape[0], f.shape[2], k, generator=gen)
+    q = randn(gens, f.shape[2], k)
     for _ in range(iters):
         q = torch.linalg.qr(f.transpose(1, 2) @ (f @ q)).Q
     h = f @ q
@@ -384,53 +432,60 @@ def top_component(f, gen, k: int = 8, iters: int = 6):
 
 
 def fit(x, y, tr, methods, cfg: Config, logprobs=None):
-    """Fit every method on the training rows tr of x [L, S, N, d] -> ({method: Probe}, Norm)."""
+    """Fit every method on the training rows tr of x [L, S, N, d] -> ({method: Probe}, Norm). Chunks of
+    layers are fitted by cfg.workers single-threaded threads at once; every layer draws its random
+    numbers from its own seeded generator: the same draws whatever the chunks or threads."""
     L, S, N, d = x.shape
     if "zero_shot" in methods and logprobs is None:
         raise LlamaError("zero_shot needs the answers' log-probabilities in the cache (extract with --zero_shot)")
     contrast = S == 2
-    gen = torch.Generator().manual_seed(cfg.seed)
     ytr = y[tr]
-    norm = Norm(torch.empty(L, S, d), torch.empty(L, S, d))
-    parts = {m: [] for m in methods if m != "zero_shot"}
+    yt = torch.as_tensor(ytr, dtype=torch.bool)
+    names = [m for m in methods if m != "zero_shot"]
     lin_input = "diff" if contrast else "prompt"
-    for sl in chunks(L, S * len(tr), d, cfg):
+
+    def one(sl):
+        gens = [torch.Generator().manual_seed(cfg.seed * 100003 + l) for l in range(L)[sl]]
         xt = x[sl][:, :, tr]
         nm = Norm.fit(xt)
-        norm.mean[sl], norm.std[sl] = nm.mean, nm.std
-        z = nm(xt)
+        z = xt.sub_(nm.mean[:, :, None]).div_(nm.std[:, :, None])  # xt is a copy: normalised in place
         c = z.shape[0]
         f = features(z, lin_input)
-        for m in parts:
+        out = {}
+        for m in names:
             if m == "ccs":
-                p = fit_ccs(z[:, 0], z[:, 1], cfg, gen)
+                p = fit_ccs(z[:, 0], z[:, 1], cfg, gens)
                 p["sign"] = orient(ccs_score(p, z[:, 0], z[:, 1]), ytr)
             elif m in ("lr", "lr_concat"):
                 p = fit_logreg(features(z, "concat") if m == "lr_concat" else f, ytr, cfg)
                 p["sign"] = torch.ones(c)
             elif m == "mean_diff":
-                yt = torch.as_tensor(ytr, dtype=torch.bool)
                 m1, m0 = f[:, yt].mean(1), f[:, ~yt].mean(1)
                 w = m1 - m0
                 p = {"w": w, "b": -(w * (m1 + m0)).sum(-1) / 2, "sign": torch.ones(c)}
             elif m == "crc_tpc":
                 mu = f.mean(1)
-                w = top_component(f - mu[:, None], gen)
+                w = top_component(f - mu[:, None], gens)
                 p = {"w": w, "b": -(w * mu).sum(-1)}
                 p["sign"] = orient(torch.einsum("cnd,cd->cn", f, w), ytr)
             elif m == "random":
-                w = torch.randn(c, f.shape[-1], generator=gen)
+                w = randn(gens, f.shape[-1])
                 w = w / w.norm(dim=-1, keepdim=True)
                 s = torch.einsum("cnd,cd->cn", f, w)
-                yt = torch.as_tensor(ytr, dtype=torch.bool)
                 p = {"w": w, "b": -(s[:, yt].mean(1) + s[:, ~yt].mean(1)) / 2, "sign": orient(s, ytr)}
             elif m == "majority":
                 major = 1.0 if 2 * ytr.sum() >= len(ytr) else -1.0
                 p = {"w": torch.zeros(c, f.shape[-1]), "b": torch.full((c,), major), "sign": torch.ones(c)}
-            parts[m].append(p)
+            out[m] = p
+        return nm, out
+
+    parts = chunks(L, S * len(tr), d, cfg)
+    with single_threaded(), ThreadPoolExecutor(min(cfg.workers, len(parts))) as pool:
+        done = list(pool.map(one, parts))
+    norm = Norm(torch.cat([nm.mean for nm, _ in done]), torch.cat([nm.std for nm, _ in done]))
     probes = {}
-    for m, ps in parts.items():
-        params = {k: torch.cat([p[k] for p in ps]) for k in ps[0]}
+    for m in names:
+        params = {k: torch.cat([out[m][k] for _, out in done]) for k in done[0][1][m]}
         kind = "ccs" if m == "ccs" else "linear"
         probes[m] = Probe(m, kind, {"ccs": "sides", "lr_concat": "concat"}.get(m, lin_input), params)
     if "zero_shot" in methods:
@@ -438,11 +493,13 @@ def fit(x, y, tr, methods, cfg: Config, logprobs=None):
     return probes, norm
 
 
-def score(probes: Dict[str, Probe], norm: Norm, x, logprobs=None, chunk_mb=64.0) -> Dict[str, torch.Tensor]:
-    """Oriented scores [L, N] of every probe on x [L, S, N, d] (raw features, normalised here)."""
+def score(probes: Dict[str, Probe], norm: Norm, x, logprobs=None, chunk_mb=64.0, workers=1) -> Dict[str, torch.Tensor]:
+    """Oriented scores [L, N] of every probe on x [L, S, N, d] (raw features, normalised here), chunks of
+    layers in `workers` threads."""
     L, S, N, d = x.shape
     out = {m: torch.empty(L, N) for m in probes}
-    for sl in chunks(L, S * N, d, Config(chunk_mb=chunk_mb)):
+
+    def one(sl):
         z = norm(x[sl], sl)
         for m, p in probes.items():
             q = {k: v[sl] for k, v in p.params.items()}
@@ -453,6 +510,9 @@ def score(probes: Dict[str, Probe], norm: Norm, x, logprobs=None, chunk_mb=64.0)
             else:
                 raw = torch.einsum("cnd,cd->cn", features(z, p.input), q["w"]) + q["b"][:, None]
             out[m][sl] = p.threshold + q["sign"][:, None] * (raw - p.threshold)
+
+    with single_threaded(), ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, chunks(L, S * N, d, Config(chunk_mb=chunk_mb, workers=workers))))
     return out
 
 
@@ -461,7 +521,8 @@ def score(probes: Dict[str, Probe], norm: Norm, x, logprobs=None, chunk_mb=64.0)
 
 def metrics(s, thr: float, y, w):
     """Accuracy, balanced accuracy and AUROC (label 1 positive) of scores s [L, n] under row weights
-    w [B, n] (ones: the plain metric; bootstrap counts: one resample a row) -> three [B, L] arrays."""
+    w [B, n] (ones: the plain metric; bootstrap counts: one resample a row) -> three [B, L] arrays.
+    float32 sums: exact for integer weights up to ~5,000 rows, relative error ~1e-7 beyond."""
     s = torch.as_tensor(s, dtype=torch.float32)
     wt = torch.as_tensor(w, dtype=torch.float32).T.contiguous()  # [n, B]: rows are cheap to gather
     pos = torch.as_tensor(y) == 1
@@ -471,21 +532,15 @@ def metrics(s, thr: float, y, w):
     npos, nneg = pos.float() @ wt, neg.float() @ wt  # [B]
     bacc = ((correct * pos) @ wt / npos + (correct * neg) @ wt / nneg).T / 2
     auc = torch.empty_like(acc)
-    norm = npos * nneg
-    wn, wp = wt * neg[:, None], wt * pos[:, None]
+    wn, wp = wt[neg], wt[pos]
     for l in range(s.shape[0]):
-        ss, o = torch.sort(s[l], stable=True)
-        negs = wn[o]
-        cum = torch.cumsum(negs, 0)  # negatives at or below each place, in score order
-        if not bool((ss[1:] == ss[:-1]).any()):
-            below = cum
-        else:  # ties count one half: negatives strictly below, plus half of those tied
-            new = torch.cat([torch.tensor([True]), ss[1:] != ss[:-1]])
-            gid = torch.cumsum(new, 0) - 1
-            first = torch.nonzero(new)[:, 0]
-            last = torch.cat([first[1:], torch.tensor([len(ss)])]) - 1
-            below = 0.5 * (cum[last[gid]] + cum[first[gid]] - negs[first[gid]])
-        auc[:, l] = (wp[o] * below).sum(0) / norm  # float32 sums: relative error ~1e-7
+        # a positive beats the negatives scored below it and half of those tied with it: put its weight
+        # in the bins at both ends of its tie among the sorted negatives, against their running weight
+        sn, o = torch.sort(s[l, neg])
+        below = torch.cumsum(wn.index_select(0, o), 0)  # [negatives, B]
+        lo, hi = torch.searchsorted(sn, s[l, pos]), torch.searchsorted(sn, s[l, pos], right=True)
+        bins = torch.zeros(len(sn) + 1, wt.shape[1]).index_add_(0, lo, wp).index_add_(0, hi, wp)
+        auc[:, l] = (below * bins[1:]).sum(0) / (2 * npos * nneg)
     return acc, bacc, auc
 
 
@@ -540,13 +595,14 @@ def base(name):
     return name[: -len("_signed")] if name.endswith("_signed") else name
 
 
-def rows_for(probes, scores, y, pos_rate, boot, seed, layers, extra, loss=None):
-    """eval.csv rows (dicts), one per layer and method name in scores."""
+def rows_for(probes, scores, y, pos_rate, boot, seed, layers, extra, loss=None, workers=1):
+    """eval.csv rows (dicts), one per layer and method name in scores; methods in `workers` threads."""
     rows = []
     counts = resamples(len(y), boot, seed)
-    for name, s in scores.items():
+    with single_threaded(), ThreadPoolExecutor(workers) as pool:
+        evs = list(pool.map(lambda m: evaluate(scores[m], probes[base(m)].threshold, y, pos_rate, counts), scores))
+    for (name, s), ev in zip(scores.items(), evs):
         p = probes[base(name)]
-        ev = evaluate(s, p.threshold, y, pos_rate, counts)
         tl = (loss or {}).get(base(name), p.params.get("train_loss"))
         for i, l in enumerate(layers):
             r = dict(extra, layer=l, method=name, n=len(y))
@@ -701,23 +757,23 @@ def train(cache: str, output: str, layers=None, methods=None, test_frac: float =
     (stratified, seeded), or folds: k-fold cross-validation instead; bootstrap: resamples for the 95%
     intervals (0: none); restarts, optimizer (lbfgs or adam), steps (0: 40 lbfgs / 1000 adam), hidden
     (CCS MLP width; 0 = linear. MLP probes have spurious minima that L-BFGS finds: prefer adam there);
-    threads: torch threads (0: torch's default; on a machine shared with other jobs 1 is much faster)."""
+    threads: chunks of layers fitted at once, each by a single-threaded worker (0: torch's thread count)."""
     import pandas as pd
 
-    if threads:
-        torch.set_num_threads(int(threads))
+    workers = int(threads) or torch.get_num_threads()
     t0 = time.time()
     c = ActivationCache(cache)
     x, y, layers, methods = prepare(c, layers, methods)
     lp = c.logprobs
-    cfg = Config(restarts=int(restarts), optimizer=optimizer, steps=int(steps), hidden=int(hidden), seed=int(seed))
+    cfg = Config(restarts=int(restarts), optimizer=optimizer, steps=int(steps), hidden=int(hidden), seed=int(seed),
+                 workers=workers)
     parts = split(y, test_frac, folds, int(seed))
     os.makedirs(output, exist_ok=True)
     t1 = time.time()
     oof, ys, losses = {}, [], {}
     for tr, te in parts:
         probes, norm = fit(x, y, tr, methods, cfg, lp)
-        s = score(probes, norm, x[:, :, te], None if lp is None else lp[te])
+        s = score(probes, norm, x[:, :, te], None if lp is None else lp[te], workers=workers)
         for m, v in row_scores(probes, s, y[te]).items():  # unsupervised signs: per fold, as in one split
             oof.setdefault(m, []).append(v)
         for m, p in probes.items():
@@ -730,7 +786,7 @@ def train(cache: str, output: str, layers=None, methods=None, test_frac: float =
     name = "test" if not folds else f"cv{folds}"
     pos_rate = float(y[parts[0][0]].mean())
     t2 = time.time()
-    df = pd.DataFrame(rows_for(probes, scores, yt, pos_rate, int(bootstrap), int(seed), layers, {"split": name}, loss))
+    df = pd.DataFrame(rows_for(probes, scores, yt, pos_rate, int(bootstrap), int(seed), layers, {"split": name}, loss, workers))
     df = df.reindex(columns=COLUMNS)
     df.round(6).to_csv(os.path.join(output, "eval.csv"), index=False)
     if folds:  # the saved probes come from every row once the folds have measured them
@@ -762,8 +818,7 @@ def transfer(train: str, test=None, output: str = "runs/transfer", layers=None, 
     (same model, checked by fingerprint). Options as for train."""
     import pandas as pd
 
-    if threads:
-        torch.set_num_threads(int(threads))
+    workers = int(threads) or torch.get_num_threads()
     src = ActivationCache(train)
     tests = parse_list(test, "test")
     if not tests:
@@ -774,20 +829,21 @@ def transfer(train: str, test=None, output: str = "runs/transfer", layers=None, 
     x, y, layers, methods = prepare(src, layers, methods)
     for t in targets:
         parse_layers(layers, t)
-    cfg = Config(restarts=int(restarts), optimizer=optimizer, steps=int(steps), hidden=int(hidden), seed=int(seed))
+    cfg = Config(restarts=int(restarts), optimizer=optimizer, steps=int(steps), hidden=int(hidden), seed=int(seed),
+                 workers=workers)
     tr, te = split(y, test_frac, 0, int(seed))[0]
     lp = src.logprobs
     probes, norm = fit(x, y, tr, methods, cfg, lp)
     pos_rate, seed = float(y[tr].mean()), int(seed)
-    s = score(probes, norm, x[:, :, te], None if lp is None else lp[te])
+    s = score(probes, norm, x[:, :, te], None if lp is None else lp[te], workers=workers)
     rows = rows_for(probes, row_scores(probes, s, y[te]), y[te], pos_rate, int(bootstrap), seed, layers,
-                    {"train": train, "test": train, "split": "test"})
+                    {"train": train, "test": train, "split": "test"}, workers=workers)
     for t in targets:
         use = {m: p for m, p in probes.items() if m != "zero_shot" or t.logprobs is not None}
         yt = cache_labels(t)
-        s = score(use, norm, load(t, layers), t.logprobs)
+        s = score(use, norm, load(t, layers), t.logprobs, workers=workers)
         rows += rows_for(use, row_scores(use, s, yt), yt, pos_rate, int(bootstrap), seed, layers,
-                         {"train": train, "test": t.path, "split": "all"})
+                         {"train": train, "test": t.path, "split": "all"}, workers=workers)
     os.makedirs(output, exist_ok=True)
     df = pd.DataFrame(rows).reindex(columns=["train", "test"] + COLUMNS)
     df.round(6).to_csv(os.path.join(output, "transfer.csv"), index=False)

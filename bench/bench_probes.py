@@ -1,22 +1,27 @@
 """CCS with 10 restarts on every layer plus every baseline (ccs.py train), against a straightforward
 per-layer, per-restart Adam loop as public CCS code writes it, on one cache of the issue's shape.
 
-    python bench/bench_probes.py [--cache DIR] [--naive_layers all] [--threads 2]
+    python bench/bench_probes.py [--cache DIR] [--naive_layers all] [--threads 2] [--restarts 10] [--steps 1000] [--json PATH]
 
 Without --cache it writes a synthetic contrast cache of 3270 pairs x 576 dims x 31 layers (BoolQ
 validation through the default model has this shape): a truth direction whose strength rises and falls
 with depth, a stronger label-free distractor, per-side answer offsets and an outlier dimension.
-The naive loop: for each layer and each of 10 restarts, a fresh nn.Linear(576, 1) + sigmoid trained
-with AdamW (lr 1e-3, weight decay 0.01) for 1000 full-batch steps on the same train-only normalised
-features, keeping the restart with the lowest loss. Both are scored on the same held-out split as
+The naive loop: for each layer and each of --restarts restarts (also ccs.py's), a fresh nn.Linear(576, 1)
++ sigmoid trained with AdamW (lr 1e-3, weight decay 0.01) for --steps full-batch steps on the same
+train-only normalised features, keeping the restart with the lowest loss (NaN counts as the worst: a
+zero-variance feature gives NaN everywhere). Both are scored on the same held-out split as
 max(acc, 1 - acc). --naive_layers K times it on K evenly spaced layers and scales to all (said so).
-Both get the same torch threads; on a machine shared with other jobs use --threads 1 (a second BLAS
-thread then mostly waits) and read the CPU seconds, which other jobs barely change.
+--json PATH also writes the numbers printed at the end.
+--threads: the naive loop's torch threads and ccs.py's workers (chunks of layers, each single-threaded).
+On a machine shared with other jobs a second torch thread of the naive loop mostly waits (use --threads 1
+there) and wall times mean little: read the CPU seconds, which other jobs barely change.
 """
+import math
 import os
 import sys
 import tempfile
 import time
+from json import dump  # main's --json flag takes the name json
 
 import numpy as np
 import pandas as pd
@@ -59,7 +64,7 @@ def naive(x, y, tr, te, layers, restarts=10, steps=1000, seed=0):
         mm, sm = xm[tr].mean(0), xm[tr].std(0)
         zp, zm = (xp - mp) / sp, (xm - mm) / sm
         zpt, zmt = zp[tr], zm[tr]
-        best, best_loss = None, float("inf")
+        best, best_loss = None, math.inf
         for _ in range(restarts):
             probe = torch.nn.Sequential(torch.nn.Linear(D, 1), torch.nn.Sigmoid())
             opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.01)
@@ -69,8 +74,9 @@ def naive(x, y, tr, te, layers, restarts=10, steps=1000, seed=0):
                 loss = ((p0 - (1 - p1)) ** 2).mean() + (torch.min(p0, p1) ** 2).mean()
                 loss.backward()
                 opt.step()
-            if loss.item() < best_loss:
-                best, best_loss = probe, loss.item()
+            last = loss.item() if math.isfinite(loss.item()) else math.inf
+            if best is None or last < best_loss:
+                best, best_loss = probe, last
         with torch.no_grad():
             s = 0.5 * (best(zp[te]) + 1 - best(zm[te]))[:, 0]
         acc = ((s > 0.5).numpy() == (y[te] == 1)).mean()
@@ -78,13 +84,16 @@ def naive(x, y, tr, te, layers, restarts=10, steps=1000, seed=0):
     return np.array(accs)
 
 
-def main(cache=None, naive_layers="all", threads=2):
+def main(cache=None, naive_layers="all", threads=2, restarts=10, steps=1000, json=None):
     torch.set_num_threads(int(threads))
     with tempfile.TemporaryDirectory() as tmp:
-        run(tmp, cache, naive_layers)
+        numbers = run(tmp, cache, naive_layers, int(restarts), int(steps))
+    if json:
+        with open(json, "w") as f:
+            dump(numbers, f, indent=1)
 
 
-def run(tmp, cache, naive_layers):
+def run(tmp, cache, naive_layers, restarts, steps):
     if cache is None:
         cache = os.path.join(tmp, "cache")
         t = time.time()
@@ -94,7 +103,7 @@ def run(tmp, cache, naive_layers):
     print(f"cache {cache}: {c.num_examples} pairs x {c.hidden_dim} dims x {len(c.layers)} layers, {torch.get_num_threads()} threads")
 
     t, cpu = time.time(), time.process_time()
-    ccs.train(cache, os.path.join(tmp, "run"), seed=0)
+    ccs.train(cache, os.path.join(tmp, "run"), seed=0, restarts=restarts)
     fast_s, fast_cpu = time.time() - t, time.process_time() - cpu
     df = pd.read_csv(os.path.join(tmp, "run", "eval.csv"))
     fast = df[df.method == "ccs"].sort_values("layer").accuracy.to_numpy()
@@ -106,13 +115,13 @@ def run(tmp, cache, naive_layers):
     if naive_layers != "all":
         idx = sorted(set(np.linspace(0, len(idx) - 1, int(naive_layers)).round().astype(int).tolist()))
     t, cpu = time.time(), time.process_time()
-    slow = naive(x, y, tr, te, idx)
+    slow = naive(x, y, tr, te, idx, restarts, steps)
     scale = len(c.layers) / len(idx)
     slow_s, slow_cpu = (time.time() - t) * scale, (time.process_time() - cpu) * scale
     scaled = "" if len(idx) == len(c.layers) else f" (timed on {len(idx)} layers, scaled to {len(c.layers)})"
 
     print()
-    print(f"ccs.py train, CCS 10 restarts x {len(c.layers)} layers + every baseline + metrics: {fast_s:.1f} s "
+    print(f"ccs.py train, CCS {restarts} restarts x {len(c.layers)} layers + every baseline + metrics: {fast_s:.1f} s "
           f"({fast_cpu:.1f} s CPU)")
     print(f"naive per-layer, per-restart AdamW loop, CCS only{scaled}: {slow_s:.1f} s ({slow_cpu:.1f} s CPU)")
     print(f"speed-up: {slow_s / fast_s:.1f}x wall, {slow_cpu / fast_cpu:.1f}x CPU (CPU time: what a machine shared "
@@ -121,6 +130,9 @@ def run(tmp, cache, naive_layers):
     print(f"  at the best layer: ccs.py {fast[idx].max():.3f} (layer {c.layers[idx[int(fast[idx].argmax())]]}), "
           f"naive {slow.max():.3f} (layer {c.layers[idx[int(slow.argmax())]]})")
     print("command: python bench/bench_probes.py " + " ".join(sys.argv[1:]))
+    return dict(fast_s=fast_s, fast_cpu=fast_cpu, slow_s=slow_s, slow_cpu=slow_cpu, speedup_wall=slow_s / fast_s,
+                speedup_cpu=slow_cpu / fast_cpu, acc_fast_mean=float(fast[idx].mean()), acc_slow_mean=float(slow.mean()),
+                acc_fast_best=float(fast[idx].max()), acc_slow_best=float(slow.max()))
 
 
 if __name__ == "__main__":

@@ -237,3 +237,25 @@ def test_a_real_process_and_no_model_code(contrast, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, "train", "--cache", contrast[0], "--output", tmp_path / "a", "--layers", "3,4"],
                        capture_output=True, text=True, cwd=ROOT)
     assert_one_line_error(r, "layer 4 not in cache")
+
+
+def test_bench_naive_loop_survives_nan_and_writes_json(tmp_path):
+    """A zero-variance layer makes every naive restart's loss NaN: NaN counts as the worst, not a crash.
+    The whole bench on a 40-pair cache with 2 restarts x 5 steps, --json numbers included (under a second)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_probes
+
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    x = torch.ones(1, 2, 40, bench_probes.D)
+    tr, te = ccs.split(y, 0.4, 0, 0)[0]
+    acc = bench_probes.naive(x, y, tr, te, [0], restarts=2, steps=3)
+    assert acc.shape == (1,) and 0.5 <= acc[0] <= 1
+    common = rng.standard_normal((40, bench_probes.D))
+    path = write(tmp_path / "c", {0: (np.ones((40, bench_probes.D)),) * 2,
+                                  1: (common + (2 * y - 1)[:, None], common - (2 * y - 1)[:, None])}, y)
+    bench_probes.main(cache=path, threads=1, restarts=2, steps=5, json=str(tmp_path / "b.json"))
+    numbers = json.load(open(tmp_path / "b.json"))
+    assert set(numbers) == {"fast_s", "fast_cpu", "slow_s", "slow_cpu", "speedup_wall", "speedup_cpu", "acc_fast_mean",
+                            "acc_slow_mean", "acc_fast_best", "acc_slow_best"}
+    assert numbers["acc_fast_best"] == 1.0 and numbers["slow_s"] > 0
