@@ -1,4 +1,7 @@
+import contextlib
+import io
 import os
+import subprocess
 import sys
 
 import pytest
@@ -14,3 +17,28 @@ def dist1():
     from llama.dist import setup
 
     return setup(mp=1, device="cpu")
+
+
+def in_process(argv, main):
+    """A CLI run in this process, as `python ARGV` would run it (fire and llama.errors.cli included,
+    without a new interpreter's start-up time) -> CompletedProcess with its exit code and output."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = sys.argv
+    sys.argv = [str(a) for a in argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = saved
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def one_line_error(r, *words):
+    """Bad input was refused as it must be: non-zero exit, one `error: ...` line naming the problem, no traceback."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr + (r.stdout or ""), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]

@@ -1,5 +1,3 @@
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -11,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, in_process, one_line_error
 from llama.cache import save_cache
 
 import ccs
@@ -50,27 +48,7 @@ def write(path, layers, y, fingerprint="fp-A", logprobs=None, sides=("plus", "mi
 
 
 def run(*args):
-    """The CLI in this process (fire and llama.errors.cli as in a subprocess, without its start-up time)."""
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    argv = sys.argv
-    sys.argv = ["ccs.py", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            ccs.main()
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-def assert_one_line_error(r, *words):
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
-    for w in words:
-        assert w in lines[0], lines[0]
+    return in_process(["ccs.py", *args], ccs.main)
 
 
 @pytest.fixture(scope="module")
@@ -208,22 +186,22 @@ def test_kfold_and_transfer(tmp_path, contrast):
     assert at.loc[other, "accuracy"] > 0.9 and at.loc[third, "accuracy"] > 0.9 and at.loc[other, "n"] == 200
     assert "zero_shot" not in set(df[df.test == other].method)
     bad = write(tmp_path / "bad", {3: (plus, minus), 5: (plus, minus)}, y, fingerprint="fp-B")
-    assert_one_line_error(run("transfer", "--train", path, "--test", bad, "--output", tmp_path / "t2"), "another model")
+    one_line_error(run("transfer", "--train", path, "--test", bad, "--output", tmp_path / "t2"), "another model")
 
 
 def test_bad_input(tmp_path, contrast):
     path = contrast[0]
-    assert_one_line_error(run("train", "--cache", path, "--output", tmp_path / "a", "--layers", "4"), "layer 4 not in cache")
+    one_line_error(run("train", "--cache", path, "--output", tmp_path / "a", "--layers", "4"), "layer 4 not in cache")
     plus, minus, y, t, u = planted(n=40)
     one = write(tmp_path / "one", {1: (plus, minus)}, np.ones(40, int))
-    assert_one_line_error(run("train", "--cache", one, "--output", tmp_path / "b"), "one class only")
-    assert_one_line_error(run("train", "--cache", path, "--output", tmp_path / "c", "--test_frac", 0), "empty split")
+    one_line_error(run("train", "--cache", one, "--output", tmp_path / "b"), "one class only")
+    one_line_error(run("train", "--cache", path, "--output", tmp_path / "c", "--test_frac", 0), "empty split")
     tiny = write(tmp_path / "tiny", {1: (plus[:3], minus[:3])}, [0, 1, 1])
-    assert_one_line_error(run("train", "--cache", tiny, "--output", tmp_path / "d"), "split")
-    assert_one_line_error(run("train", "--cache", tmp_path / "nothing", "--output", tmp_path / "e"), "no activation cache")
+    one_line_error(run("train", "--cache", tiny, "--output", tmp_path / "d"), "split")
+    one_line_error(run("train", "--cache", tmp_path / "nothing", "--output", tmp_path / "e"), "no activation cache")
     nolp = write(tmp_path / "nolp", {1: (plus, minus)}, y)
-    assert_one_line_error(run("train", "--cache", nolp, "--output", tmp_path / "g", "--methods", "zero_shot"), "log-probabilities")
-    assert_one_line_error(run("train", "--cache", path, "--output", tmp_path / "f", "--methods", "svm"), "unknown method")
+    one_line_error(run("train", "--cache", nolp, "--output", tmp_path / "g", "--methods", "zero_shot"), "log-probabilities")
+    one_line_error(run("train", "--cache", path, "--output", tmp_path / "f", "--methods", "svm"), "unknown method")
     assert not os.path.exists(tmp_path / "a" / "eval.csv")
 
 
@@ -236,7 +214,7 @@ def test_a_real_process_and_no_model_code(contrast, tmp_path):
             "    assert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code, "train", "--cache", contrast[0], "--output", tmp_path / "a", "--layers", "3,4"],
                        capture_output=True, text=True, cwd=ROOT)
-    assert_one_line_error(r, "layer 4 not in cache")
+    one_line_error(r, "layer 4 not in cache")
 
 
 def test_bench_naive_loop_survives_nan_and_writes_json(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, one_line_error
 import tiny
 from llama.cache import LOCK, ActivationCache
 from llama.errors import LlamaError
@@ -253,14 +253,6 @@ def test_kill_and_resume_is_identical(hf, data, tmp_path, kill, token):
 
 
 # ---- bad input: one line, non-zero exit, nothing that looks complete
-
-def one_line_error(r, *words):
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
-
 
 def test_bad_layer_and_bad_files(hf, data, oracle, tmp_path):
     out = tmp_path / "c"

@@ -1,6 +1,4 @@
-import contextlib
 import glob
-import io
 import json
 import os
 import runpy
@@ -14,7 +12,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from conftest import ROOT
+from conftest import ROOT, in_process, one_line_error
 from llama.cache import save_cache
 
 SCRIPTS = os.path.join(ROOT, "scripts")
@@ -32,26 +30,7 @@ def one_thread():
 
 def script(name, *args):
     """Run scripts/NAME.py as `python scripts/NAME.py ARGS` would, in this process."""
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    argv = sys.argv
-    sys.argv = [name, *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(os.path.join(SCRIPTS, name), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-
-
-def one_line_error(r, *words):
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
-    for w in words:
-        assert w in lines[0], lines[0]
+    return in_process([name, *args], lambda: runpy.run_path(os.path.join(SCRIPTS, name), run_name="__main__"))
 
 
 def validation_cache(path, n=60, seed=0, fingerprint="fp-A", dim=D):
