@@ -11,6 +11,17 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "datasets")
 sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Probe tests on one torch thread: on a shared machine a second BLAS thread mostly waits its turn."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def dist1():
     """A single-process gloo group with model-parallel size 1, for building models in-process."""

@@ -15,13 +15,7 @@ from llama.cache import save_cache
 import ccs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine runs six test suites at once; a second BLAS thread then only waits for its turn."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

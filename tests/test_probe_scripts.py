@@ -9,7 +9,6 @@ import types
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
 
 from conftest import ROOT, in_process, one_line_error
@@ -18,14 +17,7 @@ from llama.cache import save_cache
 SCRIPTS = os.path.join(ROOT, "scripts")
 D = 32
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine runs six test suites at once; a second BLAS thread then only waits for its turn."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def script(name, *args):
