@@ -674,12 +674,17 @@ def plot(run, df, scores, y, positive):
     from sklearn.metrics import roc_curve
 
     methods = list(dict.fromkeys(df["method"]))
+    # a colour per method, its _signed twin dotted in the same colour; gray and black for the baselines
+    palette = [c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c != "#7f7f7f"]
+    bases = [b for b in dict.fromkeys(m.removesuffix("_signed") for m in methods) if b not in ("random", "majority")]
+    style = {m: dict(color=palette[bases.index(m.removesuffix("_signed")) % len(palette)],
+                     ls=":" if m.endswith("_signed") else "-") for m in methods if m not in ("random", "majority")}
+    style.update(random=dict(color="gray", ls="--"), majority=dict(color="black", ls="--"))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, key in zip(axes, ("accuracy", "auroc")):
         for m in methods:
             g = df[df.method == m].sort_values("layer")
-            style = dict(ls="--", color="gray" if m == "random" else "black") if m in ("random", "majority") else {}
-            ax.plot(g.layer, g[key], marker=".", label=m, **style)
+            ax.plot(g.layer, g[key], marker=".", label=m, **style[m])
         ax.set_xlabel("layer")
         ax.set_ylabel(f"held-out {key}")
         ax.axhline(0.5, color="lightgray", lw=0.8)
