@@ -298,6 +298,18 @@ LOADERS = {"boolq": load_boolq, "statements": load_statements, "ab": load_ab,
            "validation": load_validation}
 
 
+def seed_input(out):
+    """The seed tool's command names no input (it downloaded BoolQ): read BoolQ's validation split
+    from beside the output, e.g. data/boolq/validation.json for data/boolq/prompts.csv."""
+    folder = os.path.dirname(os.path.abspath(out))
+    for name in ("validation.json", "validation.jsonl"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise LlamaError(f"no --input given and no BoolQ validation.json in {folder} (nothing is downloaded): put "
+                     "BoolQ's validation split there (a JSON list or JSON lines of {question, answer, passage}), "
+                     f"give --input FILE, or --format {'|'.join(BUILTIN)} for a built-in set")
+
+
 def load(input, format, seed):
     if format in BUILTIN:
         if input is not None:
@@ -415,7 +427,8 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
 
     Args:
       out: the CSV to write (e.g. data/boolq/prompts.csv); written whole or not at all.
-      input: the dataset file; not needed for --format cities or larger_than.
+      input: the dataset file; not needed for --format cities or larger_than. Without it and --format,
+        BoolQ validation.json (or .jsonl) beside OUT, as the seed tool's command expects.
       format: boolq | statements | ab | validation | cities | larger_than (guessed from the file).
       tokenizer_path: count tokens per side (plus_tokens, minus_tokens / prompt_tokens).
       chat: none | llama2 | llama3 | chatml | auto (the tokenizer's chat format, else none).
@@ -429,6 +442,8 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
       on_long: drop (say which) or error.
     """
     check_args(format, mode, on_long, chat, limit, max_seq_len, tokenizer_path)
+    if input is None and format is None:
+        input = seed_input(out)
     fmt, examples = load(input, format, seed)
     if mode == "statement" and fmt not in ("statements",) + BUILTIN:
         raise LlamaError(f"--mode statement needs statements (a statement,label CSV, cities or "

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -284,3 +285,19 @@ def test_no_label_leak_in_the_answers(tmp_path, kw):
     rows = gen(tmp_path, limit=60, balance=True, **kw) if "input" in kw else gen(tmp_path, limit=60, **kw)
     by = {lab: Counter((r["plus_answer"], r["minus_answer"]) for r in rows if r["label"] == lab) for lab in "01"}
     assert by["0"] == by["1"] and by["1"]
+
+
+def test_seed_command_reads_boolq_beside_the_output(tmp_path, smol):
+    """`python generate_dataset.py ./data/boolq/prompts.csv --tokenizer_path T`, as the seed tool ran it."""
+    missing = cli("./data/boolq/prompts.csv", "--tokenizer_path", smol, cwd=tmp_path)
+    assert missing.returncode != 0 and missing.stderr.count("\n") == 1 and "validation.json" in missing.stderr
+    assert not (tmp_path / "data" / "boolq" / "prompts.csv").exists()
+    (tmp_path / "data" / "boolq").mkdir(parents=True)
+    shutil.copy(BOOLQ, tmp_path / "data" / "boolq" / "validation.json")  # in the test's tmp dir, not the repo
+    p = cli("./data/boolq/prompts.csv", "--tokenizer_path", smol, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    rows = read(tmp_path / "data" / "boolq" / "prompts.csv")
+    with open(BOOLQ) as f:
+        src = json.load(f)
+    assert len(rows) == len(src) and all(r["label"] == str(int(src[int(r["idx"])]["answer"])) for r in rows)
+    assert {"idx", "plus_prompt", "minus_prompt", "label", "plus_tokens"} <= set(rows[0])
