@@ -753,6 +753,12 @@ def positive_name(cache):
     return "label 1 = the plus side is the true one" if cache.is_contrast else "label 1 = type 'testing'"
 
 
+def config(restarts, optimizer, steps, hidden, seed, threads) -> Config:
+    """Fit settings from a command's flags (threads 0: as many workers as torch has threads)."""
+    return Config(restarts=int(restarts), optimizer=optimizer, steps=int(steps), hidden=int(hidden), seed=int(seed),
+                  workers=int(threads) or torch.get_num_threads())
+
+
 def train(cache: str, output: str, layers=None, methods=None, test_frac: float = 0.4, folds: int = 0, seed: int = 0,
           visualize: bool = False, bootstrap: int = 1000, restarts: int = 10, optimizer: str = "lbfgs", steps: int = 0,
           hidden: int = 0, threads: int = 0):
@@ -765,20 +771,18 @@ def train(cache: str, output: str, layers=None, methods=None, test_frac: float =
     threads: chunks of layers fitted at once, each by a single-threaded worker (0: torch's thread count)."""
     import pandas as pd
 
-    workers = int(threads) or torch.get_num_threads()
     t0 = time.time()
     c = ActivationCache(cache)
     x, y, layers, methods = prepare(c, layers, methods)
     lp = c.logprobs
-    cfg = Config(restarts=int(restarts), optimizer=optimizer, steps=int(steps), hidden=int(hidden), seed=int(seed),
-                 workers=workers)
+    cfg = config(restarts, optimizer, steps, hidden, seed, threads)
     parts = split(y, test_frac, folds, int(seed))
     os.makedirs(output, exist_ok=True)
     t1 = time.time()
     oof, ys, losses = {}, [], {}
     for tr, te in parts:
         probes, norm = fit(x, y, tr, methods, cfg, lp)
-        s = score(probes, norm, x[:, :, te], None if lp is None else lp[te], workers=workers)
+        s = score(probes, norm, x[:, :, te], None if lp is None else lp[te], workers=cfg.workers)
         for m, v in row_scores(probes, s, y[te]).items():  # unsupervised signs: per fold, as in one split
             oof.setdefault(m, []).append(v)
         for m, p in probes.items():
@@ -791,7 +795,7 @@ def train(cache: str, output: str, layers=None, methods=None, test_frac: float =
     name = "test" if not folds else f"cv{folds}"
     pos_rate = float(y[parts[0][0]].mean())
     t2 = time.time()
-    df = pd.DataFrame(rows_for(probes, scores, yt, pos_rate, int(bootstrap), int(seed), layers, {"split": name}, loss, workers))
+    df = pd.DataFrame(rows_for(probes, scores, yt, pos_rate, int(bootstrap), int(seed), layers, {"split": name}, loss, cfg.workers))
     df = df.reindex(columns=COLUMNS)
     df.round(6).to_csv(os.path.join(output, "eval.csv"), index=False)
     if folds:  # the saved probes come from every row once the folds have measured them
@@ -823,7 +827,6 @@ def transfer(train: str, test=None, output: str = "runs/transfer", layers=None, 
     (same model, checked by fingerprint). Options as for train."""
     import pandas as pd
 
-    workers = int(threads) or torch.get_num_threads()
     src = ActivationCache(train)
     tests = parse_list(test, "test")
     if not tests:
@@ -834,21 +837,20 @@ def transfer(train: str, test=None, output: str = "runs/transfer", layers=None, 
     x, y, layers, methods = prepare(src, layers, methods)
     for t in targets:
         parse_layers(layers, t)
-    cfg = Config(restarts=int(restarts), optimizer=optimizer, steps=int(steps), hidden=int(hidden), seed=int(seed),
-                 workers=workers)
+    cfg = config(restarts, optimizer, steps, hidden, seed, threads)
     tr, te = split(y, test_frac, 0, int(seed))[0]
     lp = src.logprobs
     probes, norm = fit(x, y, tr, methods, cfg, lp)
     pos_rate, seed = float(y[tr].mean()), int(seed)
-    s = score(probes, norm, x[:, :, te], None if lp is None else lp[te], workers=workers)
+    s = score(probes, norm, x[:, :, te], None if lp is None else lp[te], workers=cfg.workers)
     rows = rows_for(probes, row_scores(probes, s, y[te]), y[te], pos_rate, int(bootstrap), seed, layers,
-                    {"train": train, "test": train, "split": "test"}, workers=workers)
+                    {"train": train, "test": train, "split": "test"}, workers=cfg.workers)
     for t in targets:
         use = {m: p for m, p in probes.items() if m != "zero_shot" or t.logprobs is not None}
         yt = cache_labels(t)
-        s = score(use, norm, load(t, layers), t.logprobs, workers=workers)
+        s = score(use, norm, load(t, layers), t.logprobs, workers=cfg.workers)
         rows += rows_for(use, row_scores(use, s, yt), yt, pos_rate, int(bootstrap), seed, layers,
-                         {"train": train, "test": t.path, "split": "all"}, workers=workers)
+                         {"train": train, "test": t.path, "split": "all"}, workers=cfg.workers)
     os.makedirs(output, exist_ok=True)
     df = pd.DataFrame(rows).reindex(columns=["train", "test"] + COLUMNS)
     df.round(6).to_csv(os.path.join(output, "transfer.csv"), index=False)
