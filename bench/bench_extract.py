@@ -91,12 +91,17 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
+def tokens_run(lengths: np.ndarray, shared: np.ndarray) -> int:
+    """Tokens through the model: each example's first `shared` tokens once, then every side's own."""
+    return int(shared.sum() + (lengths - shared[:, None]).sum())
+
+
 def work(model, args, lengths: np.ndarray, shared: np.ndarray, blocks: int) -> float:
     """FLOPs of running `blocks` blocks over prompts of `lengths` [N, sides], each example's first
     `shared` tokens once (the counting rule is in the module docstring)."""
     weights = sum(w.numel() for name, w in model.named_parameters()
                   if w.dim() == 2 and name.startswith("layers.") and int(name.split(".")[1]) < blocks)
-    tokens = shared.sum() + (lengths - shared[:, None]).sum()
+    tokens = tokens_run(lengths, shared)
     pre = shared * (shared + 1) // 2  # (query, key) pairs of the shared prefix
     pairs = pre.sum() + (lengths * (lengths + 1) // 2 - pre[:, None]).sum()
     width = args.n_heads * (args.dim // args.n_heads)
@@ -160,7 +165,7 @@ def measure(tmp, gguf, pairs, rss_pairs, threads, max_batch_tokens, repeats) -> 
         hf_flops = work(ours.model, ours.args, p.lengths, np.zeros_like(p.shared), n_layers)
         res["speed"].append({
             "name": name, "layers": len(layers), "prompts": len(seqs), "tokens": p.tokens,
-            "tokens_run": int(p.shared.sum() + (p.lengths - p.shared[:, None]).sum()),
+            "tokens_run": tokens_run(p.lengths, p.shared),
             "hf_wall_s": best["hf"][0], "hf_cpu_s": best["hf"][1], "ours_wall_s": best["ours"][0], "ours_cpu_s": best["ours"][1],
             "speedup_wall": best["hf"][0] / best["ours"][0], "speedup_cpu": best["hf"][1] / best["ours"][1],
             "max_rel_diff": float(diff), "flops": flops, "flops_per_s": flops / best["ours"][0],

@@ -4,14 +4,14 @@ bench/RESULTS.md and printed. `make bench` runs it.
 
     python bench/run_all.py [--quick] [--threads 2]
 
---quick: small sizes, a smoke check that every benchmark runs (a few minutes; the numbers mean little).
+--quick: small sizes, a smoke check that every benchmark runs (a few minutes; the numbers mean little),
+written to bench/RESULTS-quick.md so that it never replaces the recorded full-size figures.
 Run the full size on an otherwise quiet machine.
 """
 import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -57,12 +57,12 @@ def quick_cache(path: str, n: int = 150, layers: int = 3, dim: int = 576) -> Non
     save_cache(path, arrays, {"labels": y.tolist(), "model": {"fingerprint": "synthetic"}})
 
 
-def bench(script: str, args: list, threads: int, tmp: str, json_out: bool = True):
-    """Run bench/SCRIPT ARGS with the given threads -> (its JSON or None, its stdout, the command shown,
-    an error line or None)."""
+def bench(script: str, args: list, threads: int, tmp: str):
+    """Run bench/SCRIPT ARGS --json with the given threads -> (its JSON or None, its stdout, the command
+    shown, an error line or None)."""
     shown = f"OMP_NUM_THREADS={threads} python bench/{script} " + " ".join(map(shlex.quote, args))
     out = os.path.join(tmp, script + ".json")
-    cmd = [sys.executable, os.path.join(BENCH, script), *args] + (["--json", out] if json_out else [])
+    cmd = [sys.executable, os.path.join(BENCH, script), *args, "--json", out]
     print(f"running: {shown}", flush=True)
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
@@ -70,25 +70,8 @@ def bench(script: str, args: list, threads: int, tmp: str, json_out: bool = True
     if p.returncode:
         last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
         return None, p.stdout, shown, f"exit {p.returncode}: {last}"
-    data = None
-    if json_out:
-        with open(out) as f:
-            data = json.load(f)
-    return data, p.stdout, shown, None
-
-
-def probe_numbers(stdout: str) -> dict:
-    """The speed-up and accuracies bench_probes.py prints at the end of its run."""
-    found = {}
-    for key, pattern in (("train_s", r"^ccs\.py train.*?: ([\d.]+) s \(([\d.]+) s CPU\)"),
-                         ("naive_s", r"^naive .*?: ([\d.]+) s \(([\d.]+) s CPU\)"),
-                         ("speedup", r"^speed-up: ([\d.]+)x wall, ([\d.]+)x CPU"),
-                         ("accuracy", r"mean over the timed layers: ccs\.py ([\d.]+), naive ([\d.]+)")):
-        m = re.search(pattern, stdout, re.M)
-        if m is None:
-            raise ValueError(f"bench_probes.py printed no line matching {pattern!r}")
-        found[key] = tuple(float(g) for g in m.groups())
-    return found
+    with open(out) as f:
+        return json.load(f), p.stdout, shown, None
 
 
 def verdict(value, target, larger=True) -> str:
@@ -139,15 +122,14 @@ def cache_rows(r: dict, cmd: str) -> list:
 
 
 def probe_rows(n: dict, cmd: str) -> list:
-    (wall, cpu), (acc, naive_acc) = n["speedup"], n["accuracy"]
     return [("probe training: ccs.py train (CCS 10 restarts, every layer, every baseline) vs a naive per-layer, "
              "per-restart AdamW loop (CCS only)",
-             f"{wall:.1f}x wall ({n['naive_s'][0]:.1f} s vs {n['train_s'][0]:.1f} s), {cpu:.1f}x CPU; held-out CCS "
-             f"accuracy {acc:.3f} vs {naive_acc:.3f}",
-             f">= {TARGETS['probes_speedup']:.0f}x wall", verdict(wall, TARGETS["probes_speedup"]), cmd),
+             f"{n['speedup_wall']:.1f}x wall ({n['slow_s']:.1f} s vs {n['fast_s']:.1f} s), {n['speedup_cpu']:.1f}x CPU; "
+             f"held-out CCS accuracy {n['acc_fast_mean']:.3f} vs {n['acc_slow_mean']:.3f}",
+             f">= {TARGETS['probes_speedup']:.0f}x wall", verdict(n["speedup_wall"], TARGETS["probes_speedup"]), cmd),
             ("probe training: ccs.py train alone (the issue's budget is for 3270 pairs x 576 x 31 layers)",
-             f"{n['train_s'][0]:.1f} s wall ({n['train_s'][1]:.1f} s CPU)",
-             f"<= {TARGETS['probes_seconds']:.0f} s wall", verdict(n["train_s"][0], TARGETS["probes_seconds"], larger=False), cmd)]
+             f"{n['fast_s']:.1f} s wall ({n['fast_cpu']:.1f} s CPU)",
+             f"<= {TARGETS['probes_seconds']:.0f} s wall", verdict(n["fast_s"], TARGETS["probes_seconds"], larger=False), cmd)]
 
 
 def cell(s: str) -> str:
@@ -165,16 +147,16 @@ def main(quick: bool, threads: int) -> int:
         if quick:
             quick_cache(os.path.join(tmp, "probe-cache"))
             probes += ["--cache", os.path.join(tmp, "probe-cache")]
-        plan = (("bench_extract.py", size["extract"] + ["--threads", str(threads)], extract_rows, True),
-                ("bench_cache.py", size["cache"], cache_rows, True),
-                ("bench_probes.py", probes, lambda out, cmd: probe_rows(probe_numbers(out), cmd), False))
-        for script, args, table, has_json in plan:
-            data, out, cmd, err = bench(script, args, threads, tmp, has_json)
+        plan = (("bench_extract.py", size["extract"] + ["--threads", str(threads)], extract_rows),
+                ("bench_cache.py", size["cache"], cache_rows),
+                ("bench_probes.py", probes, probe_rows))
+        for script, args, table in plan:
+            data, out, cmd, err = bench(script, args, threads, tmp)
             details.append((cmd, out))
             try:
                 if err:
                     raise RuntimeError(err)
-                rows += table(data if has_json else out, f"`{cmd}`")
+                rows += table(data, f"`{cmd}`")
             except (RuntimeError, ValueError, KeyError) as e:
                 failed = True
                 rows.append((script, f"failed: {e}", "runs", "**no**", f"`{cmd}`"))
@@ -204,7 +186,7 @@ def main(quick: bool, threads: int) -> int:
     for cmd, out in details:
         lines += ["", f"`{cmd}`", "", out.strip() or "(nothing printed)"]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(BENCH, "RESULTS.md"), "w") as f:
+    with open(os.path.join(BENCH, "RESULTS-quick.md" if quick else "RESULTS.md"), "w") as f:
         f.write(text)
     print("\n" + text)
     return 1 if failed else 0
