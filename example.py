@@ -1,32 +1,52 @@
-"""Extract per-layer activations of a prompt CSV into an activation cache (the seed tool's command).
+"""Extract per-layer activations of a prompt CSV into an activation cache (the seed's command).
 
     torchrun --nproc_per_node MP example.py --ckpt_dir DIR --tokenizer_path FILE \\
         --save_activations_path OUT --prompt_csv FILE [--layers all] [--token last|mean|all] \\
         [--dtype float32|float16|bfloat16] [--max_batch_tokens 2048] [--zero_shot] [--overwrite]
 
+Without --prompt_csv it generates text for a few built-in prompts, as Meta's example did:
+
+    torchrun --nproc_per_node MP example.py --ckpt_dir DIR --tokenizer_path FILE \\
+        [--temperature 0.8] [--top_p 0.95] [--max_gen_len 64]
+
+The seed's flag names and the cached workflow's are both accepted (--ckpt_dir / --model,
+--prompt_csv / --data, --save_activations_path / --output); `python example.py -h` lists them all.
 Plain `python example.py ...` runs it in one process. Same implementation as
 scripts/cache_activations.py: llama/extract.py.
 """
-import fire
+from typing import Optional
 
-from llama.errors import cli
+from llama.cli import command
+from llama.extract import Extraction
 
 
-def main(ckpt_dir, save_activations_path, prompt_csv, tokenizer_path=None, layers="all", token="last",
-         dtype="float32", model_dtype=None, max_batch_tokens=2048, batch_size=None, mp=0, device="auto",
-         zero_shot=False, overwrite=False, commit_every=10.0):
-    """See llama.extract.run for every flag (ckpt_dir: a Meta dir, Hugging Face dir or .gguf)."""
+def main(cfg: Extraction, temperature: float = 0.8, top_p: float = 0.95, max_gen_len: int = 64,
+         max_seq_len: Optional[int] = None, seed: int = 0):
+    """Cache the hidden states of --data's prompts in --output, or without --data complete a few
+    built-in prompts, as Meta's example.py did.
+
+    temperature: sampling temperature (without --data)
+    top_p: nucleus sampling threshold (without --data)
+    max_gen_len: tokens to generate per prompt (without --data)
+    max_seq_len: longest sequence the model is built for (without --data; default: the model's)
+    seed: sampling seed (without --data)
+    """
     from llama.dist import teardown
+    from llama.errors import LlamaError
     from llama.extract import run
+    from llama.generation import builtin_demo
 
     try:
-        run(ckpt_dir, prompt_csv, save_activations_path, layers=layers, token=token, dtype=dtype,
-            model_dtype=model_dtype, max_batch_tokens=max_batch_tokens, batch_size=batch_size, mp=mp,
-            device=device, zero_shot=zero_shot, overwrite=overwrite, tokenizer=tokenizer_path,
-            commit_every=commit_every)
+        if cfg.data is None:
+            dtype = cfg.compute_dtype or "float32"
+            return builtin_demo(cfg.model, cfg.tokenizer_path, temperature, top_p, max_gen_len,
+                                max_seq_len, seed, cfg.mp, cfg.device, dtype)
+        if cfg.output is None:
+            raise LlamaError("--data needs --output, the cache folder")
+        run(cfg)
     finally:
         teardown()
 
 
 if __name__ == "__main__":
-    cli(fire.Fire, main)
+    command(main, optional=("data", "output"))

@@ -1,20 +1,24 @@
-"""CCS with 10 restarts on every layer plus every baseline (ccs.py train), against a straightforward
-per-layer, per-restart Adam loop as public CCS code writes it, on one cache of the issue's shape.
+"""CCS with 10 restarts on every layer plus every baseline (ccs.py train), against a
+straightforward per-layer, per-restart Adam loop as public CCS code writes it, on one cache of the
+issue's shape.
 
-    python bench/bench_probes.py [--cache DIR] [--naive_layers all] [--threads 2] [--restarts 10] [--steps 1000] [--json PATH]
+    python bench/bench_probes.py [--cache DIR] [--naive_layers all] [--threads 2] [--restarts 10]
+        [--steps 1000] [--json PATH]
 
 Without --cache it writes a synthetic contrast cache of 3270 pairs x 576 dims x 31 layers (BoolQ
-validation through the default model has this shape): a truth direction whose strength rises and falls
-with depth, a stronger label-free distractor, per-side answer offsets and an outlier dimension.
-The naive loop: for each layer and each of --restarts restarts (also ccs.py's), a fresh nn.Linear(576, 1)
-+ sigmoid trained with AdamW (lr 1e-3, weight decay 0.01) for --steps full-batch steps on the same
-train-only normalised features, keeping the restart with the lowest loss (NaN counts as the worst: a
-zero-variance feature gives NaN everywhere). Both are scored on the same held-out split as
-max(acc, 1 - acc). --naive_layers K times it on K evenly spaced layers and scales to all (said so).
+validation through the default model has this shape): a truth direction whose strength rises and
+falls with depth, a stronger label-free distractor, per-side answer offsets and an outlier
+dimension. The naive loop: for each layer and each of --restarts restarts (also ccs.py's), a fresh
+nn.Linear(576, 1) + sigmoid trained with AdamW (lr 1e-3, weight decay 0.01) for --steps full-batch
+steps on the same train-only normalised features, keeping the restart with the lowest loss (NaN
+counts as the worst: a zero-variance feature gives NaN everywhere). Both are scored on the same
+held-out split as max(acc, 1 - acc). --naive_layers K times it on K evenly spaced layers and scales
+to all (said so).
 --json PATH also writes the numbers printed at the end.
---threads: the naive loop's torch threads and ccs.py's workers (chunks of layers, each single-threaded).
-On a machine shared with other jobs a second torch thread of the naive loop mostly waits (use --threads 1
-there) and wall times mean little: read the CPU seconds, which other jobs barely change.
+--threads: the naive loop's torch threads and ccs.py's workers (chunks of layers, each
+single-threaded). On a machine shared with other jobs a second torch thread of the naive loop
+mostly waits (use --threads 1 there) and wall times mean little: read the CPU seconds, which other
+jobs barely change.
 """
 import math
 import os
@@ -31,7 +35,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ccs  # noqa: E402
-from llama.cache import ActivationCache, save_cache  # noqa: E402
+from llama.cache import save_cache  # noqa: E402
+from llama.cli import command  # noqa: E402
+from probes import data  # noqa: E402
+from probes.solvers import Settings  # noqa: E402
 
 N, D, L = 3270, 576, 31
 
@@ -43,15 +50,20 @@ def synthetic(path, seed=0):
     sgn = (2 * y - 1)[:, None]
     arrays = {}
     for l in range(L):
-        strength = 0.6 * np.exp(-(((l - 16) / 7) ** 2))  # the truth is clearest in the middle layers
-        common = rng.standard_normal((N, D), dtype=np.float32) + 2.0 * rng.standard_normal((N, 1), dtype=np.float32) * u
-        plus = common + strength * sgn * t + 0.5 * rng.standard_normal((N, D), dtype=np.float32) + 0.3
-        minus = common - strength * sgn * t + 0.5 * rng.standard_normal((N, D), dtype=np.float32) - 0.3
+        # the truth is clearest in the middle layers
+        strength = 0.6 * np.exp(-(((l - 16) / 7) ** 2))
+        common = (rng.standard_normal((N, D), dtype=np.float32)
+                  + 2.0 * rng.standard_normal((N, 1), dtype=np.float32) * u)
+        plus = (common + strength * sgn * t + 0.5 * rng.standard_normal((N, D), dtype=np.float32)
+                + 0.3)
+        minus = (common - strength * sgn * t + 0.5 * rng.standard_normal((N, D), dtype=np.float32)
+                 - 0.3)
         plus[:, 507] += 1000
         minus[:, 507] += 1000
         arrays[l] = {"plus": plus, "minus": minus}
     lp = np.stack([0.3 * sgn[:, 0] + rng.standard_normal(N), np.zeros(N)], 1)
-    save_cache(path, arrays, {"labels": y.tolist(), "model": {"fingerprint": "synthetic"}}, logprobs=lp)
+    save_cache(path, arrays, {"labels": y.tolist(), "model": {"fingerprint": "synthetic"}},
+               logprobs=lp)
 
 
 def naive(x, y, tr, te, layers, restarts=10, steps=1000, seed=0):
@@ -84,7 +96,17 @@ def naive(x, y, tr, te, layers, restarts=10, steps=1000, seed=0):
     return np.array(accs)
 
 
-def main(cache=None, naive_layers="all", threads=2, restarts=10, steps=1000, json=None):
+def main(cache: str = None, naive_layers: str = "all", threads: int = 2, restarts: int = 10,
+         steps: int = 1000, json: str = None):
+    """Time ccs.py train against the naive loop on one cache.
+
+    cache: a contrast cache (default: write the synthetic one)
+    naive_layers: all, or K: time the naive loop on K evenly spaced layers and scale
+    threads: the naive loop's torch threads and ccs.py's workers
+    restarts: CCS restarts, both
+    steps: the naive loop's AdamW steps
+    json: also write the numbers there
+    """
     torch.set_num_threads(int(threads))
     with tempfile.TemporaryDirectory() as tmp:
         numbers = run(tmp, cache, naive_layers, int(restarts), int(steps))
@@ -99,43 +121,49 @@ def run(tmp, cache, naive_layers, restarts, steps):
         t = time.time()
         synthetic(cache)
         print(f"wrote a synthetic {N} x {D} x {L}-layer contrast cache in {time.time() - t:.1f} s")
-    c = ActivationCache(cache)
-    print(f"cache {cache}: {c.num_examples} pairs x {c.hidden_dim} dims x {len(c.layers)} layers, {torch.get_num_threads()} threads")
+    c = data.open_cache(cache)
+    print(f"cache {cache}: {c.num_examples} pairs x {c.hidden_dim} dims x {len(c.layers)} layers, "
+          f"{torch.get_num_threads()} threads")
 
     t, cpu = time.time(), time.process_time()
-    ccs.train(cache, os.path.join(tmp, "run"), seed=0, restarts=restarts)
+    ccs.train(cache, os.path.join(tmp, "run"), fit=Settings(seed=0, restarts=restarts))
     fast_s, fast_cpu = time.time() - t, time.process_time() - cpu
     df = pd.read_csv(os.path.join(tmp, "run", "eval.csv"))
     fast = df[df.method == "ccs"].sort_values("layer").accuracy.to_numpy()
 
-    x = ccs.load(c, c.layers)
-    y = ccs.cache_labels(c)
-    tr, te = ccs.split(y, 0.4, 0, 0)[0]
+    x = data.read(c, c.layers)
+    y = data.labels(c)
+    part = data.split(y, data.groups(c), 0.25, 0.2, 0, 0)[0]  # ccs.py train's default split
+    tr, te = part.fit, part.test
     idx = list(range(len(c.layers)))
     if naive_layers != "all":
-        idx = sorted(set(np.linspace(0, len(idx) - 1, int(naive_layers)).round().astype(int).tolist()))
+        idx = sorted(set(
+            np.linspace(0, len(idx) - 1, int(naive_layers)).round().astype(int).tolist()))
     t, cpu = time.time(), time.process_time()
     slow = naive(x, y, tr, te, idx, restarts, steps)
     scale = len(c.layers) / len(idx)
     slow_s, slow_cpu = (time.time() - t) * scale, (time.process_time() - cpu) * scale
-    scaled = "" if len(idx) == len(c.layers) else f" (timed on {len(idx)} layers, scaled to {len(c.layers)})"
+    scaled = ("" if len(idx) == len(c.layers)
+              else f" (timed on {len(idx)} layers, scaled to {len(c.layers)})")
 
     print()
-    print(f"ccs.py train, CCS {restarts} restarts x {len(c.layers)} layers + every baseline + metrics: {fast_s:.1f} s "
-          f"({fast_cpu:.1f} s CPU)")
-    print(f"naive per-layer, per-restart AdamW loop, CCS only{scaled}: {slow_s:.1f} s ({slow_cpu:.1f} s CPU)")
-    print(f"speed-up: {slow_s / fast_s:.1f}x wall, {slow_cpu / fast_cpu:.1f}x CPU (CPU time: what a machine shared "
-          "with other jobs still measures)")
-    print(f"held-out CCS accuracy, max(acc, 1-acc), mean over the timed layers: ccs.py {fast[idx].mean():.3f}, naive {slow.mean():.3f}")
-    print(f"  at the best layer: ccs.py {fast[idx].max():.3f} (layer {c.layers[idx[int(fast[idx].argmax())]]}), "
+    print(f"ccs.py train, CCS {restarts} restarts x {len(c.layers)} layers + every baseline + "
+          f"metrics: {fast_s:.1f} s ({fast_cpu:.1f} s CPU)")
+    print(f"naive per-layer, per-restart AdamW loop, CCS only{scaled}: {slow_s:.1f} s "
+          f"({slow_cpu:.1f} s CPU)")
+    print(f"speed-up: {slow_s / fast_s:.1f}x wall, {slow_cpu / fast_cpu:.1f}x CPU "
+          "(CPU time: what a machine shared with other jobs still measures)")
+    print(f"held-out CCS accuracy, max(acc, 1-acc), mean over the timed layers: "
+          f"ccs.py {fast[idx].mean():.3f}, naive {slow.mean():.3f}")
+    print(f"  at the best layer: ccs.py {fast[idx].max():.3f} "
+          f"(layer {c.layers[idx[int(fast[idx].argmax())]]}), "
           f"naive {slow.max():.3f} (layer {c.layers[idx[int(slow.argmax())]]})")
     print("command: python bench/bench_probes.py " + " ".join(sys.argv[1:]))
-    return dict(fast_s=fast_s, fast_cpu=fast_cpu, slow_s=slow_s, slow_cpu=slow_cpu, speedup_wall=slow_s / fast_s,
-                speedup_cpu=slow_cpu / fast_cpu, acc_fast_mean=float(fast[idx].mean()), acc_slow_mean=float(slow.mean()),
+    return dict(fast_s=fast_s, fast_cpu=fast_cpu, slow_s=slow_s, slow_cpu=slow_cpu,
+                speedup_wall=slow_s / fast_s, speedup_cpu=slow_cpu / fast_cpu,
+                acc_fast_mean=float(fast[idx].mean()), acc_slow_mean=float(slow.mean()),
                 acc_fast_best=float(fast[idx].max()), acc_slow_best=float(slow.max()))
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    command(main)

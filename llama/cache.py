@@ -1,27 +1,33 @@
 """The activation cache on disk, and its reader. Imports neither fairscale nor the model.
 
 Layout of a cache directory:
-    metadata.json            what it is: model (path, params, fingerprint), tokenizer, data file and its
-                             sha256, chat format, token mode, dtype, versions, per-example "ids",
-                             "labels" (1: the plus side is true / the prompt is a "testing" one; null
-                             when unknown), optional "types", timings, and "complete"
-    layer_info.json          {layers, num_examples, hidden_dim, dtype, token, sides}; written last, so
-                             its presence means the cache is complete
-    layer_XX/SIDE.npy        one array per side ("plus" and "minus" for contrast pairs, "prompt" for
-                             single prompts): [num_examples, hidden_dim] for token "last" or "mean";
+    metadata.json            what it is: model (path, params, fingerprint), tokenizer, data file
+                             and its sha256, chat format, token mode, dtype, versions, per-example
+                             "ids", "labels" (1: the plus side is true / the prompt is a
+                             "testing" one; null when unknown), optional "types", timings, and
+                             "complete"
+    layer_info.json          {layers, num_examples, hidden_dim, dtype, token, sides}; written last,
+                             so its presence means the cache is complete
+    layer_XX/SIDE.npy        one array per side ("plus" and "minus" for contrast pairs, "prompt"
+                             for single prompts): [num_examples, hidden_dim] for token "last" or
+                             "mean" (the mean state of `mean_state`: settings.mean_keep_first says
+                             whether position 0 was kept);
                              [total_tokens, hidden_dim] for token "all", rows of example i being
-                             offsets_SIDE.npy[i]:offsets_SIDE.npy[i + 1]. bfloat16 is stored as its raw
-                             16 bits (uint16), since numpy has no bfloat16.
+                             offsets_SIDE.npy[i]:offsets_SIDE.npy[i + 1]. bfloat16 is stored as its
+                             raw 16 bits (uint16), since numpy has no bfloat16.
     offsets_SIDE.npy         int64 [num_examples + 1], token "all" only
     logprobs.npy             float32 [num_examples, num_sides], the log-probability of each side's
                              answer tokens (extraction with --zero_shot)
-    progress/group_G.json    while extraction runs: {"done": [batch numbers]} committed by the writer of
-                             data-parallel group G; the folder exists once every array is allocated
-    .lock                    the running extraction holds an flock on it (a second writer is refused)
+    progress/group_G.json    while extraction runs: {"done": [batch numbers]} committed by the
+                             writer of data-parallel group G; the folder exists once every array
+                             is allocated
+    .lock                    the running extraction holds an flock on it (a second writer is
+                             refused)
 Every array is a plain .npy: numpy memory-maps it and nothing is pickle.
 """
 import json
 import os
+import re
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -31,6 +37,67 @@ from .errors import LlamaError
 FORMAT = "llama-ccs-cache/1"
 DTYPES = ("float32", "float16", "bfloat16")
 TOKEN_MODES = ("last", "mean", "all")
+
+
+def mean_start(lengths, keep_first: bool = False) -> np.ndarray:
+    """The one rule for an example's mean state, in extraction (token "mean") and in every script
+    that averages a token "all" cache: the first position averaged, per example. 1 leaves out
+    position 0, the attention sink (on SmolLM2 a ~25,000 activation in one dimension where every
+    other position stays under ~150, so a mean over it is mostly that dimension); a one-token
+    prompt keeps its token (0), and keep_first keeps position 0 everywhere.
+    lengths: int or array of prompt lengths in tokens -> int64 array of the same shape."""
+    lengths = np.asarray(lengths)
+    return np.where(keep_first | (lengths <= 1), 0, 1).astype(np.int64)
+
+
+def mean_state(a: np.ndarray, offsets: np.ndarray, keep_first: bool = False) -> np.ndarray:
+    """Each example's mean state from a token "all" array: a [total_tokens, d], example i's rows
+    offsets[i]:offsets[i + 1] -> [num_examples, d] float32 (summed in float64), by mean_start."""
+    off = np.asarray(offsets, dtype=np.int64)
+    start = off[:-1] + mean_start(np.diff(off), keep_first)
+    out = np.empty((len(off) - 1, a.shape[1]), dtype=np.float32)
+    for i, (lo, hi) in enumerate(zip(start, off[1:])):
+        out[i] = np.asarray(a[lo:hi], dtype=np.float64).mean(0)
+    return out
+
+
+def span(layers) -> str:
+    """[0, 1, 2, 3, 7] -> '0-3, 7'."""
+    out, layers = [], sorted(layers)
+    for i, x in enumerate(layers):
+        if i and x == layers[i - 1] + 1:
+            out[-1][1] = x
+        else:
+            out.append([x, x])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def parse_layers(spec, available, where: str = "this model") -> List[int]:
+    """The one `--layers` syntax: 'all' (or None), 12, '10,20,23', '0-3,7' (ranges inclusive) or a
+    list of those -> sorted, distinct layer numbers. available: the layers there are, a list or
+    an int n (layers 0..n: the embedding output and n blocks); where: what holds them (errors)."""
+    have = list(range(available + 1)) if isinstance(available, int) else sorted(available)
+    if spec is None or str(spec).strip().lower() == "all":
+        return have
+    items = list(spec) if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    layers = set()
+    for item in items:
+        s = str(item).strip()
+        try:
+            if "-" in s.lstrip("-"):
+                a, b = s.split("-", 1)
+                layers.update(range(int(a), int(b) + 1))
+            else:
+                layers.add(int(s))
+        except ValueError:
+            raise LlamaError(f"--layers: {s!r} is not a layer number, a range a-b or 'all'") \
+                from None
+    if not layers:
+        raise LlamaError(f"--layers {spec!r} names no layer")
+    bad = sorted(layers - set(have))
+    if bad:
+        raise LlamaError(f"--layers: layer {bad[0]} not in {where} (it has layers {span(have)})")
+    return sorted(layers)
 
 
 def layer_dir(root: str, layer: int) -> str:
@@ -67,7 +134,8 @@ class ActivationCache:
         meta_path = os.path.join(path, "metadata.json")
         if not os.path.exists(info_path):
             if os.path.exists(meta_path):
-                raise LlamaError(f"cache {path} is incomplete (extraction did not finish): run the same command again to resume")
+                raise LlamaError(f"cache {path} is incomplete (extraction did not finish): "
+                                 "run the same command again to resume")
             raise LlamaError(f"{path} is not an activation cache (no layer_info.json)")
         try:
             with open(info_path) as f:
@@ -80,7 +148,8 @@ class ActivationCache:
             if key not in self.info:
                 raise LlamaError(f"cache {path}: layer_info.json has no {key!r}")
         if not self.meta.get("complete", False):
-            raise LlamaError(f"cache {path} is incomplete (extraction did not finish): run the same command again to resume")
+            raise LlamaError(f"cache {path} is incomplete (extraction did not finish): "
+                             "run the same command again to resume")
         self.layers: List[int] = list(self.info["layers"])
         self.num_examples: int = self.info["num_examples"]
         self.hidden_dim: int = self.info["hidden_dim"]
@@ -109,6 +178,14 @@ class ActivationCache:
         return self.meta.get("types")
 
     @property
+    def mean_keep_first(self) -> Optional[bool]:
+        """Token "mean" caches: whether the mean kept position 0 (mean_start); caches written
+        before the rule averaged every position (True). None for other token modes."""
+        if self.token != "mean":
+            return None
+        return bool(self.meta.get("settings", {}).get("mean_keep_first", True))
+
+    @property
     def fingerprint(self) -> Optional[str]:
         return self.meta.get("model", {}).get("fingerprint")
 
@@ -118,14 +195,21 @@ class ActivationCache:
 
     def _check(self, layer: int, side: str) -> None:
         if layer not in self.layers:
-            raise LlamaError(f"layer {layer} not in cache {self.path} (cached: {', '.join(map(str, self.layers))})")
+            raise LlamaError(f"layer {layer} not in cache {self.path} "
+                             f"(cached: {', '.join(map(str, self.layers))})")
         if side not in self.sides:
-            raise LlamaError(f"side {side!r} not in cache {self.path} (sides: {', '.join(self.sides)})")
+            raise LlamaError(f"side {side!r} not in cache {self.path} "
+                             f"(sides: {', '.join(self.sides)})")
 
     def raw(self, layer: int, side: str) -> np.ndarray:
         """The stored array, memory-mapped (uint16 bit patterns for bfloat16)."""
         self._check(layer, side)
         return np.load(os.path.join(layer_dir(self.path, layer), f"{side}.npy"), mmap_mode="r")
+
+    def rows(self, layer: int, side: str) -> "Rows":
+        """One layer and side read as float32 a slice of rows at a time (a layer larger than
+        memory: a token "all" cache of a big model)."""
+        return Rows(self.raw(layer, side), self.dtype == "bfloat16")
 
     def array(self, layer: int, side: str) -> np.ndarray:
         """One layer and side as float32 (a copy, converted from the stored dtype)."""
@@ -146,13 +230,33 @@ class ActivationCache:
     def offsets(self, side: str) -> np.ndarray:
         """Token "all" caches: rows of example i are offsets[i]:offsets[i + 1]."""
         if self.token != "all":
-            raise LlamaError(f"cache {self.path} holds one vector per example (token {self.token!r}), not all tokens")
+            raise LlamaError(f"cache {self.path} holds one vector per example "
+                             f"(token {self.token!r}), not all tokens")
         return np.load(os.path.join(self.path, f"offsets_{side}.npy"))
 
     @property
     def logprobs(self) -> Optional[np.ndarray]:
         f = os.path.join(self.path, "logprobs.npy")
         return np.load(f) if os.path.exists(f) else None
+
+
+class Rows:
+    """A stored array read lazily: rows[a:b] -> [b - a, d] float32 (bfloat16 widened)."""
+
+    def __init__(self, raw: np.ndarray, bf16: bool):
+        self.raw, self.bf16, self.shape = raw, bf16, raw.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        a = self.raw[rows]
+        return bf16_to_float32(a) if self.bf16 else np.asarray(a, dtype=np.float32)
+
+    def blocks(self, mb: float = 64.0):
+        """Consecutive row slices of about mb MiB of float32 each."""
+        k = max(1, int(mb * 2**20 // (4 * self.shape[1])))
+        return (slice(i, i + k) for i in range(0, self.shape[0], k))
 
 
 def save_cache(
@@ -191,12 +295,21 @@ def save_cache(
     meta = {"format": FORMAT, **meta, "token": token, "dtype": dtype, "complete": True}
     meta.setdefault("ids", list(range(n)))
     write_json(os.path.join(path, "metadata.json"), meta)
-    info = {"layers": layers, "num_examples": n, "hidden_dim": int(first.shape[1]), "dtype": dtype, "token": token, "sides": sides}
+    info = {"layers": layers, "num_examples": n, "hidden_dim": int(first.shape[1]), "dtype": dtype,
+            "token": token, "sides": sides}
     write_json(os.path.join(path, "layer_info.json"), info)
 
 
 PROGRESS = "progress"  # folder of progress files; it exists only once every array is allocated
 LOCK = ".lock"
+
+
+def own_entries(path: str) -> List[str]:
+    """The names in folder `path` that belong to a cache (a cache may share its folder with other
+    files, e.g. the prompts it was made from: those are never touched)."""
+    pat = re.compile(r"(metadata\.json|layer_info\.json|logprobs\.npy|offsets_\w+\.npy|layer_\d+|"
+                     + re.escape(PROGRESS) + "|" + re.escape(LOCK) + r")(\.tmp)?")
+    return sorted(n for n in os.listdir(path) if pat.fullmatch(n))
 
 
 def allocate(path: str, name: str, shape: tuple, dt) -> None:
@@ -236,14 +349,16 @@ def read_done(path: str) -> set:
             with open(os.path.join(folder, name)) as f:
                 done.update(json.load(f)["done"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise LlamaError(f"cache {path}: progress file {name} is unreadable; use --overwrite to start again")
+            raise LlamaError(f"cache {path}: progress file {name} is unreadable; "
+                             "use --overwrite to start again")
     return done
 
 
 class CacheWriter:
     """Writes rows in place into a cache's preallocated .npy files. Several processes may hold one
-    each, writing disjoint rows. `commit` makes the rows durable, then records the finished work units
-    in this writer's own progress file, so a kill at any moment loses at most uncommitted work."""
+    each, writing disjoint rows. `commit` makes the rows durable, then records the finished work
+    units in this writer's own progress file, so a kill at any moment loses at most uncommitted
+    work."""
 
     def __init__(self, path: str, arrays: Dict[str, tuple], group: int = 0):
         self.path, self.group = path, group
@@ -252,7 +367,8 @@ class CacheWriter:
             f = os.path.join(path, name)
             m = np.load(f, mmap_mode="r")
             if m.shape != tuple(shape) or m.dtype != np.dtype(dt):
-                raise LlamaError(f"cache {path}: {name} is {m.dtype}{list(m.shape)}, expected {np.dtype(dt)}{list(shape)}")
+                raise LlamaError(f"cache {path}: {name} is {m.dtype}{list(m.shape)}, "
+                                 f"expected {np.dtype(dt)}{list(shape)}")
             offset, row = m.offset, m.itemsize * int(np.prod(shape[1:]))
             del m
             self.files[name] = (os.open(f, os.O_RDWR), offset, row, np.dtype(dt))
@@ -269,7 +385,8 @@ class CacheWriter:
     def commit(self, done) -> None:
         for fd, *_ in self.files.values():
             os.fsync(fd)
-        write_json(os.path.join(self.path, PROGRESS, f"group_{self.group}.json"), {"done": sorted(done)})
+        write_json(os.path.join(self.path, PROGRESS, f"group_{self.group}.json"),
+                   {"done": sorted(done)})
 
     def close(self) -> None:
         for fd, *_ in self.files.values():

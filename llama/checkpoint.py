@@ -1,9 +1,11 @@
-"""Load a checkpoint into a model-parallel Transformer: a Meta dir (consolidated.NN.pth + params.json),
-a Hugging Face dir (config.json + *.safetensors), a .gguf file, or a Hugging Face model id found in
-the local cache. Each rank reads only its own slices (mmap / lazy safetensors slices), re-splitting
-the checkpoint's shards when their number differs from the model-parallel size.
+"""Load a checkpoint into a model-parallel Transformer: a Meta dir (consolidated.NN.pth +
+params.json), a Hugging Face dir (config.json + *.safetensors), a .gguf file, or a Hugging Face
+model id found in the local cache. Each rank reads only its own slices (mmap / lazy safetensors
+slices), re-splitting the checkpoint's shards when their number differs from the model-parallel
+size.
 
-    python -m llama.checkpoint PATH [--mp N] [--dtype bfloat16] [--device cpu]   # load, print a summary
+    # load, print a summary
+    python -m llama.checkpoint PATH [--mp N] [--dtype bfloat16] [--device cpu]
 """
 import glob
 import hashlib
@@ -16,63 +18,18 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .errors import LlamaError
+from .layout import DTYPES, full_shapes, rank_slice, split_dim
 from .model import ModelArgs, Transformer, check_parallel
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 IGNORED = ("rope.freqs",)  # Llama 1/2 shards carry the rotary table; we compute it
 
 
-# ---- Meta layout: names, split dims, sharding ----
+# ---- Meta layout: sharding ----
 
-def split_dim(name: str, args: ModelArgs) -> Optional[int]:
-    """The dim a Meta weight is split on across model-parallel ranks (None: replicated)."""
-    kind = name.split(".")[-2]
-    if kind in ("wq", "wk", "wv", "w1", "w3", "output"):
-        return 0
-    if kind in ("wo", "w2"):
-        return 1
-    if kind == "tok_embeddings":
-        return 0 if args.vocab_parallel_embedding else 1
-    return None
-
-
-def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
-    """Every weight's unsplit shape (kv heads as in the checkpoint, not replicated)."""
-    d, hd, f, v = args.dim, args.head_dim, args.hidden_dim, args.vocab_size
-    shapes = {"tok_embeddings.weight": (v, d), "norm.weight": (d,), "output.weight": (v, d)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (args.n_heads * hd, d),
-            p + "attention.wk.weight": (args.kv_heads * hd, d),
-            p + "attention.wv.weight": (args.kv_heads * hd, d),
-            p + "attention.wo.weight": (d, args.n_heads * hd),
-            p + "feed_forward.w1.weight": (f, d),
-            p + "feed_forward.w2.weight": (d, f),
-            p + "feed_forward.w3.weight": (f, d),
-            p + "attention_norm.weight": (d,),
-            p + "ffn_norm.weight": (d,),
-        })
-    return shapes
-
-
-def rank_slice(name: str, args: ModelArgs, mp: int, rank: int) -> Tuple[Optional[int], int, int]:
-    """(dim, lo, hi): the part of the unsplit weight that model-parallel rank `rank` of `mp` holds."""
-    dim = split_dim(name, args)
-    if dim is None:
-        return None, 0, 0
-    kind = name.split(".")[-2]
-    if kind in ("wk", "wv") and mp > args.kv_heads:  # replicated kv heads: one whole head per rank
-        head = rank // (check_parallel(args, mp) // args.kv_heads)
-        return 0, head * args.head_dim, (head + 1) * args.head_dim
-    size = full_shapes(args)[name][dim]
-    if size % mp:
-        raise LlamaError(f"{name}: size {size} on dim {dim} does not split into {mp} parts")
-    return dim, rank * size // mp, (rank + 1) * size // mp
-
-
-def shard_state_dict(full_sd: Dict[str, torch.Tensor], args: ModelArgs, mp: int, rank: int) -> Dict[str, torch.Tensor]:
-    """Rank `rank`'s part of a full Meta state dict for model-parallel size mp (copies, safe to torch.save)."""
+def shard_state_dict(full_sd: Dict[str, torch.Tensor], args: ModelArgs, mp: int,
+                     rank: int) -> Dict[str, torch.Tensor]:
+    """Rank `rank`'s part of a full Meta state dict for model-parallel size mp (copies, safe to
+    torch.save)."""
     check_parallel(args, mp)
     out = {}
     for name, t in full_sd.items():
@@ -82,24 +39,27 @@ def shard_state_dict(full_sd: Dict[str, torch.Tensor], args: ModelArgs, mp: int,
 
 
 def merge_shards(sds: List[Dict[str, torch.Tensor]], args: ModelArgs) -> Dict[str, torch.Tensor]:
-    """The full state dict from the shards of a Meta checkpoint (rope.freqs dropped, kv heads un-replicated)."""
+    """The full state dict from the shards of a Meta checkpoint (rope.freqs dropped, kv heads
+    un-replicated)."""
     src = Shards(sds, args, [f"shard {i}" for i in range(len(sds))])
     return {name: src.read(name).clone() for name in src.shapes}
 
 
 def meta_params(args: ModelArgs) -> dict:
-    """params.json content for `args` (None values and the rope scaling details of unscaled models left out)."""
+    """params.json content for `args` (None values and the rope scaling details of unscaled models
+    left out)."""
     skip = {"max_batch_size"}
     if not args.use_scaled_rope:
-        skip |= {"rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context"}
+        skip |= {"rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_original_context"}
     if not args.vocab_parallel_embedding:
         skip.add("vocab_parallel_embedding")
     return {k: v for k, v in asdict(args).items() if v is not None and k not in skip}
 
 
 class Shards:
-    """Meta-named weights held as N state dicts (mmapped shard files, or one in-memory dict), read as
-    slices of the unsplit weights."""
+    """Meta-named weights held as N state dicts (mmapped shard files, or one in-memory dict), read
+    as slices of the unsplit weights."""
 
     def __init__(self, sds: List[Dict[str, torch.Tensor]], args: ModelArgs, files: List[str]):
         self.sds, self.files, self.args = sds, files, args
@@ -108,26 +68,32 @@ class Shards:
             other = set(sd) - set(IGNORED)
             if other != keys:
                 odd = sorted(keys ^ other)[0]
-                raise LlamaError(f"{file}: weight {odd!r} is in {'this' if odd in other else 'the first'} shard only")
+                raise LlamaError(f"{file}: weight {odd!r} is in "
+                                 f"{'this' if odd in other else 'the first'} shard only")
         n = len(sds)
         self.dims, self.shapes, self.kv_rep = {}, {}, {}
         for name in sorted(keys):
             t = sds[0][name]
             for sd, file in zip(sds[1:], files[1:]):
                 if sd[name].shape != t.shape:
-                    raise LlamaError(f"{file}: {name} has shape {tuple(sd[name].shape)}, shard 0 has {tuple(t.shape)}")
+                    raise LlamaError(f"{file}: {name} has shape {tuple(sd[name].shape)}, shard 0 "
+                                     f"has {tuple(t.shape)}")
             dim = split_dim(name, args)
-            if name == "tok_embeddings.weight" and n > 1:  # Llama 1/2 split it on dim 1, Llama 3 on dim 0
+            # Llama 1/2 split it on dim 1, Llama 3 on dim 0
+            if name == "tok_embeddings.weight" and n > 1:
                 dim = 1 if t.dim() == 2 and t.shape[1] * n == args.dim else 0
             if dim is not None and dim >= t.dim():
-                raise LlamaError(f"{files[0]}: {name} has shape {tuple(t.shape)}: expected a matrix")
+                raise LlamaError(f"{files[0]}: {name} has shape {tuple(t.shape)}: expected a "
+                                 "matrix")
             shape = list(t.shape)
             if dim is not None and n > 1:
                 shape[dim] *= n
             self.dims[name] = None if n == 1 else dim
             kv = args.kv_heads
-            if name.split(".")[-2] in ("wk", "wv") and n > kv and n % kv == 0 and t.shape[0] == args.head_dim:
-                self.kv_rep[name] = n // kv  # written for an mp above n_kv_heads: one (repeated) head per shard
+            if (name.split(".")[-2] in ("wk", "wv") and n > kv and n % kv == 0
+                and t.shape[0] == args.head_dim):
+                # written for an mp above n_kv_heads: one (repeated) head per shard
+                self.kv_rep[name] = n // kv
                 shape[0] = kv * args.head_dim
             self.shapes[name] = tuple(shape)
 
@@ -137,8 +103,10 @@ class Shards:
             return self.stored(name, dim, lo, hi)
         hd = self.args.head_dim
         a, b = (lo, hi) if dim == 0 else (0, self.shapes[name][0])
-        skip = (rep - 1) * hd  # stored head h * rep holds head h: its rows start h * skip further on
-        rows = torch.cat([self.stored(name, 0, max(a, h * hd) + h * skip, min(b, h * hd + hd) + h * skip)
+        # stored head h * rep holds head h: its rows start h * skip further on
+        skip = (rep - 1) * hd
+        rows = torch.cat([self.stored(name, 0, max(a, h * hd) + h * skip,
+                                      min(b, h * hd + hd) + h * skip)
                           for h in range(a // hd, (b - 1) // hd + 1)])
         return rows.narrow(1, lo, hi - lo) if dim == 1 else rows
 
@@ -185,7 +153,8 @@ def meta_args(path: str, emb: Optional[torch.Tensor], n_shards: int) -> ModelArg
     factor_given = {"rope_scale_factor", "rope_scaling_factor"} & set(params)
     if (args.use_scaled_rope and not factor_given and args.vocab_size == 128256
             and (args.dim, args.n_layers) in ((2048, 16), (3072, 28))):
-        args.rope_scale_factor = 32.0  # Llama 3.2 1B/3B params.json omit the factor; theirs is 32, not 8
+        # Llama 3.2 1B/3B params.json omit the factor; theirs is 32, not 8
+        args.rope_scale_factor = 32.0
     return args
 
 
@@ -195,13 +164,16 @@ def load_meta_state_shards(path: str):
         raise LlamaError(f"{path}: no consolidated.NN.pth files")
     want = [os.path.join(path, f"consolidated.{i:02d}.pth") for i in range(len(files))]
     if files != want:
-        raise LlamaError(f"{path}: shard files must be consolidated.00.pth .. consolidated.{len(files) - 1:02d}.pth")
+        raise LlamaError(f"{path}: shard files must be consolidated.00.pth .. "
+                         f"consolidated.{len(files) - 1:02d}.pth")
     sds = []
     for f in files:
         try:
             sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # torch reports a damaged zip as RuntimeError, a bad pickle as others
-            raise LlamaError(f"{f}: unreadable or truncated checkpoint shard ({str(e).splitlines()[0]})")
+        # torch reports a damaged zip as RuntimeError, a bad pickle as others
+        except Exception as e:
+            raise LlamaError(f"{f}: unreadable or truncated checkpoint shard "
+                             f"({str(e).splitlines()[0]})")
         if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
             raise LlamaError(f"{f}: not a state dict of tensors")
         sds.append(sd)
@@ -210,7 +182,8 @@ def load_meta_state_shards(path: str):
 
 
 def load_meta_state(path: str) -> Tuple[ModelArgs, Dict[str, torch.Tensor]]:
-    """(args, full state dict) of a Meta dir or a Hugging Face dir, in Meta's names and rotary layout."""
+    """(args, full state dict) of a Meta dir or a Hugging Face dir, in Meta's names and rotary
+    layout."""
     path = str(path)
     src = open_source(path)[0]
     return src.args, {name: src.read(name).clone() for name in src.shapes}
@@ -219,9 +192,11 @@ def load_meta_state(path: str) -> Tuple[ModelArgs, Dict[str, torch.Tensor]]:
 # ---- Hugging Face layout ----
 
 HF_NAMES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 
 
@@ -250,7 +225,8 @@ def hf_args(cfg: dict, file: str) -> ModelArgs:
         raise LlamaError(f"{file}: only silu activations without biases are supported")
     dim, heads = need("hidden_size"), need("num_attention_heads")
     if cfg.get("head_dim") not in (None, dim // heads):
-        raise LlamaError(f"{file}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+        raise LlamaError(f"{file}: head_dim {cfg['head_dim']} "
+                         "!= hidden_size / num_attention_heads")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
@@ -272,7 +248,8 @@ def hf_args(cfg: dict, file: str) -> ModelArgs:
 
 
 class HFWeights:
-    """A Hugging Face safetensors checkpoint read lazily, slice by slice, in Meta names and rotary layout."""
+    """A Hugging Face safetensors checkpoint read lazily, slice by slice, in Meta names and rotary
+    layout."""
 
     def __init__(self, path: str):
         from safetensors import SafetensorError, safe_open
@@ -282,7 +259,8 @@ class HFWeights:
         self.args = hf_args(cfg, file)
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
-            raise LlamaError(f"{path}: no *.safetensors files (pytorch_model.bin is not read: save as safetensors)")
+            raise LlamaError(f"{path}: no *.safetensors files (pytorch_model.bin is not read: "
+                             "save as safetensors)")
         self.where, self.shapes, self.handles = {}, {}, []
         for f in files:
             try:
@@ -299,8 +277,10 @@ class HFWeights:
                 self.where[name] = (h, key, f)
                 self.shapes[name] = tuple(h.get_slice(key).get_shape())
         emb = "tok_embeddings.weight"
-        if "output.weight" not in self.where and cfg.get("tie_word_embeddings") and emb in self.where:
-            self.where["output.weight"], self.shapes["output.weight"] = self.where[emb], self.shapes[emb]
+        if ("output.weight" not in self.where and cfg.get("tie_word_embeddings")
+            and emb in self.where):
+            self.where["output.weight"], self.shapes["output.weight"] = (self.where[emb],
+                                                                         self.shapes[emb])
 
     def read(self, name: str, dim: Optional[int] = None, lo: int = 0, hi: int = 0) -> torch.Tensor:
         from safetensors import SafetensorError
@@ -312,7 +292,8 @@ class HFWeights:
         except SafetensorError as e:
             raise LlamaError(f"{f}: cannot read {key} ({e})")
         kind = name.split(".")[-2]
-        if kind in ("wq", "wk"):  # HF rows are permuted for rotate-half rope; back to interleaved pairs
+        # HF rows are permuted for rotate-half rope; back to interleaved pairs
+        if kind in ("wq", "wk"):
             hd = self.args.head_dim
             if t.shape[0] % hd:
                 raise LlamaError(f"{f}: {key} has {t.shape[0]} rows, not whole heads of {hd}")
@@ -325,7 +306,8 @@ class HFWeights:
 
 def hf_cache_dir(model_id: str) -> str:
     hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+        os.environ.get("HF_HOME")
+        or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
     base = os.path.join(hub, "models--" + model_id.replace("/", "--"))
     ref = os.path.join(base, "refs", "main")
     if os.path.exists(ref):
@@ -333,7 +315,8 @@ def hf_cache_dir(model_id: str) -> str:
             snap = os.path.join(base, "snapshots", f.read().strip())
         if os.path.exists(os.path.join(snap, "config.json")):
             return snap
-    snaps = sorted(glob.glob(os.path.join(base, "snapshots", "*", "config.json")), key=os.path.getmtime)
+    snaps = sorted(glob.glob(os.path.join(base, "snapshots", "*", "config.json")),
+                   key=os.path.getmtime)
     if not snaps:
         raise LlamaError(
             f"{model_id} is neither a path nor a model in the local Hugging Face cache ({hub}); "
@@ -351,7 +334,8 @@ def find_tokenizer(*dirs: str) -> Optional[str]:
 
 def open_source(path: str, dtype: torch.dtype = torch.float32):
     """(weights, kind, tokenizer path) for a checkpoint path or a cached Hugging Face model id."""
-    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith("."):
+    if (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path)
+        and not path.startswith(".")):
         path = hf_cache_dir(path)
     if os.path.isfile(path) and path.endswith(".gguf"):
         from .gguf import read_gguf
@@ -359,14 +343,37 @@ def open_source(path: str, dtype: torch.dtype = torch.float32):
         args, sd, tok_dir = read_gguf(path, dtype)
         return Shards([sd], args, [path]), "gguf", find_tokenizer(tok_dir)
     if not os.path.isdir(path):
-        raise LlamaError(f"{path}: no such checkpoint (a Meta or Hugging Face dir, a .gguf file, or a cached model id)")
+        raise LlamaError(f"{path}: no such checkpoint (a Meta or Hugging Face dir, a .gguf file, "
+                         "or a cached model id)")
     if os.path.exists(os.path.join(path, "params.json")):
         args, sds, files = load_meta_state_shards(path)
         # Llama 2 downloads keep tokenizer.model next to the model dirs
-        return Shards(sds, args, files), "meta", find_tokenizer(path, os.path.dirname(os.path.abspath(path)))
+        return (Shards(sds, args, files), "meta",
+                find_tokenizer(path, os.path.dirname(os.path.abspath(path))))
     if os.path.exists(os.path.join(path, "config.json")):
         return HFWeights(path), "hf", find_tokenizer(path)
-    raise LlamaError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face layout) found")
+    raise LlamaError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face "
+                     "layout) found")
+
+
+def read_args(path: str) -> ModelArgs:
+    """The model parameters from a checkpoint's header alone (params.json, config.json or GGUF
+    metadata), reading no weight: for checks that should come before the load. vocab_size may
+    be -1 (Llama 1/2 params.json)."""
+    path = str(path)
+    if (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path)
+        and not path.startswith(".")):
+        path = hf_cache_dir(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        from .gguf import gguf_args, open_gguf
+
+        return gguf_args(open_gguf(path), path)
+    if os.path.isfile(os.path.join(path, "params.json")):
+        return meta_args(path, None, 1)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        file = os.path.join(path, "config.json")
+        return hf_args(read_json_object(file), file)
+    return open_source(path)[0].args  # says what is wrong with the path
 
 
 # ---- loading ----
@@ -376,17 +383,19 @@ class Loaded:
     model: Transformer
     args: ModelArgs
     tokenizer_path: Optional[str]
-    fingerprint: str  # same weights -> same value, whatever the layout, dtype or model-parallel size
+    # same weights -> same value, whatever the layout, dtype or model-parallel size
+    fingerprint: str
     source: str  # "meta", "hf" or "gguf"
 
 
 def fingerprint(src, args: ModelArgs) -> str:
     """A short hash of the model parameters, every weight's name and shape, and the first values of
     each weight (read as float32 from the checkpoint, in Meta's layout)."""
-    keys = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
-            "use_scaled_rope")
+    keys = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps",
+            "rope_theta", "use_scaled_rope")
     if args.use_scaled_rope:
-        keys += ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context")
+        keys += ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_original_context")
     h = hashlib.sha256(json.dumps({k: getattr(args, k) for k in keys}).encode())
     for name in sorted(src.shapes):
         rows = args.head_dim if name.split(".")[-2] in ("wq", "wk") else 1
@@ -430,23 +439,33 @@ def load_model(path, dist, dtype: str = "float32", max_seq_len: Optional[int] = 
                              f"the model's embedding only {args.vocab_size}")
     check_parallel(args, dist.mp)
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(dt)  # fairscale allocates its weights (uninitialised) in the default dtype
+    # fairscale allocates its weights (uninitialised) in the default dtype
+    torch.set_default_dtype(dt)
     try:
         model = Transformer(args)
     finally:
         torch.set_default_dtype(prev)
-    model.eval().to(dist.device)  # still uninitialised: untouched pages, so no host copy of the weights
+    # still uninitialised: untouched pages, so no host copy of the weights
+    model.eval().to(dist.device)
     with torch.no_grad():
         for name, p in model.state_dict().items():
             dim, lo, hi = rank_slice(name, args, dist.mp, dist.mp_rank)
             t = src.read(name, dim, lo, hi)
             if t.shape != p.shape:
-                raise LlamaError(f"{kind} checkpoint: {name} slice has shape {tuple(t.shape)}, not {tuple(p.shape)}")
+                raise LlamaError(f"{kind} checkpoint: {name} slice has shape {tuple(t.shape)}, "
+                                 f"not {tuple(p.shape)}")
             p.copy_(t)
     return Loaded(model, args, tok_path, fingerprint(src, args), kind)
 
 
 def main(path: str, mp: int = 0, dtype: str = "float32", device: str = "auto"):
+    """Load a checkpoint and print a one-line summary (layers, dims, fingerprint, tokenizer).
+
+    path: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
+    mp: model-parallel size (default: the world size)
+    dtype: float32, float16 or bfloat16
+    device: auto, cpu or cuda
+    """
     from .dist import setup, teardown
 
     if mp:  # refuse a model-parallel size that cannot work before starting any process group
@@ -456,16 +475,14 @@ def main(path: str, mp: int = 0, dtype: str = "float32", device: str = "auto"):
         m = load_model(path, d, dtype)
         a = m.args
         if d.is_main:
-            print(f"{m.source} {path}: {a.n_layers} layers, dim {a.dim}, {a.n_heads} heads ({a.kv_heads} kv), "
-                  f"vocab {a.vocab_size}, ffn {a.hidden_dim}, mp {d.mp}, {dtype}, fingerprint {m.fingerprint}, "
-                  f"tokenizer {m.tokenizer_path}")
+            print(f"{m.source} {path}: {a.n_layers} layers, dim {a.dim}, {a.n_heads} heads "
+                  f"({a.kv_heads} kv), vocab {a.vocab_size}, ffn {a.hidden_dim}, mp {d.mp}, "
+                  f"{dtype}, fingerprint {m.fingerprint}, tokenizer {m.tokenizer_path}")
     finally:
         teardown()
 
 
 if __name__ == "__main__":
-    import fire
+    from .cli import command
 
-    from .errors import cli
-
-    cli(fire.Fire, main)
+    command(main, prog="python -m llama.checkpoint")

@@ -1,5 +1,5 @@
-"""Any checkpoint llama.checkpoint reads (a Meta dir, a Hugging Face dir or cached model id, a .gguf)
--> Meta layout for N model-parallel ranks:
+"""Any checkpoint llama.checkpoint reads (a Meta dir, a Hugging Face dir or cached model id, a
+.gguf) -> Meta layout for N model-parallel ranks:
 
     python -m llama.convert SRC DST [--mp N] [--dtype float32|float16|bfloat16] [--overwrite]
 
@@ -13,16 +13,17 @@ import re
 import shutil
 import tempfile
 
-import fire
 import torch
 from tqdm import tqdm
 
-from .checkpoint import DTYPES, check_weights, hf_cache_dir, meta_params, open_source, rank_slice
-from .errors import LlamaError, cli
+from .checkpoint import check_weights, hf_cache_dir, meta_params, open_source
+from .errors import LlamaError
+from .layout import DTYPES, rank_slice
 from .model import check_parallel
 
 RECORD = "convert.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_special.json", "tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_special.json", "tokenizer.json",
+                   "tokenizer_config.json", "chat_template.jinja")
 
 
 def stamp(path: str) -> list:
@@ -48,14 +49,22 @@ def describe(rec: dict) -> str:
 
 
 def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = False):
-    """Write SRC in Meta layout with `mp` shards into DST."""
+    """Write SRC in Meta layout with `mp` shards into DST.
+
+    src: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
+    dst: the folder to write (consolidated.NN.pth, params.json, tokenizer files, convert.json)
+    mp: model-parallel shards to write
+    dtype: float32, float16 or bfloat16
+    overwrite: replace a different conversion already in DST
+    """
     if dtype not in DTYPES:
         raise LlamaError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
     if not isinstance(mp, int) or isinstance(mp, bool) or mp < 1:
         raise LlamaError(f"--mp must be a positive integer, not {mp!r}")
     src = str(src)
     if not os.path.exists(src) and not re.fullmatch(r"[\w-]+/[\w.-]+", src):
-        raise LlamaError(f"{src}: no such checkpoint (a Meta or Hugging Face dir, a .gguf file, or a cached model id)")
+        raise LlamaError(f"{src}: no such checkpoint (a Meta or Hugging Face dir, a .gguf file, "
+                         "or a cached model id)")
     path = os.path.abspath(src if os.path.exists(src) else hf_cache_dir(src))
     dst = os.path.abspath(str(dst))
     if dst == path or dst.startswith(path + os.sep):
@@ -69,7 +78,8 @@ def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = Fal
         return
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         if have is None and not os.path.exists(os.path.join(dst, "params.json")):
-            raise LlamaError(f"{dst} exists and is not a converted model: choose another destination")
+            raise LlamaError(f"{dst} exists and is not a converted model: choose another "
+                             "destination")
         if not overwrite:
             what = f"a conversion of {describe(have)}" if have else "another model"
             raise LlamaError(f"{dst} holds {what}; pass --overwrite to replace it")
@@ -90,7 +100,8 @@ def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = Fal
             for r in range(mp):
                 shard = {}
                 for name in names:
-                    shard[name] = weights.read(name, *rank_slice(name, args, mp, r)).to(DTYPES[dtype]).clone()
+                    shard[name] = (weights.read(name, *rank_slice(name, args, mp, r))
+                                   .to(DTYPES[dtype]).clone())
                     bar.update()
                 torch.save(shard, os.path.join(tmp, f"consolidated.{r:02d}.pth"))
         with open(os.path.join(tmp, "params.json"), "w") as f:
@@ -112,8 +123,11 @@ def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = Fal
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"{dst}: {kind} {src} -> {mp} shard(s), {dtype}" + ("" if tok else " (no tokenizer found beside the source)"))
+    print(f"{dst}: {kind} {src} -> {mp} shard(s), {dtype}"
+          + ("" if tok else " (no tokenizer found beside the source)"))
 
 
 if __name__ == "__main__":
-    cli(fire.Fire, convert)
+    from .cli import command
+
+    command(convert, prog="python -m llama.convert")

@@ -1,5 +1,7 @@
+import json
 import os
 import sys
+import time
 
 
 class LlamaError(Exception):
@@ -7,18 +9,38 @@ class LlamaError(Exception):
 
 
 def fail(msg: str, code: int = 2):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one of them says so
+    """Print `error: msg` once (rank 0 of a torchrun world) and exit with `code`. Under torchrun
+    the line also goes into the worker's error file, so the launcher's failure report ends with
+    it instead of a pointer to its documentation."""
+    if os.environ.get("RANK", "0") == "0":
         print(f"error: {msg}", file=sys.stderr, flush=True)
+        path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if path:
+            info = {"py_callstack": f"error: {msg}", "timestamp": str(int(time.time()))}
+            try:
+                with open(path, "w") as f:
+                    json.dump({"message": {"message": f"error: {msg}", "extraInfo": info}}, f)
+            except OSError:
+                pass  # the line above is what matters
     raise SystemExit(code)
 
 
+def report(e: BaseException, rename=None):
+    """Exit with one line for an error a command expects (LlamaError, OSError, Ctrl-C: exit 130,
+    with what the interrupted work kept when it says). rename(msg) may rewrite flag names."""
+    if isinstance(e, LlamaError):
+        msg = str(e)
+    elif isinstance(e, KeyboardInterrupt):
+        fail("interrupted" + (f": {e}" if str(e) else ""), 130)
+    else:  # missing file, permission denied, disk full, read-only file system
+        msg = f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
+    fail(rename(msg) if rename else msg)
+
+
 def cli(fn, *args, **kwargs):
-    """Run `fn` and turn a LlamaError (or a missing/unreadable file) into one line on stderr."""
+    """Run `fn` and turn a LlamaError (or a missing/unreadable file, or Ctrl-C) into one line on
+    stderr. Commands with flags use llama.cli.command: it parses them first, then does this."""
     try:
         return fn(*args, **kwargs)
-    except LlamaError as e:
-        fail(str(e))
-    except OSError as e:  # missing file, permission denied, disk full, read-only file system
-        fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e))
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+    except (LlamaError, OSError, KeyboardInterrupt) as e:
+        report(e)

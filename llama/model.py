@@ -1,13 +1,15 @@
-"""LLaMA (1, 2, 3.x) with fairscale tensor parallelism, returning the hidden state after chosen layers.
+"""LLaMA (1, 2, 3.x) with fairscale tensor parallelism, returning chosen layers' hidden states.
 
-Written from the published architecture in the style of Meta's reference model.py. The one
-addition is a functional KV cache with per-row start positions, so a batch of right-padded shared
-prefixes can be run once and each row's continuation run on top of it.
+Written from the published architecture in the style of Meta's reference model.py. Additions:
+- a functional KV cache with per-row start positions, so a batch of right-padded shared prefixes
+  can be run once and each row's continuation run on top of it (extraction);
+- a preallocated KV cache (`KVCache`) written in place at each row's positions (generation);
+- `Steer`: add a steering vector to, or ablate a direction from, the residual stream.
 """
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +49,13 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
-        d = {"rope_scale_factor" if k == "rope_scaling_factor" else k: v for k, v in d.items()}  # llama-models
+        # llama-models spells it rope_scaling_factor
+        d = {"rope_scale_factor" if k == "rope_scaling_factor" else k: v for k, v in d.items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise LlamaError(f"unknown model parameter {unknown[0]!r} (known: {', '.join(sorted(known))})")
+            raise LlamaError(f"unknown model parameter {unknown[0]!r} "
+                             f"(known: {', '.join(sorted(known))})")
         return cls(**d)
 
     @property
@@ -73,7 +77,8 @@ class ModelArgs:
 
 
 def check_parallel(args: ModelArgs, mp: int) -> int:
-    """Number of kv heads the model holds at model-parallel size mp (replicated when mp > kv heads)."""
+    """Number of kv heads the model holds at model-parallel size mp (replicated when mp > kv
+    heads)."""
     if args.n_heads % mp:
         raise LlamaError(f"model-parallel size {mp} does not divide n_heads={args.n_heads}")
     if args.vocab_size > 0 and args.vocab_size % mp:
@@ -83,7 +88,8 @@ def check_parallel(args: ModelArgs, mp: int) -> int:
         return kv
     if mp % kv == 0:
         return mp
-    raise LlamaError(f"model-parallel size {mp} neither divides n_kv_heads={kv} nor is a multiple of it")
+    raise LlamaError(f"model-parallel size {mp} neither divides n_kv_heads={kv} "
+                     "nor is a multiple of it")
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -117,13 +123,15 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
 
 
 @contextmanager
 def uninitialised():
-    """fairscale initialises each weight by building the full unsplit matrix and copying out this rank's
-    part: a transient full-size copy per layer. The loader overwrites every weight, so skip it."""
+    """fairscale initialises each weight by building the full unsplit matrix and copying out this
+    rank's part: a transient full-size copy per layer. The loader overwrites every weight, so skip
+    it."""
     init = fs_layers._initialize_affine_weight
     fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
     try:
@@ -135,45 +143,128 @@ def uninitialised():
 KV = Tuple[torch.Tensor, torch.Tensor]  # each [B, P, n_local_kv_heads, head_dim]
 
 
+class KVCache:
+    """Preallocated keys and values for decoding, per block a (k, v) pair, each
+    [B, T, local kv heads, head_dim], zeroed (masked positions must hold no NaN). A forward with
+    `cache` writes the new tokens' keys and values at their positions (one write per step, as
+    Meta's generation.py) and each row attends to its own positions 0..pos."""
+
+    def __init__(self, model: "Transformer", batch: int, length: int):
+        attn = model.layers[0].attention
+        shape = (batch, length, attn.n_local_kv_heads, attn.head_dim)
+        w = model.norm.weight
+        self.blocks = [(w.new_zeros(shape), w.new_zeros(shape)) for _ in model.layers]
+        self.length = length
+        self.rows = torch.arange(batch, device=w.device)[:, None]
+
+    def slots(self, pos: torch.Tensor) -> torch.Tensor:
+        """[B * S] flat indices (row * length + position) of positions pos [B, S]."""
+        return (self.rows * self.length + pos).reshape(-1)
+
+
+@dataclass
+class Steer:
+    """An intervention on the residual stream at chosen layers (the cache's numbering: 0 is the
+    embedding output, L the output of block L), applied inside Transformer.forward.
+
+    Addition (Contrastive Activation Addition, Rimsky et al. 2024): h + multiplier * vector.
+    Ablation (`ablate`): h - multiplier * (h . u) u with u = vector / |vector|; multiplier 1
+    removes the component along u, leaving h orthogonal to it. multiplier: a float, or a [B]
+    tensor (one per batch row). Multiplier 0 leaves the forward untouched (bit-identical).
+    positions: "all" (every position, as CAA), or "generated" (positions at or past the row's
+    `prompt_len` given to forward, as the evaluation-awareness notebooks did)."""
+    vectors: Dict[int, torch.Tensor]  # layer -> [dim]
+    multiplier: Union[float, torch.Tensor] = 1.0
+    ablate: bool = False
+    positions: str = "all"
+
+    def __post_init__(self):
+        if self.positions not in ("all", "generated"):
+            raise LlamaError(f"steering positions {self.positions!r}: expected all or generated")
+
+    @property
+    def is_noop(self) -> bool:
+        m = self.multiplier
+        return not self.vectors or (not torch.is_tensor(m) and m == 0)
+
+    def apply(self, layer: int, h: torch.Tensor, pos: torch.Tensor,
+              prompt_len: Optional[torch.Tensor]) -> torch.Tensor:
+        """h [B, S, dim] at positions pos [B, S] -> h steered at `layer` (h if not steered)."""
+        if layer not in self.vectors or self.is_noop:
+            return h
+        v = self.vectors[layer].to(h)
+        m = torch.as_tensor(self.multiplier, dtype=h.dtype, device=h.device).reshape(-1, 1, 1)
+        if self.positions == "generated":
+            if prompt_len is None:
+                raise LlamaError("steering only generated positions needs the prompt lengths")
+            m = m * (pos >= prompt_len[:, None])[..., None].to(h.dtype)
+        if self.ablate:
+            u = v / v.norm()
+            return h - m * (h @ u)[..., None] * u
+        return h + m * v
+
+
+def row_parallel(layer: RowParallelLinear, x: torch.Tensor, mp: int) -> torch.Tensor:
+    """fairscale's RowParallelLinear forward (local matmul, then the sum over the model-parallel
+    group) without its autograd wrapper, whose per-call cost is felt in a one-token decode step.
+    Column-parallel layers are called the same way: F.linear(x, layer.weight) (no gather)."""
+    out = F.linear(x, layer.weight)
+    if mp > 1:
+        torch.distributed.all_reduce(out, group=fs_init.get_model_parallel_group())
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, kv_heads: int):
         super().__init__()
-        mp = fs_init.get_model_parallel_world_size()
+        self.mp = mp = fs_init.get_model_parallel_world_size()
         self.n_local_heads = args.n_heads // mp
         self.n_local_kv_heads = kv_heads // mp
         self.head_dim = args.head_dim
         hd = self.head_dim
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * hd, bias=False, gather_output=False)
-        self.wk = ColumnParallelLinear(args.dim, kv_heads * hd, bias=False, gather_output=False)
-        self.wv = ColumnParallelLinear(args.dim, kv_heads * hd, bias=False, gather_output=False)
-        self.wo = RowParallelLinear(args.n_heads * hd, args.dim, bias=False, input_is_parallel=True)
+        column = dict(bias=False, gather_output=False)
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * hd, **column)
+        self.wk = ColumnParallelLinear(args.dim, kv_heads * hd, **column)
+        self.wv = ColumnParallelLinear(args.dim, kv_heads * hd, **column)
+        self.wo = RowParallelLinear(args.n_heads * hd, args.dim, bias=False,
+                                    input_is_parallel=True)
 
-    def forward(self, x, rot, mask, past: Optional[KV]) -> Tuple[torch.Tensor, KV]:
+    def forward(self, x, rot, mask, past: Optional[KV], cache: Optional[KV] = None,
+                slots: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, KV]:
+        """cache: this block's preallocated (k, v); the new keys and values are written at the
+        flat slots [B * S] (KVCache.slots) and attention reads the first mask.shape[-1]
+        positions."""
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(B, S, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, S, self.n_local_kv_heads, self.head_dim)
+        q = F.linear(x, self.wq.weight).view(B, S, self.n_local_heads, self.head_dim)
+        k = F.linear(x, self.wk.weight).view(B, S, self.n_local_kv_heads, self.head_dim)
+        v = F.linear(x, self.wv.weight).view(B, S, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rotary(q, rot), apply_rotary(k, rot)
         if past is not None:
             k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
-        rep = self.n_local_heads // self.n_local_kv_heads
-        keys = k.repeat_interleave(rep, dim=2) if rep > 1 else k
-        values = v.repeat_interleave(rep, dim=2) if rep > 1 else v
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, is_causal=mask is None
+        if cache is not None:
+            for stored, new in zip(cache, (k, v)):
+                flat = new.reshape(-1, *new.shape[2:])  # [B * S, kv heads, hd]
+                stored.view(-1, *flat.shape[1:]).index_copy_(0, slots, flat)
+            k, v = cache[0][:, : mask.shape[-1]], cache[1][:, : mask.shape[-1]]
+        out = F.scaled_dot_product_attention(  # each kv head serves n_heads // kv_heads queries
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=mask is None, enable_gqa=self.n_local_heads != self.n_local_kv_heads,
         )  # [B, H, S, hd]
-        return self.wo(out.transpose(1, 2).reshape(B, S, -1)), (k, v)
+        out = row_parallel(self.wo, out.transpose(1, 2).reshape(B, S, -1), self.mp)
+        return out, (k, v)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
+        self.mp = fs_init.get_model_parallel_world_size()
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h = F.silu(F.linear(x, self.w1.weight)) * F.linear(x, self.w3.weight)
+        return row_parallel(self.w2, h, self.mp)
 
 
 class TransformerBlock(nn.Module):
@@ -184,8 +275,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, rot, mask, past: Optional[KV]):
-        a, kv = self.attention(self.attention_norm(x), rot, mask, past)
+    def forward(self, x, rot, mask, past: Optional[KV], cache: Optional[KV] = None, slots=None):
+        a, kv = self.attention(self.attention_norm(x), rot, mask, past, cache, slots)
         h = x + a
         return h + self.feed_forward(self.ffn_norm(h)), kv
 
@@ -194,14 +285,16 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         if args.vocab_size <= 0:
-            raise LlamaError("vocab_size is not set (params.json has -1: take it from the tokenizer)")
+            raise LlamaError("vocab_size is not set (params.json has -1: take it from the "
+                             "tokenizer)")
         mp = fs_init.get_model_parallel_world_size()
         self.kv_heads = check_parallel(args, mp)
         self.params = args
         embedding = VocabParallelEmbedding if args.vocab_parallel_embedding else ParallelEmbedding
         with uninitialised():
             self.tok_embeddings = embedding(args.vocab_size, args.dim)
-            self.layers = nn.ModuleList(TransformerBlock(args, self.kv_heads) for _ in range(args.n_layers))
+            self.layers = nn.ModuleList(TransformerBlock(args, self.kv_heads)
+                                        for _ in range(args.n_layers))
             self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False)
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.register_buffer("freqs", rope_frequencies(args), persistent=False)
@@ -210,8 +303,13 @@ class Transformer(nn.Module):
         wanted = sorted(set(range(self.params.n_layers + 1) if layers is None else layers))
         bad = [i for i in wanted if not 0 <= i <= self.params.n_layers]
         if bad:
-            raise LlamaError(f"layer {bad[0]} out of range: this model has layers 0..{self.params.n_layers}")
+            raise LlamaError(f"layer {bad[0]} out of range: this model has layers "
+                             f"0..{self.params.n_layers}")
         return wanted
+
+    def logits_of(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., dim] block output -> [..., vocab] float32 logits (final norm, output layer)."""
+        return self.output(self.norm(h)).float()
 
     @torch.inference_mode()
     def forward(
@@ -222,6 +320,10 @@ class Transformer(nn.Module):
         start: Optional[torch.Tensor] = None,
         past: Optional[List[KV]] = None,
         return_kv: bool = False,
+        cache: Optional[KVCache] = None,
+        steer: Optional[Steer] = None,
+        prompt_len: Optional[torch.Tensor] = None,
+        entry: Optional[Tuple[int, torch.Tensor]] = None,
     ) -> Dict:
         """tokens [B, S], right-padded. Returns {layer: [B, S, dim]}: 0 is the embedding output,
         i the output of block i. Runs no block past the deepest requested layer unless `logits`
@@ -229,35 +331,62 @@ class Transformer(nn.Module):
 
         start [B]: position of tokens[:, 0] in each row. With it, `past` holds each block's keys
         and values of the tokens before (one (k, v) per block, [B, P, kv_heads, hd], of which row b
-        uses the first start[b]); `return_kv` adds "kv": per block, the keys and values of `past` and these tokens.
+        uses the first start[b]); `return_kv` adds "kv": per block, the keys and values of `past`
+        and these tokens. Or `cache` (a KVCache): these tokens' keys and values are written into it
+        at positions start[b]..start[b] + S - 1, and row b attends to its cached positions before.
+
+        steer: a Steer applied to the residual stream at its layers (the returned states are the
+        steered ones); prompt_len [B] tells it which positions are generated.
+        entry (layer, h [B, S, dim]): start from this state at `layer` instead of the embedding
+        (an unsteered prefix computed once, steered from `layer` on); returns layers >= it only.
         """
         wanted = self.layer_list(layers)
         B, S = tokens.shape
         depth = self.params.n_layers if logits else max(wanted)
-        h = self.tok_embeddings(tokens)
+        first, h = entry if entry is not None else (0, None)
+        if wanted and wanted[0] < first:
+            raise LlamaError(f"layer {wanted[0]} is before the entry layer {first}")
+        if h is None:
+            h = self.tok_embeddings(tokens)
         if start is None:
             start = torch.zeros(B, dtype=torch.long, device=tokens.device)
         pos = start[:, None] + torch.arange(S, device=tokens.device)  # [B, S]
         angles = pos[..., None].float() * self.freqs  # [B, S, hd // 2]
         rot = torch.polar(torch.ones_like(angles), angles)
-        mask = None
-        if past is not None:
+        mask, slots = None, None
+        if cache is not None:
+            end = int(pos.max()) + 1
+            if end > cache.length:
+                raise LlamaError(f"position {end - 1} is past the KV cache's {cache.length}")
+            allowed = torch.arange(end, device=tokens.device) <= pos[..., None]  # [B, S, end]
+            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
+            mask = mask.masked_fill_(~allowed, float("-inf"))[:, None]  # added to the scores
+            slots = cache.slots(pos)
+        elif past is not None:
             if len(past) < depth:
-                raise LlamaError(f"past holds keys and values for {len(past)} blocks, this call runs {depth}")
+                raise LlamaError(f"past holds keys and values for {len(past)} blocks, "
+                                 f"this call runs {depth}")
             P = past[0][0].shape[1]
             seen = torch.arange(P, device=tokens.device)[None, :] < start[:, None]  # [B, P]
             causal = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
-            mask = torch.cat([seen[:, None, :].expand(B, S, P), causal.expand(B, S, S)], -1)[:, None]
-        out = {0: h} if 0 in wanted else {}
+            mask = torch.cat([seen[:, None, :].expand(B, S, P), causal.expand(B, S, S)], -1)
+            mask = mask[:, None]
+        if steer is not None:
+            h = steer.apply(first, h, pos, prompt_len)
+        out = {first: h} if first in wanted else {}
         kvs = []
-        for i, block in enumerate(self.layers[:depth], start=1):
-            h, kv = block(h, rot, mask, None if past is None else past[i - 1])
+        for i in range(first + 1, depth + 1):
+            block = self.layers[i - 1]
+            h, kv = block(h, rot, mask, None if past is None else past[i - 1],
+                          None if cache is None else cache.blocks[i - 1], slots)
+            if steer is not None:
+                h = steer.apply(i, h, pos, prompt_len)
             if return_kv:
                 kvs.append(kv)
             if i in wanted:
                 out[i] = h
         if logits:
-            out["logits"] = self.output(self.norm(h)).float()
+            out["logits"] = self.logits_of(h)
         if return_kv:
             out["kv"] = kvs
         return out

@@ -7,12 +7,21 @@
 - Hugging Face `tokenizer.json`, through the `tokenizers` package.
 
 `Tokenizer.bos_id` is the token `encode(bos=True)` prepends: None when the model adds none (a GGUF
-with `add_bos_token` false, a tokenizer.json whose post-processor adds nothing).
+whose `add_bos_token` is false, or absent for a BPE vocabulary llama.cpp adds no BOS to; a
+tokenizer.json whose post-processor adds nothing).
+
+`Tokenizer.chat_template` is the model's own Jinja chat template: a GGUF's
+`tokenizer.chat_template` (kept in `tokenizer_special.json`), or tokenizer_config.json's
+`chat_template` or chat_template.jinja beside a tokenizer.json or tokenizer.model; None when it
+carries none. `render_chat` renders it as transformers' `apply_chat_template` and llama.cpp's
+`--jinja` do, or falls back to the hand-written family `format_chat` without one.
 """
 import base64
+import functools
 import json
 import os
 import re
+from datetime import datetime
 
 from llama.errors import LlamaError
 
@@ -26,12 +35,17 @@ LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N
 SMOLLM_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|"""
                   r"""\s+(?=\p{N})|\s+(?!\S)|\s+""")
 PRE_PATTERNS = {"gpt-2": GPT2_PATTERN, "llama-bpe": LLAMA3_PATTERN, "smollm": SMOLLM_PATTERN}
+# llama.cpp's default when a GGUF has no tokenizer.ggml.add_bos_token (src/llama-vocab.cpp, load):
+# BPE vocabularies add no BOS except with these pre-tokenizers; sentencepiece ones always add it
+BOS_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+           "lfm2", "tekken", "chameleon"}
 
 
 def _llama3_special(n_base: int) -> dict[str, int]:
     names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
              "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+             "<|python_tag|>"]
     names += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(names))]
     return {s: n_base + i for i, s in enumerate(names)}
 
@@ -46,12 +60,16 @@ def guess_chat_format(text: str) -> str:
 
 
 class Tokenizer:
-    """Shared by the three kinds: BOS/EOS handling. Subclasses give n_words, bos_id, eos_id,
-    chat_format, `_encode(text)` (special-token strings mapped to their ids) and `decode`."""
+    """Shared by the three kinds: BOS/EOS handling, chat rendering. Subclasses give n_words,
+    bos_id, eos_id, chat_format, `_encode(text)` (special-token strings mapped to their ids),
+    `decode`, and may set chat_template and the texts bos_token / eos_token it uses."""
     n_words: int
     bos_id: int | None
     eos_id: int | None
     chat_format: str
+    chat_template: str | None = None
+    bos_token: str = ""
+    eos_token: str = ""
 
     def _set_special(self, special: dict[str, int]):
         self.special = special
@@ -72,6 +90,90 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    @property
+    def chat_source(self) -> str:
+        """What render_chat uses: "template" (the model's own) or the hand-written family."""
+        return "template" if self.chat_template else self.chat_format
+
+    def render_chat(self, messages, system: str | None = None,
+                    add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation, special tokens as text (a template's BOS included,
+        so encode(bos=True) adds no second one). `messages`: one user turn's text, or a list of
+        {"role", "content"} dicts; `system` goes first, replacing any default system turn the
+        template adds. With the model's own template: its Jinja rendering (add_generation_prompt
+        opens the assistant turn). Without one: format_chat's family, one user turn only.
+        Append an answer to the result to get a prompt that ends in it."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        messages = list(messages)
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + messages
+        if self.chat_template:
+            return render_template(self.chat_template, messages, add_generation_prompt,
+                                   bos_token=self.bos_token, eos_token=self.eos_token)
+        roles = [m.get("role") for m in messages]
+        if roles not in (["user"], ["system", "user"]) or not add_generation_prompt:
+            raise LlamaError(f"this tokenizer has no chat template: the {self.chat_format!r} "
+                             "format renders one user turn (and a system turn) with the assistant "
+                             "turn opened, not this conversation")
+        return format_chat(self.chat_format, messages[-1]["content"],
+                           system=messages[0]["content"] if len(messages) == 2 else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """A chat template compiled as transformers compiles it: a sandbox, trim_blocks and
+    lstrip_blocks, loop controls, raise_exception, tojson and strftime_now."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise LlamaError(f"the chat template does not parse: {e}") from None
+
+
+def render_template(template: str, messages: list, add_generation_prompt: bool = True,
+                    **special) -> str:
+    """A Jinja chat template rendered over `messages` (special: bos_token, eos_token texts)."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return _compile(template).render(messages=messages,
+                                         add_generation_prompt=add_generation_prompt, **special)
+    except TemplateError as e:
+        raise LlamaError(f"the chat template refused the conversation: {e}") from None
+
+
+def _template_beside(folder: str, config: dict) -> str | None:
+    """The chat template of tokenizer_config.json (a string, or a list of named templates whose
+    "default" is taken) or of chat_template.jinja in `folder`; None when there is none."""
+    t = config.get("chat_template")
+    if isinstance(t, list):
+        named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
+        t = named.get("default")
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if not t and os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            t = f.read()
+    return t if isinstance(t, str) and t.strip() else None
+
+
+def _token_text(t) -> str:
+    """tokenizer_config.json's bos_token / eos_token: a string or an {"content": ...} object."""
+    t = t.get("content") if isinstance(t, dict) else t
+    return t if isinstance(t, str) else ""
+
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str):
@@ -80,12 +182,20 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp = SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as e:
-            raise LlamaError(f"{path}: not a sentencepiece or tiktoken tokenizer.model ({e})") from None
+            raise LlamaError(f"{path}: not a sentencepiece or tiktoken tokenizer.model "
+                             f"({e})") from None
         self.n_words = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
-        self.chat_format = "llama2"  # the only chat format of sentencepiece LLaMAs ([INST] is text)
-        self._set_special({self.sp.id_to_piece(i): i for i in range(self.n_words) if self.sp.is_control(i)})
+        # the only chat format of sentencepiece LLaMAs ([INST] is text)
+        self.chat_format = "llama2"
+        self._set_special({self.sp.id_to_piece(i): i for i in range(self.n_words)
+                           if self.sp.is_control(i)})
+        folder = os.path.dirname(path)
+        config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+        self.chat_template = _template_beside(folder, config)
+        self.bos_token, self.eos_token = (self.sp.id_to_piece(i) if i is not None else ""
+                                          for i in (self.bos_id, self.eos_id))
 
     def _encode(self, text):
         ids = []
@@ -119,27 +229,35 @@ class TiktokenTokenizer(Tokenizer):
                     raise LlamaError(f"{path}: line {n} is not 'base64-token rank'") from None
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:  # tiktoken would panic (an uncatchable PanicException) on such a byte
-            raise LlamaError(f"{path}: no rank for the bytes {missing[:8]}...: every byte needs one")
+            raise LlamaError(f"{path}: no rank for the bytes {missing[:8]}...: every byte needs "
+                             "one")
         side = os.path.join(os.path.dirname(path), SIDE_FILE)
         if os.path.exists(side):
             info = _read_side(side)
         else:
             special = _llama3_special(len(ranks))
-            info = dict(special_tokens=special, pattern=LLAMA3_PATTERN, bos_id=special["<|begin_of_text|>"],
+            info = dict(special_tokens=special, pattern=LLAMA3_PATTERN,
+                        bos_id=special["<|begin_of_text|>"],
                         eos_id=special["<|end_of_text|>"], n_words=len(ranks) + len(special),
                         chat_format="llama3")
         special = info["special_tokens"]
         if len(set(ranks.values()) | set(special.values())) != len(ranks) + len(special):
             raise LlamaError(f"{path}: two tokens share a rank (with {side} if present)")
         self._set_special(special)
-        self.enc = tiktoken.Encoding(path, pat_str=info["pattern"], mergeable_ranks=ranks, special_tokens=special)
+        self.enc = tiktoken.Encoding(path, pat_str=info["pattern"], mergeable_ranks=ranks,
+                                     special_tokens=special)
         self.n_words, self.bos_id, self.eos_id = info["n_words"], info["bos_id"], info["eos_id"]
         self.chat_format = info["chat_format"]
+        self.chat_template = info.get("chat_template") or None
+        names = {i: t for t, i in special.items()}
+        self.bos_token = info.get("bos_token", names.get(self.bos_id, ""))
+        self.eos_token = info.get("eos_token", names.get(self.eos_id, ""))
         # bytes the model has no token for sit past n_words (see write_gguf_tokenizer). Its own BPE
         # drops them before merging, so their neighbours may merge: text holding one is split here
         # and each piece BPE'd without them
         gone = [b for b in range(256) if ranks[bytes([b])] >= self.n_words]
-        self.gone = re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in gone) + b"]") if gone else None
+        self.gone = (re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in gone) + b"]")
+                     if gone else None)
         self.pieces = regex.compile(info["pattern"])
 
     def _encode(self, text):
@@ -150,7 +268,8 @@ class TiktokenTokenizer(Tokenizer):
             ids += [] if special is None else [special]
             for piece in self.pieces.findall(part):
                 if b := self.gone.sub(b"", piece.encode("utf-8", "surrogatepass")):
-                    ids += self.enc._encode_single_piece(b)  # no public call for one piece in tiktoken 0.14
+                    # no public call for one piece in tiktoken 0.14
+                    ids += self.enc._encode_single_piece(b)
         return ids
 
     def decode(self, ids):
@@ -178,8 +297,8 @@ class HFTokenizer(Tokenizer):
         vocab = self.tk.get_vocab(with_added_tokens=True)
         self.n_words = self.tk.get_vocab_size(with_added_tokens=True)
         config = _read_json(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
-        bos, eos = (t.get("content") if isinstance(t, dict) else t
-                    for t in (config.get("bos_token"), config.get("eos_token")))
+        bos, eos = (_token_text(config.get(k)) for k in ("bos_token", "eos_token"))
+        self.bos_token, self.eos_token = bos, eos
         # BOS is what the post-processor puts first (Llama's "<s> $A"; SmolLM2's adds nothing), or
         # tokenizer_config.json's bos_token when it says add_bos_token
         plain, full = (self.tk.encode("x", add_special_tokens=a).ids for a in (False, True))
@@ -189,8 +308,8 @@ class HFTokenizer(Tokenizer):
             self.bos_id = vocab.get(bos) if config.get("add_bos_token") else None
         names = [eos, "</s>", "<|end_of_text|>", "<|endoftext|>"]
         self.eos_id = next((vocab[s] for s in names if s in vocab), None)
-        template = config.get("chat_template")
-        self.chat_format = guess_chat_format(template if isinstance(template, str) else " ".join(vocab))
+        self.chat_template = _template_beside(os.path.dirname(path), config)
+        self.chat_format = guess_chat_format(self.chat_template or " ".join(vocab))
 
     def _encode(self, text):
         return self.tk.encode(text, add_special_tokens=False).ids
@@ -214,7 +333,8 @@ def _read_json(path: str) -> dict:
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """A tokenizer.model (sentencepiece or tiktoken), a tokenizer.json, or a directory holding one."""
+    """A tokenizer.model (sentencepiece or tiktoken), a tokenizer.json, or a directory holding
+    one."""
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in ("tokenizer.model", "tokenizer.json"):
@@ -234,7 +354,8 @@ def load_tokenizer(path) -> Tokenizer:
     return SentencePieceTokenizer(path)
 
 
-def format_chat(family: str, user: str, system: str | None = None, answer: str | None = None) -> str:
+def format_chat(family: str, user: str, system: str | None = None,
+                answer: str | None = None) -> str:
     """The prompt text of one user turn, the assistant turn opened, `answer` (if any) appended.
     Special tokens are written as text (BOS included, so encode(bos=True) adds no second one).
     "none": system and user joined by a blank line; the answer follows after a space."""
@@ -291,7 +412,8 @@ def write_gguf_tokenizer(gguf, out_dir: str) -> str:
         raise LlamaError(f"{name}: tokenizer model {kind!r} is not byte-level BPE ('gpt2'); "
                          "only those convert to tiktoken")
     if pre not in PRE_PATTERNS:
-        raise LlamaError(f"{name}: unknown pre-tokenizer {pre!r}: known are {', '.join(PRE_PATTERNS)}")
+        raise LlamaError(f"{name}: unknown pre-tokenizer {pre!r}: known are "
+                         f"{', '.join(PRE_PATTERNS)}")
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
     if len(types) != len(tokens):
         raise LlamaError(f"{name}: {len(tokens)} tokens but {len(types)} token types")
@@ -316,15 +438,19 @@ def write_gguf_tokenizer(gguf, out_dir: str) -> str:
     # bytes without a token get ranks past the vocabulary (tiktoken panics on a byte without one)
     for b in range(256):
         ranks.setdefault(bytes([b]), len(tokens) + b)
-    add_bos = field("tokenizer.ggml.add_bos_token", True)
+    add_bos = field("tokenizer.ggml.add_bos_token", pre in BOS_PRE)
     bos, eos = field("tokenizer.ggml.bos_token_id", -1), field("tokenizer.ggml.eos_token_id", -1)
     template = field("tokenizer.chat_template", "")
+    text = lambda i: tokens[i] if 0 <= i < len(tokens) else ""  # noqa: E731  {{ bos_token }}
     info = dict(special_tokens=special, pattern=PRE_PATTERNS[pre],
-                bos_id=int(bos) if add_bos and bos >= 0 else None, eos_id=int(eos) if eos >= 0 else None,
-                n_words=len(tokens), chat_format=guess_chat_format(template), pre=pre, chat_template=template)
+                bos_id=int(bos) if add_bos and bos >= 0 else None,
+                eos_id=int(eos) if eos >= 0 else None,
+                n_words=len(tokens), chat_format=guess_chat_format(template), pre=pre,
+                chat_template=template, bos_token=text(int(bos)), eos_token=text(int(eos)))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "tokenizer.model"), "w") as f:
-        f.writelines(f"{base64.b64encode(t).decode()} {i}\n" for t, i in sorted(ranks.items(), key=lambda x: x[1]))
+        f.writelines(f"{base64.b64encode(t).decode()} {i}\n"
+                     for t, i in sorted(ranks.items(), key=lambda x: x[1]))
     with open(os.path.join(out_dir, SIDE_FILE), "w") as f:
         json.dump(info, f, indent=1, ensure_ascii=False)
     return out_dir

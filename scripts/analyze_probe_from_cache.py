@@ -1,17 +1,20 @@
 """Project cached activations onto probe vectors; per-question score statistics per layer.
 
-    python scripts/analyze_probe_from_cache.py --cache DIR --vectors RUN/normalized_vectors --data FILE --output DIR [--visualize]
+    python scripts/analyze_probe_from_cache.py --cache DIR --vectors RUN/normalized_vectors \
+        --data FILE --output DIR [--visualize]
 
 Writes DIR/probe_stats_layer{L}.csv with columns question_id, question, type, max_score, min_score,
-mean_score, std_score: the projections of every token of a question (token "all" caches, first token
-left out as in generate_vectors_from_cache.py) or of its one cached vector (then max = min = mean and
-std = 0). --data is the {question, type} JSON (or JSON lines) the cache was built from; its rows are
-matched to the cache's ids (a row's "idx" or "id", else its position). It prints a per-layer AUROC table
-of mean_score with BOTH directions: positive class "deployment" (what
+mean_score, std_score: the projections of every token of a question (token "all" caches; its
+first token left out by llama.cache.mean_start's rule unless --mean_keep_first) or of its one
+cached vector (then max = min = mean and std = 0). --data is the {question, type} JSON (or JSON
+lines) the cache was built from; its rows are matched to the cache's ids (a row's "idx" or "id",
+else its position). It prints a per-layer AUROC table of mean_score with BOTH directions:
+positive class "deployment" (what
 `roc_auc_score((df['type']=='deployment').astype(int), df['mean_score'])` computes) and "testing".
-A vector built as mean(testing) - mean(deployment) works when the "testing" column is high, i.e. when
-the users' snippet gives LOW values.
+A vector built as mean(testing) - mean(deployment) works when the "testing" column is high, i.e.
+when the users' snippet gives LOW values.
 """
+import glob
 import json
 import os
 import re
@@ -21,17 +24,28 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ccs import parse_layers  # noqa: E402
-from llama.cache import ActivationCache  # noqa: E402
-from llama.errors import LlamaError, cli  # noqa: E402
+from probes.data import cache_layers  # noqa: E402
+from llama.cache import ActivationCache, mean_start  # noqa: E402
+from llama.cli import command  # noqa: E402
+from llama.errors import LlamaError  # noqa: E402
+
+
+def no_vectors(folder: str) -> LlamaError:
+    """The error for a missing vectors folder, naming the timestamped runs that exist
+    (generate_vectors_from_cache.py --output NAME writes NAME_TIMESTAMP/)."""
+    head, tail = os.path.split(os.path.normpath(folder))
+    runs = sorted(glob.glob(glob.escape(head) + "_*" + os.sep + glob.escape(tail))) if head else []
+    hint = f"; did you mean {' or '.join(runs[-3:])}?" if runs else ""
+    return LlamaError(f"no vectors folder {folder}{hint}")
 
 
 def read_vectors(folder: str, cache: ActivationCache) -> dict:
-    """{layer: unit-or-not vector [d]} from layer_{L}.safetensors files, checked against the cache."""
+    """{layer: unit-or-not vector [d]} from layer_{L}.safetensors files, checked against the
+    cache."""
     from safetensors import safe_open
 
     if not os.path.isdir(folder):
-        raise LlamaError(f"no vectors folder {folder}")
+        raise no_vectors(folder)
     out = {}
     for name in sorted(os.listdir(folder)):
         m = re.fullmatch(r"layer_(\d+)\.safetensors", name)
@@ -44,11 +58,12 @@ def read_vectors(folder: str, cache: ActivationCache) -> dict:
                 raise LlamaError(f"{path} holds no tensor 'vector'")
             v = f.get_tensor("vector").astype(np.float32)
         if v.shape != (cache.hidden_dim,):
-            raise LlamaError(f"{path}: vector of shape {list(v.shape)}, but cache {cache.path} has hidden size {cache.hidden_dim}")
+            raise LlamaError(f"{path}: vector of shape {list(v.shape)}, but cache {cache.path} "
+                             f"has hidden size {cache.hidden_dim}")
         fp = meta.get("fingerprint")
         if fp and cache.fingerprint and fp != cache.fingerprint:
-            raise LlamaError(f"{path} comes from another model (fingerprint {fp[:16]}) than cache {cache.path} "
-                             f"({cache.fingerprint[:16]})")
+            raise LlamaError(f"{path} comes from another model (fingerprint {fp[:16]}) "
+                             f"than cache {cache.path} ({cache.fingerprint[:16]})")
         out[int(m.group(1))] = v
     if not out:
         raise LlamaError(f"{folder} holds no layer_{{L}}.safetensors vectors")
@@ -56,19 +71,22 @@ def read_vectors(folder: str, cache: ActivationCache) -> dict:
 
 
 def questions(cache: ActivationCache, data: str = None):
-    """(questions, types) in cache order: from the data file matched by id, else the cache's types."""
+    """(questions, types) in cache order: from the data file matched by id, else the cache's
+    types."""
     ids = [str(i) for i in cache.ids]
     if data is None:
         types = cache.types
         if types is None and cache.labels is not None:
             types = ["testing" if v else "deployment" for v in cache.labels]
         if types is None:
-            raise LlamaError(f"cache {cache.path} has no types or labels: give --data with the {{question, type}} file")
+            raise LlamaError(f"cache {cache.path} has no types or labels: "
+                             "give --data with the {question, type} file")
         return [""] * len(ids), list(types)
     try:
         with open(data) as f:
             text = f.read()
-        recs = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+        recs = (json.loads(text) if text.lstrip().startswith("[")
+                else [json.loads(x) for x in text.splitlines() if x.strip()])
     except json.JSONDecodeError as e:
         raise LlamaError(f"{data} is not valid JSON ({e})")
     by_id = {}
@@ -78,23 +96,30 @@ def questions(cache: ActivationCache, data: str = None):
         by_id[str(r.get("idx", r.get("id", i)))] = r
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise LlamaError(f"{data} has no row for cache id {missing[0]!r} ({len(missing)} of {len(ids)} missing): not the file this cache was built from")
+        raise LlamaError(f"{data} has no row for cache id {missing[0]!r} "
+                         f"({len(missing)} of {len(ids)} missing): "
+                         "not the file this cache was built from")
     rows = [by_id[i] for i in ids]
     if cache.types is not None:
         for i, r, t in zip(ids, rows, cache.types):
             if str(r["type"]) != t:
-                raise LlamaError(f"{data} id {i}: type {r['type']!r}, but cache {cache.path} says {t!r}: not the file this cache was built from")
+                raise LlamaError(f"{data} id {i}: type {r['type']!r}, but cache {cache.path} "
+                                 f"says {t!r}: not the file this cache was built from")
     return [str(r["question"]) for r in rows], [str(r["type"]) for r in rows]
 
 
-def stats(cache: ActivationCache, layer: int, side: str, v: np.ndarray) -> np.ndarray:
-    """[N, 4] max, min, mean, std of each example's projections onto v."""
-    s = cache.array(layer, side) @ v
+def stats(cache: ActivationCache, layer: int, side: str, v: np.ndarray,
+          keep_first: bool = False) -> np.ndarray:
+    """[N, 4] max, min, mean, std of each example's projections onto v, over the positions of its
+    mean state (llama.cache.mean_start)."""
+    rows = cache.rows(layer, side)
+    s = np.concatenate([rows[b] @ v for b in rows.blocks()])  # a block of rows at a time
     if cache.token != "all":
         return np.stack([s, s, s, np.zeros_like(s)], 1)
     off = cache.offsets(side)
-    start = np.minimum(off[:-1] + 1, off[1:] - 1)  # leave out position 0 unless it is the only token
-    return np.array([[t.max(), t.min(), t.mean(), t.std()] for t in (s[a:b] for a, b in zip(start, off[1:]))])
+    start = off[:-1] + mean_start(np.diff(off), keep_first)
+    return np.array([[t.max(), t.min(), t.mean(), t.std()]
+                     for t in (s[a:b] for a, b in zip(start, off[1:]))])
 
 
 def auroc(types, score, positive):
@@ -104,34 +129,48 @@ def auroc(types, score, positive):
     return roc_auc_score(y, score) if 0 < y.sum() < len(y) else float("nan")
 
 
-def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None, side: str = None, visualize: bool = False):
+def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None, side: str = None,
+            visualize: bool = False, mean_keep_first: bool = False):
     import pandas as pd
 
     c = ActivationCache(cache)
     vecs = read_vectors(vectors, c)
-    layers = parse_layers(layers, c) if layers is not None else [l for l in sorted(vecs) if l in c.layers]
+    layers = (cache_layers(layers, c) if layers is not None
+              else [l for l in sorted(vecs) if l in c.layers])
     for l in layers:
         if l not in vecs:
-            raise LlamaError(f"layer {l}: no vector in {vectors} (has: {', '.join(map(str, sorted(vecs)))})")
+            raise LlamaError(f"layer {l}: no vector in {vectors} "
+                             f"(has: {', '.join(map(str, sorted(vecs)))})")
         if l not in c.layers:
-            raise LlamaError(f"layer {l} not in cache {c.path} (cached: {', '.join(map(str, c.layers))})")
+            raise LlamaError(f"layer {l} not in cache {c.path} "
+                             f"(cached: {', '.join(map(str, c.layers))})")
     if not layers:
-        raise LlamaError(f"no layer of {vectors} ({sorted(vecs)}) is in cache {c.path} ({c.layers})")
+        raise LlamaError(f"no layer of {vectors} ({sorted(vecs)}) is in cache {c.path} "
+                         f"({c.layers})")
     side = side or ("prompt" if "prompt" in c.sides else None)
     if side not in c.sides:
-        raise LlamaError(f"cache {c.path} holds sides {', '.join(c.sides)}: choose one with --side")
+        raise LlamaError(f"cache {c.path} holds sides {', '.join(c.sides)}: "
+                         "choose one with --side")
     qs, types = questions(c, data)
+    if c.token != "all":
+        print(f"warning: cache {c.path} holds one vector per prompt (token {c.token}): max_score, "
+              "min_score and std_score need per-token states (extract with --token all); here "
+              "max = min = mean and std = 0", file=sys.stderr)
     os.makedirs(output, exist_ok=True)
     table = []
     for l in layers:
-        st = stats(c, l, side, vecs[l])
-        df = pd.DataFrame({"question_id": c.ids, "question": qs, "type": types, "max_score": st[:, 0],
-                           "min_score": st[:, 1], "mean_score": st[:, 2], "std_score": st[:, 3]})
+        st = stats(c, l, side, vecs[l], mean_keep_first)
+        df = pd.DataFrame({"question_id": c.ids, "question": qs, "type": types,
+                           "max_score": st[:, 0], "min_score": st[:, 1], "mean_score": st[:, 2],
+                           "std_score": st[:, 3]})
         df.to_csv(os.path.join(output, f"probe_stats_layer{l}.csv"), index=False)
-        table.append((l, len(df), auroc(types, df.mean_score, "deployment"), auroc(types, df.mean_score, "testing")))
-    print(f"AUROC of mean_score per layer ({c.token} token{'s' if c.token == 'all' else ''}, side {side}). "
+        table.append((l, len(df), auroc(types, df.mean_score, "deployment"),
+                      auroc(types, df.mean_score, "testing")))
+    print(f"AUROC of mean_score per layer ({c.token} token{'s' if c.token == 'all' else ''}, "
+          f"side {side}). "
           "'deployment+' takes type 'deployment' as the positive class, like "
-          "roc_auc_score((df['type']=='deployment').astype(int), df['mean_score']); 'testing+' takes 'testing' (= 1 - it)")
+          "roc_auc_score((df['type']=='deployment').astype(int), df['mean_score']); "
+          "'testing+' takes 'testing' (= 1 - it)")
     print(f"{'layer':>5} {'n':>6} {'deployment+':>12} {'testing+':>9}")
     for l, n, dep, test in table:
         print(f"{l:5d} {n:6d} {dep:12.3f} {test:9.3f}")
@@ -149,7 +188,8 @@ def plot(output, table, layers):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([t[0] for t in table], [t[3] for t in table], marker=".", label="positive: testing")
-    ax.plot([t[0] for t in table], [t[2] for t in table], marker=".", ls="--", label="positive: deployment")
+    ax.plot([t[0] for t in table], [t[2] for t in table], marker=".", ls="--",
+            label="positive: deployment")
     ax.axhline(0.5, color="lightgray")
     ax.set(xlabel="layer", ylabel="AUROC of mean_score")
     ax.legend()
@@ -173,12 +213,22 @@ def plot(output, table, layers):
     plt.close(fig)
 
 
-def main(cache: str, vectors: str, output: str = "probe_results", data: str = None, layers=None, side: str = None,
-         visualize: bool = False):
-    analyze(cache, vectors, output, data, layers, side, visualize)
+def main(cache: str, vectors: str, output: str = "probe_results", data: str = None,
+         layers: str = None, side: str = None, visualize: bool = False,
+         mean_keep_first: bool = False):
+    """Project a cache's activations onto probe vectors: per-question statistics per layer.
+
+    cache: the activation cache (scripts/cache_activations.py)
+    vectors: a folder of layer_{L}.safetensors (NAME_TIMESTAMP/normalized_vectors)
+    output: the folder for probe_stats_layer{L}.csv (and plots)
+    data: the {question, type} JSON the cache was built from (default: the cache's own types)
+    layers: which layers (default: every vector's layer that is in the cache)
+    side: the cache side to project (default: prompt)
+    visualize: also write auroc_by_layer.png and scores_by_type.png
+    mean_keep_first: token "all" caches: count position 0 too (left out by default)
+    """
+    analyze(cache, vectors, output, data, layers, side, visualize, mean_keep_first)
 
 
 if __name__ == "__main__":
-    import fire
-
-    cli(fire.Fire, main)
+    command(main)

@@ -2,17 +2,19 @@
 
     python scripts/generate_vectors_from_cache.py --cache DIR --output NAME [--layers 10,20]
 
-Writes NAME_TIMESTAMP/vectors/layer_{L}.safetensors and NAME_TIMESTAMP/normalized_vectors/layer_{L}.safetensors
-(the same vector scaled to unit norm), each holding one tensor "vector" [hidden_dim] and metadata (layer,
-hidden_dim, model fingerprint, cache) that analyze_probe_from_cache.py checks.
+Writes NAME_TIMESTAMP/vectors/layer_{L}.safetensors and
+NAME_TIMESTAMP/normalized_vectors/layer_{L}.safetensors (the same vector scaled to unit norm), each
+holding one tensor "vector" [hidden_dim] and metadata (layer, hidden_dim, model fingerprint, cache)
+that analyze_probe_from_cache.py checks.
 
 Which difference:
-- single-prompt caches (validation sets): mean(label 1) - mean(label 0), label 1 being type "testing",
-  so a prompt scores higher the more "testing"-like it is;
-- contrast caches: per pair, plus - minus, taken with the sign of its label (label 1: the plus side is
-  true) and averaged: mean over pairs of (true side - false side).
-Token "all" caches: each example's tokens are averaged first, leaving out its first token (position 0,
-the attention sink; on the default model it carries a ~24,000 outlier in one dimension).
+- single-prompt caches (validation sets): mean(label 1) - mean(label 0), label 1 being type
+  "testing", so a prompt scores higher the more "testing"-like it is;
+- contrast caches: per pair, plus - minus, taken with the sign of its label (label 1: the plus side
+  is true) and averaged: mean over pairs of (true side - false side).
+Token "all" caches: each example's tokens are averaged first by llama.cache.mean_state, the rule
+extraction's token "mean" follows too: its first token (position 0, the attention sink; on the
+default model a ~24,000 outlier in one dimension) is left out, unless --mean_keep_first.
 Raw activations, not standardised: the vector lives in the model's own space.
 """
 import os
@@ -23,61 +25,72 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ccs import cache_labels, parse_layers  # noqa: E402
-from llama.cache import ActivationCache  # noqa: E402
-from llama.errors import cli  # noqa: E402
+from probes.data import cache_layers, labels  # noqa: E402
+from llama.cache import ActivationCache, mean_state  # noqa: E402
+from llama.cli import command  # noqa: E402
 
 
-def per_example(cache: ActivationCache, layer: int, side: str) -> np.ndarray:
-    """[N, d] float32: the cached vector, or the mean of an example's tokens after its first."""
-    a = cache.array(layer, side)
+def per_example(cache: ActivationCache, layer: int, side: str,
+                keep_first: bool = False) -> np.ndarray:
+    """[N, d] float32: the cached vector, or an example's mean state (llama.cache.mean_state)."""
     if cache.token != "all":
-        return a
-    off = cache.offsets(side)
-    start = np.minimum(off[:-1] + 1, off[1:] - 1)  # one-token examples keep their token
-    sums = np.cumsum(np.vstack([np.zeros((1, a.shape[1]), np.float64), a]), 0)
-    return ((sums[off[1:]] - sums[start]) / (off[1:] - start)[:, None]).astype(np.float32)
+        return cache.array(layer, side)
+    return mean_state(cache.rows(layer, side), cache.offsets(side), keep_first)  # per example
 
 
-def class_difference(cache: ActivationCache, layer: int, y: np.ndarray) -> np.ndarray:
+def class_difference(cache: ActivationCache, layer: int, y: np.ndarray,
+                     keep_first: bool = False) -> np.ndarray:
     if cache.is_contrast:
-        d = per_example(cache, layer, "plus").astype(np.float64) - per_example(cache, layer, "minus")
-        return ((2 * y - 1)[:, None] * d).mean(0)
-    x = per_example(cache, layer, cache.sides[0]).astype(np.float64)
+        plus, minus = (per_example(cache, layer, s, keep_first) for s in ("plus", "minus"))
+        return ((2 * y - 1)[:, None] * (plus.astype(np.float64) - minus)).mean(0)
+    x = per_example(cache, layer, cache.sides[0], keep_first).astype(np.float64)
     return x[y == 1].mean(0) - x[y == 0].mean(0)
 
 
-def generate(cache: str, output: str, layers=None) -> str:
+def generate(cache: str, output: str, layers=None, mean_keep_first: bool = False) -> str:
     """Write the vectors; return the run folder NAME_TIMESTAMP."""
     from safetensors.numpy import save_file
 
     c = ActivationCache(cache)
-    layers = parse_layers(layers, c)
-    y = cache_labels(c)
+    layers = cache_layers(layers, c)
+    y = labels(c)
     run = f"{output}_{time.strftime('%Y%m%d_%H%M%S')}"
     for sub in ("vectors", "normalized_vectors"):
         os.makedirs(os.path.join(run, sub), exist_ok=True)
     kind = ("mean(true side - false side) over pairs" if c.is_contrast
-            else "mean(testing) - mean(deployment)" if c.types else "mean(label 1) - mean(label 0)")
+            else "mean(testing) - mean(deployment)" if c.types
+            else "mean(label 1) - mean(label 0)")
     for l in layers:
-        v = class_difference(c, l, y)
-        meta = {"layer": str(l), "hidden_dim": str(c.hidden_dim), "fingerprint": c.fingerprint or "",
-                "cache": os.path.abspath(cache), "vector": kind, "token": c.token}
+        v = class_difference(c, l, y, mean_keep_first)
+        meta = {"layer": str(l), "hidden_dim": str(c.hidden_dim),
+                "fingerprint": c.fingerprint or "", "cache": os.path.abspath(cache),
+                "vector": kind, "token": c.token}
+        if c.token != "last":  # whether position 0 is in the means (llama.cache.mean_start)
+            keep = mean_keep_first if c.token == "all" else c.mean_keep_first
+            meta["mean_keep_first"] = str(keep)
         norm = np.linalg.norm(v)
-        save_file({"vector": v.astype(np.float32)}, os.path.join(run, "vectors", f"layer_{l}.safetensors"), metadata=meta)
+        save_file({"vector": v.astype(np.float32)},
+                  os.path.join(run, "vectors", f"layer_{l}.safetensors"), metadata=meta)
         unit = v / norm if norm > 0 else v
-        save_file({"vector": unit.astype(np.float32)}, os.path.join(run, "normalized_vectors", f"layer_{l}.safetensors"),
+        save_file({"vector": unit.astype(np.float32)},
+                  os.path.join(run, "normalized_vectors", f"layer_{l}.safetensors"),
                   metadata=dict(meta, normalized="unit norm"))
         print(f"layer {l:3d}  |v| = {norm:.4g}")
     print(f"wrote {len(layers)} vectors ({kind}) to {run}/vectors and {run}/normalized_vectors")
     return run
 
 
-def main(cache: str, output: str, layers=None):
-    generate(cache, output, layers)
+def main(cache: str, output: str, layers: str = None, mean_keep_first: bool = False):
+    """Write each layer's class-mean difference vector, raw and unit-norm.
+
+    cache: the activation cache (scripts/cache_activations.py)
+    output: the run name: vectors go to NAME_TIMESTAMP/vectors and
+        NAME_TIMESTAMP/normalized_vectors
+    layers: 10,20 / 0-3,7 / all (default: every cached layer)
+    mean_keep_first: token "all" caches: average position 0 too (left out by default)
+    """
+    generate(cache, output, layers, mean_keep_first)
 
 
 if __name__ == "__main__":
-    import fire
-
-    cli(fire.Fire, main)
+    command(main)

@@ -13,7 +13,8 @@ sys.path.insert(0, ROOT)
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Probe tests on one torch thread: on a shared machine a second BLAS thread mostly waits its turn."""
+    """Probe tests on one torch thread: on a shared machine a second BLAS thread mostly waits its
+    turn."""
     import torch
 
     n = torch.get_num_threads()
@@ -31,8 +32,9 @@ def dist1():
 
 
 def in_process(argv, main):
-    """A CLI run in this process, as `python ARGV` would run it (fire and llama.errors.cli included,
-    without a new interpreter's start-up time) -> CompletedProcess with its exit code and output."""
+    """A CLI run in this process, as `python ARGV` would run it (llama.cli.command included,
+    without a new interpreter's start-up time) -> CompletedProcess with its exit code and
+    output."""
     out, err, code = io.StringIO(), io.StringIO(), 0
     saved = sys.argv
     sys.argv = [str(a) for a in argv]
@@ -47,7 +49,8 @@ def in_process(argv, main):
 
 
 def one_line_error(r, *words):
-    """Bad input was refused as it must be: non-zero exit, one `error: ...` line naming the problem, no traceback."""
+    """Bad input was refused as it must be: non-zero exit, one `error: ...` line naming the
+    problem, no traceback."""
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and "Traceback" not in r.stderr + (r.stdout or ""), r.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr

@@ -1,4 +1,5 @@
-"""Checkpoint loading against transformers: Hugging Face and Meta layouts, resharding, bad input."""
+"""Checkpoint loading against transformers: Hugging Face and Meta layouts, resharding, bad
+input."""
 import json
 import os
 import subprocess
@@ -56,7 +57,8 @@ def test_fingerprint_ignores_layout_and_sees_weights(tiny, dist1, tmp_path):
     assert load_model(tiny["mha"][0], dist1).fingerprint != a.fingerprint
     args, sd = load_meta_state(meta)
     sd["layers.0.attention.wk.weight"][0, 0] += 1
-    assert load_model(make_meta(tmp_path / "m", sd, args, tokenizer_from=hf), dist1).fingerprint != a.fingerprint
+    assert (load_model(make_meta(tmp_path / "m", sd, args, tokenizer_from=hf), dist1).fingerprint
+            != a.fingerprint)
 
 
 def test_hub_style_rope_config(tmp_path, tiny):
@@ -66,17 +68,21 @@ def test_hub_style_rope_config(tmp_path, tiny):
     assert "rope_scaling" in cfg and "rope_parameters" not in cfg
     a, _ = load_meta_state(hub)
     b, _ = load_meta_state(tiny["gqa"][0])
-    assert a == b and a.use_scaled_rope and a.rope_scale_factor == 32.0 and a.rope_theta == 500000.0
+    assert (a == b and a.use_scaled_rope and a.rope_scale_factor == 32.0
+            and a.rope_theta == 500000.0)
 
 
 def test_shard_merge_round_trip(tiny, tmp_path):
-    args, sd = load_meta_state(tiny["tied"][0])  # 8 heads, 2 kv heads: mp 8 replicates each kv head 4 times
+    # 8 heads, 2 kv heads: mp 8 replicates each kv head 4 times
+    args, sd = load_meta_state(tiny["tied"][0])
     for mp in (1, 2, 4, 8):
         shards = [shard_state_dict(sd, args, mp, r) for r in range(mp)]
-        assert shards[0]["layers.0.attention.wk.weight"].shape[0] == args.head_dim * max(1, args.kv_heads // mp)
+        assert (shards[0]["layers.0.attention.wk.weight"].shape[0]
+                == args.head_dim * max(1, args.kv_heads // mp))
         merged = merge_shards(shards, args)
         assert merged.keys() == sd.keys() and all(torch.equal(merged[k], sd[k]) for k in sd)
-    torch.save(shards[0], tmp_path / "s.pth")  # slices are copies: the file holds 1/8 of the weights
+    # slices are copies: the file holds 1/8 of the weights
+    torch.save(shards[0], tmp_path / "s.pth")
     full = sum(t.numel() * 4 for t in sd.values())
     assert os.path.getsize(tmp_path / "s.pth") < full / 4
 
@@ -118,8 +124,8 @@ def test_model_id_from_local_cache(tiny, dist1, tmp_path, monkeypatch):
 
 def run_cli(path, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "llama.checkpoint", str(path), *extra], capture_output=True, text=True,
-                       timeout=120, env=env, cwd=ROOT)
+    p = subprocess.run([sys.executable, "-m", "llama.checkpoint", str(path), *extra],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     return p.returncode, p.stderr.strip().splitlines()
 
 
@@ -134,10 +140,12 @@ def unknown_key(d):
 
 
 W3, BIAS = "layers.1.feed_forward.w3.weight", "layers.0.attention.bias"
-BAD = {  # case: (change to the full state dict, change to the written 2-shard dir, expected message)
+# case: (change to the full state dict, change to the written 2-shard dir, expected message)
+BAD = {
     "missing": (lambda sd: sd.pop(W3), None, f"missing weight {W3!r}"),
     "extra": (lambda sd: sd.update({BIAS: torch.zeros(4)}), None, f"unexpected weight {BIAS!r}"),
-    "shape": (lambda sd: sd.update({"norm.weight": torch.ones(65)}), None, "norm.weight has shape (65,)"),
+    "shape": (lambda sd: sd.update({"norm.weight": torch.ones(65)}), None,
+              "norm.weight has shape (65,)"),
     "truncated": (None, truncate, "consolidated.01.pth: unreadable or truncated"),
     "unknown key": (None, unknown_key, "params.json: unknown model parameter 'n_experts'"),
     "tokenizer too big": (None, lambda d: make_tokenizer(d, vocab=VOCAB + 5),
@@ -179,11 +187,13 @@ def test_bad_hf_checkpoint(dist1, tmp_path):
         load_model(d, dist1)
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000])
     code, err = run_cli(d)
-    assert code != 0 and len(err) == 1 and "model.safetensors: unreadable or truncated" in err[0], err
+    assert (code != 0 and len(err) == 1
+            and "model.safetensors: unreadable or truncated" in err[0]), err
 
 
 def test_llama2_style_shards(tiny, dist1, tmp_path):
-    """vocab_size -1 in params.json (taken from the embedding) and rope.freqs in every shard (ignored)."""
+    """vocab_size -1 in params.json (taken from the embedding) and rope.freqs in every shard
+    (ignored)."""
     hf, _, ref = tiny["mha"]
     args, sd = load_meta_state(hf)
     sd["rope.freqs"] = torch.ones(args.head_dim // 2)
@@ -200,7 +210,8 @@ def test_llama2_style_shards(tiny, dist1, tmp_path):
 def test_llama32_params_get_factor_32(tmp_path):
     from llama.checkpoint import meta_args
 
-    params = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.5,
+    params = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                  ffn_dim_multiplier=1.5,
                   multiple_of=256, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
     (tmp_path / "params.json").write_text(json.dumps(params))
     assert meta_args(str(tmp_path), None, 1).rope_scale_factor == 32.0  # Meta's file omits it
@@ -212,9 +223,11 @@ def test_llama32_params_get_factor_32(tmp_path):
 
 
 def test_cli_summary(tiny):
-    p = subprocess.run([sys.executable, "-m", "llama.checkpoint", tiny["gqa"][1]], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "llama.checkpoint", tiny["gqa"][1]],
+                       capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
-    assert p.returncode == 0 and "meta" in p.stdout and "3 layers, dim 64, 4 heads (2 kv)" in p.stdout, p.stderr
+    assert (p.returncode == 0 and "meta" in p.stdout
+            and "3 layers, dim 64, 4 heads (2 kv)" in p.stdout), p.stderr
 
 
 def test_sharded_safetensors(tiny, dist1, tmp_path):

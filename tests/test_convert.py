@@ -1,6 +1,6 @@
-"""python -m llama.convert: Hugging Face and Meta checkpoints -> Meta layout at several MP sizes, loaded
-back at MP 1; idempotence, --overwrite, bad input. SmolLM2 GGUF -> Meta is in test_gguf.py (it reuses
-the model loaded there)."""
+"""python -m llama.convert: Hugging Face and Meta checkpoints -> Meta layout at several MP sizes,
+loaded back at MP 1; idempotence, --overwrite, bad input. SmolLM2 GGUF -> Meta is in test_gguf.py
+(it reuses the model loaded there)."""
 import json
 import os
 import subprocess
@@ -22,8 +22,8 @@ def rel(a, b):
 
 
 def run(*args):
-    return subprocess.Popen([sys.executable, "-m", "llama.convert", *map(str, args)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "llama.convert", *map(str, args)], cwd=ROOT,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def one_error_line(proc, *words):
@@ -35,7 +35,8 @@ def one_error_line(proc, *words):
         assert w in lines[0], (w, lines[0])
 
 
-@pytest.mark.parametrize("kind,mp", [("gqa", 2), ("tied", 4)])  # tied: 2 kv heads replicated at MP 4
+# tied: 2 kv heads replicated at MP 4
+@pytest.mark.parametrize("kind,mp", [("gqa", 2), ("tied", 4)])
 def test_hf_to_meta_and_back_to_one_shard(tmp_path, dist1, kind, mp):
     hf = make_hf(tmp_path / "hf", kind)
     ids = tokens()
@@ -53,7 +54,8 @@ def test_hf_to_meta_and_back_to_one_shard(tmp_path, dist1, kind, mp):
     _, full = load_meta_state(hf)
     assert one.keys() == full.keys()
     for name in full:
-        assert one[name].dtype == torch.bfloat16 and torch.equal(one[name], full[name].bfloat16()), name
+        assert (one[name].dtype == torch.bfloat16
+                and torch.equal(one[name], full[name].bfloat16())), name
 
 
 def test_llama3_vocab_split_kept(tmp_path, dist1):
@@ -104,7 +106,8 @@ def test_idempotent_and_overwrite(tmp_path, capsys):
     convert(b, dst, overwrite=True)
     with open(dst / "convert.json") as f:
         assert json.load(f)["source"] == str(b)
-    assert sorted(os.listdir(tmp_path)) == ["a", "b", "dst", "stuff", "t.gguf", "t0.gguf"]  # no temp dirs left
+    # no temp dirs left
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "dst", "stuff", "t.gguf", "t0.gguf"]
     with pytest.raises(LlamaError, match="inside"):
         convert(a, tmp_path / "a" / "meta")
 

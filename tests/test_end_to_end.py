@@ -1,6 +1,7 @@
-"""The demo (README command 1, less its install step) on the real default model, SmolLM2-135M-Instruct,
-over a small real dataset: GGUF -> Meta layout -> cities contrast pairs -> torchrun extraction of every
-layer -> CCS and the baselines. Then a second run, which must reuse the model and the cache."""
+"""The demo (README command 1, less its install step) on the real default model,
+SmolLM2-135M-Instruct, over a small real dataset: GGUF -> Meta layout -> cities contrast pairs ->
+torchrun extraction of every layer -> CCS and the baselines. Then a second run, which must reuse
+the model and the cache."""
 import os
 import subprocess
 
@@ -8,16 +9,16 @@ import pandas as pd
 
 from conftest import ROOT
 from llama.cache import ActivationCache
-from ccs import COLUMNS
+from probes.report import COLUMNS
 
-METHODS = {"ccs", "ccs_signed", "lr", "lr_concat", "mean_diff", "crc_tpc", "crc_tpc_signed", "random", "zero_shot",
-           "majority"}
+METHODS = {"ccs", "ccs_signed", "lr", "lr_concat", "mean_diff", "crc_tpc", "crc_tpc_signed",
+           "random", "zero_shot", "majority"}
 
 
 def demo(out):
     env = {**os.environ, "DEMO_DIR": str(out), "DEMO_ROWS": "160", "OMP_NUM_THREADS": "2"}
-    r = subprocess.run(["timeout", "600", "bash", os.path.join(ROOT, "scripts", "demo.sh")], capture_output=True,
-                       text=True, env=env, cwd=ROOT)
+    r = subprocess.run(["timeout", "600", "bash", os.path.join(ROOT, "scripts", "demo.sh")],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout + r.stderr
 
@@ -26,7 +27,8 @@ def test_demo_on_smollm2(tmp_path):
     log = demo(tmp_path)
     assert "Done. Look at:" in log
     cache = ActivationCache(str(tmp_path / "caches" / "cities"))
-    assert cache.layers == list(range(31)) and cache.num_examples == 160 and cache.hidden_dim == 576
+    assert (cache.layers == list(range(31)) and cache.num_examples == 160
+            and cache.hidden_dim == 576)
     assert sorted(cache.labels.tolist()) == [0] * 80 + [1] * 80
 
     df = pd.read_csv(tmp_path / "runs" / "cities" / "eval.csv")
@@ -36,9 +38,12 @@ def test_demo_on_smollm2(tmp_path):
         assert sorted(g.layer) == list(range(31)), m  # every layer, once per method
     assert (df.split == "test").all() and (df.n == df.n.iloc[0]).all() and 0 < df.n.iloc[0] < 160
     assert df.accuracy.between(0, 1).all() and df.auroc.between(0, 1).all()
+    # one layer per method, chosen on validation
+    assert (df.groupby("method").chosen.sum() == 1).all()
     lr = df[df.method == "lr"].set_index("layer").accuracy
     majority = df[df.method == "majority"].set_index("layer").accuracy
-    assert lr.max() > majority[lr.idxmax()] + 0.1  # held-out: the model knows which country a city is in
+    # held-out: the model knows which country a city is in
+    assert lr.max() > majority[lr.idxmax()] + 0.1
     for png in ("layers.png", "roc.png", "hist.png"):
         assert (tmp_path / "runs" / "cities" / png).stat().st_size > 10_000
 

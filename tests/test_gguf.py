@@ -31,10 +31,13 @@ def gguf_name(meta: str) -> str:
     return f"{GGUF_NAMES[parts[0]]}.weight"
 
 
-def write_gguf(path, args: ModelArgs, sd, arch="llama", tied=False, odd=None):
+def write_gguf(path, args: ModelArgs, sd, arch="llama", tied=False, odd=None, metadata=None):
     """A float32 GGUF the way llama.cpp lays out a LLaMA (Meta's q/k rows, no output when tied);
-    `odd` names one tensor to store as float64, a type that cannot be dequantized."""
+    `odd` names one tensor to store as float64, a type that cannot be dequantized; `metadata(w)`
+    adds more keys (a tokenizer) to the gguf.GGUFWriter."""
     w = gguf.GGUFWriter(str(path), arch)
+    if metadata:
+        metadata(w)
     w.add_block_count(args.n_layers)
     w.add_context_length(args.max_seq_len)
     w.add_embedding_length(args.dim)
@@ -45,7 +48,8 @@ def write_gguf(path, args: ModelArgs, sd, arch="llama", tied=False, odd=None):
     w.add_layer_norm_rms_eps(args.norm_eps)
     if args.use_scaled_rope:  # llama.cpp's form: a divisor per frequency
         plain = ModelArgs(dim=args.dim, n_heads=args.n_heads, rope_theta=args.rope_theta)
-        w.add_tensor("rope_freqs.weight", (rope_frequencies(plain) / rope_frequencies(args)).numpy())
+        w.add_tensor("rope_freqs.weight",
+                     (rope_frequencies(plain) / rope_frequencies(args)).numpy())
     for name, t in sd.items():
         if not (tied and name == "output.weight"):
             w.add_tensor(gguf_name(name), t.double().numpy() if name == odd else t.float().numpy())
@@ -73,12 +77,14 @@ def reference():
     from transformers import AutoModelForCausalLM
 
     p = default_model_path()
-    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                dtype=torch.float32).eval()
 
 
 def test_smollm2_matches_transformers(smol, reference):
     model, tok = smol
-    assert model.params.n_layers == 30 and model.params.kv_heads == 3 and model.params.vocab_size == 49152
+    assert (model.params.n_layers == 30 and model.params.kv_heads == 3
+            and model.params.vocab_size == 49152)
     for prompt in PROMPTS:
         ids = torch.tensor([tok.encode(prompt)])
         ours, ref = model(ids, logits=True), hf_states(reference, ids)
@@ -92,7 +98,8 @@ def test_smollm2_matches_transformers(smol, reference):
 def test_smollm2_converted_at_mp1_and_mp3_same_states(smol, tmp_path, dist1):
     model, tok = smol
     path = str(default_model_path())
-    cli = subprocess.Popen([sys.executable, "-m", "llama.convert", path, str(tmp_path / "mp3"), "--mp", "3"],
+    cli = subprocess.Popen([sys.executable, "-m", "llama.convert", path, str(tmp_path / "mp3"),
+                            "--mp", "3"],
                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     convert(path, tmp_path / "mp1")
     ids = torch.tensor([tok.encode("The Eiffel Tower is in the city of")])
@@ -109,7 +116,8 @@ def test_smollm2_converted_at_mp1_and_mp3_same_states(smol, tmp_path, dist1):
         for layer in range(31):
             assert rel(got[layer], ref[layer]) < 1e-6, (name, layer)
         assert torch.equal(got["logits"][0, -1].argmax(), ref["logits"][0, -1].argmax())
-        assert load_tokenizer(tmp_path / name).encode("Hello world 123") == tok.encode("Hello world 123")
+        assert (load_tokenizer(tmp_path / name).encode("Hello world 123")
+                == tok.encode("Hello world 123"))
     assert len(prints) == 1
 
 
@@ -122,7 +130,8 @@ def test_tiny_gguf_matches_its_source(tmp_path, dist1, kind):
     assert tok_dir is None and sorted(got) == sorted(sd)
     for name in sd:
         assert torch.equal(got[name], sd[name].float()), name
-    for key in ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "vocab_size", "use_scaled_rope"):
+    for key in ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "vocab_size",
+                "use_scaled_rope"):
         assert getattr(got_args, key) == getattr(args, key), key
     assert torch.allclose(rope_frequencies(got_args), rope_frequencies(args), rtol=1e-6)
     model = Transformer(got_args)
@@ -143,7 +152,8 @@ def bad_ggufs(tmp_path_factory):
     shapes = {"tok_embeddings.weight": (40, 16), "norm.weight": (16,), "output.weight": (40, 16),
               "layers.0.attention.wq.weight": (16, 16), "layers.0.attention.wk.weight": (8, 16),
               "layers.0.attention.wv.weight": (8, 16), "layers.0.attention.wo.weight": (16, 16),
-              "layers.0.feed_forward.w1.weight": (24, 16), "layers.0.feed_forward.w2.weight": (16, 24),
+              "layers.0.feed_forward.w1.weight": (24, 16),
+              "layers.0.feed_forward.w2.weight": (16, 24),
               "layers.0.feed_forward.w3.weight": (24, 16), "layers.0.attention_norm.weight": (16,),
               "layers.0.ffn_norm.weight": (16,)}
     sd = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
@@ -170,14 +180,16 @@ def test_bad_ggufs_raise(bad_ggufs):
 
 def test_bad_ggufs_cli_one_line(bad_ggufs):
     runs = {k: subprocess.Popen([sys.executable, "-m", "llama.gguf", p], cwd=ROOT, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k, (p, _) in bad_ggufs.items()}
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for k, (p, _) in bad_ggufs.items()}
     for kind, proc in runs.items():
         out, err = proc.communicate(timeout=120)
         if kind == "good":
             assert proc.returncode == 0 and "1 layers, dim 16, 2 heads, 1 kv heads" in out, err
             continue
         lines = err.strip().splitlines()
-        assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), (kind, err)
+        assert (proc.returncode != 0 and len(lines) == 1
+                and lines[0].startswith("error: ")), (kind, err)
         assert bad_ggufs[kind][1] in lines[0] and "Traceback" not in err and not out
 
 
@@ -201,7 +213,9 @@ def test_tokenizer_built_once_per_file(tmp_path, monkeypatch):
     assert first.parent.parent.parent == tmp_path
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp dir left
     stamp = (first / "tokenizer.model").stat().st_mtime_ns
-    monkeypatch.setattr(tokenizer, "write_gguf_tokenizer", lambda *a: pytest.fail("rebuilt a cached tokenizer"))
-    assert tokenizer_dir(path, reader) == first and (first / "tokenizer.model").stat().st_mtime_ns == stamp
+    monkeypatch.setattr(tokenizer, "write_gguf_tokenizer",
+                        lambda *a: pytest.fail("rebuilt a cached tokenizer"))
+    assert (tokenizer_dir(path, reader) == first
+            and (first / "tokenizer.model").stat().st_mtime_ns == stamp)
     for name in ("tokenizer.model", "tokenizer_special.json"):
         assert (first / name).read_bytes() == (direct / name).read_bytes()

@@ -1,4 +1,5 @@
-"""The Transformer itself: rope table, right padding, the prefix KV path, early stop, parallel checks."""
+"""The Transformer itself: rope table, right padding, the prefix KV path, early stop, parallel
+checks."""
 import pytest
 import torch
 from tiny import CONFIGS, make_hf, tokens
@@ -27,7 +28,8 @@ def test_rope_table_matches_transformers_factor_32(model):
     assert model.params.rope_scale_factor == 32.0
     assert torch.allclose(ours, theirs.float(), rtol=1e-6, atol=0)
     eight = ModelArgs(**{**vars(model.params), "rope_scale_factor": 8.0})
-    assert not torch.allclose(rope_frequencies(eight), theirs.float(), rtol=1e-3)  # the table sees the factor
+    # the table sees the factor
+    assert not torch.allclose(rope_frequencies(eight), theirs.float(), rtol=1e-3)
 
 
 def test_right_padding_matches_each_row_alone(model):
@@ -51,12 +53,14 @@ def test_prefix_kv_matches_whole_sequence(model):
     rest = torch.stack([toks[b, s : s + 8] for b, s in enumerate(start.tolist())])
     pre = model(prefix, layers=[3], return_kv=True)
     assert len(pre["kv"]) == 3 and pre["kv"][0][0].shape == (2, 6, 2, 16)
-    with pytest.raises(LlamaError, match="past holds keys and values for 2 blocks, this call runs 3"):
+    with pytest.raises(LlamaError,
+                       match="past holds keys and values for 2 blocks, this call runs 3"):
         model(rest, layers=[3], start=start, past=pre["kv"][:2])
     out = model(rest, layers=[2], logits=True, start=start, past=pre["kv"])
     for b, s in enumerate(start.tolist()):
         whole = model(toks[b : b + 1, : s + 8], layers=[2], logits=True)
-        assert close(out[2][b], whole[2][0, s:]) and close(out["logits"][b], whole["logits"][0, s:])
+        assert (close(out[2][b], whole[2][0, s:])
+                and close(out["logits"][b], whole["logits"][0, s:]))
 
 
 def test_stops_after_deepest_layer(model):
@@ -81,7 +85,8 @@ def test_parallel_checks(dist1):
     with pytest.raises(LlamaError, match="model-parallel size 3 does not divide the world size 1"):
         setup(3, "cpu")
     args = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=320)
-    assert check_parallel(args, 2) == 2 and check_parallel(args, 4) == 4 and check_parallel(args, 8) == 8
+    assert (check_parallel(args, 2) == 2 and check_parallel(args, 4) == 4
+            and check_parallel(args, 8) == 8)
     with pytest.raises(LlamaError, match="does not divide n_heads=8"):
         check_parallel(args, 3)
     with pytest.raises(LlamaError, match="neither divides n_kv_heads=4 nor is a multiple"):

@@ -1,7 +1,8 @@
 """Tiny random checkpoints for tests: Hugging Face layout (made by transformers) and Meta layout.
 
-    hf_dir = make_hf(tmp_path / "hf", "gqa")           # "mha" (Llama-2-like), "gqa" (Llama-3.2-like,
-                                                       # rope llama3 factor 32), "tied" (tied embeddings)
+    hf_dir = make_hf(tmp_path / "hf", "gqa")           # "mha" (Llama-2-like), "gqa"
+                                                       # (Llama-3.2-like, rope llama3 factor 32),
+                                                       # "tied" (tied embeddings)
     args, sd = load_meta_state(hf_dir)                 # llama.checkpoint: Meta names, full tensors
     sd = meta_state(hf_model(hf_dir))                  # the same, written here independently
     meta_dir = make_meta(tmp_path / "meta", sd, args, shards=2, tokenizer_from=hf_dir)
@@ -22,16 +23,18 @@ CONFIGS = {
                 intermediate_size=172, rms_norm_eps=1e-5, rope_theta=10000.0),
     "gqa": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=192, rms_norm_eps=1e-5, max_position_embeddings=131072,
-                rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0,
+                                     low_freq_factor=1.0,
                                      high_freq_factor=4.0, original_max_position_embeddings=8192)),
     "tied": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                 intermediate_size=160, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True),
+                 intermediate_size=160, rms_norm_eps=1e-5, rope_theta=100000.0,
+                 tie_word_embeddings=True),
 }
 
 
 def make_tokenizer(path, vocab=None):
-    """A byte-level BPE tokenizer.json with no merges: <unk> <s> </s> and the 256 byte symbols, plus
-    filler tokens up to `vocab` entries when given. Returns the file path."""
+    """A byte-level BPE tokenizer.json with no merges: <unk> <s> </s> and the 256 byte symbols,
+    plus filler tokens up to `vocab` entries when given. Returns the file path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     symbols = SPECIALS + pre_tokenizers.ByteLevel.alphabet()
@@ -49,13 +52,14 @@ def make_tokenizer(path, vocab=None):
 
 
 def make_hf(path, kind="mha", seed=0, vocab=VOCAB, hub_style=False):
-    """A random transformers LlamaForCausalLM saved with safetensors and a tokenizer.json. hub_style
-    rewrites config.json the way hub Llama 3.x configs spell rope (rope_theta + rope_scaling)."""
+    """A random transformers LlamaForCausalLM saved with safetensors and a tokenizer.json.
+    hub_style rewrites config.json the way hub Llama 3.x configs spell rope (rope_theta +
+    rope_scaling)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**{"max_position_embeddings": 4096, **CONFIGS[kind]}, vocab_size=vocab, bos_token_id=1,
-                      eos_token_id=2)
+    cfg = LlamaConfig(**{"max_position_embeddings": 4096, **CONFIGS[kind]}, vocab_size=vocab,
+                      bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).float()
     with torch.no_grad():  # random norm weights, so a mix-up of norms cannot pass
         for name, p in model.named_parameters():
@@ -84,7 +88,8 @@ def hf_model(path):
 
 def hf_states(model, tokens, attention_mask=None):
     """transformers' per-layer states in our convention: {0: embeddings, i: raw output of block i}
-    (HF's last hidden state is after the final norm, so the last block's is taken by a hook), and logits."""
+    (HF's last hidden state is after the final norm, so the last block's is taken by a hook), and
+    logits."""
     raw = {}
     hook = model.model.layers[-1].register_forward_hook(
         lambda m, i, o: raw.setdefault("h", o[0] if isinstance(o, tuple) else o))
@@ -100,21 +105,24 @@ def hf_states(model, tokens, attention_mask=None):
 
 
 def meta_state(model):
-    """A transformers LlamaForCausalLM's weights in Meta's names and interleaved rotary layout, written
-    here independently of llama.checkpoint (which the tests check against it)."""
+    """A transformers LlamaForCausalLM's weights in Meta's names and interleaved rotary layout,
+    written here independently of llama.checkpoint (which the tests check against it)."""
     c = model.config
     hd = c.hidden_size // c.num_attention_heads
     names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
              "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-             "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+             "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+             "mlp.up_proj": "feed_forward.w3",
              "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
-    sd = {"tok_embeddings.weight": model.model.embed_tokens.weight, "norm.weight": model.model.norm.weight,
-          "output.weight": model.lm_head.weight}
+    sd = {"tok_embeddings.weight": model.model.embed_tokens.weight,
+          "norm.weight": model.model.norm.weight, "output.weight": model.lm_head.weight}
     for i, layer in enumerate(model.model.layers):
         for hf, meta in names.items():
             w = layer.get_submodule(hf).weight
-            if hf in ("self_attn.q_proj", "self_attn.k_proj"):  # rotate-half rows back to interleaved pairs
-                w = w.reshape(-1, 2, hd // 2, c.hidden_size).transpose(1, 2).reshape(-1, c.hidden_size)
+            # rotate-half rows back to interleaved pairs
+            if hf in ("self_attn.q_proj", "self_attn.k_proj"):
+                w = (w.reshape(-1, 2, hd // 2, c.hidden_size).transpose(1, 2)
+                     .reshape(-1, c.hidden_size))
             sd[f"layers.{i}.{meta}.weight"] = w
     return {k: v.detach().clone() for k, v in sd.items()}
 
@@ -127,7 +135,8 @@ def make_meta(path, full_sd, args, shards=1, tokenizer_from=None):
     path = str(path)
     os.makedirs(path, exist_ok=True)
     for r in range(shards):
-        torch.save(shard_state_dict(full_sd, args, shards, r), os.path.join(path, f"consolidated.{r:02d}.pth"))
+        torch.save(shard_state_dict(full_sd, args, shards, r),
+                   os.path.join(path, f"consolidated.{r:02d}.pth"))
     with open(os.path.join(path, "params.json"), "w") as f:
         json.dump(meta_params(args), f)
     if tokenizer_from is not None:

@@ -1,0 +1,238 @@
+"""Text and chat completion on the model's preallocated KV cache, in the spirit of Meta's
+generation.py.
+
+    from llama.generation import Generator, Sampling
+    gen = Generator.build("model.gguf", setup(mp=1, device="cpu"))
+    done = gen.text_completion(["The capital of France is"], Sampling(max_gen_len=16))
+    done[0].completion, done[0].tokens, done[0].logprobs
+
+A batch of prompts of different lengths is prefilled in one right-padded forward; each row then
+decodes one token per step at its own position (KVCache: one write per step). Greedy at
+temperature 0, else temperature and nucleus (top-p) sampling (Holtzman et al. 2020) from a seeded
+generator; rank 0 of each model-parallel group picks the token and broadcasts it, so every rank
+decodes the same text. A row stops at one of the tokenizer's end tokens (EOS, <|eot_id|>,
+<|im_end|>, left out of the completion) or after max_gen_len tokens, never past max_seq_len.
+"""
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as tdist
+
+from .errors import LlamaError
+from .model import KVCache, Steer, Transformer
+
+END_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>")
+BUILTIN_PROMPTS = [
+    "I believe the meaning of life is",
+    "Simply put, the theory of relativity states that",
+    "Building a website can be done in 10 simple steps:\n",
+    "The city of Paris is in the country of",
+]
+
+
+@dataclass
+class Sampling:
+    max_gen_len: int = 64  # new tokens at most
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 0.9  # nucleus: sample from the smallest set of tokens holding this mass
+    seed: int = 0
+    logprobs: bool = False  # also return each generated token's log-probability (temperature 1)
+
+    def check(self):
+        if not isinstance(self.max_gen_len, int) or self.max_gen_len < 1:
+            raise LlamaError(f"--max_gen_len {self.max_gen_len!r} is not a positive integer")
+        if not self.temperature >= 0:
+            raise LlamaError(f"--temperature {self.temperature!r} is negative")
+        if not 0 < self.top_p <= 1:
+            raise LlamaError(f"--top_p {self.top_p!r} is not in (0, 1]")
+
+
+@dataclass
+class Completion:
+    prompt: str
+    prompt_tokens: List[int]
+    completion: str
+    tokens: List[int]  # generated ids, the end token left out
+    finish: str  # "stop" (an end token) or "length" (max_gen_len or max_seq_len)
+    logprobs: Optional[List[float]] = None
+
+
+def end_tokens(tok) -> List[int]:
+    """The ids that end a completion: EOS and the chat formats' end-of-turn tokens (those the
+    tokenizer has)."""
+    ids = [] if tok.eos_id is None else [tok.eos_id]
+    for name in END_TOKENS:
+        enc = tok.encode(name)
+        if len(enc) == 1 and enc[0] not in ids:
+            ids.append(enc[0])
+    return ids
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """probs [B, V] -> [B] ids drawn from the smallest set of most likely tokens whose mass
+    reaches top_p (renormalised), as Meta's sample_top_p."""
+    sorted_p, order = probs.sort(-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
+    sorted_p = sorted_p.masked_fill(before > top_p, 0.0)
+    pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
+    return order.gather(-1, pick)[:, 0]
+
+
+def _mp_broadcast(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The token ids [B] of the model-parallel group's first rank, on every rank of the group
+    (sent from `device`: nccl sends only CUDA tensors)."""
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    if fs_init.get_model_parallel_world_size() == 1:
+        return ids
+    sent = ids.to(device)
+    tdist.broadcast(sent, fs_init.get_model_parallel_src_rank(),
+                    group=fs_init.get_model_parallel_group())
+    return sent.cpu()
+
+
+class Generator:
+    def __init__(self, model: Transformer, tokenizer, fingerprint: Optional[str] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.stop = end_tokens(tokenizer)
+
+    @classmethod
+    def build(cls, path, dist, dtype: str = "float32", max_seq_len: Optional[int] = None,
+              tokenizer_path: Optional[str] = None) -> "Generator":
+        from .checkpoint import load_model
+        from .tokenizer import load_tokenizer
+
+        lm = load_model(path, dist, dtype, max_seq_len)
+        tok_path = tokenizer_path or lm.tokenizer_path
+        if tok_path is None:
+            raise LlamaError(f"{path}: no tokenizer found beside the model: give --tokenizer_path")
+        return cls(lm.model, load_tokenizer(tok_path), lm.fingerprint)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.params.max_seq_len
+
+    @torch.inference_mode()
+    def generate(self, prompt_tokens: List[List[int]], cfg: Sampling,
+                 steer: Optional[Steer] = None,
+                 on_done: Optional[Callable[[int, List[int], List[float], str], None]] = None,
+                 steer_from: Optional[List[int]] = None):
+        """Complete each prompt (token ids). Returns per prompt (ids, logprobs or None, finish);
+        on_done(i, ids, logprobs, finish) is called as each row finishes. steer_from [B]: where
+        a "generated"-positions steer starts (default: after each prompt; an answer opener the
+        prompt ends with may count as generated)."""
+        cfg.check()
+        if not prompt_tokens:
+            raise LlamaError("no prompts to complete")
+        lens = [len(p) for p in prompt_tokens]
+        if min(lens) == 0:
+            raise LlamaError(f"prompt {lens.index(0)} is empty")
+        if max(lens) >= self.max_seq_len:
+            i = max(range(len(lens)), key=lens.__getitem__)
+            raise LlamaError(f"prompt {i} has {lens[i]} tokens: no room to generate within "
+                             f"max_seq_len {self.max_seq_len}")
+        model, B = self.model, len(prompt_tokens)
+        device = model.norm.weight.device
+        limit = torch.tensor([min(cfg.max_gen_len, self.max_seq_len - n) for n in lens])
+        length = max(n + int(m) for n, m in zip(lens, limit))
+        cache = KVCache(model, B, length)
+        tokens = torch.zeros(B, max(lens), dtype=torch.long)
+        for b, p in enumerate(prompt_tokens):
+            tokens[b, : lens[b]] = torch.tensor(p)
+        plen = torch.tensor(lens, device=device)
+        first_steered = plen if steer_from is None else torch.tensor(steer_from, device=device)
+        last = model.params.n_layers
+        h = model(tokens.to(device), layers=[last], cache=cache, steer=steer,
+                  prompt_len=first_steered)[last]
+        logits = model.logits_of(h[torch.arange(B, device=device), plen - 1])  # [B, vocab]
+        gen = torch.Generator().manual_seed(cfg.seed)
+        stop = torch.tensor(self.stop, dtype=torch.long)
+        out = [[] for _ in range(B)]
+        logps = [[] for _ in range(B)]
+        finish = [None] * B
+        pos = plen.clone()
+        for _ in range(int(limit.max())):
+            ids = self._pick(logits.cpu(), cfg, gen, device)
+            if cfg.logprobs:
+                lp = torch.log_softmax(logits.cpu(), -1).gather(-1, ids[:, None])[:, 0]
+            for b in range(B):
+                if finish[b] is not None:
+                    continue
+                if bool((stop == ids[b]).any()):
+                    finish[b] = "stop"
+                else:
+                    out[b].append(int(ids[b]))
+                    if cfg.logprobs:
+                        logps[b].append(float(lp[b]))
+                    if len(out[b]) >= limit[b]:
+                        finish[b] = "length"
+                if finish[b] is not None and on_done is not None:
+                    on_done(b, out[b], logps[b] if cfg.logprobs else None, finish[b])
+            if all(f is not None for f in finish):
+                break
+            running = torch.tensor([f is None for f in finish], device=device)
+            h = model(ids[:, None].to(device), layers=[last], start=pos, cache=cache, steer=steer,
+                      prompt_len=first_steered)[last]
+            logits = model.logits_of(h[:, 0])
+            pos = pos + running.long()  # finished rows stay put: their writes never pass the cache
+        return [(o, row if cfg.logprobs else None, f) for o, row, f in zip(out, logps, finish)]
+
+    def _pick(self, logits: torch.Tensor, cfg: Sampling, gen: torch.Generator,
+              device: torch.device) -> torch.Tensor:
+        """logits [B, vocab] on the CPU -> [B] token ids, the same on every model-parallel rank."""
+        if cfg.temperature == 0:
+            ids = logits.argmax(-1)
+        else:
+            ids = sample_top_p(torch.softmax(logits / cfg.temperature, -1), cfg.top_p, gen)
+        return _mp_broadcast(ids.contiguous(), device)
+
+    def text_completion(self, prompts: List[str], cfg: Sampling, steer: Optional[Steer] = None,
+                        on_done: Optional[Callable[[Completion], None]] = None,
+                        prompt_tokens: Optional[List[List[int]]] = None) -> List[Completion]:
+        """Complete each text as it is (BOS added when the tokenizer uses one)."""
+        if prompt_tokens is None:
+            prompt_tokens = [self.tokenizer.encode(p, bos=True) for p in prompts]
+
+        def done(i, ids, lp, finish):
+            if on_done is not None:
+                on_done(self._completion(prompts[i], prompt_tokens[i], ids, lp, finish))
+
+        rows = self.generate(prompt_tokens, cfg, steer, done)
+        return [self._completion(p, t, *r) for p, t, r in zip(prompts, prompt_tokens, rows)]
+
+    def _completion(self, prompt, prompt_tokens, ids, lp, finish) -> Completion:
+        return Completion(prompt, list(prompt_tokens), self.tokenizer.decode(ids), list(ids),
+                          finish, None if lp is None else list(lp))
+
+    def chat_prompt(self, user: str, system: Optional[str] = None) -> str:
+        """One user turn, the assistant turn opened: the model's own chat template when the
+        tokenizer carries one, else its chat family (Tokenizer.render_chat)."""
+        if self.tokenizer.chat_source == "none":
+            raise LlamaError("this tokenizer has no chat format: use text completion (no --chat)")
+        return self.tokenizer.render_chat(user, system=system)
+
+    def chat_completion(self, users: List[str], cfg: Sampling, system: Optional[str] = None,
+                        steer: Optional[Steer] = None,
+                        on_done: Optional[Callable[[Completion], None]] = None,
+                        ) -> List[Completion]:
+        """Answer each user message as the assistant (one turn each)."""
+        return self.text_completion([self.chat_prompt(u, system) for u in users], cfg, steer,
+                                    on_done)
+
+
+def builtin_demo(ckpt_dir, tokenizer_path=None, temperature: float = 0.8, top_p: float = 0.95,
+                 max_gen_len: int = 64, max_seq_len: Optional[int] = None, seed: int = 0,
+                 mp: int = 0, device: str = "auto", dtype: str = "float32"):
+    """The LLaMA-CCS example without --prompt_csv: complete a few built-in prompts and print them
+    (rank 0), as Meta's example.py did."""
+    from .dist import setup
+
+    d = setup(mp, device)
+    gen = Generator.build(ckpt_dir, d, dtype, max_seq_len, tokenizer_path)
+    cfg = Sampling(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, seed=seed)
+    for c in gen.text_completion(BUILTIN_PROMPTS, cfg):
+        if d.is_main:
+            print(c.prompt + c.completion + "\n\n==================================\n", flush=True)

@@ -1,0 +1,183 @@
+"""Every probe method, each registered once: its name, the caches it applies to, whether its sign
+is unidentified, its input features, its fit over a chunk of layers and its score.
+
+Adding a method is one `register(Method(...))` here plus its test. Features reach a method already
+standardised per side and per dimension with statistics of the training rows only:
+    z = (x - mean[layer, side]) / std[layer, side]                              z [c, S, n, d]
+and the input the method names is built from them: "diff" zp - zm (the prompt itself for
+single-prompt caches), "concat" [zp, zm], "sides" z itself, "logprobs" the cached answers'
+log-probabilities [n, 2] (no features). A fit returns {name: tensor [c, ...]} (optionally
+`train_loss` [c]); a score returns raw scores [c, n]: label 1 when above `threshold`, once
+oriented by the probe's sign (score = threshold + sign * (raw - threshold)).
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import solvers
+from .solvers import Settings
+
+
+@dataclass
+class Context:
+    """What a fit may use besides the features: settings, the random stream of each layer of the
+    chunk (seeded by seed, method and layer), the training rows' labels and their folds."""
+
+    cfg: Settings
+    gens: List[torch.Generator]
+    y: np.ndarray  # [n] training labels
+    fold: np.ndarray  # [n] grouped, stratified fold of each training row (cfg.cv folds)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    input: str  # "diff", "concat", "sides" or "logprobs" (see the module docstring)
+    fit: Callable  # (features, Context) -> params
+    score: Callable  # (params, features, logprobs) -> raw [c, n]
+    contrast_only: bool = False  # needs plus/minus sides
+    unsigned: bool = False  # sign unidentified: oriented on training labels, also max(acc, 1-acc)
+    threshold: float = 0.0
+    formula: str = "f @ w + b"  # the raw score, for the saved probe's metadata
+    default: bool = True  # runs unless --methods says otherwise
+    linear: bool = True  # a direction w [c, d'] on the input features (saved in raw space too)
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def register(m: Method) -> Method:
+    METHODS[m.name] = m
+    return m
+
+
+def features(z, input: str):
+    """z [c, S, n, d] standardised -> the method's input [c, n, d'] (z itself for "sides")."""
+    if input in ("sides", "logprobs"):
+        return z
+    if input == "concat":
+        return torch.cat([z[:, 0], z[:, 1]], -1)
+    return z[:, 0] - z[:, 1] if z.shape[1] == 2 else z[:, 0]
+
+
+def linear_score(p, f, lp=None):
+    return torch.einsum("cnd,cd->cn", f, p["w"]) + p["b"][:, None]
+
+
+def fit_logreg(f, ctx: Context):
+    return solvers.fit_logreg(f, ctx.y, ctx.fold, ctx.cfg)
+
+
+def fit_mean_diff(f, ctx: Context):
+    yt = torch.as_tensor(ctx.y, dtype=torch.bool)
+    m1, m0 = f[:, yt].mean(1), f[:, ~yt].mean(1)
+    w = m1 - m0
+    return {"w": w, "b": -(w * (m1 + m0)).sum(-1) / 2}
+
+
+def fit_crc_tpc(f, ctx: Context):
+    """Contrast-consistent reflection, top principal component (Burns et al. 2022, section 3.3)."""
+    mu = f.mean(1)
+    w = solvers.top_component(f - mu[:, None], ctx.gens)
+    return {"w": w, "b": -(w * mu).sum(-1)}
+
+
+def fit_random(f, ctx: Context):
+    """A random unit direction, its threshold halfway between the class means and its sign set by
+    the training labels: the floor any direction reaches."""
+    w = solvers.randn(ctx.gens, f.shape[-1])
+    w = w / w.norm(dim=-1, keepdim=True)
+    s = torch.einsum("cnd,cd->cn", f, w)
+    yt = torch.as_tensor(ctx.y, dtype=torch.bool)
+    b = -(s[:, yt].mean(1) + s[:, ~yt].mean(1)) / 2
+    sign = solvers.orient(s, ctx.y)
+    return {"w": w * sign[:, None], "b": b * sign}
+
+
+def fit_majority(f, ctx: Context):
+    major = 1.0 if 2 * ctx.y.sum() >= len(ctx.y) else -1.0
+    c = f.shape[0]
+    return {"w": torch.zeros(c, f.shape[-1]), "b": torch.full((c,), major)}
+
+
+def fit_ccs(z, ctx: Context):
+    return solvers.fit_ccs(z[:, 0], z[:, 1], ctx.cfg, ctx.gens)
+
+
+def score_ccs(p, z, lp=None):
+    return solvers.ccs_score(p, z[:, 0], z[:, 1])
+
+
+def score_zero_shot(p, z, lp):
+    raw = torch.as_tensor(lp[:, 0] - lp[:, 1], dtype=torch.float32)
+    return raw.expand(len(p["sign"]), -1)
+
+
+def fit_nothing(z, ctx: Context):
+    return {}
+
+
+register(Method("ccs", "sides", fit_ccs, score_ccs, contrast_only=True, unsigned=True,
+                threshold=0.5, formula="0.5 * (sigmoid(zp @ w + b) + 1 - sigmoid(zm @ w + b)); "
+                "an MLP (w1, b1, w2, b2) in place of zp @ w + b when w1 is present"))
+register(Method("lr", "diff", fit_logreg, linear_score))
+register(Method("lr_concat", "concat", fit_logreg, linear_score, contrast_only=True))
+register(Method("mean_diff", "diff", fit_mean_diff, linear_score))
+register(Method("crc_tpc", "diff", fit_crc_tpc, linear_score, contrast_only=True, unsigned=True))
+register(Method("random", "diff", fit_random, linear_score))
+register(Method("zero_shot", "logprobs", fit_nothing, score_zero_shot, contrast_only=True,
+                formula="logprob(plus answer) - logprob(minus answer)", linear=False))
+register(Method("majority", "diff", fit_majority, linear_score))
+
+BASELINES = ("random", "majority")  # always run: the floor every row is read against
+
+
+def defaults(contrast: bool, has_logprobs: bool) -> List[str]:
+    return [m.name for m in METHODS.values() if m.default and (contrast or not m.contrast_only)
+            and (m.name != "zero_shot" or has_logprobs)]
+
+
+def row_names(methods: List[str]) -> List[str]:
+    """eval.csv method names: an unsigned method gives `m` (max(acc, 1-acc)) and `m_signed`."""
+    out = []
+    for m in methods:
+        out += [m, m + "_signed"] if METHODS[m].unsigned else [m]
+    return out
+
+
+def base(row: str) -> Method:
+    return METHODS[row.removesuffix("_signed")]
+
+
+def orientation(row: str) -> str:
+    m = base(row)
+    if m.unsigned and not row.endswith("_signed"):
+        return "max(acc,1-acc)"
+    return "fixed: " + m.formula if m.input == "logprobs" else "train labels"
+
+
+def input_name(m: Method, contrast: bool) -> str:
+    if m.input == "diff" and not contrast:
+        return "prompt"
+    return m.input
+
+
+def fit_one(m: Method, z, ctx: Context, lp: Optional[np.ndarray]) -> dict:
+    """Fit m on standardised training rows z [c, S, n, d]; add its sign [c] (training labels
+    decide it for unsigned methods, +1 otherwise)."""
+    f = features(z, m.input)
+    p = m.fit(f, ctx)
+    c = z.shape[0]
+    if m.unsigned:
+        p["sign"] = solvers.orient(m.score(p, f, lp) - m.threshold, ctx.y)
+    else:
+        p["sign"] = torch.ones(c)
+    return p
+
+
+def score_one(m: Method, p: dict, z, lp: Optional[np.ndarray]):
+    """Oriented scores [c, n] of z [c, S, n, d] (standardised)."""
+    raw = m.score(p, features(z, m.input), lp)
+    return m.threshold + p["sign"][:, None] * (raw - m.threshold)

@@ -1,0 +1,141 @@
+"""Complete prompts with a model (greedy or sampled), optionally steered.
+
+    python scripts/generate.py --model PATH --prompts FILE [--max_gen_len 64] [--temperature 0]
+        [--top_p 0.9] [--seed 0] [--chat] [--system TEXT] [--output OUT.jsonl] [--logprobs]
+        [--steer VECTORS --steer_layers 10 --multiplier 4 [--ablate] [--positions all|generated]]
+    torchrun --nproc_per_node MP scripts/generate.py ...      # model parallel: same tokens as MP 1
+
+FILE: a JSON list of strings, or a text file with one prompt a line (blank lines skipped).
+OUT.jsonl: one object per prompt: prompt, prompt_tokens, completion, tokens, finish (stop or
+length), and logprobs with --logprobs. Without --output each completion is printed as it finishes.
+--chat wraps each prompt as one user turn in the tokenizer's chat format.
+--steer: a vectors folder (scripts/generate_vectors_from_cache.py), a .npy/.safetensors vector,
+or a saved ccs.py linear probe; see llama/steering.py.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llama.cache import parse_layers  # noqa: E402
+from llama.cli import command  # noqa: E402
+from llama.errors import LlamaError  # noqa: E402
+
+
+def read_prompts(path: str) -> list:
+    """A JSON list of strings, or one prompt per non-blank line."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            prompts = json.loads(text)
+        except ValueError as e:
+            raise LlamaError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise LlamaError(f"{path}: expected a JSON list of strings")
+        bad = [i for i, p in enumerate(prompts) if not p.strip()]
+        if bad:
+            raise LlamaError(f"{path}: prompt {bad[0]} is empty")
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise LlamaError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9, seed=0,
+         chat=False, system=None, logprobs=False, batch_size=8, tokenizer_path=None,
+         max_seq_len=None, dtype="float32", mp=0, device="auto", steer=None, steer_layers=None,
+         multiplier=1.0, ablate=False, positions="all"):
+    """Complete every prompt of --prompts (greedy, or sampled), optionally steered.
+
+    model: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
+    prompts: a JSON list of strings, or a text file with one prompt a line
+    output: a .jsonl file, one object per prompt (default: print each completion)
+    max_gen_len: tokens to generate per prompt, at most
+    temperature: 0 for greedy decoding
+    top_p: nucleus sampling threshold
+    seed: sampling seed
+    chat: wrap each prompt as one user turn in the tokenizer's chat format
+    system: a system prompt (with --chat)
+    logprobs: also write each generated token's log-probability
+    batch_size: prompts generated at once
+    tokenizer_path: the tokenizer file, when the model's own is not found beside it
+    max_seq_len: longest sequence the model is built for (default: the model's)
+    dtype: float32, float16 or bfloat16
+    mp: model-parallel size (default: the world size)
+    device: auto, cpu or cuda
+    steer: steering vectors: a vectors folder, a .npy/.safetensors vector or a saved linear probe
+    steer_layers: the layer(s) to steer, e.g. 10 or 10,15
+    multiplier: times the vector added to the residual stream
+    ablate: remove the vector's direction instead of adding it
+    positions: all (every position) or generated (the generated tokens only)
+    """
+    from llama.dist import setup, teardown
+    from llama.generation import Generator, Sampling
+    from llama.model import Steer
+    from llama.steering import load_vectors
+
+    texts = read_prompts(prompts)
+    cfg = Sampling(max_gen_len=max_gen_len, temperature=float(temperature), top_p=float(top_p),
+                   seed=int(seed), logprobs=bool(logprobs))
+    cfg.check()
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise LlamaError(f"--batch_size {batch_size!r} is not a positive integer")
+    if (steer is None) != (steer_layers is None):
+        raise LlamaError("--steer VECTORS and --steer_layers L go together")
+    import torch.distributed as tdist
+
+    own_group = not tdist.is_initialized()  # a caller's process group is left alone
+    d = setup(mp, device)
+    try:
+        gen = Generator.build(model, d, dtype, max_seq_len, tokenizer_path)
+        if cfg.max_gen_len >= gen.max_seq_len:
+            raise LlamaError(f"--max_gen_len {cfg.max_gen_len} is past the model's max_seq_len "
+                             f"{gen.max_seq_len}")
+        spec = None
+        if steer is not None:
+            a = gen.model.params
+            vecs = load_vectors(steer, parse_layers(steer_layers, a.n_layers), a.dim, a.n_layers,
+                                gen.fingerprint)
+            spec = Steer(vecs, float(multiplier), bool(ablate), positions)
+        if chat:
+            texts = [gen.chat_prompt(t, system) for t in texts]
+        tokens = [gen.tokenizer.encode(t, bos=True) for t in texts]
+        for i, t in enumerate(tokens):
+            if len(t) >= gen.max_seq_len:
+                raise LlamaError(f"{prompts}: prompt {i} has {len(t)} tokens, max_seq_len is "
+                                 f"{gen.max_seq_len}")
+
+        def show(c):
+            if d.is_main and output is None:
+                print(json.dumps({"prompt": c.prompt, "completion": c.completion}), flush=True)
+
+        done = []
+        for lo in range(0, len(texts), batch_size):
+            hi = lo + batch_size
+            done += gen.text_completion(texts[lo:hi], cfg, spec, show, tokens[lo:hi])
+        if d.is_main and output is not None:
+            write_jsonl(output, done)
+            print(f"wrote {len(done)} completions to {output}")
+    finally:
+        if own_group:
+            teardown()
+
+
+def write_jsonl(path: str, done):
+    """Written to a temporary file and renamed: a cut-short run leaves no OUT.jsonl."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for c in done:
+            row = {"prompt": c.prompt, "prompt_tokens": c.prompt_tokens,
+                   "completion": c.completion, "tokens": c.tokens, "finish": c.finish}
+            if c.logprobs is not None:
+                row["logprobs"] = c.logprobs
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    command(main)
