@@ -201,7 +201,10 @@ def test_steer_end_to_end_on_smollm2(smol_vectors, tmp_path, dist1):
                    "--positions", "generated")
     assert r.returncode == 0, r.stderr
     rows = read_csv(out2 / "steering.csv")
-    assert rows[1]["p_positive"] == rows[0]["p_positive"] != rows[2]["p_positive"]
+    # the baseline and multiplier 0 run in batches of other shapes: equal up to BLAS rounding
+    # (bit-identity at equal shapes is test_generation's multiplier-zero test)
+    p_none, p_zero, p_four = (float(x["p_positive"]) for x in rows[:3])
+    assert p_zero == pytest.approx(p_none, abs=1e-5) and abs(p_four - p_none) > 2e-5
     plain = lm.model(ids, layers=[], logits=True,
                      steer=Steer(vec, 4.0, positions="generated"),
                      prompt_len=torch.tensor([ids.shape[1] - 1]))["logits"][0, -1]
