@@ -40,12 +40,12 @@ def _check_layers(layers: Iterable[int], n_layers: int, where: str) -> List[int]
     return layers
 
 
-def _folder(path: str) -> Dict[int, tuple]:
-    """{layer: (vector, metadata)} of a vectors folder (or a run folder holding vectors/)."""
+def read_vectors_folder(path: str) -> Dict[int, tuple]:
+    """{layer: (vector, metadata)} of the cached workflow's vectors folder: one
+    layer_L.safetensors per layer, each holding a tensor "vector". The one reader of that format
+    (steering and scripts/analyze_probe_from_cache.py)."""
     from safetensors import safe_open
 
-    if os.path.isdir(os.path.join(path, "vectors")):
-        path = os.path.join(path, "vectors")
     found = {}
     for f in glob.glob(os.path.join(path, "layer_*.safetensors")):
         m = re.fullmatch(r"layer_(\d+)\.safetensors", os.path.basename(f))
@@ -115,7 +115,8 @@ def load_vectors(source: str, layers: Optional[Iterable[int]], dim: int, n_layer
         raise LlamaError(f"{source}: no such vectors file or folder")
     have_fp = None
     if os.path.isdir(source):
-        found = _folder(source)
+        inner = os.path.join(source, "vectors")  # a run folder of the cached workflow
+        found = read_vectors_folder(inner if os.path.isdir(inner) else source)
         table = {l: v for l, (v, _) in found.items()}
         fps = {m.get("fingerprint") for _, m in found.values()} - {None, ""}
         have_fp = fps.pop() if len(fps) == 1 else None

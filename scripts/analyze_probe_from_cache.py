@@ -17,7 +17,6 @@ when the users' snippet gives LOW values.
 import glob
 import json
 import os
-import re
 import sys
 
 import numpy as np
@@ -28,6 +27,7 @@ from probes.data import cache_layers  # noqa: E402
 from llama.cache import ActivationCache, mean_start  # noqa: E402
 from llama.cli import command  # noqa: E402
 from llama.errors import LlamaError  # noqa: E402
+from llama.steering import read_vectors_folder  # noqa: E402
 
 
 def no_vectors(folder: str) -> LlamaError:
@@ -42,21 +42,12 @@ def no_vectors(folder: str) -> LlamaError:
 def read_vectors(folder: str, cache: ActivationCache) -> dict:
     """{layer: unit-or-not vector [d]} from layer_{L}.safetensors files, checked against the
     cache."""
-    from safetensors import safe_open
-
     if not os.path.isdir(folder):
         raise no_vectors(folder)
     out = {}
-    for name in sorted(os.listdir(folder)):
-        m = re.fullmatch(r"layer_(\d+)\.safetensors", name)
-        if not m:
-            continue
-        path = os.path.join(folder, name)
-        with safe_open(path, "np") as f:
-            meta = f.metadata() or {}
-            if "vector" not in f.keys():
-                raise LlamaError(f"{path} holds no tensor 'vector'")
-            v = f.get_tensor("vector").astype(np.float32)
+    for layer, (v, meta) in sorted(read_vectors_folder(folder).items()):
+        path = os.path.join(folder, f"layer_{layer}.safetensors")
+        v = v.astype(np.float32)
         if v.shape != (cache.hidden_dim,):
             raise LlamaError(f"{path}: vector of shape {list(v.shape)}, but cache {cache.path} "
                              f"has hidden size {cache.hidden_dim}")
@@ -64,9 +55,7 @@ def read_vectors(folder: str, cache: ActivationCache) -> dict:
         if fp and cache.fingerprint and fp != cache.fingerprint:
             raise LlamaError(f"{path} comes from another model (fingerprint {fp[:16]}) "
                              f"than cache {cache.path} ({cache.fingerprint[:16]})")
-        out[int(m.group(1))] = v
-    if not out:
-        raise LlamaError(f"{folder} holds no layer_{{L}}.safetensors vectors")
+        out[layer] = v
     return out
 
 
