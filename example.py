@@ -14,13 +14,26 @@ The seed's flag names and the cached workflow's are both accepted (--ckpt_dir / 
 Plain `python example.py ...` runs it in one process. Same implementation as
 scripts/cache_activations.py: llama/extract.py.
 """
+from dataclasses import dataclass
 from typing import Optional
 
 from llama.cli import command
 from llama.extract import Extraction
 
 
-def main(cfg: Extraction, temperature: float = 0.8, top_p: float = 0.95, max_gen_len: int = 64,
+@dataclass
+class Seed(Extraction):
+    """Extraction settings, with --data and --output optional: without them, the seed's text
+    generation runs.
+
+    data: the prompt CSV (or JSON file generate_dataset.py reads); without it, generate text
+    output: the cache folder (with --data)
+    """
+    data: Optional[str] = None
+    output: Optional[str] = None
+
+
+def main(cfg: Seed, temperature: float = 0.8, top_p: float = 0.95, max_gen_len: int = 64,
          max_seq_len: Optional[int] = None, seed: int = 0):
     """Cache the hidden states of --data's prompts in --output, or without --data complete a few
     built-in prompts, as Meta's example.py did.
@@ -49,4 +62,4 @@ def main(cfg: Extraction, temperature: float = 0.8, top_p: float = 0.95, max_gen
 
 
 if __name__ == "__main__":
-    command(main, optional=("data", "output"))
+    command(main)

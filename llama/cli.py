@@ -1,28 +1,16 @@
-"""Every command's flags, parsed from the function it runs, before any work starts.
+"""Every command's flags, read from the function it runs (`command(main)`, or
+`command({"train": train, ...})` for subcommands) and parsed by argparse before any work.
 
-    from llama.cli import command
-    def main(model: str, layers: str = "all", zero_shot: bool = False):
-        '''Extract hidden states.
-
-        model: a Meta dir, Hugging Face dir or .gguf file
-        layers: all, 12 or 10,20,23
-        zero_shot: also store each answer's log-probability
-        '''
-    command(main)                  # or command({"train": train, ...}) for subcommands
-
-Flags are the function's parameters (`--name value`, `--name=value`; `-` and `_` alike); values
-may also be given positionally: the required ones first, then the function's other parameters.
-A parameter annotated with a dataclass stands for all of its fields (each a flag, help from the
-class docstring); the function receives the filled dataclass. Types come from annotations (int,
-float, str, bool, Literal[...] choices, Optional[...], List[str] for a flag given several times),
-else from the default. Help text: the docstring's `name: meaning` lines. Refused before the
-function runs, in one `error: ...` line: an unknown flag (the nearest valid one suggested), a
-missing required one, a value of the wrong type or outside its choices. `-h`/`--help` lists every
-flag and exits 0.
-
-ALIASES names one thing once across commands: a command with a flag `model` also accepts
-`--ckpt_dir`; an error then names the flag as the user typed it.
+Flags are the function's parameters (`--name value`, `--name=value`, `-` and `_` alike; values
+may also come positionally: the required ones first, then the function's other parameters). A
+dataclass parameter stands for its fields. Types come from annotations (int, float, str, bool,
+Literal[...] choices, Optional[...], List[str]: a flag given several times), help from the
+docstrings' `name: meaning` lines. Refused before the function runs, in one `error: ...` line
+(exit 2): an unknown flag (the nearest one suggested), a missing one, a bad value. `-h` lists
+every flag, one line each, and exits 0. ALIASES: the seed's spellings (`--ckpt_dir` for
+`--model`); an error names a flag as the user typed it.
 """
+import argparse
 import dataclasses
 import difflib
 import inspect
@@ -44,15 +32,6 @@ ALIASES = {  # seed spelling -> the name every command uses
     "model_dtype": "compute_dtype",
 }
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _quit(signum, frame):
-    fail("interrupted", 130)  # nothing started yet, so nothing to keep, and no traceback
-
-
-if threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _quit)  # Ctrl-C while a command imports torch: one line too
 
 
 @dataclasses.dataclass
@@ -87,59 +66,44 @@ def _kind(tp, default):
 
 
 def doc_lines(doc: Optional[str], names) -> Dict[str, str]:
-    """`name: meaning` lines of a docstring (continuation lines indented deeper); `a / b: ...`
-    gives both."""
-    out, cur, indent = {}, None, 0
-    for line in (doc or "").splitlines():
+    """{name: meaning} of a docstring's `name: meaning` lines (continued on lines indented deeper;
+    `a / b: ...` gives both); the key "": the text above the first of them."""
+    out, cur, indent, about, head = {}, None, 0, [], True
+    for line in inspect.cleandoc(doc or "").splitlines():
         m = re.match(r"(\s*)([a-z_]\w*(?:\s*/\s*[a-z_]\w*)*)\s*:\s+(\S.*)$", line)
         keys = [k.strip() for k in m.group(2).split("/")] if m else []
         if m and all(k in names for k in keys):
             cur, indent = keys, len(m.group(1))
-            for k in keys:
-                out[k] = m.group(3).strip()
+            out.update({k: m.group(3).strip() for k in keys})
         elif cur and line.strip() and len(line) - len(line.lstrip()) > indent:
             for k in cur:
                 out[k] += " " + line.strip()
         else:
-            cur = None
-    return out
+            cur, head = None, head and not out and line.strip() not in ("Args:", "Flags:")
+            about += [line] if head else []
+    return {"": "\n".join(about).strip(), **out}
 
 
-def _summary(doc: Optional[str], names) -> str:
-    """The docstring up to its first `name:` line or `Args:`."""
-    keep = []
-    for line in inspect.cleandoc(doc or "").splitlines():
-        m = re.match(r"\s*([a-z_]\w*)(?:\s*/\s*[a-z_]\w*)*\s*:\s", line)
-        if line.strip() in ("Args:", "Flags:") or (m and m.group(1) in names):
-            break
-        keep.append(line)
-    return "\n".join(keep).strip()
-
-
-def flags(fn, optional=()) -> Dict[str, Flag]:
-    """{name: Flag} of fn's parameters, dataclass parameters expanded into their fields; the
-    fields named in `optional` lose their requirement (None when not given)."""
-    hints = typing.get_type_hints(fn)
-    params = inspect.signature(fn).parameters
-    out = {}
-    for p in params.values():
+def flags(fn) -> Dict[str, Flag]:
+    """{name: Flag} of fn's parameters, dataclass parameters expanded into their fields (help from
+    the docstrings of the class and its bases, a subclass's last)."""
+    hints, out = typing.get_type_hints(fn), {}
+    for p in inspect.signature(fn).parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         tp = hints.get(p.name, p.annotation)
         if dataclasses.is_dataclass(tp):
-            fhints = typing.get_type_hints(tp)
-            fields = dataclasses.fields(tp)
+            fhints, fields = typing.get_type_hints(tp), dataclasses.fields(tp)
             helps = {}
-            for base in reversed(tp.__mro__):  # a subclass may change a field's default and help
+            for base in reversed(tp.__mro__):
                 helps.update(doc_lines(base.__doc__, {f.name for f in fields}))
             for f in fields:
                 if f.name in out:
                     raise TypeError(f"{fn.__name__}: flag {f.name} twice")
-                default = f.default if f.default is not dataclasses.MISSING else None
+                default = None if f.default is dataclasses.MISSING else f.default
                 kind, choices = _kind(fhints.get(f.name), default)
-                required = f.default is dataclasses.MISSING and f.name not in optional
-                out[f.name] = Flag(f.name, kind, default, required, choices, helps.get(f.name, ""),
-                                   p.name)
+                out[f.name] = Flag(f.name, kind, default, f.default is dataclasses.MISSING,
+                                   choices, helps.get(f.name, ""), p.name)
             continue
         default = None if p.default is p.empty else p.default
         kind, choices = _kind(tp, default)
@@ -163,18 +127,13 @@ def _convert(f: Flag, flag: str, raw: str):
         if raw.lower() in _TRUE + _FALSE:
             return raw.lower() in _TRUE
         raise LlamaError(f"{flag} {raw!r} is not true or false")
-    if f.kind in ("int", "auto"):
-        try:
-            return int(raw)
-        except ValueError:
-            if f.kind == "int":
-                raise LlamaError(f"{flag} {raw!r} is not an integer")
-    if f.kind in ("float", "auto"):
-        try:
-            return float(raw)
-        except ValueError:
-            if f.kind == "float":
-                raise LlamaError(f"{flag} {raw!r} is not a number")
+    for kind, cast, what in (("int", int, "an integer"), ("float", float, "a number")):
+        if f.kind in (kind, "auto"):
+            try:
+                return cast(raw)
+            except ValueError:
+                if f.kind == kind:
+                    raise LlamaError(f"{flag} {raw!r} is not {what}") from None
     return raw
 
 
@@ -184,55 +143,75 @@ def _is_value(arg: str) -> bool:
     return not arg.startswith("-") or arg == "-" or re.match(r"-\.?\d", arg) is not None
 
 
+class _Set(argparse.Action):
+    """One flag as typed: converted and checked (_convert), refused when given twice, appended to
+    when it is a list; the spelling typed is kept for error messages."""
+
+    def __init__(self, option_strings, dest, flag=None, **kw):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kw)
+        self.flag = flag
+
+    def __call__(self, parser, ns, raw, typed=None):
+        f = self.flag
+        value = False if self.nargs == 0 else _convert(f, typed, raw)
+        if f.kind == "list":
+            value = getattr(ns, f.name, []) + [value]
+        elif hasattr(ns, f.name):
+            raise LlamaError(f"{typed} given twice")
+        setattr(ns, f.name, value)
+        ns.typed_[f.name] = typed
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own refusals: one LlamaError, not usage and exit 2
+        message = re.sub(r"^argument (--\w+)\S*: ", r"\1 ", message)
+        raise LlamaError(message.replace(" expected one argument", " needs a value"))
+
+
+def _parser(fl: Dict[str, Flag], prog: str) -> _Parser:
+    """Each flag under its name and aliases; a bool's value is optional (`--quiet`, `--quiet
+    false`), and `--noNAME` / `--no_NAME` turn it off."""
+    parser = _Parser(prog=prog, add_help=False, allow_abbrev=False)
+    parser.add_argument("free", nargs="*")
+    taken = {n for f in fl.values() for n in [f.name] + f.aliases}
+    for f in fl.values():
+        bool_ = f.kind == "bool"
+        parser.add_argument(*[f"--{n}" for n in [f.name] + f.aliases], action=_Set, flag=f,
+                            nargs="?" if bool_ else None, const="true" if bool_ else None)
+        off = [f"--{n}" for n in ("no" + f.name, "no_" + f.name) if bool_ and n not in taken]
+        if off:
+            parser.add_argument(*off, action=_Set, flag=f, nargs=0)
+    return parser
+
+
+def _spelled(argv: List[str]) -> List[str]:
+    """Flag names with `_` for `-`; a value that starts with `-` (-4,-2,0) joined to its flag,
+    which argparse would otherwise read as a flag."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, raw = arg.partition("=")
+            arg = "--" + key[2:].replace("-", "_") + eq + raw
+        elif out and arg.startswith("-") and _is_value(arg) and out[-1].startswith("--") \
+                and "=" not in out[-1]:
+            out[-1] += "=" + arg
+            continue
+        out.append(arg)
+    return out
+
+
 def parse(fl: Dict[str, Flag], argv: List[str], prog: str = "") -> tuple:
     """argv -> ({name: value} of the flags given, {name: spelling typed}). Raises LlamaError."""
-    names = {}
-    for f in fl.values():
-        for n in [f.name] + f.aliases:
-            names[n] = f.name
-    if any(f.kind == "bool" for f in fl.values()):
-        for f in fl.values():
-            if f.kind == "bool":
-                names.setdefault("no" + f.name, "!" + f.name)
-                names.setdefault("no_" + f.name, "!" + f.name)
-    vals, typed, pos, i = {}, {}, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if not arg.startswith("--") or arg == "--":
-            if arg.startswith("-") and not _is_value(arg):
-                raise LlamaError(f"unknown flag {arg}" + _near(arg.lstrip("-"), fl))
-            pos.append(arg)
-            continue
-        key, eq, raw = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key not in names:
-            raise LlamaError(f"unknown flag --{key}" + _near(key, fl))
-        target = names[key]
-        if target.startswith("!"):
-            if eq:
-                raise LlamaError(f"--{key} takes no value")
-            vals[target[1:]], typed[target[1:]] = False, "--" + key
-            continue
-        f = fl[target]
-        if not eq:
-            if f.kind == "bool":
-                if i < len(argv) and argv[i].lower() in _TRUE + _FALSE:
-                    raw, i = argv[i], i + 1
-                else:
-                    raw = "true"
-            elif i < len(argv) and _is_value(argv[i]):
-                raw, i = argv[i], i + 1
-            else:
-                raise LlamaError(f"--{key} needs a value")
-        value = _convert(f, "--" + key, raw)
-        if f.kind == "list":
-            vals.setdefault(f.name, []).append(value)
-        elif f.name in vals:
-            raise LlamaError(f"--{key} given twice")
-        else:
-            vals[f.name] = value
-        typed[f.name] = "--" + key
+    ns, extra = _parser(fl, prog).parse_known_args(_spelled(argv), argparse.Namespace(typed_={}))
+    for arg in extra:
+        if not _is_value(arg):
+            key = arg.partition("=")[0]
+            names = [n for f in fl.values() for n in [f.name] + f.aliases]
+            hit = difflib.get_close_matches(key.lstrip("-"), names, n=1, cutoff=0.6)
+            raise LlamaError(f"unknown flag {key}" +
+                             (f" (did you mean --{hit[0]}?)" if hit else " (see --help)"))
+    pos, typed = ns.free + extra, ns.typed_
+    vals = {k: v for k, v in vars(ns).items() if k not in ("free", "typed_")}
     # in order, as in a call: the required ones, then the function's own optional values
     free = [f for f in fl.values() if f.required] + [
         f for f in fl.values()
@@ -249,40 +228,28 @@ def parse(fl: Dict[str, Flag], argv: List[str], prog: str = "") -> tuple:
     return vals, typed
 
 
-def _near(key: str, fl: Dict[str, Flag]) -> str:
-    names = [n for f in fl.values() for n in [f.name] + f.aliases]
-    hit = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    return f" (did you mean --{hit[0]}?)" if hit else " (see --help)"
-
-
 def usage(fn, fl: Dict[str, Flag], prog: str) -> str:
+    """-h: the usage line, the docstring's summary, then one line per flag."""
     req = " ".join(f.name.upper() if f.owner is None else f"--{f.name} {f.kind.upper()}"
                    for f in fl.values() if f.required)
     lines = [f"usage: {prog} {req} [flags]".replace("  ", " ")]
-    about = _summary(fn.__doc__, set(fl))
-    if about:
-        lines += ["", about]
-    lines += ["", "flags:"]
+    about = doc_lines(fn.__doc__, set(fl))[""]
+    lines += ["", about] if about else []
     rows = []
     for f in fl.values():
         kind = "{" + ",".join(f.choices) + "}" if f.choices else f.kind.upper()
         kind = {"BOOL": "", "AUTO": "VALUE", "LIST": "VALUE ..."}.get(kind, kind)
-        left = f"--{f.name} {kind}".rstrip()
-        if f.required:
-            state = "required"
-        elif f.kind == "bool":
-            state = "on/off, default on" if f.default else "on/off, default off"
-        elif f.kind == "list":
-            state = "repeatable"
-        else:
-            state = "optional" if f.default is None else f"default {f.default}"
+        state = ("required" if f.required else
+                 f"on/off, default {'on' if f.default else 'off'}" if f.kind == "bool" else
+                 "repeatable" if f.kind == "list" else
+                 "optional" if f.default is None else f"default {f.default}")
         also = f" (also --{', --'.join(f.aliases)})" if f.aliases else ""
-        rows.append((left, f"{state}. {f.help}{also}".rstrip(". ").rstrip()))
+        rows.append((f"--{f.name} {kind}".rstrip(),
+                     f"{state}. {f.help}{also}".rstrip(". ").rstrip()))
     rows.append(("-h, --help", "this help"))
     width = min(max(len(a) for a, _ in rows) + 2, 34)
-    for left, right in rows:
-        pad = " " * (width - len(left)) if len(left) < width else "  "
-        lines.append(f"  {left}{pad}{right}")
+    lines += ["", "flags:"] + [f"  {a.ljust(width) if len(a) < width else a + '  '}{b}"
+                               for a, b in rows]
     return "\n".join(lines)
 
 
@@ -308,42 +275,44 @@ def call(fn, vals: dict, fl: Dict[str, Flag]):
     return fn(**kwargs)
 
 
-def _main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+def _subcommands(subs: dict, argv: List[str], prog: str):
+    """A {name: fn} table: the subcommand argv names (the key None: what runs otherwise)."""
+    named = {k: v for k, v in subs.items() if k is not None}
+    if argv and argv[0] in named:
+        return command(named[argv[0]], argv[1:], f"{prog} {argv[0]}")
+    if None in subs:
+        return command(subs[None], argv, prog)
+    if not argv or argv[0] in ("-h", "--help"):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"usage: {prog} {{{','.join(named)}}} [flags]    ({prog} COMMAND -h: its flags)"
+                  "\n")
+            for k, v in named.items():
+                about = doc_lines(v.__doc__, ())[""].splitlines()
+                print(f"  {k:<12}{about[0] if about else ''}")
+        raise SystemExit(0 if argv else 2)
+    hit = difflib.get_close_matches(argv[0], list(named), n=1)
+    fail(f"unknown command {argv[0]!r}" + (f" (did you mean {hit[0]}?)" if hit else
+                                           f" (choose one of {', '.join(named)})"))
 
 
-def command(fn, argv: Optional[List[str]] = None, prog: Optional[str] = None, optional=()):
+def command(fn, argv: Optional[List[str]] = None, prog: Optional[str] = None):
     """Parse argv (default sys.argv[1:]) for fn, or for a {name: fn} of subcommands (the key None:
     what runs when the first argument names no subcommand), then run it. Bad flags and LlamaError
-    / OSError become one `error: ...` line and exit 2; Ctrl-C, `error: interrupted` and exit 130.
-    optional: dataclass fields this command does not require (see flags)."""
+    / OSError become one `error: ...` line and exit 2; Ctrl-C, `error: interrupted` and exit 130
+    (while the command runs, Ctrl-C is a KeyboardInterrupt, so the command can keep its work)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or (os.path.relpath(sys.argv[0]) if sys.argv[0] else "command")
     if isinstance(fn, dict):
-        subs = {k: v for k, v in fn.items() if k is not None}
-        if argv and argv[0] in subs:
-            return command(subs[argv[0]], argv[1:], f"{prog} {argv[0]}")
-        if None in fn:
-            return command(fn[None], argv, prog)
-        if not argv or argv[0] in ("-h", "--help"):
-            if _main_rank():
-                print(f"usage: {prog} {{{','.join(subs)}}} [flags]    "
-                      f"({prog} COMMAND -h: its flags)\n")
-                for k, v in subs.items():
-                    print(f"  {k:<12}{(_summary(v.__doc__, set()) + chr(10)).splitlines()[0]}")
-            raise SystemExit(0 if argv else 2)
-        hit = difflib.get_close_matches(argv[0], list(subs), n=1)
-        fail(f"unknown command {argv[0]!r}" + (f" (did you mean {hit[0]}?)" if hit else
-                                               f" (choose one of {', '.join(subs)})"))
-    fl = flags(fn, optional)
+        return _subcommands(fn, argv, prog)
+    fl = flags(fn)
     if "-h" in argv or "--help" in argv:
-        if _main_rank():
+        if os.environ.get("RANK", "0") == "0":
             print(usage(fn, fl, prog))
         raise SystemExit(0)
     typed = {}
     main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
-    try:  # Ctrl-C is a KeyboardInterrupt inside the command, so it can keep what it has done
+    try:
         vals, typed = parse(fl, argv, prog)
         return call(fn, vals, fl)
     except (LlamaError, OSError, KeyboardInterrupt) as e:

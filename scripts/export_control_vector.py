@@ -65,18 +65,14 @@ def main(model, vectors, output, layers=None, multiplier=1.0):
     layers: which layers (default: every layer the vectors have), from 2 on
     multiplier: the vectors are scaled by it
     """
+    from llama.cache import parse_layers
     from llama.checkpoint import fingerprint, open_source
     from llama.steering import load_vectors
 
-    if layers is not None:
-        items = layers if isinstance(layers, (list, tuple)) else str(layers).split(",")
-        try:
-            layers = [int(x) for x in items]
-        except ValueError:
-            raise LlamaError(f"--layers {layers!r} is not a comma-separated list of "
-                             "layers") from None
     src, _, _ = open_source(str(model))
     a = src.args
+    if layers is not None:
+        layers = parse_layers(layers, a.n_layers)
     vecs = load_vectors(vectors, layers, a.dim, a.n_layers, fingerprint(src, a))
     for l in vecs:
         gguf_name(l)

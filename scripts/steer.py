@@ -201,13 +201,14 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     import torch.distributed as tdist
     from tqdm import tqdm
 
+    from llama.cache import parse_layers
+    from llama.checkpoint import read_args
     from llama.dist import setup, teardown
     from llama.generation import Generator, Sampling
     from llama.steering import load_vectors
 
     if positions not in ("all", "generated"):
         raise LlamaError(f"--positions {positions!r}: choose all or generated")
-    layers = sorted(set(numbers(layers, "layers", int)))
     mults = numbers("1" if multipliers is None and ablate else
                     "-4,-2,0,2,4" if multipliers is None else multipliers, "multipliers")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -217,6 +218,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     items = read_items(data, limit)
     if os.path.exists(os.path.join(output, "steering.csv")) and not overwrite:
         raise LlamaError(f"{output} already holds a steering sweep (--overwrite to replace it)")
+    layers = parse_layers(layers, read_args(model).n_layers)  # the header only: no weights yet
     own_group = not tdist.is_initialized()
     d = setup(1, device)
     try:

@@ -175,3 +175,55 @@ def test_same_names_across_extraction_commands():
     assert same <= names[0] & names[1]
     for alias in ("--ckpt_dir", "--prompt_csv", "--save_activations_path", "--tokenizer"):
         assert alias in r1.stdout and alias in r2.stdout
+
+
+def test_import_has_no_side_effect_and_command_restores_the_handler():
+    """Importing llama.cli leaves Ctrl-C alone; command() sets it only while it runs."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import signal; h = signal.getsignal(signal.SIGINT); import llama.cli; "
+            "print(signal.getsignal(signal.SIGINT) is h)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "True", out.stderr
+    seen = []
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        command(lambda: seen.append(signal.getsignal(signal.SIGINT)), [])
+        assert seen == [signal.default_int_handler]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_example_optional_fields_are_typed_optional():
+    """example.py's --data/--output may be absent: its settings class says so (Optional[str])."""
+    import typing
+
+    seed = runpy.run_path(os.path.join(ROOT, "example.py"))["Seed"]
+    hints = typing.get_type_hints(seed)
+    assert hints["data"] == Optional[str] and hints["output"] == Optional[str]
+    fl = flags(seed_main := seed_fn(seed))
+    assert not fl["data"].required and not fl["output"].required and fl["model"].required
+    cfg = command(seed_main, ["--ckpt_dir", "m"])
+    assert isinstance(cfg, seed) and cfg.data is None and cfg.model == "m"
+
+
+def seed_fn(cls):
+    def main(cfg: cls):
+        return cfg
+    return main
+
+
+def test_layers_one_parser():
+    """One --layers syntax everywhere: llama.cache.parse_layers (ranges, lists, all)."""
+    from llama.cache import parse_layers
+
+    assert parse_layers("0-2,5", 6) == [0, 1, 2, 5]
+    assert parse_layers(["3", "1-2"], 6) == [1, 2, 3]
+    with pytest.raises(LlamaError, match="layer 9 not in"):
+        parse_layers("9", 6)
+    for rel in ("scripts/steer.py", "scripts/export_control_vector.py", "ccs.py"):
+        text = open(os.path.join(ROOT, rel)).read()
+        assert "parse_layers" in text or "cache_layers" in text, rel
