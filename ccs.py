@@ -29,7 +29,7 @@ import numpy as np
 
 from llama.errors import LlamaError
 from probes import data, report
-from probes.methods import METHODS, BASELINES, defaults
+from probes.methods import METHODS, baselines, defaults
 from probes.solvers import Settings
 from probes.train import run
 
@@ -58,10 +58,11 @@ def choose_methods(cache, spec) -> List[str]:
               f"{cache.path} holds single prompts, so only the supervised methods run",
               file=sys.stderr)
     want = [m for m in want if m not in skipped]
-    if "zero_shot" in want and not lp:
-        raise LlamaError(f"zero_shot needs the answers' log-probabilities in cache {cache.path} "
-                         "(extract with --zero_shot)")
-    return want + [m for m in BASELINES if m not in want]
+    need = [m for m in want if METHODS[m].reads_logprobs]
+    if need and not lp:
+        raise LlamaError(f"{', '.join(need)} needs the answers' log-probabilities in cache "
+                         f"{cache.path} (extract with --zero_shot)")
+    return want + [m for m in baselines() if m not in want]
 
 
 def positive_name(cache) -> str:
@@ -88,16 +89,16 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
     """
     t0 = time.time()
     fit = fit or Settings()
-    c = data.open_cache(cache)
-    layers = data.cache_layers(layers, c)
-    methods = choose_methods(c, methods)
-    y, grp = data.labels(c), data.groups(c)
+    act_cache = data.open_cache(cache)
+    layers = data.cache_layers(layers, act_cache)
+    methods = choose_methods(act_cache, methods)
+    y, grp = data.labels(act_cache), data.groups(act_cache)
     parts = data.split(y, grp, float(val_frac), float(test_frac), int(folds), fit.seed)
     everything = np.arange(len(y))
     nothing = everything[:0]
     todo = parts + [data.Part(everything, nothing, nothing)] if folds else parts
     os.makedirs(output, exist_ok=True)
-    fitted = run(c, layers, methods, todo, fit)
+    fitted = run(act_cache, layers, methods, todo, fit)
     t1 = time.time()
     split = f"cv{folds}" if folds else "test"
     rows, summary, selected, yt = report.tables(fitted[:len(parts)], parts, y, layers, split,
@@ -106,15 +107,15 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
     df.round(6).to_csv(os.path.join(output, "eval.csv"), index=False)
     sm.round(6).to_csv(os.path.join(output, "summary.csv"), index=False)
     names = data.split_table(len(y), parts)["split"]
-    report.write_split(os.path.join(output, "split.csv"), c, names)
+    report.write_split(os.path.join(output, "split.csv"), act_cache, names)
     info = dict(split=split, test_frac=None if folds else float(test_frac),
-                val_frac=float(val_frac), seed=fit.seed, positive_class=positive_name(c),
+                val_frac=float(val_frac), seed=fit.seed, positive_class=positive_name(act_cache),
                 trained_on="all rows (after the folds measured them)" if folds
                 else "the training split")
-    report.save_probes(os.path.join(output, "probes"), fitted[-1], layers, c, info)
+    report.save_probes(os.path.join(output, "probes"), fitted[-1], layers, act_cache, info)
     if visualize:
-        report.plot(output, df, sm, selected, yt, c, positive_name(c))
-    report.print_table(df, sm, positive_name(c))
+        report.plot(output, df, sm, selected, yt, act_cache, positive_name(act_cache))
+    report.print_table(df, sm, positive_name(act_cache))
     t2 = time.time()
     print(f"wrote {output}/eval.csv, summary.csv, split.csv and probes/ in {t2 - t0:.1f} s "
           f"(fit and score {t1 - t0:.1f} s, metrics and outputs {t2 - t1:.1f} s)")

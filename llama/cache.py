@@ -33,23 +33,10 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .errors import LlamaError
+from .readout import TOKEN_MODES, mean_start, per_token  # noqa: F401 (where they are read)
 
 FORMAT = "llama-ccs-cache/1"
 DTYPES = ("float32", "float16", "bfloat16")
-TOKEN_MODES = ("last", "mean", "all")
-
-
-def mean_start(lengths, keep_first: bool = False) -> np.ndarray:
-    """The one rule for an example's mean state, in extraction (token "mean") and in every script
-    that averages a token "all" cache: the first position averaged, per example. 1 leaves out
-    position 0, the attention sink (on SmolLM2 a ~25,000 activation in one dimension where every
-    other position stays under ~150, so a mean over it is mostly that dimension); a one-token
-    prompt keeps its token (0), and keep_first keeps position 0 everywhere.
-    lengths: int or array of prompt lengths in tokens -> int64 array of the same shape."""
-    lengths = np.asarray(lengths)
-    return np.where(keep_first | (lengths <= 1), 0, 1).astype(np.int64)
-
-
 def mean_state(a: np.ndarray, offsets: np.ndarray, keep_first: bool = False) -> np.ndarray:
     """Each example's mean state from a token "all" array: a [total_tokens, d], example i's rows
     offsets[i]:offsets[i + 1] -> [num_examples, d] float32 (summed in float64), by mean_start."""
@@ -229,7 +216,7 @@ class ActivationCache:
 
     def offsets(self, side: str) -> np.ndarray:
         """Token "all" caches: rows of example i are offsets[i]:offsets[i + 1]."""
-        if self.token != "all":
+        if not per_token(self.token):
             raise LlamaError(f"cache {self.path} holds one vector per example "
                              f"(token {self.token!r}), not all tokens")
         return np.load(os.path.join(self.path, f"offsets_{side}.npy"))

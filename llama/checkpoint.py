@@ -13,7 +13,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
 
@@ -304,6 +304,34 @@ class HFWeights:
 
 # ---- choosing and opening a source ----
 
+class Weights(Protocol):
+    """What every checkpoint format gives the loader (Shards: Meta shards; HFWeights: Hugging Face
+    safetensors; GGUFWeights: a .gguf file): the model parameters, every weight's full shape in
+    Meta's names, and slices of the unsplit weights in Meta's layout (rotate-half rope rows
+    already back to interleaved pairs)."""
+
+    args: ModelArgs
+    shapes: Dict[str, Tuple[int, ...]]
+
+    def read(self, name: str, dim: Optional[int] = None, lo: int = 0,
+             hi: int = 0) -> torch.Tensor:
+        """Weight `name`, whole (dim None) or rows / columns [lo, hi) along dim 0 / 1."""
+
+
+class GGUFWeights:
+    """A .gguf file's weights, dequantized into memory at open (gguf.read_gguf)."""
+
+    def __init__(self, path: str, dtype: torch.dtype):
+        from .gguf import read_gguf
+
+        self.args, self.sd, self.tokenizer_dir = read_gguf(path, dtype)
+        self.shapes = {name: tuple(t.shape) for name, t in self.sd.items()}
+
+    def read(self, name: str, dim: Optional[int] = None, lo: int = 0, hi: int = 0) -> torch.Tensor:
+        t = self.sd[name]
+        return t if dim is None else t.narrow(dim, lo, hi - lo)
+
+
 def hf_cache_dir(model_id: str) -> str:
     hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME")
@@ -324,6 +352,17 @@ def hf_cache_dir(model_id: str) -> str:
     return os.path.dirname(snaps[-1])
 
 
+def resolve(path) -> str:
+    """The one reading of a model argument: an existing path as given, else a Hugging Face model
+    id (`org/name`) as its snapshot folder in the local cache (hf_cache_dir; LlamaError when it is
+    not there); anything else unchanged (the caller says it does not exist)."""
+    path = os.fspath(path)
+    if (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path)
+            and not path.startswith(".")):
+        return hf_cache_dir(path)
+    return path
+
+
 def find_tokenizer(*dirs: str) -> Optional[str]:
     for d in dirs:
         for name in ("tokenizer.model", "tokenizer.json"):
@@ -332,48 +371,73 @@ def find_tokenizer(*dirs: str) -> Optional[str]:
     return None
 
 
-def open_source(path: str, dtype: torch.dtype = torch.float32):
-    """(weights, kind, tokenizer path) for a checkpoint path or a cached Hugging Face model id."""
-    if (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path)
-        and not path.startswith(".")):
-        path = hf_cache_dir(path)
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        from .gguf import read_gguf
+def _meta_open(path: str, dtype: torch.dtype):
+    args, sds, files = load_meta_state_shards(path)
+    # Llama 2 downloads keep tokenizer.model next to the model dirs
+    return Shards(sds, args, files), find_tokenizer(path, os.path.dirname(os.path.abspath(path)))
 
-        args, sd, tok_dir = read_gguf(path, dtype)
-        return Shards([sd], args, [path]), "gguf", find_tokenizer(tok_dir)
+
+def _hf_header(path: str) -> ModelArgs:
+    file = os.path.join(path, "config.json")
+    return hf_args(read_json_object(file), file)
+
+
+def _gguf_header(path: str) -> ModelArgs:
+    from .gguf import gguf_args, open_gguf
+
+    return gguf_args(open_gguf(path), path)
+
+
+def _gguf_open(path: str, dtype: torch.dtype):
+    weights = GGUFWeights(path, dtype)
+    return weights, find_tokenizer(weights.tokenizer_dir)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One checkpoint format: how to recognise it, read its header alone (the model parameters,
+    no weight) and open its weights (-> (Weights, tokenizer path or None))."""
+    kind: str
+    holds: Callable[[str], bool]
+    header: Callable[[str], ModelArgs]
+    open: Callable[[str, torch.dtype], Tuple[Weights, Optional[str]]]
+
+
+FORMATS = (
+    Format("gguf", lambda p: os.path.isfile(p) and p.endswith(".gguf"), _gguf_header, _gguf_open),
+    Format("meta", lambda p: os.path.isfile(os.path.join(p, "params.json")),
+           lambda p: meta_args(p, None, 1), _meta_open),
+    Format("hf", lambda p: os.path.isfile(os.path.join(p, "config.json")), _hf_header,
+           lambda p, dtype: (HFWeights(p), find_tokenizer(p))),
+)
+
+
+def checkpoint_format(path) -> Tuple[str, Format]:
+    """(the resolved path, its Format) of a checkpoint path or cached Hugging Face model id."""
+    path = resolve(path)
+    for fmt in FORMATS:
+        if fmt.holds(path):
+            return path, fmt
     if not os.path.isdir(path):
         raise LlamaError(f"{path}: no such checkpoint (a Meta or Hugging Face dir, a .gguf file, "
                          "or a cached model id)")
-    if os.path.exists(os.path.join(path, "params.json")):
-        args, sds, files = load_meta_state_shards(path)
-        # Llama 2 downloads keep tokenizer.model next to the model dirs
-        return (Shards(sds, args, files), "meta",
-                find_tokenizer(path, os.path.dirname(os.path.abspath(path))))
-    if os.path.exists(os.path.join(path, "config.json")):
-        return HFWeights(path), "hf", find_tokenizer(path)
     raise LlamaError(f"{path}: neither params.json (Meta layout) nor config.json (Hugging Face "
                      "layout) found")
 
 
-def read_args(path: str) -> ModelArgs:
+def open_source(path, dtype: torch.dtype = torch.float32) -> Tuple[Weights, str, Optional[str]]:
+    """(weights, kind, tokenizer path) for a checkpoint path or a cached Hugging Face model id."""
+    path, fmt = checkpoint_format(path)
+    weights, tok = fmt.open(path, dtype)
+    return weights, fmt.kind, tok
+
+
+def read_args(path) -> ModelArgs:
     """The model parameters from a checkpoint's header alone (params.json, config.json or GGUF
     metadata), reading no weight: for checks that should come before the load. vocab_size may
     be -1 (Llama 1/2 params.json)."""
-    path = str(path)
-    if (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path)
-        and not path.startswith(".")):
-        path = hf_cache_dir(path)
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        from .gguf import gguf_args, open_gguf
-
-        return gguf_args(open_gguf(path), path)
-    if os.path.isfile(os.path.join(path, "params.json")):
-        return meta_args(path, None, 1)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        file = os.path.join(path, "config.json")
-        return hf_args(read_json_object(file), file)
-    return open_source(path)[0].args  # says what is wrong with the path
+    path, fmt = checkpoint_format(path)
+    return fmt.header(path)
 
 
 # ---- loading ----
@@ -470,13 +534,13 @@ def main(path: str, mp: int = 0, dtype: str = "float32", device: str = "auto"):
 
     if mp:  # refuse a model-parallel size that cannot work before starting any process group
         check_parallel(open_source(path)[0].args, mp)
-    d = setup(mp, device)
+    proc = setup(mp, device)
     try:
-        m = load_model(path, d, dtype)
+        m = load_model(path, proc, dtype)
         a = m.args
-        if d.is_main:
+        if proc.is_main:
             print(f"{m.source} {path}: {a.n_layers} layers, dim {a.dim}, {a.n_heads} heads "
-                  f"({a.kv_heads} kv), vocab {a.vocab_size}, ffn {a.hidden_dim}, mp {d.mp}, "
+                  f"({a.kv_heads} kv), vocab {a.vocab_size}, ffn {a.hidden_dim}, mp {proc.mp}, "
                   f"{dtype}, fingerprint {m.fingerprint}, tokenizer {m.tokenizer_path}")
     finally:
         teardown()

@@ -9,14 +9,13 @@ exactly as the loader splits them, written under a temporary name and renamed wh
 """
 import json
 import os
-import re
 import shutil
 import tempfile
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import check_weights, hf_cache_dir, meta_params, open_source
+from .checkpoint import check_weights, checkpoint_format, meta_params, open_source
 from .errors import LlamaError
 from .layout import DTYPES, rank_slice
 from .model import check_parallel
@@ -62,10 +61,7 @@ def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = Fal
     if not isinstance(mp, int) or isinstance(mp, bool) or mp < 1:
         raise LlamaError(f"--mp must be a positive integer, not {mp!r}")
     src = str(src)
-    if not os.path.exists(src) and not re.fullmatch(r"[\w-]+/[\w.-]+", src):
-        raise LlamaError(f"{src}: no such checkpoint (a Meta or Hugging Face dir, a .gguf file, "
-                         "or a cached model id)")
-    path = os.path.abspath(src if os.path.exists(src) else hf_cache_dir(src))
+    path = os.path.abspath(checkpoint_format(src)[0])
     dst = os.path.abspath(str(dst))
     if dst == path or dst.startswith(path + os.sep):
         raise LlamaError(f"{dst}: the destination cannot be the source or inside it")

@@ -10,28 +10,30 @@ takes every dp-th batch not yet done. Rows land at each example's original index
 files, and a writer commits (fsync, then its progress file) every `commit_every` seconds and on
 Ctrl-C: rerunning after a kill redoes only uncommitted batches, which gives the same bytes.
 """
-import glob
 import hashlib
-import json
 import os
 import platform
-import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
-from typing import List, Literal, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, List, Literal, Optional
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
-from . import cache as C
+from . import cache as cache_files
+from .batching import Plan, forward_batch, plan, tokenize  # noqa: F401 (the names callers use)
 from .cache import parse_layers
+from .cache_folder import _maybe_die, _unlock, finish, precheck, prepare, size_of, stamp_of
 from .errors import LlamaError
-
-SIDES = ("plus", "minus")
+from .promptfile import SIDES, Prompts, find_data, read_prompts  # noqa: F401
+from .readout import TOKEN_MODES, per_token
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+_HOW = {"cache": False}  # a field of how to run, not of what the cache holds
 
 
 @dataclass
@@ -63,255 +65,63 @@ class Extraction:
     multiplier: steering multiplier (with --steer)
     ablate: remove the direction instead of adding it (with --steer; multiplier 1: fully)
     """
-    model: str
-    data: str
-    output: str
-    tokenizer_path: Optional[str] = None
+    model: str = field(metadata=_HOW)  # the model is identified by its fingerprint
+    data: str = field(metadata=_HOW)  # the prompts by their sha256 and token ids
+    output: str = field(metadata=_HOW)
+    tokenizer_path: Optional[str] = field(default=None, metadata=_HOW)
     layers: str = "all"
     token: Literal["last", "mean", "all"] = "last"
     dtype: Dtype = "float32"
     compute_dtype: Optional[Dtype] = None
     max_batch_tokens: int = 2048
     batch_size: Optional[int] = None
-    mp: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mp: int = field(default=0, metadata=_HOW)
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_HOW)
     zero_shot: bool = False
     mean_keep_first: bool = False
-    overwrite: bool = False
-    commit_every: float = 10.0
+    overwrite: bool = field(default=False, metadata=_HOW)
+    commit_every: float = field(default=10.0, metadata=_HOW)
     steer: Optional[str] = None
     steer_layers: Optional[str] = None
     multiplier: float = 1.0
     ablate: bool = False
 
+    def reuse_key(self, layers: List[int], compute: str, data_sha256: str) -> dict:
+        """What makes a cache these bytes (metadata.json "settings"; a finished cache with the
+        same key, model fingerprint and token ids is reused): every field not marked as how to run
+        (_HOW), with the layers parsed and the compute dtype resolved; mean_keep_first only for
+        token mean, the steering fields (as "steer") only with --steer."""
+        key = {"data_sha256": data_sha256}
+        for f in fields(self):
+            if f.metadata.get("cache", True):
+                key[f.name] = getattr(self, f.name)
+        key.update(layers=layers, zero_shot=bool(self.zero_shot), compute_dtype=compute)
+        key = {("model_dtype" if k == "compute_dtype" else k): v for k, v in key.items()}
+        keep_first = bool(key.pop("mean_keep_first"))
+        if self.token == "mean":  # the rule of llama.readout.mean_start
+            key["mean_keep_first"] = keep_first
+        steer = {k: key.pop(k) for k in ("steer", "steer_layers", "multiplier", "ablate")}
+        if self.steer is not None:  # a steered model's cache is another cache
+            key["steer"] = {"vectors": os.path.abspath(steer["steer"]),
+                            "layers": str(steer["steer_layers"]),
+                            "multiplier": float(steer["multiplier"]),
+                            "ablate": bool(steer["ablate"])}
+        return key
+
     def check(self) -> None:
         """Refuse values a caller in process may pass (the command line checks its own)."""
         if (self.steer is None) != (self.steer_layers is None):
             raise LlamaError("--steer VECTORS and --steer_layers L go together")
-        if self.token not in C.TOKEN_MODES:
-            raise LlamaError(f"unknown --token {self.token!r} ({', '.join(C.TOKEN_MODES)})")
+        if self.token not in TOKEN_MODES:
+            raise LlamaError(f"unknown --token {self.token!r} ({', '.join(TOKEN_MODES)})")
         for name in ("dtype", "compute_dtype"):
             v = getattr(self, name)
-            if v is not None and v not in C.DTYPES:
-                raise LlamaError(f"unknown --{name} {v!r} ({', '.join(C.DTYPES)})")
+            if v is not None and v not in cache_files.DTYPES:
+                raise LlamaError(f"unknown --{name} {v!r} ({', '.join(cache_files.DTYPES)})")
         for name in ("max_batch_tokens", "batch_size"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise LlamaError(f"--{name} {v!r} is not a positive integer")
-
-
-@dataclass
-class Prompts:
-    path: str
-    sha256: str
-    sides: List[str]  # ["plus", "minus"] or ["prompt"]
-    texts: List[List[str]]  # [side][example]
-    ids: list
-    labels: list  # 0/1 or None per example
-    types: Optional[list]
-    info: dict  # templates / chat format, when the file says
-
-
-def _label(v, where):
-    s = str(v).strip().lower()
-    if s in ("", "nan", "none"):
-        return None
-    if s in ("1", "1.0", "true", "yes"):
-        return 1
-    if s in ("0", "0.0", "false", "no"):
-        return 0
-    raise LlamaError(f"{where}: label {v!r} is not 0/1/true/false")
-
-
-def _frame(path: str, tok):
-    """The prompt table of a CSV, or of a JSON file made into prompts as generate_dataset.py
-    makes them by default (llama.prompts.file_rows: the tokenizer's chat template or family)."""
-    import pandas as pd
-
-    if path.endswith((".json", ".jsonl")):
-        from .prompts import file_rows
-
-        rows, chat = file_rows(path, tok)
-        if not rows:
-            raise LlamaError(f"prompt file {path} has no rows")
-        df = pd.DataFrame(rows).astype(str)
-        df["chat_format"] = chat
-        return df
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise LlamaError(f"prompt file {path} is empty")
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise LlamaError(f"prompt file {path} is not a readable CSV ({str(e).splitlines()[0]})")
-    return df
-
-
-def read_prompts(path, tok=None) -> Prompts:
-    """A prompt CSV (ARCHITECTURE.md), or a JSON file generate_dataset reads (rendered in the
-    tokenizer `tok`'s chat format; plain text without one)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise LlamaError(f"no prompt file {path}")
-    with open(path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
-    df = _frame(path, tok)
-    cols = set(df.columns)
-    if {"plus_prompt", "minus_prompt"} <= cols:
-        sides = list(SIDES)
-    elif "prompt" in cols:
-        sides = ["prompt"]
-    else:
-        have = ", ".join(map(str, df.columns))
-        raise LlamaError(f"prompt file {path} has neither plus_prompt/minus_prompt nor prompt "
-                         f"columns (it has: {have})")
-    if len(df) == 0:
-        raise LlamaError(f"prompt file {path} has no rows")
-    texts = [[str(t) for t in df[f"{s}_prompt" if s != "prompt" else s]] for s in sides]
-    for s, col in zip(sides, texts):
-        for i, t in enumerate(col):
-            if not t.strip():
-                raise LlamaError(f"prompt file {path}, row {i + 1}: the {s} prompt is empty")
-    ids = [str(x) for x in df["idx"]] if "idx" in cols else list(range(len(df)))
-    types = [str(t) for t in df["type"]] if "type" in cols else None
-    if types is not None:
-        bad = next((i for i, t in enumerate(types) if t not in ("testing", "deployment")), None)
-        if bad is not None:
-            raise LlamaError(f"prompt file {path}, row {bad + 1}: type {types[bad]!r} is not "
-                             "testing/deployment")
-    if "label" in cols:
-        labels = [_label(v, f"prompt file {path}, row {i + 1}") for i, v in enumerate(df["label"])]
-    elif types is not None:
-        labels = [int(t == "testing") for t in types]
-    else:
-        labels = [None] * len(df)
-    info = {}
-    for key in ("template", "chat_format", "system"):
-        if key in cols:
-            info[key + "s"] = sorted(set(map(str, df[key])))
-    return Prompts(path, sha, sides, texts, ids, labels, types, info)
-
-
-@dataclass
-class Plan:
-    seqs: List[List[np.ndarray]]  # [side][example] token ids
-    lengths: np.ndarray  # [N, sides]
-    shared: np.ndarray  # [N] tokens run once for all sides
-    answer: np.ndarray  # [N] where the sides start to differ: their answer tokens follow
-    batches: List[np.ndarray]  # example numbers, in processing order
-
-    @property
-    def tokens(self) -> int:
-        return int(self.lengths.sum())
-
-
-def tokenize(prompts: Prompts, tok, vocab: int, max_len: int) -> List[List[np.ndarray]]:
-    seqs = []
-    for s, col in zip(prompts.sides, prompts.texts):
-        side = []
-        for i, text in enumerate(col):
-            ids = np.asarray(tok.encode(text, bos=True), dtype=np.int32)
-            where = f"{prompts.path}, row {i + 1} (idx {prompts.ids[i]}), {s} prompt"
-            if len(ids) > max_len:
-                raise LlamaError(f"{where}: {len(ids)} tokens, longer than the model's "
-                                 f"max_seq_len {max_len}")
-            if len(ids) and ids.max() >= vocab:
-                raise LlamaError(f"{where}: token id {ids.max()} is outside the model's "
-                                 f"vocabulary ({vocab}): wrong tokenizer?")
-            side.append(ids)
-        seqs.append(side)
-    return seqs
-
-
-def plan(seqs, zero_shot: bool, max_batch_tokens: int, batch_size: Optional[int]) -> Plan:
-    k, n = len(seqs), len(seqs[0])
-    lengths = np.array([[len(seqs[s][i]) for s in range(k)] for i in range(n)], dtype=np.int64)
-    answer = np.zeros(n, dtype=np.int64)
-    shared = np.zeros(n, dtype=np.int64)
-    if k > 1:
-        for i in range(n):
-            a, b = seqs[0][i], seqs[1][i]
-            m = min(len(a), len(b))
-            diff = np.flatnonzero(a[:m] != b[:m])
-            answer[i] = diff[0] if len(diff) else m
-        # every side keeps a token of its own; zero-shot also needs the last shared token's logits
-        shared = np.minimum(answer - (1 if zero_shot else 0), lengths.min(1) - 1).clip(min=0)
-    rest = (lengths - shared[:, None]).max(1)
-    order = np.lexsort((rest, shared))
-    batches, cur, top_p, top_s = [], [], 0, 0
-    for i in order:
-        p, r = max(top_p, shared[i]), max(top_s, rest[i])
-        cost = (len(cur) + 1) * (p + k * r)
-        if cur and (cost > max_batch_tokens or (batch_size and len(cur) >= batch_size)):
-            batches.append(np.array(cur))
-            cur, p, r = [], shared[i], rest[i]
-        cur.append(i)
-        top_p, top_s = p, r
-    batches.append(np.array(cur))
-    return Plan(seqs, lengths, shared, answer, batches)
-
-
-def _pad(rows, device) -> torch.Tensor:
-    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
-    for j, r in enumerate(rows):
-        out[j, : len(r)] = torch.from_numpy(r.astype(np.int64))
-    return out.to(device)
-
-
-def forward_batch(model, p: Plan, idx: np.ndarray, layers: List[int], token: str,
-                  zero_shot: bool, device, keep_first: bool = False, steer=None):
-    """One batch -> ({layer: states}, logprobs [B, sides] or None). States are float32
-    [B, sides, dim] for token last/mean (the mean by llama.cache.mean_start; keep_first keeps
-    position 0); for token all, [side][example] tensors [length, dim]."""
-    k = len(p.seqs)
-    P = p.shared[idx]
-    deepest = model.params.n_layers if zero_shot else max(layers)
-    rows = [p.seqs[s][i][p.shared[i]:] for i in idx for s in range(k)]  # row b * k + s
-    suffix = _pad(rows, device)
-    n = torch.tensor([len(r) for r in rows], device=device)
-    pre, start, past = None, None, None
-    if P.max() > 0:
-        prefix = _pad([p.seqs[0][i][: p.shared[i]] for i in idx], device)
-        need = sorted(set(layers if token != "last" else []) | {deepest})
-        pre = model(prefix, layers=need, return_kv=True, steer=steer)
-        start = torch.from_numpy(P).to(device).repeat_interleave(k)
-        past = [(kk.repeat_interleave(k, 0), vv.repeat_interleave(k, 0)) for kk, vv in pre["kv"]]
-    out = model(suffix, layers=layers, logits=zero_shot, start=start, past=past, steer=steer)
-    B = len(idx)
-    real = torch.arange(suffix.shape[1], device=device)[None, :] < n[:, None]  # [B * k, S]
-    if token == "mean":  # each row's first position averaged, and its suffix's absolute positions
-        first = torch.from_numpy(C.mean_start(p.lengths[idx].reshape(-1), keep_first)).to(device)
-        at = torch.arange(suffix.shape[1], device=device)[None, :]
-        at = at + (0 if start is None else start[:, None])
-        real = real & (at >= first[:, None])
-    res = {}
-    for layer in layers:
-        h = out[layer]
-        if token == "last":
-            res[layer] = h[torch.arange(B * k, device=device), n - 1].float().view(B, k, -1)
-        elif token == "mean":
-            tot = (h.float() * real[..., None]).sum(1).view(B, k, -1)
-            cnt = real.sum(1).view(B, k).float()
-            if pre is not None:  # a shared prefix leaves both sides 2+ tokens: one first position
-                pos = torch.arange(prefix.shape[1], device=device)[None, :]
-                mask = (pos < start.view(B, k)[:, :1]) & (pos >= first.view(B, k)[:, :1])
-                tot = tot + (pre[layer].float() * mask[..., None]).sum(1)[:, None, :]
-                cnt = cnt + mask.sum(1).float()[:, None]
-            res[layer] = tot / cnt[..., None]
-        else:  # the shared prefix's states, then the side's own
-            head = [pre[layer][b, : P[b]] if pre is not None else h[b * k, :0] for b in range(B)]
-            res[layer] = [[torch.cat([head[b], h[b * k + s, : n[b * k + s]]]).float()
-                           for b in range(B)] for s in range(k)]
-    logp = None
-    if zero_shot:
-        logp = torch.zeros(B, k)
-        lp = out["logits"].log_softmax(-1)
-        for b, i in enumerate(idx):
-            for s in range(k):
-                ids = torch.from_numpy(p.seqs[s][i].astype(np.int64)).to(device)
-                # the answer tokens' positions
-                at = torch.arange(max(int(p.answer[i]), 1), len(ids), device=device)
-                logp[b, s] = lp[b * k + s, at - 1 - int(P[b]), ids[at]].sum().cpu()
-    return res, logp
 
 
 def _bits(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -321,44 +131,55 @@ def _bits(x: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def array_name(layer: int, side: str) -> str:
-    return os.path.join(C.layer_dir("", layer), f"{side}.npy")
+    return os.path.join(cache_files.layer_dir("", layer), f"{side}.npy")
 
 
-def arrays(p: Plan, sides, layers, dim: int, dtype: str, token: str, zero_shot: bool) -> dict:
-    """{file in the cache: (shape, numpy dtype)} of every array the cache will hold."""
-    n = len(p.lengths)
-    out = {}
-    for layer in layers:
-        for j, s in enumerate(sides):
-            rows = int(p.lengths[:, j].sum()) if token == "all" else n
-            out[array_name(layer, s)] = ((rows, dim), C.storage_dtype(dtype))
-    if zero_shot:
-        out["logprobs.npy"] = ((n, len(sides)), np.dtype(np.float32))
-    return out
+@dataclass
+class Job:
+    """What one extraction run does, worked out from its `Extraction` before any batch runs."""
+    cfg: Extraction
+    batch_plan: Plan
+    layers: List[int]  # parsed from cfg.layers
+    sides: List[str]
+    dim: int
+    steer: object = None  # a llama.model.Steer, or None
+    offsets: Dict[str, np.ndarray] = field(default_factory=dict)  # per-token modes: rows per side
+
+    def __post_init__(self):
+        if per_token(self.cfg.token):
+            self.offsets = {s: np.concatenate([[0], np.cumsum(self.batch_plan.lengths[:, j])])
+                            for j, s in enumerate(self.sides)}
+
+    def arrays(self) -> dict:
+        """{file in the cache: (shape, numpy dtype)} of every array the cache will hold."""
+        lengths, cfg = self.batch_plan.lengths, self.cfg
+        stored = cache_files.storage_dtype(cfg.dtype)
+        out = {}
+        for layer in self.layers:
+            for j, s in enumerate(self.sides):
+                rows = int(lengths[:, j].sum()) if per_token(cfg.token) else len(lengths)
+                out[array_name(layer, s)] = ((rows, self.dim), stored)
+        if cfg.zero_shot:
+            out["logprobs.npy"] = ((len(lengths), len(self.sides)), np.dtype(np.float32))
+        return out
+
+    def prompts_in(self, batches) -> int:
+        return sum(len(self.batch_plan.batches[b]) for b in batches) * len(self.sides)
 
 
-def _maybe_die(stage: str, count: int) -> None:
-    """For the tests of resuming: LLAMA_EXTRACT_KILL="STAGE:K" SIGKILLs this process at "alloc:K"
-    (the K-th array created), "write:K" (the K-th batch's rows written, not committed) or
-    "commit:K"."""
-    want = os.environ.get("LLAMA_EXTRACT_KILL", "")
-    if want == f"{stage}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def on_main(d, fn):
+def on_main(proc, fn):
     """Run fn on global rank 0 and hand its result to every rank. An error there stops every rank;
     only rank 0 reports it, so the user reads one line."""
     result, err = None, None
-    if d.rank == 0:
+    if proc.rank == 0:
         try:
             result = fn()
         except (LlamaError, OSError) as e:
             err = e
-    if d.world > 1:
+    if proc.world > 1:
         box = [result, err is not None]
         tdist.broadcast_object_list(box)
-        if box[1] and d.rank != 0:
+        if box[1] and proc.rank != 0:
             raise SystemExit(2)
         result = box[0]
     if err is not None:
@@ -366,211 +187,45 @@ def on_main(d, fn):
     return result
 
 
-def find_data(path: str) -> str:
-    """The prompt file, or an error that names any file of that name one folder down."""
-    if os.path.isfile(path):
-        return path
-    parent = os.path.dirname(path) or "."
-    near = sorted(glob.glob(os.path.join(glob.escape(parent), "*", os.path.basename(path))))
-    hint = f"; there is {' and '.join(near[:3])}" if near else ""
-    raise LlamaError(f"--data {path}: no such file{hint}")
-
-
-def _stamp(path) -> Optional[list]:
-    """[name, size, mtime] of a model or tokenizer path's files: same stamp, same files."""
-    from .convert import stamp
-
-    return stamp(os.fspath(path)) if path is not None and os.path.exists(path) else None
-
-
-def _old_meta(output: str) -> Optional[dict]:
-    """metadata.json of the cache in `output`; None when the folder holds no cache files at all.
-    Refuses a folder whose cache-like files (metadata.json, layer_XX/) are not a cache's."""
-    try:
-        with open(os.path.join(output, "metadata.json")) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        meta = None
-    except (OSError, ValueError):
-        meta = {}
-    if meta is not None and (not isinstance(meta, dict) or meta.get("format") != C.FORMAT):
-        raise LlamaError(f"--output {output} holds a metadata.json that is not an activation "
-                         "cache's: choose another --output")
-    stray = [n for n in C.own_entries(output) if n != C.LOCK and not n.endswith(".tmp")]
-    if meta is None and stray:
-        raise LlamaError(f"--output {output} holds {stray[0]} but no cache metadata.json: "
-                         "choose another --output, or remove it")
-    return meta
-
-
-def _conflict(output: str, old: dict, settings: dict) -> Optional[str]:
-    """Why the cache in `output` is not the one asked for (None: same settings)."""
-    diff = [k for k in settings if old.get(k) != settings[k]]
-    if not diff:
-        return None
-    k = diff[0]
-    what = {"model_fingerprint": "a different model", "data_sha256": "a different prompt file",
-            "tokens_sha256": "differently tokenized prompts"}.get(
-        k, f"other settings ({k} {old.get(k)!r}, asked {settings[k]!r})")
-    return (f"--output {output} holds a cache of {what}: use --overwrite to replace it, "
-            "or another --output")
-
-
-def precheck(output: str, settings: dict, stamps: Optional[dict], n_layers: int,
-             overwrite: bool) -> bool:
-    """Rank 0, before any weight is read: refuse an output folder that cannot take this cache,
-    and say whether it already holds this very cache (same settings, same model files)."""
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise LlamaError(f"--output {output} exists and is not a directory")
-    old = _old_meta(output) if os.path.isdir(output) else None
-    if not old:
-        return False
-    if old.get("model", {}).get("params", {}).get("n_layers", n_layers) != n_layers:
-        old = {**old, "settings": {**old.get("settings", {}), "model_fingerprint": None}}
-        settings = {"model_fingerprint": "", **settings}  # another depth: another model
-    why = _conflict(output, old.get("settings", {}), settings)
-    if why and not overwrite:
-        raise LlamaError(why)
-    complete = os.path.exists(os.path.join(output, "layer_info.json"))
-    same_files = stamps is not None and old.get("stamps") == stamps
-    return not why and not overwrite and complete and same_files
-
-
-def _clear(path: str) -> None:
-    """Remove a cache's own files (no other file in its folder): its completion marker and
-    progress first (a kill half-way leaves something that cannot look complete), metadata last."""
-    first = ["layer_info.json", C.PROGRESS]
-    rest = set(C.own_entries(path)) - set(first) - {"metadata.json", C.LOCK}
-    for name in first + sorted(rest) + ["metadata.json"]:
-        f = os.path.join(path, name)
-        if os.path.isdir(f):
-            shutil.rmtree(f)
-        elif os.path.exists(f):
-            os.remove(f)
-
-
-def _lock(output: str) -> int:
-    """Take the folder's lock file (flock; a second extraction is refused)."""
-    import fcntl
-
-    path = os.path.join(output, C.LOCK)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino != os.stat(path).st_ino:  # released and removed meanwhile
-            raise BlockingIOError
-    except (BlockingIOError, FileNotFoundError):
-        os.close(fd)
-        raise LlamaError(f"--output {output} is being written by another extraction (it holds "
-                         f"{path}); wait for it or choose another --output")
-    return fd
-
-
-def _unlock(output: str, fd: int) -> None:
-    """Remove the lock file while still holding it, then let go: nothing is left behind."""
-    try:
-        os.remove(os.path.join(output, C.LOCK))
-    except FileNotFoundError:
-        pass
-    os.close(fd)
-
-
-def prepare(output: str, meta: dict, specs: dict, offsets: dict, overwrite: bool,
-            locks: list) -> Optional[set]:
-    """Rank 0: lock the folder, check what it holds, create or reuse the arrays. Returns the
-    batches already done, or None when the cache is complete. A refusal leaves the folder as it
-    was (no lock file; not even the folder, when it did not exist)."""
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise LlamaError(f"--output {output} exists and is not a directory")
-    created = not os.path.exists(output)
-    os.makedirs(output, exist_ok=True)
-    try:
-        fd = _lock(output)
-    except LlamaError:
-        if created:
-            os.rmdir(output)
-        raise
-    locks.append(fd)  # released when run() ends
-    try:
-        old = _old_meta(output)
-        if old:
-            why = _conflict(output, old.get("settings", {}), meta["settings"])
-            if why and not overwrite:
-                raise LlamaError(why)
-            if overwrite:
-                _clear(output)
-            elif os.path.exists(os.path.join(output, "layer_info.json")):
-                return None
-    except LlamaError:
-        locks.remove(fd)
-        _unlock(output, fd)
-        if created:
-            os.rmdir(output)
-        raise
-    if C.is_allocated(output):
-        return C.read_done(output)
-    try:
-        C.write_json(os.path.join(output, "metadata.json"), meta)
-        for j, (name, (shape, dt)) in enumerate(specs.items()):
-            C.allocate(output, name, shape, dt)
-            _maybe_die("alloc", j + 1)
-        for s, off in offsets.items():
-            np.save(os.path.join(output, f"offsets_{s}.npy"), off)
-        C.mark_allocated(output)
-    except OSError:  # a half-made cache is worth nothing: leave the folder as it was
-        locks.remove(fd)
-        if created:
-            os.close(fd)
-            shutil.rmtree(output, ignore_errors=True)
-        else:
-            _clear(output)
-            _unlock(output, fd)
-        raise
-    return set()
-
-
-def _prompts_in(p: Plan, batches, sides) -> int:
-    return sum(len(p.batches[b]) for b in batches) * len(sides)
-
-
-def extract(model, d, p: Plan, output: str, specs: dict, layers, sides, token: str, dtype: str,
-            zero_shot: bool, done: set, offsets: dict, commit_every: float,
-            keep_first: bool = False, steer=None) -> None:
+def extract(model, proc, job: Job, done: set) -> None:
     """This rank's share of the batches not yet done; its group's writer puts the rows in place.
-    Ctrl-C commits what is written, then raises KeyboardInterrupt("K of M prompts committed")."""
+    proc: the process setup (llama.dist.setup). Ctrl-C commits what is written, then raises
+    KeyboardInterrupt("K of M prompts committed")."""
     from tqdm import tqdm
 
-    todo = [b for b in range(len(p.batches)) if b not in done][d.dp_rank :: d.dp]
-    writer = C.CacheWriter(output, specs, d.dp_rank) if d.is_writer else None
+    cfg, batch_plan, output = job.cfg, job.batch_plan, os.fspath(job.cfg.output)
+    todo = [b for b in range(len(batch_plan.batches)) if b not in done][proc.dp_rank :: proc.dp]
+    writer = cache_files.CacheWriter(output, job.arrays(), proc.dp_rank) \
+        if proc.is_writer else None
     mine, commits, last = set(done), 0, time.time()
-    bar = tqdm(total=_prompts_in(p, todo, sides), unit="prompt", desc="extract",
-               disable=not d.is_main, dynamic_ncols=True)
+    bar = tqdm(total=job.prompts_in(todo), unit="prompt", desc="extract",
+               disable=not proc.is_main, dynamic_ncols=True)
     try:
         t0, ntok = time.time(), 0
         for j, b in enumerate(todo):
-            idx = p.batches[b]
-            res, logp = forward_batch(model, p, idx, layers, token, zero_shot, d.device,
-                                      keep_first, steer)
+            idx = batch_plan.batches[b]
+            res, logp = forward_batch(model, batch_plan, idx, job.layers, cfg, proc.device,
+                                      job.steer)
             if writer is not None:
-                put_rows(writer, res, logp, idx, sides, token, dtype, offsets)
+                put_rows(writer, res, logp, idx, job)
                 mine.add(b)
                 _maybe_die("write", j + 1)
-                if time.time() - last >= commit_every or j == len(todo) - 1:
+                if time.time() - last >= cfg.commit_every or j == len(todo) - 1:
                     writer.commit(mine)
                     commits, last = commits + 1, time.time()
                     _maybe_die("commit", commits)
-            ntok += int(p.lengths[idx].sum())
-            bar.update(len(idx) * len(sides))
+            ntok += int(batch_plan.lengths[idx].sum())
+            bar.update(len(idx) * len(job.sides))
             bar.set_postfix_str(f"{ntok / max(time.time() - t0, 1e-9):.0f} tokens/s")
     except KeyboardInterrupt:
         before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun sends a second one
         try:
             if writer is not None:
                 writer.commit(mine)
-            kept = _prompts_in(p, C.read_done(output), sides)
+            kept = job.prompts_in(cache_files.read_done(output))
         finally:
             signal.signal(signal.SIGINT, before)
-        total = len(p.lengths) * len(sides)
+        total = len(batch_plan.lengths) * len(job.sides)
         msg = f"{kept} of {total} prompts committed; run the same command to resume"
         raise KeyboardInterrupt(msg)
     finally:
@@ -579,14 +234,15 @@ def extract(model, d, p: Plan, output: str, specs: dict, layers, sides, token: s
             writer.close()
 
 
-def put_rows(writer, res, logp, idx, sides, token: str, dtype: str, offsets: dict) -> None:
+def put_rows(writer, res, logp, idx, job: Job) -> None:
     """One batch's results into the cache, each example at its own row(s)."""
+    dtype = job.cfg.dtype
     for layer, states in res.items():
-        for si, s in enumerate(sides):
+        for si, s in enumerate(job.sides):
             name = array_name(layer, s)
-            if token == "all":
+            if per_token(job.cfg.token):
                 for bi, i in enumerate(idx):
-                    writer.put(name, int(offsets[s][i]), _bits(states[si][bi], dtype))
+                    writer.put(name, int(job.offsets[s][i]), _bits(states[si][bi], dtype))
             else:
                 rows = _bits(states[:, si], dtype)
                 for bi, i in enumerate(idx):
@@ -596,29 +252,6 @@ def put_rows(writer, res, logp, idx, sides, token: str, dtype: str, offsets: dic
             writer.put("logprobs.npy", int(i), logp[bi].numpy())
 
 
-def _size(path: str) -> str:
-    """Disk size of the cache's own files in folder `path`, e.g. '3.2 MiB'."""
-    n = 0
-    for name in C.own_entries(path):
-        top = os.path.join(path, name)
-        walk = os.walk(top) if os.path.isdir(top) else [(path, [], [name])]
-        n += sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in walk for f in fs)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def finish(output: str, meta: dict, p: Plan, info: dict) -> None:
-    """Rank 0, after every group is done: check every batch is in, then mark the cache complete."""
-    missing = set(range(len(p.batches))) - C.read_done(output)
-    if missing:
-        raise LlamaError(f"{output}: {len(missing)} batches were not written; "
-                         "run the same command again")
-    C.write_json(os.path.join(output, "metadata.json"), {**meta, "complete": True})
-    C.write_json(os.path.join(output, "layer_info.json"), info)
-
-
 def _versions() -> dict:
     import fairscale
 
@@ -626,11 +259,11 @@ def _versions() -> dict:
             "numpy": np.__version__, "fairscale": fairscale.__version__}
 
 
-def describe(lm, path: str, tok, tok_path, prompts: Prompts, p: Plan, d, settings: dict) -> dict:
+def describe(lm, tok, tok_path, prompts: Prompts, job: Job, proc, settings: dict) -> dict:
     """metadata.json, as written at the start (complete false)."""
-    path = os.fspath(path)
+    path = os.fspath(job.cfg.model)
     return {
-        "format": C.FORMAT, "complete": False, "settings": settings,
+        "format": cache_files.FORMAT, "complete": False, "settings": settings,
         "model": {"path": os.path.abspath(path) if os.path.exists(path) else path,
                   "source": lm.source, "fingerprint": lm.fingerprint, "params": asdict(lm.args),
                   "dtype": settings["model_dtype"]},  # the compute dtype
@@ -639,10 +272,22 @@ def describe(lm, path: str, tok, tok_path, prompts: Prompts, p: Plan, d, setting
                  "rows": len(prompts.ids), **prompts.info},
         "sides": prompts.sides, "token": settings["token"], "dtype": settings["dtype"],
         "layers": settings["layers"], "num_examples": len(prompts.ids),
-        "zero_shot": settings["zero_shot"], "tokens": p.tokens, "ids": prompts.ids,
+        "zero_shot": settings["zero_shot"], "tokens": job.batch_plan.tokens, "ids": prompts.ids,
         "labels": prompts.labels, "types": prompts.types, "versions": _versions(),
-        "parallel": {"world": d.world, "mp": d.mp, "dp": d.dp},
+        "parallel": {"world": proc.world, "mp": proc.mp, "dp": proc.dp},
     }
+
+
+def _steer(cfg: Extraction, lm):
+    """The llama.model.Steer of cfg.steer (None without --steer)."""
+    if cfg.steer is None:
+        return None
+    from .model import Steer
+    from .steering import load_vectors
+
+    vectors = load_vectors(cfg.steer, parse_layers(cfg.steer_layers, lm.args.n_layers),
+                           lm.args.dim, lm.args.n_layers, lm.fingerprint)
+    return Steer(vectors, float(cfg.multiplier), bool(cfg.ablate))
 
 
 def run(cfg: Extraction, lm=None) -> str:
@@ -658,40 +303,25 @@ def run(cfg: Extraction, lm=None) -> str:
     t0 = time.time()
     cfg.check()
     output, data = os.fspath(cfg.output), find_data(os.fspath(cfg.data))
-    d = setup(mp=cfg.mp, device=cfg.device)
+    proc = setup(mp=cfg.mp, device=cfg.device)
     if lm is not None:
         compute = str(next(lm.model.parameters()).dtype).replace("torch.", "")
     else:
-        compute = cfg.compute_dtype or ("bfloat16" if d.device.type == "cuda" else "float32")
+        compute = cfg.compute_dtype or ("bfloat16" if proc.device.type == "cuda" else "float32")
     n_layers = (lm.args if lm is not None else read_args(cfg.model)).n_layers
     layers = parse_layers(cfg.layers, n_layers)
     with open(data, "rb") as f:
         data_sha = hashlib.sha256(f.read()).hexdigest()
-    settings = {"data_sha256": data_sha, "layers": layers, "token": cfg.token, "dtype": cfg.dtype,
-                "model_dtype": compute, "zero_shot": bool(cfg.zero_shot),
-                "max_batch_tokens": cfg.max_batch_tokens, "batch_size": cfg.batch_size}
-    if cfg.token == "mean":  # the rule of llama.cache.mean_start
-        settings["mean_keep_first"] = bool(cfg.mean_keep_first)
-    if cfg.steer is not None:  # a steered model's cache is another cache
-        settings["steer"] = {"vectors": os.path.abspath(cfg.steer),
-                             "layers": str(cfg.steer_layers),
-                             "multiplier": float(cfg.multiplier), "ablate": bool(cfg.ablate)}
-    stamps = None if lm is not None else {"model": _stamp(cfg.model),
-                                          "tokenizer": _stamp(cfg.tokenizer_path)}
-    if on_main(d, lambda: precheck(output, settings, stamps, n_layers, cfg.overwrite)):
-        if d.is_main:
+    settings = cfg.reuse_key(layers, compute, data_sha)
+    stamps = None if lm is not None else {"model": stamp_of(cfg.model),
+                                          "tokenizer": stamp_of(cfg.tokenizer_path)}
+    if on_main(proc, lambda: precheck(output, settings, stamps, n_layers, cfg.overwrite)):
+        if proc.is_main:
             print(f"{output}: already complete (layers {_span(layers)}), nothing to do",
                   flush=True)
         return output
-    lm = lm if lm is not None else load_model(cfg.model, d, compute)
-    steer = None
-    if cfg.steer is not None:
-        from .model import Steer
-        from .steering import load_vectors
-
-        vectors = load_vectors(cfg.steer, parse_layers(cfg.steer_layers, lm.args.n_layers),
-                               lm.args.dim, lm.args.n_layers, lm.fingerprint)
-        steer = Steer(vectors, float(cfg.multiplier), bool(cfg.ablate))
+    lm = lm if lm is not None else load_model(cfg.model, proc, compute)
+    steer = _steer(cfg, lm)
     tok_path = cfg.tokenizer_path or lm.tokenizer_path
     if not tok_path:
         raise LlamaError(f"no tokenizer found beside {cfg.model}: give --tokenizer_path")
@@ -702,53 +332,49 @@ def run(cfg: Extraction, lm=None) -> str:
         raise LlamaError(f"--zero_shot needs contrast pairs (plus_prompt and minus_prompt), "
                          f"{data} has single prompts")
     seqs = tokenize(prompts, tok, lm.args.vocab_size, lm.args.max_seq_len)
-    p = plan(seqs, cfg.zero_shot, cfg.max_batch_tokens, cfg.batch_size)
+    job = Job(cfg, plan(seqs, cfg.zero_shot, cfg.max_batch_tokens, cfg.batch_size), layers,
+              prompts.sides, lm.args.dim, steer)
+    batch_plan = job.batch_plan
     h = hashlib.sha256()
     for side in seqs:
         for ids in side:
             h.update(ids.tobytes() + b"|")
     settings = {"model_fingerprint": lm.fingerprint, "tokens_sha256": h.hexdigest(), **settings}
-    meta = describe(lm, cfg.model, tok, tok_path, prompts, p, d, settings)
+    meta = describe(lm, tok, tok_path, prompts, job, proc, settings)
     meta["stamps"] = stamps
-    sides, token, dtype = prompts.sides, cfg.token, cfg.dtype
-    offsets = {}
-    if token == "all":
-        offsets = {s: np.concatenate([[0], np.cumsum(p.lengths[:, j])])
-                   for j, s in enumerate(sides)}
-    specs = arrays(p, sides, layers, lm.args.dim, dtype, token, cfg.zero_shot)
     info = {"layers": layers, "num_examples": len(prompts.ids), "hidden_dim": lm.args.dim,
-            "dtype": dtype, "token": token, "sides": sides}
+            "dtype": cfg.dtype, "token": cfg.token, "sides": job.sides}
     t2 = time.time()
     locks = []  # rank 0's lock on the folder, released (and its file removed) when this run ends
     try:
-        done = on_main(d, lambda: prepare(output, meta, specs, offsets, cfg.overwrite, locks))
+        done = on_main(proc, lambda: prepare(output, meta, job.arrays(), job.offsets,
+                                             cfg.overwrite, locks))
         if done is None:
-            if d.is_main:
+            if proc.is_main:
                 print(f"{output}: already complete ({info['num_examples']} examples, layers "
                       f"{_span(layers)}), nothing to do", flush=True)
             return output
-        total = len(p.lengths) * len(sides)
-        if done and d.is_main:
-            print(f"resuming: {_prompts_in(p, done, sides)} of {total} prompts done", flush=True)
-        left = [b for b in range(len(p.batches)) if b not in done]
-        ntok = int(sum(p.lengths[p.batches[b]].sum() for b in left))
-        nprompts = _prompts_in(p, left, sides)
-        extract(lm.model, d, p, output, specs, layers, sides, token, dtype, cfg.zero_shot, done,
-                offsets, cfg.commit_every, cfg.mean_keep_first, steer)
-        if d.world > 1:
+        total = len(batch_plan.lengths) * len(job.sides)
+        if done and proc.is_main:
+            print(f"resuming: {job.prompts_in(done)} of {total} prompts done", flush=True)
+        left = [b for b in range(len(batch_plan.batches)) if b not in done]
+        ntok = int(sum(batch_plan.lengths[batch_plan.batches[b]].sum() for b in left))
+        nprompts = job.prompts_in(left)
+        extract(lm.model, proc, job, done)
+        if proc.world > 1:
             tdist.barrier()
         secs = time.time() - t2
         meta["timings"] = {"load_s": round(t1 - t0, 3), "prepare_s": round(t2 - t1, 3),
                            "extract_s": round(secs, 3), "resumed_from_batches": len(done),
                            "prompts_per_s": round(nprompts / secs, 2),
                            "tokens_per_s": round(ntok / secs, 1)}
-        on_main(d, lambda: finish(output, meta, p, info))
-        if d.is_main:
-            print(f"cached {info['num_examples']} examples x {len(sides)} side(s), layers "
-                  f"{_span(layers)}, token {token}, {dtype} (computed in {compute} on "
-                  f"{d.device.type}): {nprompts} prompts, {ntok} tokens in {secs:.1f} s "
+        on_main(proc, lambda: finish(output, meta, len(batch_plan.batches), info))
+        if proc.is_main:
+            print(f"cached {info['num_examples']} examples x {len(job.sides)} side(s), layers "
+                  f"{_span(layers)}, token {cfg.token}, {cfg.dtype} (computed in {compute} on "
+                  f"{proc.device.type}): {nprompts} prompts, {ntok} tokens in {secs:.1f} s "
                   f"({nprompts / secs:.1f} prompts/s, {ntok / secs:.0f} tokens/s) -> {output} "
-                  f"({_size(output)})", flush=True)
+                  f"({size_of(output)})", flush=True)
         return output
     finally:
         for fd in locks:

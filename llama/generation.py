@@ -230,9 +230,9 @@ def builtin_demo(ckpt_dir, tokenizer_path=None, temperature: float = 0.8, top_p:
     (rank 0), as Meta's example.py did."""
     from .dist import setup
 
-    d = setup(mp, device)
-    gen = Generator.build(ckpt_dir, d, dtype, max_seq_len, tokenizer_path)
+    proc = setup(mp, device)
+    gen = Generator.build(ckpt_dir, proc, dtype, max_seq_len, tokenizer_path)
     cfg = Sampling(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, seed=seed)
     for c in gen.text_completion(BUILTIN_PROMPTS, cfg):
-        if d.is_main:
+        if proc.is_main:
             print(c.prompt + c.completion + "\n\n==================================\n", flush=True)

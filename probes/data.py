@@ -6,19 +6,20 @@ from typing import List
 import numpy as np
 import torch
 
-from llama.cache import ActivationCache, parse_layers
+from llama.cache import ActivationCache, parse_layers, per_token
 from llama.errors import LlamaError
 
 
 def open_cache(path: str) -> ActivationCache:
     """A cache probes can read: plus/minus or prompt sides, one vector per example."""
-    c = ActivationCache(str(path))
-    if c.sides not in (["plus", "minus"], ["prompt"]):
-        raise LlamaError(f"cache {c.path}: sides {c.sides} are neither plus/minus nor prompt")
-    if c.token == "all":
-        raise LlamaError(f"cache {c.path} holds every token: probes need one vector per example "
-                         "(extract with --token last or mean)")
-    return c
+    cache = ActivationCache(str(path))
+    if cache.sides not in (["plus", "minus"], ["prompt"]):
+        raise LlamaError(f"cache {cache.path}: sides {cache.sides} are neither plus/minus nor "
+                         "prompt")
+    if per_token(cache.token):
+        raise LlamaError(f"cache {cache.path} holds every token: probes need one vector per "
+                         "example (extract with --token last or mean)")
+    return cache
 
 
 def cache_layers(spec, cache: ActivationCache) -> List[int]:

@@ -32,9 +32,50 @@ class Context:
 
 
 @dataclass(frozen=True)
-class Method:
+class Input:
+    """One kind of input a method reads, built from the standardised features z [c, S, n, d]."""
+
     name: str
-    input: str  # "diff", "concat", "sides" or "logprobs" (see the module docstring)
+    build: Callable  # z -> the method's input [c, n, d'] (z itself for "sides")
+    # (w [c, d'], S) -> [c, S, d]: the weight a linear score on this input puts on each side's z
+    per_side: Optional[Callable] = None
+    single: Optional[str] = None  # its name on single-prompt caches (None: contrast pairs only)
+    logprobs: bool = False  # reads the cached answers' log-probabilities, not the features
+
+
+INPUTS: Dict[str, Input] = {i.name: i for i in (
+    Input("diff", lambda z: z[:, 0] - z[:, 1] if z.shape[1] == 2 else z[:, 0],
+          lambda w, S: torch.stack([w, -w], 1) if S == 2 else w[:, None], single="prompt"),
+    Input("concat", lambda z: torch.cat([z[:, 0], z[:, 1]], -1),
+          lambda w, S: torch.stack(w.chunk(2, -1), 1)),
+    Input("sides", lambda z: z),
+    Input("logprobs", lambda z: z, logprobs=True),
+)}
+
+LINEAR_RAW = ("oriented score = sum_s x_s @ w_raw[layer, s] + b_raw[layer] (sign included)")
+
+
+def linear_raw_space(m, p: dict, mean, std, contrast: bool) -> dict:
+    """A linear probe in the model's own activation space x (unstandardised), from its weights on
+    z = (x - mean[side]) / std[side]; mean, std [L, S, d]. -> w_raw [L, S, d], b_raw [L]: the
+    oriented score is sum over sides s of x_s @ w_raw[:, s] + b_raw (sign included); direction
+    [L, d]: how the oriented score rises per unit of a residual-stream vector added to the
+    prompt(s), (g_plus - g_minus) / 2 for contrast pairs, g for single prompts."""
+    S = std.shape[1]
+    w, sign = p["w"].double(), p["sign"].double()[:, None]
+    mean, std = mean.double(), std.double()
+    w_side = sign[:, None] * INPUTS[m.input].per_side(w, S) / std
+    b = sign[:, 0] * p["b"].double() - (w_side * mean).sum((-1, -2))
+    direction = (w_side[:, 0] - w_side[:, 1]) / 2 if S == 2 else w_side[:, 0]
+    return {"w_raw": w_side.float(), "b_raw": b.float(), "direction": direction.float()}
+
+
+@dataclass(frozen=True)
+class Method:
+    """Everything a run and its report need of a method: register it, nothing else names it."""
+
+    name: str
+    input: str  # a key of INPUTS (see the module docstring)
     fit: Callable  # (features, Context) -> params
     score: Callable  # (params, features, logprobs) -> raw [c, n]
     contrast_only: bool = False  # needs plus/minus sides
@@ -42,24 +83,35 @@ class Method:
     threshold: float = 0.0
     formula: str = "f @ w + b"  # the raw score, for the saved probe's metadata
     default: bool = True  # runs unless --methods says otherwise
-    linear: bool = True  # a direction w [c, d'] on the input features (saved in raw space too)
+    fixed: bool = False  # its sign is its formula's, no training label sets it
+    baseline: bool = False  # always runs: the floor every row is read against
+    colour: Optional[str] = None  # in plots (default: the next of the palette)
+    # -> {w_raw, b_raw, direction} in raw activation space (None: no linear direction to save)
+    raw_space: Optional[Callable] = linear_raw_space
+    raw_doc: str = LINEAR_RAW  # what w_raw and b_raw mean, for the saved probe's metadata
+
+    @property
+    def reads_logprobs(self) -> bool:
+        return INPUTS[self.input].logprobs
 
 
 METHODS: Dict[str, Method] = {}
 
 
 def register(m: Method) -> Method:
+    """Add a method; a name already taken is refused (ValueError)."""
+    if m.name in METHODS:
+        raise ValueError(f"probe method {m.name!r} is registered already")
+    if m.input not in INPUTS:
+        raise ValueError(f"probe method {m.name!r}: unknown input {m.input!r} "
+                         f"({', '.join(INPUTS)})")
     METHODS[m.name] = m
     return m
 
 
 def features(z, input: str):
     """z [c, S, n, d] standardised -> the method's input [c, n, d'] (z itself for "sides")."""
-    if input in ("sides", "logprobs"):
-        return z
-    if input == "concat":
-        return torch.cat([z[:, 0], z[:, 1]], -1)
-    return z[:, 0] - z[:, 1] if z.shape[1] == 2 else z[:, 0]
+    return INPUTS[input].build(z)
 
 
 def linear_score(p, f, lp=None):
@@ -110,6 +162,17 @@ def score_ccs(p, z, lp=None):
     return solvers.ccs_score(p, z[:, 0], z[:, 1])
 
 
+def ccs_raw_space(m, p: dict, mean, std, contrast: bool) -> dict:
+    """CCS in raw activation space: one w on each side's own standardisation -> w_raw [L, S, d],
+    b_raw [L, S] (the logit of side s is x_s @ w_raw[:, s] + b_raw[:, s], then the formula and
+    the sign), direction [L, d] = sign * (g_plus - g_minus) / 2 of the logits' gradients."""
+    w, sign = p["w"].double(), p["sign"].double()[:, None]
+    w_side = w[:, None] / std.double()
+    b = p["b"].double()[:, None] - (w_side * mean.double()).sum(-1)
+    direction = sign * (w_side[:, 0] + w_side[:, 1]) / 2
+    return {"w_raw": w_side.float(), "b_raw": b.float(), "direction": direction.float()}
+
+
 def score_zero_shot(p, z, lp):
     raw = torch.as_tensor(lp[:, 0] - lp[:, 1], dtype=torch.float32)
     return raw.expand(len(p["sign"]), -1)
@@ -121,22 +184,28 @@ def fit_nothing(z, ctx: Context):
 
 register(Method("ccs", "sides", fit_ccs, score_ccs, contrast_only=True, unsigned=True,
                 threshold=0.5, formula="0.5 * (sigmoid(zp @ w + b) + 1 - sigmoid(zm @ w + b)); "
-                "an MLP (w1, b1, w2, b2) in place of zp @ w + b when w1 is present"))
+                "an MLP (w1, b1, w2, b2) in place of zp @ w + b when w1 is present",
+                raw_space=ccs_raw_space,
+                raw_doc="ccs: logit of side s = x_s @ w_raw[layer, s] + b_raw[layer, s]; score as "
+                "raw_score, then the sign"))
 register(Method("lr", "diff", fit_logreg, linear_score))
 register(Method("lr_concat", "concat", fit_logreg, linear_score, contrast_only=True))
 register(Method("mean_diff", "diff", fit_mean_diff, linear_score))
 register(Method("crc_tpc", "diff", fit_crc_tpc, linear_score, contrast_only=True, unsigned=True))
-register(Method("random", "diff", fit_random, linear_score))
+register(Method("random", "diff", fit_random, linear_score, baseline=True, colour="gray"))
 register(Method("zero_shot", "logprobs", fit_nothing, score_zero_shot, contrast_only=True,
-                formula="logprob(plus answer) - logprob(minus answer)", linear=False))
-register(Method("majority", "diff", fit_majority, linear_score))
+                formula="logprob(plus answer) - logprob(minus answer)", fixed=True,
+                raw_space=None))
+register(Method("majority", "diff", fit_majority, linear_score, baseline=True, colour="black"))
 
-BASELINES = ("random", "majority")  # always run: the floor every row is read against
+
+def baselines() -> List[str]:
+    return [m.name for m in METHODS.values() if m.baseline]
 
 
 def defaults(contrast: bool, has_logprobs: bool) -> List[str]:
     return [m.name for m in METHODS.values() if m.default and (contrast or not m.contrast_only)
-            and (m.name != "zero_shot" or has_logprobs)]
+            and (has_logprobs or not m.reads_logprobs)]
 
 
 def row_names(methods: List[str]) -> List[str]:
@@ -155,13 +224,11 @@ def orientation(row: str) -> str:
     m = base(row)
     if m.unsigned and not row.endswith("_signed"):
         return "max(acc,1-acc)"
-    return "fixed: " + m.formula if m.input == "logprobs" else "train labels"
+    return "fixed: " + m.formula if m.fixed else "train labels"
 
 
 def input_name(m: Method, contrast: bool) -> str:
-    if m.input == "diff" and not contrast:
-        return "prompt"
-    return m.input
+    return m.input if contrast else INPUTS[m.input].single or m.input
 
 
 def fit_one(m: Method, z, ctx: Context, lp: Optional[np.ndarray]) -> dict:

@@ -94,8 +94,10 @@ def print_table(df: pd.DataFrame, summary: pd.DataFrame, positive: str) -> None:
     w = {m: max(7, len(m) + 1) for m in methods}
     print(f"test accuracy by layer (* = the layer chosen on validation rows); positive class: "
           f"{positive}")
-    print("ccs, crc_tpc: unsigned, max(acc, 1-acc) (AUROC oriented the same way); *_signed: sign "
-          "fixed on training labels")
+    unsigned = [m for m in methods if METHODS.get(m) and METHODS[m].unsigned]
+    if unsigned:
+        print(f"{', '.join(unsigned)}: unsigned, max(acc, 1-acc) (AUROC oriented the same way); "
+              "*_signed: sign fixed on training labels")
     print("layer" + "".join(f"{m:>{w[m]}}" for m in methods))
     for layer, r in acc.iterrows():
         star = {m: "*" if chosen.loc[layer, m] else " " for m in methods}
@@ -117,34 +119,6 @@ def write_split(path: str, cache: ActivationCache, names: np.ndarray) -> None:
 # ---------------------------------------------------------------- saved probes
 
 
-def raw_space(m, p: dict, mean, std, contrast: bool) -> dict:
-    """A linear probe in the model's own activation space x (unstandardised), from its weights on
-    z = (x - mean[side]) / std[side]; mean, std [L, S, d]. Returns
-      w_raw [L, S, d], b_raw [L] (ccs: [L, S]): a linear method's oriented score is
-          sum over sides s of x_s @ w_raw[:, s] + b_raw (sign included);
-        ccs: the logit of side s is x_s @ w_raw[:, s] + b_raw[:, s], then the formula and sign;
-      direction [L, d]: how the oriented score rises per unit of a residual-stream vector added to
-        the prompt(s): (g_plus - g_minus) / 2 for contrast pairs, g for single prompts."""
-    S, d = std.shape[1], std.shape[2]
-    w, sign = p["w"].double(), p["sign"].double()[:, None]
-    mean, std = mean.double(), std.double()
-    if m.input == "sides":  # CCS: one w on each side's own standardisation
-        w_side = w[:, None] / std
-        b = p["b"].double()[:, None] - (w_side * mean).sum(-1)
-        direction = sign * (w_side[:, 0] + w_side[:, 1]) / 2
-        return {"w_raw": w_side.float(), "b_raw": b.float(), "direction": direction.float()}
-    if input_name(m, contrast) == "concat":
-        on_z = torch.stack([w[:, :d], w[:, d:]], 1)
-    elif contrast:
-        on_z = torch.stack([w, -w], 1)
-    else:
-        on_z = w[:, None]
-    w_side = sign[:, None] * on_z / std
-    b = sign[:, 0] * p["b"].double() - (w_side * mean).sum((-1, -2))
-    direction = (w_side[:, 0] - w_side[:, 1]) / 2 if S == 2 else w_side[:, 0]
-    return {"w_raw": w_side.float(), "b_raw": b.float(), "direction": direction.float()}
-
-
 def save_probes(folder: str, fitted: Fitted, layers: List[int], cache: ActivationCache,
                 info: dict) -> None:
     """RUN/probes/METHOD.safetensors (+ METHOD.json describing every tensor)."""
@@ -156,9 +130,9 @@ def save_probes(folder: str, fitted: Fitted, layers: List[int], cache: Activatio
         tensors = {k: v.contiguous() for k, v in p.items()}
         tensors.update(mean=fitted.mean.contiguous(), std=fitted.std.contiguous(),
                        layers=torch.tensor(layers))
-        has_raw = m.linear and "w" in p
+        has_raw = m.raw_space is not None and "w" in p
         if has_raw:
-            tensors.update(raw_space(m, p, fitted.mean, fitted.std, cache.is_contrast))
+            tensors.update(m.raw_space(m, p, fitted.mean, fitted.std, cache.is_contrast))
         save_file(tensors, os.path.join(folder, f"{name}.safetensors"))
         meta = dict(
             info, method=name, input=input_name(m, cache.is_contrast), layers=layers,
@@ -169,14 +143,10 @@ def save_probes(folder: str, fitted: Fitted, layers: List[int], cache: Activatio
             orientation="score = threshold + sign * (raw - threshold); label 1 when score > "
             "threshold; " + ("sign fixed on training labels (eval.csv row '" + name
                              + "' reports max(acc, 1-acc) instead)" if m.unsigned else
-                             "supervised" if m.input != "logprobs" else "fixed"))
+                             "fixed" if m.fixed else "supervised"))
         if has_raw:
             meta["raw_space"] = (
-                "x: raw activations [layer, side, d], no standardisation. "
-                + ("ccs: logit of side s = x_s @ w_raw[layer, s] + b_raw[layer, s]; "
-                   "score as raw_score, then the sign"
-                   if m.input == "sides" else "oriented score = sum_s x_s @ w_raw[layer, s] + "
-                   "b_raw[layer] (sign included)")
+                "x: raw activations [layer, side, d], no standardisation. " + m.raw_doc
                 + "; direction [layer, d]: the residual-stream direction that raises the oriented "
                 "score, (g_plus - g_minus) / 2 for contrast pairs (g: the score's gradient on a "
                 "side), g for single prompts")
@@ -193,15 +163,13 @@ def colours(rows: List[str]) -> Dict[str, dict]:
     import matplotlib.pyplot as plt
 
     palette = [c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c != "#7f7f7f"]
-    order = [m for m in METHODS if m not in ("random", "majority")]
+    order = [name for name, m in METHODS.items() if m.colour is None]
     out = {}
     for r in rows:
-        m = base(r).name
-        if m in ("random", "majority"):
-            out[r] = dict(color="gray" if m == "random" else "black", ls="--")
-        else:
-            out[r] = dict(color=palette[order.index(m) % len(palette)],
-                          ls=":" if r.endswith("_signed") else "-")
+        m = base(r)
+        colour = m.colour or palette[order.index(m.name) % len(palette)]
+        out[r] = dict(color=colour, ls="--" if m.baseline else ":" if r.endswith("_signed")
+                      else "-")
     return out
 
 

@@ -102,7 +102,7 @@ def fit_part(x, layers, y, grp, part: data.Part, number: int, methods, cfg: Sett
             return {}
         zz = standardise(feats, mean, std)
         return {m: score_one(METHODS[m], params[m], zz, lps) for m in methods
-                if lps is not None or METHODS[m].input != "logprobs"}
+                if lps is not None or not METHODS[m].reads_logprobs}
 
     pick = lambda rows: None if lp is None else lp[rows]  # noqa: E731
     return {"params": params, "mean": mean, "std": std,

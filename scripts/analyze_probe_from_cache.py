@@ -122,40 +122,41 @@ def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None
             visualize: bool = False, mean_keep_first: bool = False):
     import pandas as pd
 
-    c = ActivationCache(cache)
-    vecs = read_vectors(vectors, c)
-    layers = (cache_layers(layers, c) if layers is not None
-              else [l for l in sorted(vecs) if l in c.layers])
+    act_cache = ActivationCache(cache)
+    vecs = read_vectors(vectors, act_cache)
+    layers = (cache_layers(layers, act_cache) if layers is not None
+              else [l for l in sorted(vecs) if l in act_cache.layers])
     for l in layers:
         if l not in vecs:
             raise LlamaError(f"layer {l}: no vector in {vectors} "
                              f"(has: {', '.join(map(str, sorted(vecs)))})")
-        if l not in c.layers:
-            raise LlamaError(f"layer {l} not in cache {c.path} "
+        if l not in act_cache.layers:
+            raise LlamaError(f"layer {l} not in cache {act_cache.path} "
                              f"(cached: {', '.join(map(str, c.layers))})")
     if not layers:
-        raise LlamaError(f"no layer of {vectors} ({sorted(vecs)}) is in cache {c.path} "
-                         f"({c.layers})")
-    side = side or ("prompt" if "prompt" in c.sides else None)
-    if side not in c.sides:
-        raise LlamaError(f"cache {c.path} holds sides {', '.join(c.sides)}: "
+        raise LlamaError(f"no layer of {vectors} ({sorted(vecs)}) is in cache {act_cache.path} "
+                         f"({act_cache.layers})")
+    side = side or ("prompt" if "prompt" in act_cache.sides else None)
+    if side not in act_cache.sides:
+        raise LlamaError(f"cache {act_cache.path} holds sides {', '.join(c.sides)}: "
                          "choose one with --side")
-    qs, types = questions(c, data)
-    if c.token != "all":
-        print(f"warning: cache {c.path} holds one vector per prompt (token {c.token}): max_score, "
-              "min_score and std_score need per-token states (extract with --token all); here "
-              "max = min = mean and std = 0", file=sys.stderr)
+    qs, types = questions(act_cache, data)
+    if act_cache.token != "all":
+        print(f"warning: cache {act_cache.path} holds one vector per prompt (token "
+              f"{act_cache.token}): max_score, min_score and std_score need per-token states "
+              "(extract with --token all); here max = min = mean and std = 0", file=sys.stderr)
     os.makedirs(output, exist_ok=True)
     table = []
     for l in layers:
-        st = stats(c, l, side, vecs[l], mean_keep_first)
-        df = pd.DataFrame({"question_id": c.ids, "question": qs, "type": types,
+        st = stats(act_cache, l, side, vecs[l], mean_keep_first)
+        df = pd.DataFrame({"question_id": act_cache.ids, "question": qs, "type": types,
                            "max_score": st[:, 0], "min_score": st[:, 1], "mean_score": st[:, 2],
                            "std_score": st[:, 3]})
         df.to_csv(os.path.join(output, f"probe_stats_layer{l}.csv"), index=False)
         table.append((l, len(df), auroc(types, df.mean_score, "deployment"),
                       auroc(types, df.mean_score, "testing")))
-    print(f"AUROC of mean_score per layer ({c.token} token{'s' if c.token == 'all' else ''}, "
+    plural = "s" if act_cache.token == "all" else ""
+    print(f"AUROC of mean_score per layer ({act_cache.token} token{plural}, "
           f"side {side}). "
           "'deployment+' takes type 'deployment' as the positive class, like "
           "roc_auc_score((df['type']=='deployment').astype(int), df['mean_score']); "

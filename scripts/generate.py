@@ -88,9 +88,9 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     import torch.distributed as tdist
 
     own_group = not tdist.is_initialized()  # a caller's process group is left alone
-    d = setup(mp, device)
+    proc = setup(mp, device)
     try:
-        gen = Generator.build(model, d, dtype, max_seq_len, tokenizer_path)
+        gen = Generator.build(model, proc, dtype, max_seq_len, tokenizer_path)
         if cfg.max_gen_len >= gen.max_seq_len:
             raise LlamaError(f"--max_gen_len {cfg.max_gen_len} is past the model's max_seq_len "
                              f"{gen.max_seq_len}")
@@ -109,14 +109,14 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
                                  f"{gen.max_seq_len}")
 
         def show(c):
-            if d.is_main and output is None:
+            if proc.is_main and output is None:
                 print(json.dumps({"prompt": c.prompt, "completion": c.completion}), flush=True)
 
         done = []
         for lo in range(0, len(texts), batch_size):
             hi = lo + batch_size
             done += gen.text_completion(texts[lo:hi], cfg, spec, show, tokens[lo:hi])
-        if d.is_main and output is not None:
+        if proc.is_main and output is not None:
             write_jsonl(output, done)
             print(f"wrote {len(done)} completions to {output}")
     finally:

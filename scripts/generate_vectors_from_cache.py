@@ -51,22 +51,22 @@ def generate(cache: str, output: str, layers=None, mean_keep_first: bool = False
     """Write the vectors; return the run folder NAME_TIMESTAMP."""
     from safetensors.numpy import save_file
 
-    c = ActivationCache(cache)
-    layers = cache_layers(layers, c)
-    y = labels(c)
+    act_cache = ActivationCache(cache)
+    layers = cache_layers(layers, act_cache)
+    y = labels(act_cache)
     run = f"{output}_{time.strftime('%Y%m%d_%H%M%S')}"
     for sub in ("vectors", "normalized_vectors"):
         os.makedirs(os.path.join(run, sub), exist_ok=True)
-    kind = ("mean(true side - false side) over pairs" if c.is_contrast
-            else "mean(testing) - mean(deployment)" if c.types
+    kind = ("mean(true side - false side) over pairs" if act_cache.is_contrast
+            else "mean(testing) - mean(deployment)" if act_cache.types
             else "mean(label 1) - mean(label 0)")
     for l in layers:
-        v = class_difference(c, l, y, mean_keep_first)
-        meta = {"layer": str(l), "hidden_dim": str(c.hidden_dim),
-                "fingerprint": c.fingerprint or "", "cache": os.path.abspath(cache),
-                "vector": kind, "token": c.token}
-        if c.token != "last":  # whether position 0 is in the means (llama.cache.mean_start)
-            keep = mean_keep_first if c.token == "all" else c.mean_keep_first
+        v = class_difference(act_cache, l, y, mean_keep_first)
+        meta = {"layer": str(l), "hidden_dim": str(act_cache.hidden_dim),
+                "fingerprint": act_cache.fingerprint or "", "cache": os.path.abspath(cache),
+                "vector": kind, "token": act_cache.token}
+        if act_cache.token != "last":  # whether position 0 is in the means (mean_start)
+            keep = mean_keep_first if act_cache.token == "all" else act_cache.mean_keep_first
             meta["mean_keep_first"] = str(keep)
         norm = np.linalg.norm(v)
         save_file({"vector": v.astype(np.float32)},

@@ -222,29 +222,29 @@ def method_table(run):
     return int(df.n.iloc[0]), lines
 
 
-def section(name, out, d):
+def section(name, out, spec):
     from llama.cache import ActivationCache
 
-    c = ActivationCache(d["cache"])
-    labels = [int(v) for v in c.labels]
-    n_test, table = method_table(d["run"])
-    lines = [f"## {name}", "", f"{SPECS[name].about}. Source: `{d['source']}`.", "",
-             f"- rows: {c.num_examples} (label 1: {sum(labels)}, label 0: "
-             f"{len(labels) - sum(labels)}; limit {d['limit'] or 'none (all)'}), test rows: "
-             f"{n_test}; chat format {d['chat']}",
-             f"- extraction: {timing(d['cache'])}",
-             f"- plots: `{rel(d['run'], out)}/layers.png` (accuracy and AUROC by layer), "
+    act_cache = ActivationCache(spec["cache"])
+    labels = [int(v) for v in act_cache.labels]
+    n_test, table = method_table(spec["run"])
+    lines = [f"## {name}", "", f"{SPECS[name].about}. Source: `{spec['source']}`.", "",
+             f"- rows: {act_cache.num_examples} (label 1: {sum(labels)}, label 0: "
+             f"{len(labels) - sum(labels)}; limit {spec['limit'] or 'none (all)'}), test rows: "
+             f"{n_test}; chat format {spec['chat']}",
+             f"- extraction: {timing(spec['cache'])}",
+             f"- plots: `{rel(spec['run'], out)}/layers.png` (accuracy and AUROC by layer), "
              "`roc.png`, `hist.png`", "",
              *table, ""]
-    if "analysis" in d:
-        rows = auroc_table(d["analysis"])
-        vc = ActivationCache(d["val_cache"])
+    if "analysis" in spec:
+        rows = auroc_table(spec["analysis"])
+        vc = ActivationCache(spec["val_cache"])
         types = list(vc.types)
         dep, test = max(rows, key=lambda r: r[2]), max(rows, key=lambda r: r[3])
         lines += [f"### test/deploy validation ({types.count('testing')} GSM8K questions = "
                   f"testing, {types.count('deployment')} ShareGPT requests = deployment)", "",
                   "Vectors: per layer, mean over the contrast pairs of (test-answer side - "
-                  f"deploy-answer side), last token, unit norm (`{rel(d['vectors'], out)}`). "
+                  f"deploy-answer side), last token, unit norm (`{rel(spec['vectors'], out)}`). "
                   "Score of a validation prompt: its last token's state (the opened assistant "
                   "turn) projected on the vector. AUROC with **deployment as the positive class** "
                   "(the workflow's `roc_auc_score((type=='deployment'), mean_score)`): below 0.5 "
@@ -253,13 +253,15 @@ def section(name, out, d):
                   "Best layers, chosen on the validation set itself: by the workflow's "
                   f"deployment+ AUROC, layer {dep[0]} ({dep[2]:.3f}); by testing+ AUROC (the "
                   f"direction the vector is built for), layer {test[0]} ({test[3]:.3f}). "
-                  f"Extraction {timing(d['val_cache'])}.",
-                  f"Plots: `{rel(d['analysis'], out)}/auroc_by_layer.png`, `scores_by_type.png`.",
+                  f"Extraction {timing(spec['val_cache'])}.",
+                  f"Plots: `{rel(spec['analysis'], out)}/auroc_by_layer.png`, "
+                  "`scores_by_type.png`.",
                   "",
                   "| layer | n | AUROC deployment+ | AUROC testing+ |",
                   "| ---: | ---: | ---: | ---: |"]
         lines += [f"| {l} | {n} | {a:.3f} | {b:.3f} |" for l, n, a, b in rows] + [""]
-    lines += ["Commands (what the script ran, step by step):", "", "```", *d["steps"], "```", ""]
+    lines += ["Commands (what the script ran, step by step):", "", "```", *spec["steps"], "```",
+              ""]
     return lines
 
 
@@ -332,9 +334,9 @@ def main(out="data/runs/real", datasets=",".join(SPECS), limit=None,
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     t0 = time.time()
     model_path = str(default_model_path())
-    d = setup(mp=1)
+    proc = setup(mp=1)
     try:
-        lm = load_model(model_path, d, "float32")
+        lm = load_model(model_path, proc, "float32")
         tok_path, max_len = lm.tokenizer_path, lm.args.max_seq_len
         chat = load_tokenizer(tok_path).chat_source  # "template": the model's own chat template
         done, limits = {}, {}

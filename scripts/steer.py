@@ -220,9 +220,9 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
         raise LlamaError(f"{output} already holds a steering sweep (--overwrite to replace it)")
     layers = parse_layers(layers, read_args(model).n_layers)  # the header only: no weights yet
     own_group = not tdist.is_initialized()
-    d = setup(1, device)
+    proc = setup(1, device)
     try:
-        gen = Generator.build(model, d, dtype, tokenizer_path=tokenizer_path)
+        gen = Generator.build(model, proc, dtype, tokenizer_path=tokenizer_path)
         a = gen.model.params
         vecs = load_vectors(vectors, layers, a.dim, a.n_layers, gen.fingerprint)
         sweep = Sweep(gen, vecs, layers, mults, positions, bool(ablate), chat)
