@@ -265,3 +265,14 @@ def test_bench_70b_writes_a_streamable_cache(tmp_path):
     assert out["9"]["layers"] == 9 and out["9"]["peak_rss_mib"] > 0
     assert json.load(open(tmp_path / "b.json"))["9"]["per_layer_s"] > 0
     assert not [f for f in os.listdir(tmp_path) if f.startswith("bench-70b-")]  # cleaned up
+
+
+def test_register_refuses_a_taken_name_and_the_report_reads_the_registry():
+    with pytest.raises(ValueError, match="registered already"):
+        methods.register(methods.METHODS["lr"])
+    with pytest.raises(ValueError, match="unknown input"):
+        methods.register(methods.Method("nope", "pixels", None, None))
+    assert "nope" not in methods.METHODS
+    assert methods.baselines() == [m for m, v in methods.METHODS.items() if v.baseline]
+    assert methods.orientation("zero_shot").startswith("fixed: ")
+    assert methods.input_name(methods.METHODS["lr"], contrast=False) == "prompt"
