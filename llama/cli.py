@@ -165,44 +165,55 @@ class _Set(argparse.Action):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own refusals: one LlamaError, not usage and exit 2
         message = re.sub(r"^argument (--\w+)\S*: ", r"\1 ", message)
+        message = re.sub(r" ignored explicit argument (.*)", r" takes no value (\1 given)", message)
         raise LlamaError(message.replace(" expected one argument", " needs a value"))
 
 
 def _parser(fl: Dict[str, Flag], prog: str) -> _Parser:
-    """Each flag under its name and aliases; a bool's value is optional (`--quiet`, `--quiet
-    false`), and `--noNAME` / `--no_NAME` turn it off."""
+    """Each flag under its name and aliases (a bool's value joined to it by _spelled); `--noNAME`
+    and `--no_NAME` turn a bool off."""
     parser = _Parser(prog=prog, add_help=False, allow_abbrev=False)
     parser.add_argument("free", nargs="*")
     taken = {n for f in fl.values() for n in [f.name] + f.aliases}
     for f in fl.values():
-        bool_ = f.kind == "bool"
-        parser.add_argument(*[f"--{n}" for n in [f.name] + f.aliases], action=_Set, flag=f,
-                            nargs="?" if bool_ else None, const="true" if bool_ else None)
-        off = [f"--{n}" for n in ("no" + f.name, "no_" + f.name) if bool_ and n not in taken]
+        parser.add_argument(*[f"--{n}" for n in [f.name] + f.aliases], action=_Set, flag=f)
+        off = [f"--{n}" for n in ("no" + f.name, "no_" + f.name)
+               if f.kind == "bool" and n not in taken]
         if off:
             parser.add_argument(*off, action=_Set, flag=f, nargs=0)
     return parser
 
 
-def _spelled(argv: List[str]) -> List[str]:
-    """Flag names with `_` for `-`; a value that starts with `-` (-4,-2,0) joined to its flag,
-    which argparse would otherwise read as a flag."""
+def _spelled(argv: List[str], fl: Dict[str, Flag]) -> List[str]:
+    """Flag names with `_` for `-`; a value that starts with `-` (-4,-2,0), which argparse would
+    read as a flag, joined to its flag; a bool's value joined to it (`--quiet false`), or
+    `=true` when the next argument is not one (`--quiet FILE`)."""
+    bools = {n for f in fl.values() if f.kind == "bool" for n in [f.name] + f.aliases}
     out = []
     for arg in argv:
+        last = out[-1] if out else ""
+        open_bool = last[2:] in bools and last.startswith("--")
+        if open_bool and arg.lower() in _TRUE + _FALSE:
+            out[-1] += "=" + arg
+            continue
+        if open_bool:
+            out[-1] += "=true"
         if arg.startswith("--"):
             key, eq, raw = arg.partition("=")
             arg = "--" + key[2:].replace("-", "_") + eq + raw
-        elif out and arg.startswith("-") and _is_value(arg) and out[-1].startswith("--") \
-                and "=" not in out[-1]:
+        elif arg.startswith("-") and _is_value(arg) and last.startswith("--") \
+                and "=" not in last and not open_bool:
             out[-1] += "=" + arg
             continue
         out.append(arg)
+    if out and out[-1].startswith("--") and out[-1][2:] in bools:
+        out[-1] += "=true"
     return out
 
 
 def parse(fl: Dict[str, Flag], argv: List[str], prog: str = "") -> tuple:
     """argv -> ({name: value} of the flags given, {name: spelling typed}). Raises LlamaError."""
-    ns, extra = _parser(fl, prog).parse_known_args(_spelled(argv), argparse.Namespace(typed_={}))
+    ns, extra = _parser(fl, prog).parse_known_args(_spelled(argv, fl), argparse.Namespace(typed_={}))
     for arg in extra:
         if not _is_value(arg):
             key = arg.partition("=")[0]

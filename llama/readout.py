@@ -84,6 +84,9 @@ def read(token: str, masks: Tuple[np.ndarray, np.ndarray], suffix, prefix=None):
         head = [prefix[b] if prefix is not None else suffix[b, 0, :0] for b in range(B)]
         return [[torch.cat([head[b][pre_mask[b, s]], suffix[b, s][suf_mask[b, s]]]).float()
                  for b in range(B)] for s in range(k)]
+    if not pre_mask.any() and bool((suf_mask.sum(2) == 1).all()):  # one position a row: gather
+        at = suf_mask.to(torch.uint8).argmax(2)[..., None, None].expand(B, k, 1, suffix.shape[-1])
+        return suffix.gather(2, at)[:, :, 0].float()
     total = torch.einsum("bks,bksd->bkd", suf_mask.float(), suffix.float())
     count = suf_mask.sum(2).float()
     if prefix is not None and pre_mask.any():

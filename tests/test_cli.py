@@ -227,3 +227,12 @@ def test_layers_one_parser():
     for rel in ("scripts/steer.py", "scripts/export_control_vector.py", "ccs.py"):
         text = open(os.path.join(ROOT, rel)).read()
         assert "parse_layers" in text or "cache_layers" in text, rel
+
+
+def test_bool_flags_take_an_optional_value_and_leave_positionals_alone():
+    fl = flags(demo)
+    assert parse(fl, ["--quiet", "m"])[0] == {"quiet": True, "model": "m"}
+    assert parse(fl, ["m", "--quiet", "yes", "3"])[0] == {"quiet": True, "model": "m", "limit": 3}
+    with pytest.raises(LlamaError, match="--noquiet takes no value"):
+        parse(fl, ["m", "--noquiet=1"])
+    assert parse(fl, ["--ckpt-dir", "m", "--scale", "-1e-3"])[0] == {"model": "m", "scale": -1e-3}
