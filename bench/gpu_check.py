@@ -57,7 +57,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def flags(argv):
-    ap = Parser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--device", default="cuda", help="cuda or cpu (tiny shapes, gloo)")
     ap.add_argument("--out", default="gpu_check", help="folder for the report")
     ap.add_argument("--dtype", default=None,
@@ -91,14 +91,15 @@ def flags(argv):
 def guarded(name, fn, errors):
     """fn() -> its result, or {"error": one line} with the traceback kept for errors.txt: a part
     that fails must not cost the others their figures."""
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     try:
         res = fn()
     except Exception as e:  # noqa: BLE001: reported, never hidden
         errors.append(f"== {name}\n{traceback.format_exc()}")
         res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     res["seconds"] = round(time.perf_counter() - t, 1)
-    print(f"{name}: done in {res['seconds']} s" + (f" ({res['error']})" if "error" in res
+    res["cpu_seconds"] = round(time.process_time() - cpu, 1)
+    print(f"{name}: done in {res['seconds']} s (CPU {res['cpu_seconds']} s)" + (f" ({res['error']})" if "error" in res
                                                   else ""), flush=True)
     return res
 
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
     from llama.dist import setup, teardown
 
     os.makedirs(a.out, exist_ok=True)
-    errors, started = [], time.perf_counter()
+    errors, started, cpu = [], time.perf_counter(), time.process_time()
     d = setup(mp=1, device=a.device)
     try:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
@@ -291,6 +292,7 @@ def main(argv=None) -> int:
     finally:
         teardown()
     res["seconds"] = round(time.perf_counter() - started, 1)
+    res["cpu_seconds"] = round(time.process_time() - cpu, 1)
     from gpu_report import verdicts, write_report
 
     res["verdicts"] = verdicts(res)

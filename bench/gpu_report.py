@@ -28,6 +28,14 @@ def verdicts(res: dict) -> List[Tuple[str, str]]:
     return out
 
 
+def si(x: float, unit: str) -> str:
+    """1.2e12, "FLOP/s" -> "1.20 TFLOP/s" (k, M, G, T prefixes)."""
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
 def share(x, of) -> str:
     return f"{x / of:.0%}" if of else "unknown"
 
@@ -46,13 +54,13 @@ def device_section(info: dict) -> List[str]:
              + f"; torch {info['torch']}; process group backend {info['backend']}"]
     peak_f, peak_b = info["peak_flops"], info["peak_bytes_per_s"]
     lines.append(f"- peak ({info['peak_source']}): "
-                 + (f"{peak_f / 1e12:.0f} TFLOP/s bfloat16 dense" if peak_f else "FLOP/s unknown")
-                 + ", " + (f"{peak_b / 1e12:.2f} TB/s" if peak_b else "bandwidth unknown")
+                 + (f"{si(peak_f, 'FLOP/s')} bfloat16 dense" if peak_f else "FLOP/s unknown")
+                 + ", " + (si(peak_b, "B/s") if peak_b else "bandwidth unknown")
                  + ("" if peak_f and peak_b else " (give --peak_tflops / --peak_tbps)"))
-    lines.append(f"- reachable in isolation: {info['matmul_n']}^3 matmul "
-                 f"{info['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s ({share(info['matmul_flops_per_s'], peak_f)} "
-                 f"of peak), copy of {info['copy_mib']} MiB {info['copy_bytes_per_s'] / 1e9:.1f} GB/s "
-                 f"(read + write; {share(info['copy_bytes_per_s'], peak_b)} of peak)")
+    mm, cp = info["matmul_flops_per_s"], info["copy_bytes_per_s"]
+    lines.append(f"- reachable in isolation: {info['matmul_n']}^3 matmul {si(mm, 'FLOP/s')} "
+                 f"({share(mm, peak_f)} of peak), copy of {info['copy_mib']} MiB "
+                 f"{si(cp, 'B/s')} (read + write; {share(cp, peak_b)} of peak)")
     return ["\n".join(lines) + "\n"]
 
 
@@ -137,31 +145,31 @@ def speed_section(s: dict, info: dict) -> List[str]:
     mm, cp = info.get("matmul_flops_per_s"), info.get("copy_bytes_per_s")
     sh = s["shape"]
     e = s["extract"]
-    out = [f"Random {s['dtype']} weights, {s['params'] / 1e9:.2f} B parameters (dim {sh['dim']}, "
+    out = [f"Random {s['dtype']} weights, {si(s['params'], '')} parameters (dim {sh['dim']}, "
            f"{sh['n_layers']} blocks, {sh['n_heads']} heads / {sh['n_kv_heads']} kv, FFN "
            f"{sh['ffn_dim']}, vocab {sh['vocab_size']}), the same tensors in both libraries "
            f"(built in {s['build_s']:.1f} s). Extraction: {e['batch']} x {e['seq']} tokens, "
            "every layer's last-position state; FLOPs counted as bench/bench_extract.py "
-           f"({e['flops'] / 1e12:.2f} TFLOP); best of 3, synchronised. Largest relative "
+           f"({si(e['flops'], 'FLOP')}); best of 3, synchronised. Largest relative "
            f"difference of the two libraries' states: {e['rel_error_vs_hf']:.2e} "
            f"(tolerance {s['tolerance']:.0e}).\n",
-           "| extraction | seconds | TFLOP/s | share of peak | share of reachable matmul |",
+           "| extraction | seconds | FLOP/s | share of peak | share of reachable matmul |",
            "| --- | --- | --- | --- | --- |"]
     for who, key in (("ours", "ours"), ("transformers", "hf")):
         rate = e[f"{key}_flops_per_s"]
-        out.append(f"| {who} | {e[f'{key}_s']:.4f} | {rate / 1e12:.3f} | {share(rate, peak_f)} "
+        out.append(f"| {who} | {e[f'{key}_s']:.4f} | {si(rate, 'FLOP/s')} | {share(rate, peak_f)} "
                    f"| {share(rate, mm)} |")
     out += ["", "Decode: greedy, the time of N new tokens minus that of 1 (prefill left out); "
             "bytes counted per step: every block matrix and the output layer, plus the keys and "
             "values attended to.\n",
-            "| decode | batch | seconds | tokens/s | GB/s | share of bandwidth "
+            "| decode | batch | seconds | tokens/s | bytes/s | share of bandwidth "
             "| share of reachable copy | rows with equal tokens |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in s["decode"]:
         for who, key in (("ours", "ours"), ("transformers", "hf")):
             rate = r[f"{key}_bytes_per_s"]
             out.append(f"| {who} | {r['batch']} | {r[f'{key}_s']:.3f} | "
-                       f"{r[f'{key}_tokens_per_s']:.1f} | {rate / 1e9:.1f} | "
+                       f"{r[f'{key}_tokens_per_s']:.1f} | {si(rate, 'B/s')} | "
                        f"{share(rate, peak_b)} | {share(rate, cp)} | "
                        f"{r['rows_agree']}/{r['batch']} |")
     if "max_memory_gib" in s:
@@ -173,7 +181,8 @@ def write_report(res: dict, folder: str) -> str:
     """FOLDER/gpu_check.md from gpu_check's results; returns its path."""
     info = res["info"]
     lines = ["# GPU check", "",
-             f"`{res['command']}`, {res['date']}, {res['seconds']} s in all.", "",
+             f"`{res['command']}`, {res['date']}, {res['seconds']} s in all (CPU "
+             f"{res['cpu_seconds']} s).", "",
              "## Summary", "", "| check | result |", "| --- | --- |"]
     lines += [f"| {name} | {v} |" for name, v in res["verdicts"]] + [""]
     lines += ["## Device", ""] + device_section(info)
