@@ -99,8 +99,8 @@ def guarded(name, fn, errors):
         res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     res["seconds"] = round(time.perf_counter() - t, 1)
     res["cpu_seconds"] = round(time.process_time() - cpu, 1)
-    print(f"{name}: done in {res['seconds']} s (CPU {res['cpu_seconds']} s)" + (f" ({res['error']})" if "error" in res
-                                                  else ""), flush=True)
+    failed = f" ({res['error']})" if "error" in res else ""
+    print(f"{name}: done in {res['seconds']} s (CPU {res['cpu_seconds']} s){failed}", flush=True)
     return res
 
 
@@ -153,8 +153,9 @@ def check_model(name, path, a, d, tmp) -> dict:
     prompts = [tok.encode(p, bos=True) for p in parts.GEN_PROMPTS]
     ref_ids = parts.greedy(ref.model, tok, prompts, NEW_TOKENS)
     dev_ids = parts.greedy(dev.model, tok, prompts, NEW_TOKENS)
-    res["generation"] = [parts.compare_tokens(ref.model, dev.model, p, r, g, TOLERANCE[a.dtype])
-                         for p, r, g in zip(prompts, ref_ids, dev_ids)]
+    res["generation"] = [
+        parts.compare_tokens(ref.model, lambda ids: parts.last_logits(dev.model, ids), p, r, g,
+                             TOLERANCE[a.dtype]) for p, r, g in zip(prompts, ref_ids, dev_ids)]
     res["generation_ok"] = all(g["verdict"] in ("equal", "near tie") for g in res["generation"])
     return res
 
@@ -178,6 +179,8 @@ def check_groups(a, d, tiny, tmp) -> dict:
     world = 2 if a.device == "cpu" or torch.cuda.device_count() >= 2 else 1
     out = os.path.join(tmp, "torchrun")
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "mp1.json"), "w") as f:
+        json.dump(tokens, f)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(world), os.path.join(HERE, "gpu_parts.py"), out, tiny, a.device, a.dtype,
            str(NEW_TOKENS)]
@@ -196,8 +199,9 @@ def check_groups(a, d, tiny, tmp) -> dict:
     res["rel_error"] = {i: parts.rel_error(got["states"][i], states[i])
                         for i in range(len(states))}
     res["worst_rel_error"], res["tolerance"] = max(res["rel_error"].values()), TOLERANCE[a.dtype]
-    res["generation"] = [parts.compare_tokens(lm.model, lm.model, pr, r, g, TOLERANCE[a.dtype])
-                         for pr, r, g in zip(prompts, tokens, got["tokens"])]
+    res["generation"] = [
+        parts.compare_tokens(lm.model, lambda ids, i=i: got["logits"][i], prompts[i], tokens[i],
+                             got["tokens"][i], TOLERANCE[a.dtype]) for i in range(len(prompts))]
     res["ok"] = (res["mp1_all_reduce_ok"] and got["all_reduce_ok"] and got["broadcast_ok"]
                  and res["worst_rel_error"] <= TOLERANCE[a.dtype]
                  and all(g["verdict"] in ("equal", "near tie") for g in res["generation"]))
@@ -213,6 +217,9 @@ def check_speed(a, d, tmp) -> dict:
     dtype = torch.bfloat16 if cuda else DTYPES[a.dtype]
     batch, seq = (8, 512) if cuda else (4, 64)
     prompt, new = (128, 64) if cuda else (32, 16)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(d.device)
     t = time.perf_counter()
     ours, hf = parts.twin_models(shape, d.device, dtype)
     res = {"shape": {k: shape[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads",

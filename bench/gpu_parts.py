@@ -175,11 +175,12 @@ def last_logits(model, ids: List[int]) -> torch.Tensor:
     return out["logits"][0, -1].float().cpu()
 
 
-def compare_tokens(ref_model, dev_model, prompt: List[int], ref: List[int], dev: List[int],
-                   tol: float) -> dict:
+def compare_tokens(ref_model, dev_logits: Callable, prompt: List[int], ref: List[int],
+                   dev: List[int], tol: float) -> dict:
     """Greedy tokens of one prompt: equal, or where they first differ with the reference's
     margin there (its logit of its own pick minus its logit of the device's pick), the device's
-    margin the other way, and the two models' logit error on that context. A divergence is a near
+    margin the other way (dev_logits(context ids) -> its logits [vocab] after them), and the two
+    models' logit error on that context. A divergence is a near
     tie when the logits agree within `tol` (relative) and the reference margin is within twice
     the largest logit difference: rounding can flip such a pick."""
     n = min(len(ref), len(dev))
@@ -189,7 +190,7 @@ def compare_tokens(ref_model, dev_model, prompt: List[int], ref: List[int], dev:
     if first is None:
         return {"equal": False, "tokens": n, "first_diff": n, "verdict": "length differs"}
     ctx = prompt + ref[:first]
-    a, b = last_logits(ref_model, ctx), last_logits(dev_model, ctx)
+    a, b = last_logits(ref_model, ctx), dev_logits(ctx)
     err = float((b - a).abs().max())
     rel = rel_error(b.numpy(), a.numpy())
     margin = float(a[ref[first]] - a[dev[first]])
@@ -332,7 +333,8 @@ def hf_greedy(hf, prompts: torch.Tensor, new: int) -> List[List[int]]:
 def worker(out: str, model: str, device: str, dtype: str, new: str) -> None:
     """One rank: check the process group's collectives, load MODEL at model-parallel size = the
     world, and (rank 0) write the last-position states of every layer on the PAIRS prompts and
-    `new` greedy tokens of GEN_PROMPTS to OUT/mp{world}.npz and .json."""
+    `new` greedy tokens of GEN_PROMPTS to OUT/mp{world}.npz and .json, with the logits on
+    the parent's context (OUT/mp1.json: its tokens) where its tokens first differ."""
     import torch.distributed as tdist
 
     from llama.checkpoint import load_model
@@ -349,10 +351,18 @@ def worker(out: str, model: str, device: str, dtype: str, new: str) -> None:
         lm = load_model(model, d, dtype)
         tok = load_tokenizer(lm.tokenizer_path)
         states = our_states(lm.model, prompt_batch(tok, d.device))
-        tokens = greedy(lm.model, tok, [tok.encode(p, bos=True) for p in GEN_PROMPTS], int(new))
+        prompts = [tok.encode(p, bos=True) for p in GEN_PROMPTS]
+        tokens = greedy(lm.model, tok, prompts, int(new))
+        with open(os.path.join(out, "mp1.json")) as f:  # the parent's tokens at MP 1
+            ref = json.load(f)
+        logits = {}  # where this run first leaves MP 1's tokens: the logits on MP 1's context
+        for i, (mine, theirs) in enumerate(zip(tokens, ref)):
+            first = next((j for j, (x, y) in enumerate(zip(mine, theirs)) if x != y), None)
+            if first is not None:
+                logits[f"logits_{i}"] = last_logits(lm.model, prompts[i] + theirs[:first]).numpy()
         if d.is_main:
             want = d.world * (d.world + 1) / 2
-            np.savez(os.path.join(out, f"mp{d.world}.npz"), states=states.numpy())
+            np.savez(os.path.join(out, f"mp{d.world}.npz"), states=states.numpy(), **logits)
             with open(os.path.join(out, f"mp{d.world}.json"), "w") as f:
                 json.dump({"world": d.world, "mp": d.mp, "backend": tdist.get_backend(),
                            "all_reduce_ok": got == want, "broadcast_ok": int(ids[0]) == 0,
@@ -370,9 +380,14 @@ def prompt_batch(tok, device: torch.device) -> torch.Tensor:
 
 
 def read_worker(out: str, world: int) -> Dict:
+    """The worker's results: its JSON, "states" and "logits" {prompt: [vocab]} where it left the
+    parent's tokens."""
     with open(os.path.join(out, f"mp{world}.json")) as f:
         res = json.load(f)
-    res["states"] = np.load(os.path.join(out, f"mp{world}.npz"))["states"]
+    arrays = np.load(os.path.join(out, f"mp{world}.npz"))
+    res["states"] = arrays["states"]
+    res["logits"] = {int(k.split("_")[1]): torch.from_numpy(arrays[k]) for k in arrays.files
+                     if k.startswith("logits_")}
     return res
 
 
