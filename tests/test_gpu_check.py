@@ -52,7 +52,7 @@ def test_report_holds_every_section_with_numbers(checked):
         found = [k for k in sec if k.startswith(head)]
         assert found, f"no section {head!r} in {list(sec)}"
         assert re.search(r"\d", sec[found[0]]), f"section {head!r} has no number"
-    assert "error" not in md.lower() or "errors.txt" not in md
+    assert "errors.txt" not in md  # no part failed
     assert not (out / "errors.txt").exists()
     # one row per layer of each model (SmolLM2: 31; the tiny GQA model: 5), each a number
     a = sec[next(k for k in sec if k.startswith("(a)"))]
