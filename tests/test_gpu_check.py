@@ -14,8 +14,9 @@ import torch
 from conftest import ROOT, one_line_error
 
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT,
-                                                                 os.environ.get("PYTHONPATH")]))}
+# one torch thread: on a shared machine a second one mostly spins waiting for its turn
+ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
 
 
 def bench_module(name):
