@@ -258,14 +258,15 @@ def twin_models(shape: dict, device: torch.device, dtype: torch.dtype, seed: int
             names[f"layers.{i}.{meta}.weight"] = f"model.layers.{i}.{hf_name}.weight"
     theirs = dict(hf.named_parameters())
     with torch.no_grad():
-        for name, p in ours.named_parameters():
-            w = theirs[names[name]].data
+        for name, p in list(ours.named_parameters()):
+            w = theirs[names[name]].detach()
             if name.endswith(("wq.weight", "wk.weight")):  # rotate-half rows -> interleaved
                 w = w.reshape(-1, 2, hd // 2, args.dim).transpose(1, 2).reshape(-1, args.dim)
                 w = w.contiguous()
             if w.shape != p.shape:
                 raise RuntimeError(f"{name}: transformers' {tuple(w.shape)} != {tuple(p.shape)}")
-            p.data = w
+            owner, attr = name.rsplit(".", 1)  # a new parameter: the CPU one is never touched
+            setattr(ours.get_submodule(owner), attr, torch.nn.Parameter(w, requires_grad=False))
     return ours.to(device).eval(), hf
 
 
