@@ -347,8 +347,9 @@ def _maybe_die(stage: str, count: int) -> None:
 
 
 def on_main(d, fn):
-    """Run fn on global rank 0 and hand its result to every rank. An error there stops every rank;
-    only rank 0 reports it, so the user reads one line."""
+    """Run fn on global rank 0 and hand its result to every rank. An error there stops every rank
+    with the same message; only rank 0 prints it (llama.errors.fail), so the user reads one line,
+    and every rank's torchrun error file holds it."""
     result, err = None, None
     if d.rank == 0:
         try:
@@ -356,10 +357,10 @@ def on_main(d, fn):
         except (LlamaError, OSError) as e:
             err = e
     if d.world > 1:
-        box = [result, err is not None]
+        box = [result, err]  # LlamaError and OSError pickle with their message and file
         tdist.broadcast_object_list(box)
-        if box[1] and d.rank != 0:
-            raise SystemExit(2)
+        if box[1] is not None and d.rank != 0:
+            raise box[1]
         result = box[0]
     if err is not None:
         raise err
