@@ -73,7 +73,7 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     positions: all (every position) or generated (the generated tokens only)
     """
     from llama.dist import setup, teardown
-    from llama.generation import Generator, Sampling
+    from llama.generation import Generator, Sampling, check_context
     from llama.model import Steer
     from llama.steering import load_vectors
 
@@ -81,6 +81,7 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     cfg = Sampling(max_gen_len=max_gen_len, temperature=float(temperature), top_p=float(top_p),
                    seed=int(seed), logprobs=bool(logprobs))
     cfg.check()
+    check_context(model, max_gen_len, max_seq_len)  # before the weights load
     if not isinstance(batch_size, int) or batch_size < 1:
         raise LlamaError(f"--batch_size {batch_size!r} is not a positive integer")
     if (steer is None) != (steer_layers is None):
@@ -91,9 +92,6 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     d = setup(mp, device)
     try:
         gen = Generator.build(model, d, dtype, max_seq_len, tokenizer_path)
-        if cfg.max_gen_len >= gen.max_seq_len:
-            raise LlamaError(f"--max_gen_len {cfg.max_gen_len} is past the model's max_seq_len "
-                             f"{gen.max_seq_len}")
         spec = None
         if steer is not None:
             a = gen.model.params

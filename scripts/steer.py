@@ -202,7 +202,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     from tqdm import tqdm
 
     from llama.dist import setup, teardown
-    from llama.generation import Generator, Sampling
+    from llama.generation import Generator, Sampling, check_context
     from llama.steering import load_vectors
 
     if positions not in ("all", "generated"):
@@ -215,6 +215,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     if not isinstance(samples, int) or samples < 0:
         raise LlamaError(f"--samples {samples!r} is not a non-negative integer")
     items = read_items(data, limit)
+    check_context(model, max_gen_len)  # before the weights load
     if os.path.exists(os.path.join(output, "steering.csv")) and not overwrite:
         raise LlamaError(f"{output} already holds a steering sweep (--overwrite to replace it)")
     own_group = not tdist.is_initialized()
