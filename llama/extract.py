@@ -718,7 +718,7 @@ def run(cfg: Extraction, lm=None) -> str:
                    for j, s in enumerate(sides)}
     specs = arrays(p, sides, layers, lm.args.dim, dtype, token, cfg.zero_shot)
     info = {"layers": layers, "num_examples": len(prompts.ids), "hidden_dim": lm.args.dim,
-            "dtype": dtype, "token": token, "sides": sides}
+            "dtype": dtype, **C.encoding(dtype), "token": token, "sides": sides}
     t2 = time.time()
     locks = []  # rank 0's lock on the folder, released (and its file removed) when this run ends
     try:

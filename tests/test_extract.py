@@ -210,9 +210,21 @@ def test_cache_dtype_is_not_the_compute_dtype(hf, data, dist1, ref_states, tmp_p
         # bfloat16 step (2^-7 of the magnitude: 8 significant bits)
         got, rounded = c.array(3, "minus")[i], want.bfloat16().float().numpy()
         assert np.all(np.abs(got - rounded) <= 2.0 ** -7 * np.abs(rounded) + 1e-30)
+    # plain numpy sees uint16 bit patterns: layer_info.json says so, and the one-line opens the
+    # README gives (the project's reader, ml_dtypes' bfloat16 view) give the same float32 values
+    import ml_dtypes
+
+    info = json.load(open(tmp_path / "c" / "layer_info.json"))
+    assert info["dtype"] == "bfloat16" and info["npy_dtype"] == "uint16"
+    assert "raw bfloat16 bits" in info["encoding"] and "ml_dtypes" in info["encoding"]
+    raw = np.load(tmp_path / "c" / "layer_03" / "minus.npy", mmap_mode="r")
+    assert raw.dtype == np.uint16
+    np.testing.assert_array_equal(raw.view(ml_dtypes.bfloat16).astype("float32"),
+                                  c.array(3, "minus"))
     c = ActivationCache(extract(hf, data, tmp_path / "b", dtype="bfloat16",
                                 compute_dtype="bfloat16", layers="0-3"))
     assert "(computed in bfloat16 on cpu)" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "b" / "layer_info.json"))["npy_dtype"] == "uint16"
     assert c.meta["model"]["dtype"] == "bfloat16"
     lm = load_model(hf, dist1, "bfloat16")
     tok = load_tokenizer(lm.tokenizer_path)
