@@ -136,6 +136,8 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
     check_args(format, mode, on_long, limit, max_seq_len, tokenizer_path)
     if input is None and format is None:
         input = seed_input(out)
+    elif input is not None and not os.path.isfile(input):
+        raise LlamaError(f"--input {input}: no such file")
     fmt, examples = load(input, format, seed)
     if mode == "statement" and fmt not in ("statements",) + BUILTIN:
         raise LlamaError(f"--mode statement needs statements (a statement,label CSV, cities or "
@@ -262,6 +264,9 @@ def build_validation(out, testing, deployment, n=100, seed=0, max_tokens=None,
 
     rng = random.Random(seed)
     rows, dropped, longest = [], 0, 0
+    for flag, path in (("--testing", testing), ("--deployment", deployment)):
+        if not os.path.isfile(path):
+            raise LlamaError(f"{flag} {path}: no such file")
     for path, t in ((testing, "testing"), (deployment, "deployment")):
         qs = questions(path, t)
         if max_tokens is None:

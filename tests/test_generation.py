@@ -264,7 +264,7 @@ def test_generate_command_refuses_bad_input(tiny, tmp_path):
         (("--prompts", good, "--max_gen_len", 0), ("--max_gen_len",)),
         (("--prompts", good, "--top_p", 1.5), ("--top_p",)),
         (("--prompts", good, "--chat"), ("chat format",)),
-        (("--prompts", str(tmp_path / "missing.txt")), ("missing.txt",)),
+        (("--prompts", str(tmp_path / "missing.txt")), ("--prompts", "missing.txt: no such file")),
     ]
     for argv, words in cases:
         r = run_generate("--model", path, *argv, "--output", tmp_path / "o.jsonl")
