@@ -2,11 +2,14 @@
 (a cache, converted weights), --compute_dtype the model's arithmetic (--dtype and --model_dtype
 kept as its aliases where no on-disk dtype is a flag), --device defaults to auto; a missing
 input file is named with the flag that gave it."""
+import os
 import re
+import runpy
+import subprocess
 
 import pytest
 
-from conftest import one_line_error
+from conftest import ROOT, in_process, one_line_error
 from test_cli import COMMANDS, invoke
 
 
@@ -54,3 +57,21 @@ def test_a_missing_file_names_its_flag(name, argv, flag, tmp_path):
     r = invoke(name, *argv)
     one_line_error(r, f"{flag} {missing}: no such file")
     assert not (tmp_path / "out").exists()
+
+
+def test_subcommand_list_shows_whole_sentences():
+    """`ccs.py -h` lists each subcommand with a description that is not cut mid-sentence."""
+    r = in_process(["ccs.py", "-h"],
+                   lambda: runpy.run_path(os.path.join(ROOT, "ccs.py"), run_name="__main__"))
+    rows = [line.split(None, 1) for line in r.stdout.splitlines() if line.startswith("  ")]
+    assert {name for name, _ in rows} == {"train", "transfer"}
+    assert all(about.rstrip().endswith(".") for _, about in rows), rows
+
+
+def test_seed_outputs_are_ignored(tmp_path):
+    """What seed 0's commands write at the repository root shows as ignored, not untracked."""
+    paths = ["validation_experiment1/probe_stats_layer10.csv", "validation_trad/summary.csv",
+             "probe_results/x.csv", "ea_20260101_120000/normalized_vectors/layer_10.npy"]
+    r = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert sorted(r.stdout.split()) == sorted(paths), r.stdout + r.stderr
