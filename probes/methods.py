@@ -43,6 +43,7 @@ class Method:
     formula: str = "f @ w + b"  # the raw score, for the saved probe's metadata
     default: bool = True  # runs unless --methods says otherwise
     linear: bool = True  # a direction w [c, d'] on the input features (saved in raw space too)
+    layered: bool = True  # False: the same at every layer (no layer is chosen or starred)
 
 
 METHODS: Dict[str, Method] = {}
@@ -128,8 +129,9 @@ register(Method("mean_diff", "diff", fit_mean_diff, linear_score))
 register(Method("crc_tpc", "diff", fit_crc_tpc, linear_score, contrast_only=True, unsigned=True))
 register(Method("random", "diff", fit_random, linear_score))
 register(Method("zero_shot", "logprobs", fit_nothing, score_zero_shot, contrast_only=True,
-                formula="logprob(plus answer) - logprob(minus answer)", linear=False))
-register(Method("majority", "diff", fit_majority, linear_score))
+                formula="logprob(plus answer) - logprob(minus answer)", linear=False,
+                layered=False))
+register(Method("majority", "diff", fit_majority, linear_score, layered=False))
 
 BASELINES = ("random", "majority")  # always run: the floor every row is read against
 
