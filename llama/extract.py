@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import List, Literal, Optional
@@ -699,6 +700,10 @@ def run(cfg: Extraction, lm=None) -> str:
     tok = load_tokenizer(tok_path)
     t1 = time.time()
     prompts = read_prompts(data, tok)
+    if d.is_main and all(v is None for v in prompts.labels):
+        print(f"warning: {data} has no label column (nor type): extracting all the same, but "
+              "ccs.py train and the probes will need labels (label 0/1, or type "
+              "testing/deployment)", file=sys.stderr, flush=True)
     if cfg.zero_shot and len(prompts.sides) == 1:
         raise LlamaError(f"--zero_shot needs contrast pairs (plus_prompt and minus_prompt), "
                          f"{data} has single prompts")

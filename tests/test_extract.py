@@ -560,6 +560,22 @@ def test_read_only_output(hf, data, tmp_path):
         assert r.stdout.split("FILES")[1].split() == []
 
 
+def test_unlabelled_prompts_extract_with_a_warning(hf, tmp_path):
+    """A prompt file without a label column is legitimate for extraction: the cache is written
+    whole, and one warning says what will need labels."""
+    rows = [{k: v for k, v in r.items() if k != "label"} for r in pair_rows(3)]
+    data = write_csv(tmp_path / "nolabel.csv", rows)
+    r = cli(["--model", hf, "--data", data, "--output", tmp_path / "c", "--layers", "1"])
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and "no label column" in warned[0] and "ccs.py train" in warned[0]
+    c = ActivationCache(str(tmp_path / "c"))
+    assert c.num_examples == 3 and c.labels is None
+    labelled = write_csv(tmp_path / "labelled.csv", pair_rows(3))
+    r = cli(["--model", hf, "--data", labelled, "--output", tmp_path / "d", "--layers", "1"])
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+
 def test_zero_shot_needs_pairs(hf, tmp_path):
     data = write_csv(tmp_path / "single.csv", [{"prompt": "hello there", "label": 1}])
     one_line_error(cli(["--model", hf, "--data", data, "--output", tmp_path / "c", "--zero_shot"]),
