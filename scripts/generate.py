@@ -46,8 +46,8 @@ def read_prompts(path: str) -> list:
 
 def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9, seed=0,
          chat=False, system=None, logprobs=False, batch_size=8, tokenizer_path=None,
-         max_seq_len=None, compute_dtype="float32", mp=0, device="auto", steer=None, steer_layers=None,
-         multiplier=1.0, ablate=False, positions="all"):
+         max_seq_len=None, compute_dtype="float32", mp=0, device="auto", steer=None,
+         steer_layers=None, multiplier=1.0, ablate=False, positions="all"):
     """Complete every prompt of --prompts (greedy, or sampled), optionally steered.
 
     model: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
