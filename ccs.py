@@ -73,8 +73,9 @@ def positive_name(cache) -> str:
 def train(cache: str, output: str, layers: str = "all", methods: str = "all",
           test_frac: float = 0.2, val_frac: float = 0.25, folds: int = 0, visualize: bool = False,
           bootstrap: int = 1000, fit: Settings = None):
-    """Train and evaluate every method on every cached layer; write OUTPUT/eval.csv, summary.csv,
-    split.csv, probes/ and plots.
+    """Train and score every method on every cached layer.
+
+    Writes OUTPUT/eval.csv, summary.csv, split.csv, probes/ and plots.
 
     cache: activation cache folder (one vector per example: token last or mean)
     output: run folder
@@ -137,8 +138,10 @@ def same_model(src, other) -> None:
 def transfer(train: str, test: List[str], output: str = "runs/transfer", layers: str = "all",
              methods: str = "all", test_frac: float = 0.2, val_frac: float = 0.25,
              bootstrap: int = 1000, fit: Settings = None):
-    """Train on the training split of cache TRAIN, choose each method's layer on its validation
-    split; score its test split and every row of each --test cache (same model, by fingerprint).
+    """Train on one cache, score on others of the same model.
+
+    Trains on the training split of cache TRAIN and chooses each method's layer on its validation
+    split; scores its test split and every row of each --test cache (same model, by fingerprint).
 
     train: the cache to train on
     test: a cache to score (give --test several times for several)

@@ -3,6 +3,7 @@
   python generate_dataset.py OUT.csv --input FILE [--format boolq|statements|ab|validation]
   python generate_dataset.py OUT.csv --format cities|larger_than [--mode statement]
   python generate_dataset.py build_validation OUT.json --testing FILE --deployment FILE [--n 100]
+      [--max_tokens 512 --tokenizer_path FILE]
 
 Contrast rows end in one answer per side and differ only in it; label 1 means the plus side is
 the true one (for A/B questions: the "positive"/"test" answer). Single-prompt rows (statement mode,
@@ -21,7 +22,8 @@ from tqdm import tqdm
 from llama.cli import command
 from llama.errors import LlamaError
 from llama.prompts import (BUILTIN, FORMATS, ab_keys, draw_ab, is_single, load, make_rows,
-                           need, pick_templates, read_records, resolve_chat, split_choices)
+                           need, pick_templates, read_records, render, resolve_chat,
+                           split_choices)
 from llama.tokenizer import load_tokenizer
 
 def seed_input(out):
@@ -108,6 +110,11 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
          on_long="drop"):
     """Write a prompt CSV to OUT.
 
+    The other command, `generate_dataset.py build_validation OUT.json --testing FILE
+    --deployment FILE [--n 100] [--max_tokens 512 --tokenizer_path FILE]`, writes a
+    testing/deployment validation set ({question, type} JSON) for the cached workflow;
+    `generate_dataset.py build_validation -h` lists its flags.
+
     Args:
       out: the CSV to write (e.g. data/boolq/prompts.csv); written whole or not at all.
       input: the dataset file; not needed for --format cities or larger_than. Without it and
@@ -129,6 +136,8 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
     check_args(format, mode, on_long, limit, max_seq_len, tokenizer_path)
     if input is None and format is None:
         input = seed_input(out)
+    elif input is not None and not os.path.isfile(input):
+        raise LlamaError(f"--input {input}: no such file")
     fmt, examples = load(input, format, seed)
     if mode == "statement" and fmt not in ("statements",) + BUILTIN:
         raise LlamaError(f"--mode statement needs statements (a statement,label CSV, cities or "
@@ -222,7 +231,8 @@ def questions(path, role):
     return list(dict.fromkeys(out))
 
 
-def build_validation(out, testing, deployment, n=100, seed=0):
+def build_validation(out, testing, deployment, n=100, seed=0, max_tokens=None,
+                     tokenizer_path=None, chat="auto", system=None):
     """Write a {question, type} JSON list: n testing and n deployment questions, seeded, shuffled.
 
     Args:
@@ -231,19 +241,59 @@ def build_validation(out, testing, deployment, n=100, seed=0):
       deployment: the same for real requests (e.g. tom_vs_sharegpt.json: its deploy option).
       n: questions of each type.
       seed: for the sample and the order.
+      max_tokens: leave out questions whose prompt is longer, in tokens (BOS included), as
+        extraction will render it: the model's tokenizer and chat template (needs
+        --tokenizer_path).
+      tokenizer_path: the model's tokenizer, to measure --max_tokens with.
+      chat: with --max_tokens: the rendering extraction will use (auto: the tokenizer's own
+        chat template; see the main command's --chat).
+      system: with --max_tokens: a system prompt extraction will use.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise LlamaError(f"--n {n!r} is not a positive integer")
+    if max_tokens is not None and (not isinstance(max_tokens, int)
+                                   or isinstance(max_tokens, bool) or max_tokens < 1):
+        raise LlamaError(f"--max_tokens {max_tokens!r} is not a positive integer")
+    if max_tokens is not None and tokenizer_path is None:
+        raise LlamaError("--max_tokens needs --tokenizer_path (the model's tokenizer counts them)")
+    tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    rendering = resolve_chat(chat, tok)
+
+    def length(q):
+        return len(tok.encode(render(rendering, system, q, tok=tok), bos=True))
+
     rng = random.Random(seed)
-    rows = []
+    rows, dropped, longest = [], 0, 0
+    for flag, path in (("--testing", testing), ("--deployment", deployment)):
+        if not os.path.isfile(path):
+            raise LlamaError(f"{flag} {path}: no such file")
     for path, t in ((testing, "testing"), (deployment, "deployment")):
         qs = questions(path, t)
-        if len(qs) < n:
-            raise LlamaError(f"{path}: {len(qs)} distinct questions, fewer than --n {n}")
-        rows += [{"question": q, "type": t} for q in rng.sample(qs, n)]
+        if max_tokens is None:
+            if len(qs) < n:
+                raise LlamaError(f"{path}: {len(qs)} distinct questions, fewer than --n {n}")
+            rows += [{"question": q, "type": t} for q in rng.sample(qs, n)]
+            continue
+        kept = []
+        for q in rng.sample(qs, len(qs)):  # a seeded order, measured until n fit
+            k = length(q)
+            if k > max_tokens:
+                dropped += 1
+                continue
+            kept.append(q)
+            longest = max(longest, k)
+            if len(kept) == n:
+                break
+        if len(kept) < n:
+            raise LlamaError(f"{path}: {len(kept)} distinct questions of at most --max_tokens "
+                             f"{max_tokens} tokens, fewer than --n {n}")
+        rows += [{"question": q, "type": t} for q in kept]
     rng.shuffle(rows)
     atomic_write(out, lambda f: json.dump(rows, f, indent=1, ensure_ascii=False))
     print(f"wrote {out}: {n} testing + {n} deployment questions")
+    if max_tokens is not None:
+        print(f"left out {dropped} questions over {max_tokens} tokens ({rendering} rendering); "
+              f"longest kept: {longest} tokens")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ Layout of a cache directory:
                              "ids", "labels" (1: the plus side is true / the prompt is a
                              "testing" one; null when unknown), optional "types", timings, and
                              "complete"
-    layer_info.json          {layers, num_examples, hidden_dim, dtype, token, sides}; written last,
-                             so its presence means the cache is complete
+    layer_info.json          {layers, num_examples, hidden_dim, dtype, npy_dtype, encoding, token,
+                             sides}; written last, so its presence means the cache is complete.
+                             npy_dtype is what np.load returns (uint16 for bfloat16), encoding
+                             says what its numbers are and how to open them as float32
     layer_XX/SIDE.npy        one array per side ("plus" and "minus" for contrast pairs, "prompt"
                              for single prompts): [num_examples, hidden_dim] for token "last" or
                              "mean" (the mean state of `mean_state`: settings.mean_keep_first says
@@ -94,6 +96,17 @@ def layer_dir(root: str, layer: int) -> str:
 def storage_dtype(dtype: str):
     """numpy dtype an array of `dtype` is stored as."""
     return np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def encoding(dtype: str) -> dict:
+    """How a layer's .npy holds values of cache dtype `dtype`, for layer_info.json: the numpy
+    dtype np.load returns ("npy_dtype") and what its numbers mean ("encoding")."""
+    if dtype == "bfloat16":
+        return {"npy_dtype": "uint16", "encoding": (
+            "raw bfloat16 bits (numpy has no bfloat16): np.load gives uint16 integers, not "
+            "values; as float32: llama.cache.ActivationCache(cache).array(layer, side), or "
+            "np.load(file, mmap_mode='r').view(ml_dtypes.bfloat16).astype('float32')")}
+    return {"npy_dtype": dtype, "encoding": f"{dtype} values, as np.load returns them"}
 
 
 def bf16_to_float32(a: np.ndarray) -> np.ndarray:
@@ -283,7 +296,7 @@ def save_cache(
     meta.setdefault("ids", list(range(n)))
     write_json(os.path.join(path, "metadata.json"), meta)
     info = {"layers": layers, "num_examples": n, "hidden_dim": int(first.shape[1]), "dtype": dtype,
-            "token": token, "sides": sides}
+            **encoding(dtype), "token": token, "sides": sides}
     write_json(os.path.join(path, "layer_info.json"), info)
 
 

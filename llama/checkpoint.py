@@ -522,12 +522,12 @@ def load_model(path, dist, dtype: str = "float32", max_seq_len: Optional[int] = 
     return Loaded(model, args, tok_path, fingerprint(src, args), kind)
 
 
-def main(path: str, mp: int = 0, dtype: str = "float32", device: str = "auto"):
+def main(path: str, mp: int = 0, compute_dtype: str = "float32", device: str = "auto"):
     """Load a checkpoint and print a one-line summary (layers, dims, fingerprint, tokenizer).
 
     path: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
     mp: model-parallel size (default: the world size)
-    dtype: float32, float16 or bfloat16
+    compute_dtype: of the model's weights and arithmetic: float32, float16 or bfloat16
     device: auto, cpu or cuda
     """
     from .dist import setup, teardown
@@ -536,12 +536,12 @@ def main(path: str, mp: int = 0, dtype: str = "float32", device: str = "auto"):
         check_parallel(open_source(path)[0].args, mp)
     proc = setup(mp, device)
     try:
-        m = load_model(path, proc, dtype)
+        m = load_model(path, proc, compute_dtype)
         a = m.args
         if proc.is_main:
             print(f"{m.source} {path}: {a.n_layers} layers, dim {a.dim}, {a.n_heads} heads "
                   f"({a.kv_heads} kv), vocab {a.vocab_size}, ffn {a.hidden_dim}, mp {proc.mp}, "
-                  f"{dtype}, fingerprint {m.fingerprint}, tokenizer {m.tokenizer_path}")
+                  f"{compute_dtype}, fingerprint {m.fingerprint}, tokenizer {m.tokenizer_path}")
     finally:
         teardown()
 

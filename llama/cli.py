@@ -30,6 +30,7 @@ ALIASES = {  # seed spelling -> the name every command uses
     "save_activations_path": "output",
     "tokenizer": "tokenizer_path",
     "model_dtype": "compute_dtype",
+    "dtype": "compute_dtype",  # only where --dtype (the on-disk dtype) is not a flag itself
 }
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

@@ -53,7 +53,7 @@ def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = Fal
     src: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
     dst: the folder to write (consolidated.NN.pth, params.json, tokenizer files, convert.json)
     mp: model-parallel shards to write
-    dtype: float32, float16 or bfloat16
+    dtype: of the weights written to disk: float32, float16 or bfloat16
     overwrite: replace a different conversion already in DST
     """
     if dtype not in DTYPES:

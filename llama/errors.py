@@ -10,18 +10,19 @@ class LlamaError(Exception):
 
 def fail(msg: str, code: int = 2):
     """Print `error: msg` once (rank 0 of a torchrun world) and exit with `code`. Under torchrun
-    the line also goes into the worker's error file, so the launcher's failure report ends with
-    it instead of a pointer to its documentation."""
+    every rank also writes the line into its own error file: the launcher reports whichever
+    rank's failure it saw first (a race), so its report ends with our line, whichever rank that
+    was, instead of a pointer to its documentation."""
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {msg}", file=sys.stderr, flush=True)
-        path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-        if path:
-            info = {"py_callstack": f"error: {msg}", "timestamp": str(int(time.time()))}
-            try:
-                with open(path, "w") as f:
-                    json.dump({"message": {"message": f"error: {msg}", "extraInfo": info}}, f)
-            except OSError:
-                pass  # the line above is what matters
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        info = {"py_callstack": f"error: {msg}", "timestamp": str(int(time.time()))}
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": {"message": f"error: {msg}", "extraInfo": info}}, f)
+        except OSError:
+            pass  # the line on stderr is what matters
     raise SystemExit(code)
 
 

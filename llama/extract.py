@@ -14,6 +14,7 @@ import hashlib
 import os
 import platform
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Literal, Optional
@@ -168,8 +169,9 @@ class Job:
 
 
 def on_main(proc, fn):
-    """Run fn on global rank 0 and hand its result to every rank. An error there stops every rank;
-    only rank 0 reports it, so the user reads one line."""
+    """Run fn on global rank 0 and hand its result to every rank. An error there stops every rank
+    with the same message; only rank 0 prints it (llama.errors.fail), so the user reads one line,
+    and every rank's torchrun error file holds it."""
     result, err = None, None
     if proc.rank == 0:
         try:
@@ -177,10 +179,10 @@ def on_main(proc, fn):
         except (LlamaError, OSError) as e:
             err = e
     if proc.world > 1:
-        box = [result, err is not None]
+        box = [result, err]  # LlamaError and OSError pickle with their message and file
         tdist.broadcast_object_list(box)
-        if box[1] and proc.rank != 0:
-            raise SystemExit(2)
+        if box[1] is not None and proc.rank != 0:
+            raise box[1]
         result = box[0]
     if err is not None:
         raise err
@@ -328,6 +330,10 @@ def run(cfg: Extraction, lm=None) -> str:
     tok = load_tokenizer(tok_path)
     t1 = time.time()
     prompts = read_prompts(data, tok)
+    if d.is_main and all(v is None for v in prompts.labels):
+        print(f"warning: {data} has no label column (nor type): extracting all the same, but "
+              "ccs.py train and the probes will need labels (label 0/1, or type "
+              "testing/deployment)", file=sys.stderr, flush=True)
     if cfg.zero_shot and len(prompts.sides) == 1:
         raise LlamaError(f"--zero_shot needs contrast pairs (plus_prompt and minus_prompt), "
                          f"{data} has single prompts")
@@ -343,7 +349,8 @@ def run(cfg: Extraction, lm=None) -> str:
     meta = describe(lm, tok, tok_path, prompts, job, proc, settings)
     meta["stamps"] = stamps
     info = {"layers": layers, "num_examples": len(prompts.ids), "hidden_dim": lm.args.dim,
-            "dtype": cfg.dtype, "token": cfg.token, "sides": job.sides}
+            "dtype": cfg.dtype, **cache_files.encoding(cfg.dtype), "token": cfg.token,
+            "sides": job.sides}
     t2 = time.time()
     locks = []  # rank 0's lock on the folder, released (and its file removed) when this run ends
     try:

@@ -48,6 +48,24 @@ class Sampling:
             raise LlamaError(f"--top_p {self.top_p!r} is not in (0, 1]")
 
 
+def check_context(model_path, max_gen_len, max_seq_len: Optional[int] = None) -> int:
+    """Before any weight loads: refuse a --max_gen_len that does not fit the model's context
+    (max_seq_len from the checkpoint's header: params.json, config.json or GGUF metadata; or
+    --max_seq_len when given). Every command that generates calls it before loading the model.
+    Returns the context length in tokens."""
+    from .checkpoint import read_args
+
+    Sampling(max_gen_len=max_gen_len).check()
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
+        raise LlamaError(f"--max_seq_len {max_seq_len!r} is not an integer above 1")
+    context = max_seq_len or read_args(model_path).max_seq_len
+    if max_gen_len >= context:
+        where = "--max_seq_len" if max_seq_len else f"{model_path}'s header"
+        raise LlamaError(f"--max_gen_len {max_gen_len} does not fit the model's context of "
+                         f"{context} tokens ({where}): give at most {context - 1}")
+    return context
+
+
 @dataclass
 class Completion:
     prompt: str
@@ -230,6 +248,7 @@ def builtin_demo(ckpt_dir, tokenizer_path=None, temperature: float = 0.8, top_p:
     (rank 0), as Meta's example.py did."""
     from .dist import setup
 
+    check_context(ckpt_dir, max_gen_len, max_seq_len)
     proc = setup(mp, device)
     gen = Generator.build(ckpt_dir, proc, dtype, max_seq_len, tokenizer_path)
     cfg = Sampling(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, seed=seed)

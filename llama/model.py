@@ -77,20 +77,40 @@ class ModelArgs:
         return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
 
 
+def _mp_problem(args: ModelArgs, mp: int) -> str:
+    """Why model-parallel size mp cannot split this model ("" when it can)."""
+    if args.n_heads % mp:
+        return f"does not divide n_heads={args.n_heads}"
+    if args.vocab_size > 0 and args.vocab_size % mp:
+        return f"does not divide vocab_size={args.vocab_size}"
+    kv = args.kv_heads
+    if kv % mp and mp % kv:
+        return f"neither divides n_kv_heads={kv} nor is a multiple of it"
+    return ""
+
+
+def allowed_mp(args: ModelArgs) -> list:
+    """Every model-parallel size this model splits to: divisors of n_heads that divide the
+    vocabulary (the output layer's rows) and divide, or are multiples of, n_kv_heads."""
+    return [mp for mp in range(1, args.n_heads + 1) if not _mp_problem(args, mp)]
+
+
 def check_parallel(args: ModelArgs, mp: int) -> int:
     """Number of kv heads the model holds at model-parallel size mp (replicated when mp > kv
-    heads)."""
-    if args.n_heads % mp:
-        raise LlamaError(f"model-parallel size {mp} does not divide n_heads={args.n_heads}")
-    if args.vocab_size > 0 and args.vocab_size % mp:
-        raise LlamaError(f"model-parallel size {mp} does not divide vocab_size={args.vocab_size}")
+    heads). Raises LlamaError naming the sizes the model allows, and that more processes at one
+    of them run data parallel."""
+    why = _mp_problem(args, mp)
+    if why:
+        sizes = allowed_mp(args)
+        listed = " or ".join(map(str, sizes)) if len(sizes) < 3 else \
+            ", ".join(map(str, sizes[:-1])) + f" or {sizes[-1]}"
+        fit = max(size for size in sizes if mp % size == 0)
+        raise LlamaError(
+            f"model-parallel size {mp} {why}: this model splits only to --mp {listed}; to run "
+            f"{mp} processes, pass --mp {fit} (processes beyond one model-parallel group run "
+            f"data parallel, each group taking a share of the prompts)")
     kv = args.kv_heads
-    if kv % mp == 0:
-        return kv
-    if mp % kv == 0:
-        return mp
-    raise LlamaError(f"model-parallel size {mp} neither divides n_kv_heads={kv} "
-                     "nor is a multiple of it")
+    return kv if kv % mp == 0 else mp
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:

@@ -242,7 +242,12 @@ class TiktokenTokenizer(Tokenizer):
                         chat_format="llama3")
         special = info["special_tokens"]
         if len(set(ranks.values()) | set(special.values())) != len(ranks) + len(special):
-            raise LlamaError(f"{path}: two tokens share a rank (with {side} if present)")
+            if not os.path.exists(side):  # read as Llama 3's: its special tokens collide
+                raise LlamaError(
+                    f"{path}: not a Llama 3 tokenizer on its own: it needs its companion "
+                    f"{SIDE_FILE} beside it ({side} is missing; llama.convert writes the two "
+                    "together: copy both)")
+            raise LlamaError(f"{path}: two tokens share a rank (with {side})")
         self._set_special(special)
         self.enc = tiktoken.Encoding(path, pat_str=info["pattern"], mergeable_ranks=ranks,
                                      special_tokens=special)

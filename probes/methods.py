@@ -89,6 +89,7 @@ class Method:
     # -> {w_raw, b_raw, direction} in raw activation space (None: no linear direction to save)
     raw_space: Optional[Callable] = linear_raw_space
     raw_doc: str = LINEAR_RAW  # what w_raw and b_raw mean, for the saved probe's metadata
+    layered: bool = True  # False: the same at every layer (no layer is chosen or starred)
 
     @property
     def reads_logprobs(self) -> bool:
@@ -195,8 +196,9 @@ register(Method("crc_tpc", "diff", fit_crc_tpc, linear_score, contrast_only=True
 register(Method("random", "diff", fit_random, linear_score, baseline=True, colour="gray"))
 register(Method("zero_shot", "logprobs", fit_nothing, score_zero_shot, contrast_only=True,
                 formula="logprob(plus answer) - logprob(minus answer)", fixed=True,
-                raw_space=None))
-register(Method("majority", "diff", fit_majority, linear_score, baseline=True, colour="black"))
+                raw_space=None, layered=False))
+register(Method("majority", "diff", fit_majority, linear_score, baseline=True, colour="black",
+                layered=False))
 
 
 def baselines() -> List[str]:

@@ -64,7 +64,7 @@ def tables(fitted: List[Fitted], parts: List[Part], y: np.ndarray, layers: List[
             row.update(val_n=sum(len(p.val) for p in parts),
                        val_accuracy=float(np.mean([v[r]["accuracy"][i] for v in vals])),
                        val_auroc=float(np.mean([v[r]["auroc"][i] for v in vals])),
-                       chosen=chosen.count(i),
+                       chosen=chosen.count(i) if METHODS[m].layered else 0,
                        train_loss=float(loss[i]) if loss is not None else float("nan"),
                        orientation=orientation(r))
             rows.append(row)
@@ -98,6 +98,9 @@ def print_table(df: pd.DataFrame, summary: pd.DataFrame, positive: str) -> None:
     if unsigned:
         print(f"{', '.join(unsigned)}: unsigned, max(acc, 1-acc) (AUROC oriented the same way); "
               "*_signed: sign fixed on training labels")
+    flat = [m for m in methods if not base(m).layered]
+    if flat:
+        print(f"{', '.join(flat)}: no layer (the same at every layer, never starred)")
     print("layer" + "".join(f"{m:>{w[m]}}" for m in methods))
     for layer, r in acc.iterrows():
         star = {m: "*" if chosen.loc[layer, m] else " " for m in methods}
@@ -108,7 +111,8 @@ def print_table(df: pd.DataFrame, summary: pd.DataFrame, positive: str) -> None:
         def ci(k):
             return f"{r[k]:.3f} [{r.get(k + '_lo', np.nan):.3f}, {r.get(k + '_hi', np.nan):.3f}]"
 
-        print(f"{r.method:<16}{r.layer:>8}  {r.val_accuracy:>7.3f}  {ci('accuracy'):<24}"
+        layer = r.layer if base(r.method).layered else "-"  # the same at every layer
+        print(f"{r.method:<16}{layer:>8}  {r.val_accuracy:>7.3f}  {ci('accuracy'):<24}"
               f"{ci('auroc'):<24}")
 
 

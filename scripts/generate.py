@@ -46,8 +46,8 @@ def read_prompts(path: str) -> list:
 
 def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9, seed=0,
          chat=False, system=None, logprobs=False, batch_size=8, tokenizer_path=None,
-         max_seq_len=None, dtype="float32", mp=0, device="auto", steer=None, steer_layers=None,
-         multiplier=1.0, ablate=False, positions="all"):
+         max_seq_len=None, compute_dtype="float32", mp=0, device="auto", steer=None,
+         steer_layers=None, multiplier=1.0, ablate=False, positions="all"):
     """Complete every prompt of --prompts (greedy, or sampled), optionally steered.
 
     model: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
@@ -63,7 +63,7 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     batch_size: prompts generated at once
     tokenizer_path: the tokenizer file, when the model's own is not found beside it
     max_seq_len: longest sequence the model is built for (default: the model's)
-    dtype: float32, float16 or bfloat16
+    compute_dtype: of the model's weights and arithmetic: float32, float16 or bfloat16
     mp: model-parallel size (default: the world size)
     device: auto, cpu or cuda
     steer: steering vectors: a vectors folder, a .npy/.safetensors vector or a saved linear probe
@@ -73,14 +73,17 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     positions: all (every position) or generated (the generated tokens only)
     """
     from llama.dist import setup, teardown
-    from llama.generation import Generator, Sampling
+    from llama.generation import Generator, Sampling, check_context
     from llama.model import Steer
     from llama.steering import load_vectors
 
+    if not os.path.isfile(prompts):
+        raise LlamaError(f"--prompts {prompts}: no such file")
     texts = read_prompts(prompts)
     cfg = Sampling(max_gen_len=max_gen_len, temperature=float(temperature), top_p=float(top_p),
                    seed=int(seed), logprobs=bool(logprobs))
     cfg.check()
+    check_context(model, max_gen_len, max_seq_len)  # before the weights load
     if not isinstance(batch_size, int) or batch_size < 1:
         raise LlamaError(f"--batch_size {batch_size!r} is not a positive integer")
     if (steer is None) != (steer_layers is None):
@@ -90,10 +93,7 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     own_group = not tdist.is_initialized()  # a caller's process group is left alone
     proc = setup(mp, device)
     try:
-        gen = Generator.build(model, proc, dtype, max_seq_len, tokenizer_path)
-        if cfg.max_gen_len >= gen.max_seq_len:
-            raise LlamaError(f"--max_gen_len {cfg.max_gen_len} is past the model's max_seq_len "
-                             f"{gen.max_seq_len}")
+        gen = Generator.build(model, proc, compute_dtype, max_seq_len, tokenizer_path)
         spec = None
         if steer is not None:
             a = gen.model.params

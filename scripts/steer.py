@@ -175,7 +175,7 @@ def parse_answer(completion: str):
 
 def main(model, data, vectors, layers, output, multipliers=None, positions="all", ablate=False,
          samples=0, max_gen_len=16, limit=None, visualize=False, n_boot=1000, seed=0, chat="auto",
-         tokenizer_path=None, dtype="float32", device="cpu", overwrite=False):
+         tokenizer_path=None, compute_dtype="float32", device="auto", overwrite=False):
     """Steering sweep on an A/B test set (the module docstring says how it is scored).
 
     model: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
@@ -194,7 +194,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     seed: for the bootstrap
     chat: auto (the model's chat template), or a chat format name
     tokenizer_path: the tokenizer file, when the model's own is not found beside it
-    dtype: float32, float16 or bfloat16
+    compute_dtype: of the model's weights and arithmetic: float32, float16 or bfloat16
     device: auto, cpu or cuda
     overwrite: replace an existing steering.csv in --output
     """
@@ -204,7 +204,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     from llama.cache import parse_layers
     from llama.checkpoint import read_args
     from llama.dist import setup, teardown
-    from llama.generation import Generator, Sampling
+    from llama.generation import Generator, Sampling, check_context
     from llama.steering import load_vectors
 
     if positions not in ("all", "generated"):
@@ -215,14 +215,17 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
         raise LlamaError(f"--limit {limit!r} is not a positive integer")
     if not isinstance(samples, int) or samples < 0:
         raise LlamaError(f"--samples {samples!r} is not a non-negative integer")
+    if not os.path.isfile(data):
+        raise LlamaError(f"--data {data}: no such file")
     items = read_items(data, limit)
+    check_context(model, max_gen_len)  # before the weights load
     if os.path.exists(os.path.join(output, "steering.csv")) and not overwrite:
         raise LlamaError(f"{output} already holds a steering sweep (--overwrite to replace it)")
     layers = parse_layers(layers, read_args(model).n_layers)  # the header only: no weights yet
     own_group = not tdist.is_initialized()
     proc = setup(1, device)
     try:
-        gen = Generator.build(model, proc, dtype, tokenizer_path=tokenizer_path)
+        gen = Generator.build(model, proc, compute_dtype, tokenizer_path=tokenizer_path)
         a = gen.model.params
         vecs = load_vectors(vectors, layers, a.dim, a.n_layers, gen.fingerprint)
         sweep = Sweep(gen, vecs, layers, mults, positions, bool(ablate), chat)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -89,6 +90,15 @@ def test_train_recovers_the_planted_truth(contrast):
     # chosen on validation
     assert (summary.loc[["ccs", "lr", "mean_diff"], "layer"].astype(str) == "3").all()
     assert (df[df.chosen == 1].groupby("method").size() == 1).all()
+    # zero_shot and majority have no layer: never chosen, never starred in the printed table
+    assert (df[df.method.isin(["zero_shot", "majority"])].chosen == 0).all()
+    lines = stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("layer "))
+    cols = lines[head].split()[1:]
+    for ln in lines[head + 1: head + 3]:  # layers 3 and 5
+        cells = dict(zip(cols, re.findall(r"\d\.\d{3}[* ]", ln + " ")))
+        assert not cells["zero_shot"].endswith("*") and not cells["majority"].endswith("*"), ln
+    assert "zero_shot, majority: no layer" in stdout
     split = pd.read_csv(out / "split.csv")
     assert len(split) == 400 and split.split.value_counts().to_dict() == {
         "train": 240, "val": 80, "test": 80}

@@ -169,7 +169,10 @@ def test_bad_checkpoint_is_one_line(tiny, tmp_path, case):
 
 def test_bad_mp_is_one_line(tiny):
     code, err = run_cli(tiny["gqa"][1], "--mp", "3")
-    assert code != 0 and err == ["error: model-parallel size 3 does not divide n_heads=4"], err
+    assert code != 0 and err == [
+        "error: model-parallel size 3 does not divide n_heads=4: this model splits only to "
+        "--mp 1, 2 or 4; to run 3 processes, pass --mp 1 (processes beyond one model-parallel "
+        "group run data parallel, each group taking a share of the prompts)"], err
 
 
 def test_bad_hf_checkpoint(dist1, tmp_path):

@@ -101,7 +101,7 @@ def test_idempotent_and_overwrite(tmp_path, capsys):
         one_error_line(proc, *words)
     assert os.stat(shard).st_mtime_ns == first and (stuff / "notes.txt").read_text() == "mine"
     assert not os.path.exists(tmp_path / "x")
-    with pytest.raises(LlamaError, match="does not divide n_heads"):
+    with pytest.raises(LlamaError, match="does not divide n_heads.* pass --mp 1 .*data parallel"):
         convert(a, tmp_path / "x", mp=3)
     convert(b, dst, overwrite=True)
     with open(dst / "convert.json") as f:

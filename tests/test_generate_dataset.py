@@ -209,6 +209,33 @@ def test_build_validation_and_single_prompts(tmp_path):
                for r in rows)
 
 
+def test_build_validation_is_in_help_and_caps_tokens(tmp_path, smol):
+    """`generate_dataset.py -h` names build_validation; --max_tokens leaves out questions whose
+    prompt, as extraction renders it (SmolLM2's chat template, default system turn, BOS rule),
+    is longer, and still writes n of each type."""
+    h = cli("-h")
+    assert h.returncode == 0 and "build_validation" in h.stdout and "--max_tokens" in h.stdout
+    out = tmp_path / "v.json"
+    p = cli("build_validation", out, "--testing", os.path.join(SHARED, "gsm8k", "test.jsonl"),
+            "--deployment", os.path.join(EVAL, "tom_vs_sharegpt.json"), "--n", 30,
+            "--max_tokens", 120, "--tokenizer_path", smol)
+    assert p.returncode == 0, p.stderr
+    val = json.load(open(out))
+    assert Counter(v["type"] for v in val) == {"testing": 30, "deployment": 30}
+    tok = load_tokenizer(smol)
+    rendered = [len(tok.encode(tok.render_chat(v["question"]), bos=True)) for v in val]
+    plain = [len(tok.encode(v["question"], bos=True)) for v in val]
+    assert max(rendered) <= 120 and max(rendered) > max(plain)  # the template counted
+    m = re.search(r"left out (\d+) questions over 120 tokens .*longest kept: (\d+) tokens",
+                  p.stdout)
+    assert m and int(m.group(1)) > 0 and int(m.group(2)) == max(rendered), p.stdout
+    bad = cli("build_validation", tmp_path / "w.json", "--testing", out, "--deployment", out,
+              "--n", 1, "--max_tokens", 100)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: --max_tokens needs --tokenizer_path (the model's tokenizer counts them)")
+    assert not (tmp_path / "w.json").exists()
+
+
 def test_builtin_sets(tmp_path):
     rows = gen(tmp_path, format="cities")
     assert (Counter(r["label"] for r in rows) == {"1": len(rows) // 2, "0": len(rows) // 2}

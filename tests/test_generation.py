@@ -260,16 +260,47 @@ def test_generate_command_refuses_bad_input(tiny, tmp_path):
     cases = [
         (("--prompts", write(tmp_path / "empty.txt", "\n\n")), ("no prompts",)),
         (("--prompts", write(tmp_path / "bad.json", '["a", 3]')), ("list of strings",)),
-        (("--prompts", good, "--max_gen_len", 5000), ("max_seq_len",)),
+        (("--prompts", good, "--max_gen_len", 5000), ("--max_gen_len 5000", "4096 tokens")),
         (("--prompts", good, "--max_gen_len", 0), ("--max_gen_len",)),
         (("--prompts", good, "--top_p", 1.5), ("--top_p",)),
         (("--prompts", good, "--chat"), ("chat format",)),
-        (("--prompts", str(tmp_path / "missing.txt")), ("missing.txt",)),
+        (("--prompts", str(tmp_path / "missing.txt")), ("--prompts", "missing.txt: no such file")),
     ]
     for argv, words in cases:
         r = run_generate("--model", path, *argv, "--output", tmp_path / "o.jsonl")
         one_line_error(r, *words)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generation_length_checked_before_the_weights_load(tiny, tmp_path):
+    """A --max_gen_len past the context in the model's header (config.json: 4096) is refused
+    before any weight is read, in every command that generates: the weights file here is
+    garbage, so a check made after the load would report the weights instead."""
+    import shutil
+
+    from test_steer import run_script, vectors_folder
+
+    src = tiny["tied"][0]
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    for name in os.listdir(broken):
+        if name.endswith(".safetensors"):
+            (broken / name).write_bytes(b"not weights")
+    words = ("--max_gen_len 5000", "4096 tokens")
+    one_line_error(run_generate("--model", broken, "--prompts", write(tmp_path / "p.txt", "hi\n"),
+                                "--max_gen_len", 5000), *words)
+    items = write(tmp_path / "ab.json", json.dumps(
+        [{"question": "q (A) x (B) y", "positive": "(A)", "negative": "(B)"}]))
+    vectors_folder(tmp_path / "v", [1], 64)
+    one_line_error(run_script("steer.py", "--model", broken, "--data", items, "--vectors",
+                              tmp_path / "v", "--layers", 1, "--output", tmp_path / "s",
+                              "--samples", 1, "--max_gen_len", 5000), *words)
+    cmd = [sys.executable, os.path.join(ROOT, "example.py"), "--ckpt_dir", broken,
+           "--max_gen_len", "5000", "--device", "cpu"]  # the built-in prompts
+    one_line_error(subprocess.run(list(map(str, cmd)), capture_output=True, text=True,
+                                  timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")),
+                   *words)
+    assert not (tmp_path / "s").exists()
 
 
 def test_torchrun_mp2_generates_what_mp1_does(tiny, tmp_path):

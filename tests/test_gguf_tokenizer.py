@@ -122,6 +122,22 @@ def test_smollm2_special_file_and_chat(smol):
     assert max(ids) < tok.n_words
 
 
+def test_tokenizer_model_without_its_companion_says_so(smol, tmp_path):
+    """Meta's layout copied by hand: tokenizer.model alone, without tokenizer_special.json (it
+    would be read as Llama 3's and its special tokens collide): the error names the missing
+    companion file, not a rank clash."""
+    import shutil
+
+    _, out, _ = smol
+    shutil.copy(os.path.join(out, "tokenizer.model"), tmp_path / "tokenizer.model")
+    with pytest.raises(LlamaError) as e:
+        load_tokenizer(str(tmp_path / "tokenizer.model"))
+    assert "needs its companion tokenizer_special.json beside it" in str(e.value)
+    assert str(tmp_path / "tokenizer_special.json") + " is missing" in str(e.value)
+    shutil.copy(os.path.join(out, "tokenizer_special.json"), tmp_path)
+    assert load_tokenizer(str(tmp_path / "tokenizer.model")).n_words == 49152
+
+
 def tiny_gguf(path, model="gpt2", pre="gpt-2", merges=("h e", "Ġ t", "Ġt he"),
               extra=("he", "Ġt", "Ġthe"), types=0, bos=None, add_bos=None):
     """<|endoftext|>, GPT-2's 256 byte symbols, `extra`; `types` adds that many token types too

@@ -6,7 +6,7 @@ from tiny import CONFIGS, make_hf, tokens
 
 from llama.checkpoint import load_model
 from llama.errors import LlamaError
-from llama.model import ModelArgs, check_parallel, rope_frequencies
+from llama.model import ModelArgs, allowed_mp, check_parallel, rope_frequencies
 
 
 @pytest.fixture(scope="module")
@@ -93,5 +93,14 @@ def test_parallel_checks(dist1):
         check_parallel(ModelArgs(dim=96, n_layers=1, n_heads=12, n_kv_heads=4, vocab_size=96), 6)
     with pytest.raises(LlamaError, match="does not divide vocab_size=321"):
         check_parallel(ModelArgs(dim=64, n_layers=1, n_heads=8, vocab_size=321), 2)
+    # SmolLM2's shape (9 heads, 3 kv heads, vocab 49152): 9 would fit the heads, not the
+    # output layer's rows; the error lists what fits and how to use more processes
+    smol = ModelArgs(dim=576, n_layers=1, n_heads=9, n_kv_heads=3, vocab_size=49152)
+    assert allowed_mp(smol) == [1, 3] and allowed_mp(args) == [1, 2, 4, 8]
+    for mp, fit in [(2, 1), (9, 3), (6, 3)]:
+        with pytest.raises(LlamaError) as e:
+            check_parallel(smol, mp)
+        assert f"splits only to --mp 1 or 3; to run {mp} processes, pass --mp {fit} " \
+            in str(e.value) and "data parallel" in str(e.value), str(e.value)
     with pytest.raises(LlamaError, match="unknown model parameter 'moe'"):
         ModelArgs.from_dict({"dim": 64, "moe": True})
