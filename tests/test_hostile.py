@@ -1,0 +1,228 @@
+"""Bad numbers and hostile text (issue 16): non-finite logits, sampling edge cases, the end ids a
+model declares and --stop strings."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, in_process
+from tiny import hf_model, make_hf
+
+from llama.checkpoint import declared_end_ids, load_model
+from llama.generation import Generator, Sampling, sample_top_p, tempered_probs
+from llama.model import Steer
+from llama.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, dist1):
+    """(hf dir, Generator) of a tiny gqa model."""
+    path = make_hf(tmp_path_factory.mktemp("hostile") / "gqa", "gqa")
+    return path, Generator.build(path, dist1)
+
+
+def run_generate(*argv):
+    import runpy
+
+    def main():
+        runpy.run_path(os.path.join(ROOT, "scripts", "generate.py"), run_name="__main__")
+
+    return in_process(["generate.py", *argv], main)
+
+
+def prompts():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 259, (n,), generator=g).tolist() for n in (5, 9, 3)]
+
+
+# ---------------------------------------------------------------- 1. non-finite logits
+
+def test_non_finite_logits_stop_that_row_only(tiny, capsys):
+    """An infinite steering multiplier on row 1 only poisons its residual stream: that row stops
+    at step 1 with the finish reason and no token; rows 0 and 2 (multiplier 0) are untouched."""
+    _, gen = tiny
+    batch = prompts()
+    free = gen.generate(batch, Sampling(max_gen_len=5))
+    vec = torch.zeros(gen.model.params.dim)
+    vec[0] = 1.0
+    steer = Steer({2: vec}, torch.tensor([0.0, float("inf"), 0.0]), False, "all")
+    for temperature in (0.0, 0.7):  # sampling crashed on NaN probabilities before
+        cfg = Sampling(max_gen_len=5, temperature=temperature)
+        rows = gen.generate(batch, cfg, steer)
+        assert rows[1] == ([], None, "error: non-finite logits at step 1")
+        if temperature == 0:
+            assert rows[0] == free[0] and rows[2] == free[2]
+        else:
+            assert all(r[2] in ("stop", "length") and r[0] for r in (rows[0], rows[2]))
+    warned = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(warned) == 2 and all("prompt 1" in x and "step 1" in x for x in warned)
+
+
+def test_non_finite_logits_later_step_named(tiny, monkeypatch):
+    """Logits that turn NaN at the third step: two tokens kept, then the error finish."""
+    _, gen = tiny
+    batch = prompts()[:2]
+    free = gen.generate(batch, Sampling(max_gen_len=5))
+    real, calls = gen.model.logits_of, []
+
+    def poisoned(h):
+        out = real(h)
+        calls.append(1)
+        if len(calls) == 3:  # the logits of step 3 (prefill: step 1)
+            out = out.clone()
+            out[0, 7] = float("nan")
+        return out
+
+    monkeypatch.setattr(gen.model, "logits_of", poisoned)
+    rows = gen.generate(batch, Sampling(max_gen_len=5))
+    assert rows[0] == (free[0][0][:2], None, "error: non-finite logits at step 3")
+    assert rows[1] == free[1]
+
+
+def test_generate_command_float16_huge_multiplier(tiny, tmp_path):
+    """The issue's command: exit 0, every row's finish names the error, no token, a warning line
+    per prompt, no traceback (greedy and sampled)."""
+    path, gen = tiny
+    vec = np.zeros(gen.model.params.dim, np.float32)
+    vec[0] = 1.0
+    np.save(tmp_path / "unit.npy", vec)
+    (tmp_path / "p.json").write_text(json.dumps(["Hello there", "The cat"]))
+    for temperature in ("0", "0.7"):
+        out = tmp_path / f"out{temperature}.jsonl"
+        r = run_generate("--model", path, "--prompts", tmp_path / "p.json", "--max_gen_len", 6,
+                         "--dtype", "float16", "--steer", tmp_path / "unit.npy",
+                         "--steer_layers", 2, "--multiplier", 70000, "--temperature",
+                         temperature, "--output", out)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert all(x["finish"].startswith("error: non-finite logits at step ") for x in rows)
+        assert all(x["tokens"] == [] for x in rows)
+        warned = [x for x in r.stderr.splitlines() if x.startswith("warning: ")]
+        assert len(warned) == 2 and "'Hello there'" in warned[0] and "'The cat'" in warned[1]
+
+
+# ---------------------------------------------------------------- 3. sampling edge cases
+
+def test_top_p_exact_tie_keeps_the_smallest_set():
+    """[0.5, 0.25, 0.25], top_p 0.75: 0.5 + 0.25 reach 0.75 exactly, so the third token is never
+    drawn (it was 25% of the time); of the two tokens of equal probability the lower id is kept."""
+    probs = torch.tensor([[0.5, 0.25, 0.25]]).repeat(4000, 1)
+    drawn = sample_top_p(probs, 0.75, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {0, 1}
+    probs = torch.tensor([[0.25, 0.5, 0.25]]).repeat(4000, 1)
+    drawn = sample_top_p(probs, 0.75, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {0, 1}  # tokens 0 and 2 tie: the lower id stays
+    probs = torch.tensor([[0.4, 0.3, 0.3]]).repeat(4000, 1)
+    drawn = sample_top_p(probs, 0.4, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {0}  # the first token alone reaches 0.4
+
+
+def test_top_p_one_truncates_nothing():
+    """A long-tailed 49,152-token distribution: with top_p 1 every token can be drawn; the tail
+    tokens (1e-6 of the mass together) are drawn at their rate when their mass is made visible."""
+    vocab = 49152
+    probs = torch.full((1, vocab), 1e-6 / (vocab - 2))
+    probs[0, 0], probs[0, 1] = 0.5, 0.5 - 1e-6
+    gen = torch.Generator().manual_seed(0)
+    # boost the tail so its draws are countable: 10% of the mass on 49,150 tokens
+    probs2 = probs.clone()
+    probs2[0, 2:] = 0.1 / (vocab - 2)
+    probs2[0, :2] = 0.45
+    drawn = sample_top_p(probs2.repeat(20000, 1), 1.0, gen)
+    tail = (drawn >= 2).float().mean().item()
+    assert 0.09 < tail < 0.11  # binomial sd 0.002 around 0.10
+    # with the old rule top_p = 1 cut the tail tokens whose preceding mass rounded past 1
+    sorted_p = probs[0].sort(descending=True).values.double()
+    assert (sorted_p.cumsum(0) - sorted_p < 1.0).all()  # nothing may be masked at top_p 1
+
+
+def test_any_temperature_is_safe(tiny):
+    """1e-40 (a float32 denormal) and 1e-300 behave as greedy; 0 is greedy; none raises."""
+    _, gen = tiny
+    batch = prompts()
+    greedy = gen.generate(batch, Sampling(max_gen_len=4))
+    for t in (1e-40, 1e-300, 1e-38):
+        assert gen.generate(batch, Sampling(max_gen_len=4, temperature=t)) == greedy
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0]])
+    assert torch.equal(tempered_probs(logits, 1e-40), torch.tensor([[0.0, 0.5, 0.5, 0.0]]))
+
+
+# ---------------------------------------------------------------- 4. declared end ids, --stop
+
+def test_generation_config_end_id_stops_as_transformers(tiny, tmp_path, dist1):
+    """A third end id listed in generation_config.json (an id the model greedily emits third):
+    ours stops there, as transformers does."""
+    src, _ = tiny
+    path = make_hf(tmp_path / "m", "gqa")
+    prompt = prompts()[0]
+    free = Generator.build(path, dist1).generate([prompt], Sampling(max_gen_len=8))[0][0]
+    k = next(k for k in range(1, len(free)) if free[k] not in free[:k])
+    third = free[k]  # the first token after the first that was not emitted before it
+    with open(os.path.join(path, "generation_config.json")) as f:
+        gcfg = json.load(f)
+    gcfg["eos_token_id"] = [2, 1, third]
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gcfg, f)
+    assert declared_end_ids(path) == [2, 1, third]
+    ours = Generator.build(path, dist1).generate([prompt], Sampling(max_gen_len=8))[0]
+    assert ours == (free[:k], None, "stop")
+    hf = hf_model(path)
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                      dtype=torch.long), do_sample=False, max_new_tokens=8)
+    assert out[0, len(prompt):].tolist() == free[:k] + [third]  # transformers keeps the end id
+
+
+def test_config_json_end_id_int(tmp_path, dist1):
+    path = make_hf(tmp_path / "m", "mha")
+    os.remove(os.path.join(path, "generation_config.json"))
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["eos_token_id"] = 77
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    assert declared_end_ids(path) == [77]
+    assert 77 in Generator.build(path, dist1).stop
+    cfg["eos_token_id"] = "x"
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    from llama.errors import LlamaError
+
+    with pytest.raises(LlamaError, match="eos_token_id"):
+        declared_end_ids(path)
+
+
+def test_gguf_eos_eot_eom_ids(tmp_path):
+    import gguf
+
+    file = str(tmp_path / "ids.gguf")
+    w = gguf.GGUFWriter(file, "llama")
+    w.add_eos_token_id(2)
+    w.add_uint32("tokenizer.ggml.eot_token_id", 9)
+    w.add_uint32("tokenizer.ggml.eom_token_id", 11)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert declared_end_ids(file) == [2, 9, 11]
+    from llama.gguf import default_model_path
+
+    assert declared_end_ids(str(default_model_path())) == [2]  # SmolLM2: <|im_end|>
+
+
+def test_stop_strings_cut_the_completion(tiny, tmp_path):
+    path, gen = tiny
+    free = gen.text_completion(["hello there"], Sampling(max_gen_len=8))[0]
+    text = free.completion
+    word = text[2:4]
+    assert len(word) == 2 and word in text
+    (tmp_path / "p.json").write_text(json.dumps(["hello there"]))
+    out = tmp_path / "o.jsonl"
+    for spec in (word, json.dumps(["zzzz-never", word])):
+        r = run_generate("--model", path, "--prompts", tmp_path / "p.json", "--max_gen_len", 8,
+                         "--stop", spec, "--output", out)
+        assert r.returncode == 0, r.stderr
+        row = json.loads(out.read_text())
+        assert row["finish"] == "stop" and row["completion"] == text[: text.index(word)]
+        assert row["tokens"] == free.tokens[: len(row["tokens"])]
+        assert len(row["tokens"]) < len(free.tokens)
