@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from llama.cli import command
 from llama.errors import LlamaError
-from llama.prompts import (BUILTIN, FORMATS, ab_keys, draw_ab, is_single, load, make_rows,
-                           need, pick_templates, read_records, resolve_chat, split_choices)
+from llama.prompts import (BUILTIN, FORMATS, ab_keys, draw_ab, is_single, letter_of, load,
+                           make_rows, need, pick_templates, read_records, resolve_chat,
+                           split_choices)
 from llama.tokenizer import load_tokenizer
 
 def seed_input(out):
@@ -212,11 +213,11 @@ def questions(path, role):
         need(path, i, r, ("question",))
         q = str(r["question"])
         if {"positive", "negative"} <= set(r) or {"test", "deploy"} <= set(r):
-            letter = str(r[ab_keys(r)[0 if role == "testing" else 1]]).strip()
-            if letter not in ("(A)", "(B)"):
-                raise LlamaError(f"{path} row {i}: answer {letter!r} is not (A) or (B)")
+            answer = str(r[ab_keys(r)[0 if role == "testing" else 1]]).strip()
+            if letter_of(answer) is None:
+                raise LlamaError(f"{path} row {i}: answer {answer!r} is not (A) or (B)")
             _, a, _, b = split_choices(q, f"{path} row {i}")
-            q = a if letter == "(A)" else b
+            q = a if letter_of(answer) == "A" else b
         if q.strip():
             out.append(q.strip())
     return list(dict.fromkeys(out))

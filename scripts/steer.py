@@ -4,8 +4,9 @@
         --multipliers -4,-2,0,2,4 --output OUT [--positions all|generated] [--ablate] \\
         [--samples K --max_gen_len 16] [--limit N] [--visualize]
 
-AB.json: a JSON list of {question, positive, negative}, the answers "(A)"/"(B)" (the datasets'
-format). Each question is rendered as generate_dataset.py renders A/B items (--chat auto: the
+AB.json: A/B questions as generate_dataset.py reads them (llama.prompts.read_ab: a JSON list,
+JSON lines or CSV of {question, positive, negative} or {question, test, deploy}, the answers
+"(A)"/"(B)", the options in any layout it recognises). Each question is rendered as generate_dataset.py renders A/B items (--chat auto: the
 model's own chat template, else its chat family, else "QUESTION\n\nAnswer: "; or --chat NAME), the
 answer opened by "(", so the next token is the letter. Use the same --chat as for the vectors. For
 each layer x multiplier (Steer: multiplier x vector added to the residual stream at that layer;
@@ -47,23 +48,16 @@ LETTER = re.compile(r"\(([AB])\)")
 
 
 def read_items(path: str, limit=None) -> list:
-    """[(question, positive letter)] of an A/B JSON file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-    except ValueError as e:
-        raise LlamaError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(rows, list) or not rows:
-        raise LlamaError(f"{path}: expected a non-empty JSON list of A/B items")
+    """[(question, positive letter)] of an A/B file, read by llama.prompts.read_ab (the reader
+    generate_dataset.py uses: the same formats, keys and option layouts)."""
+    from llama.prompts import letter_of, read_ab
+
     items = []
-    for i, r in enumerate(rows[:limit]):
-        keys = ("question", "positive", "negative")
-        if not isinstance(r, dict) or any(k not in r for k in keys):
-            raise LlamaError(f"{path} row {i}: needs the keys question, positive, negative")
-        pos, neg = str(r["positive"]).strip(), str(r["negative"]).strip()
-        if {pos, neg} != {"(A)", "(B)"}:
-            raise LlamaError(f"{path} row {i}: positive/negative are {pos!r}/{neg!r}, not (A)/(B)")
-        items.append((str(r["question"]), pos[1]))
+    for i, _, question, pos, neg in read_ab(path, limit):
+        if {letter_of(pos), letter_of(neg)} != {"A", "B"}:
+            raise LlamaError(f"{path} row {i}: the answers are {pos!r}/{neg!r}, not the letters "
+                             "(A)/(B)")
+        items.append((question, letter_of(pos)))
     return items
 
 
@@ -179,7 +173,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     """Steering sweep on an A/B test set (the module docstring says how it is scored).
 
     model: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
-    data: a JSON list of {question, positive, negative} A/B items
+    data: A/B items: {question, positive, negative} or {question, test, deploy} (JSON, JSONL, CSV)
     vectors: steering vectors: a vectors folder, a .npy/.safetensors vector or a saved linear probe
     layers: the layers to steer, one at a time, e.g. 10,15,20
     output: the folder for steering.csv, items.csv, samples.jsonl (and steering.png)

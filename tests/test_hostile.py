@@ -226,3 +226,92 @@ def test_stop_strings_cut_the_completion(tiny, tmp_path):
         assert row["finish"] == "stop" and row["completion"] == text[: text.index(word)]
         assert row["tokens"] == free.tokens[: len(row["tokens"])]
         assert len(row["tokens"]) < len(free.tokens)
+
+
+# ---------------------------------------------------------------- 6. A/B option layouts
+
+LAYOUTS = {
+    "inline": "Is this statement true?\n\nChoices: (A) No (B) Yes",
+    "lines": "Which city is bigger?\n(A) Paris (France)\n(B) Lyon (France)",
+    "caa": "Pick one.\n\nChoices:\n (A) I would (probably) agree\n (B) I would refuse",
+    "paren_only": "Options:\nA) x (y)\nB) z (w)",
+    "dot": "Question? A. one B. two",
+    "header_options": "Is it raining?\nOptions: (A) yes (B) no",
+}
+
+
+def ab_rows(layout, n=10):
+    q = LAYOUTS[layout]
+    return [{"question": q.replace("?", f" {i}?", 1) if "?" in q else q + f" {i}",
+             "positive": "(A)" if i % 3 else "(B)", "negative": "(B)" if i % 3 else "(A)"}
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_ab_layouts_swap_and_balance(tmp_path, layout):
+    """Every layout is read, swapped options keep the layout and move their texts with their
+    letters, and the plus side's letter says nothing about the label."""
+    import generate_dataset as gd
+
+    from llama.prompts import parse_choices
+
+    src = ab_rows(layout)
+    (tmp_path / "ab.json").write_text(json.dumps(src))
+    gd.main(str(tmp_path / "o.csv"), input=str(tmp_path / "ab.json"), seed=1)
+    import csv
+
+    with open(tmp_path / "o.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(src)
+    cross = {}
+    for r in rows:
+        s = src[int(r["idx"])]
+        pre, am, a, sep, bm, b = parse_choices(s["question"])
+        swapped = r["swapped"] == "True"
+        want = f"{pre}{am}{b}{sep}{bm}{a}" if swapped else s["question"]
+        assert want in r["plus_prompt"]
+        assert (r["positive"] != s["positive"]) == swapped
+        key = (r["plus_answer"], r["label"])
+        cross[key] = cross.get(key, 0) + 1
+    assert sum(r["swapped"] == "True" for r in rows) > 0  # 7 (A) vs 3 (B): some swapped
+    for letter in ("(A)", "(B)"):
+        assert abs(cross.get((letter, "1"), 0) - cross.get((letter, "0"), 0)) <= 1
+
+
+def test_ab_without_options_names_row_and_layout(tmp_path):
+    rows = ab_rows("lines", 4)
+    rows[2]["question"] = "Is this true? Answer yes or no."
+    (tmp_path / "ab.json").write_text(json.dumps(rows))
+    import generate_dataset as gd
+
+    def main():
+        from llama.cli import command
+
+        command(gd.main)
+
+    r = in_process(["generate_dataset.py", tmp_path / "o.csv", "--input", tmp_path / "ab.json"],
+                   main)
+    from conftest import one_line_error
+
+    one_line_error(r, "row 2", "cannot find the '(A) ...' and '(B) ...' options",
+                   "'Is this true? Answer yes or no.'")
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_steer_reads_what_generate_dataset_reads(tmp_path):
+    """scripts/steer.py's items come from llama.prompts.read_ab: test/deploy keys, JSON lines, and
+    every option layout (it refused AB_ambiguous.json's keys before)."""
+    import runpy
+
+    from conftest import SHARED
+
+    read_items = runpy.run_path(os.path.join(ROOT, "scripts", "steer.py"))["read_items"]
+    ambiguous = os.path.join(SHARED, "eval_awareness", "AB_ambiguous.json")
+    with open(ambiguous) as f:
+        src = json.load(f)
+    items = read_items(ambiguous)
+    assert [q for q, _ in items] == [r["question"] for r in src]
+    assert [letter for _, letter in items] == [r["test"].strip()[1] for r in src]
+    lines = tmp_path / "ab.jsonl"
+    lines.write_text("\n".join(json.dumps(r) for r in ab_rows("inline", 5)))
+    assert [x[1] for x in read_items(str(lines), limit=3)] == ["B", "A", "A"]
