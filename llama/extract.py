@@ -337,15 +337,6 @@ def arrays(p: Plan, sides, layers, dim: int, dtype: str, token: str, zero_shot: 
     return out
 
 
-def _maybe_die(stage: str, count: int) -> None:
-    """For the tests of resuming: LLAMA_EXTRACT_KILL="STAGE:K" SIGKILLs this process at "alloc:K"
-    (the K-th array created), "write:K" (the K-th batch's rows written, not committed) or
-    "commit:K"."""
-    want = os.environ.get("LLAMA_EXTRACT_KILL", "")
-    if want == f"{stage}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def on_main(d, fn):
     """Run fn on global rank 0 and hand its result to every rank. An error there stops every rank;
     only rank 0 reports it, so the user reads one line."""
@@ -513,7 +504,6 @@ def prepare(output: str, meta: dict, specs: dict, offsets: dict, overwrite: bool
         C.write_json(os.path.join(output, "metadata.json"), meta)
         for j, (name, (shape, dt)) in enumerate(specs.items()):
             C.allocate(output, name, shape, dt)
-            _maybe_die("alloc", j + 1)
         for s, off in offsets.items():
             np.save(os.path.join(output, f"offsets_{s}.npy"), off)
         C.mark_allocated(output)
@@ -542,7 +532,7 @@ def extract(model, d, p: Plan, output: str, specs: dict, layers, sides, token: s
 
     todo = [b for b in range(len(p.batches)) if b not in done][d.dp_rank :: d.dp]
     writer = C.CacheWriter(output, specs, d.dp_rank) if d.is_writer else None
-    mine, commits, last = set(done), 0, time.time()
+    mine, last = set(done), time.time()
     bar = tqdm(total=_prompts_in(p, todo, sides), unit="prompt", desc="extract",
                disable=not d.is_main, dynamic_ncols=True)
     try:
@@ -554,11 +544,9 @@ def extract(model, d, p: Plan, output: str, specs: dict, layers, sides, token: s
             if writer is not None:
                 put_rows(writer, res, logp, idx, sides, token, dtype, offsets)
                 mine.add(b)
-                _maybe_die("write", j + 1)
                 if time.time() - last >= commit_every or j == len(todo) - 1:
                     writer.commit(mine)
-                    commits, last = commits + 1, time.time()
-                    _maybe_die("commit", commits)
+                    last = time.time()
             ntok += int(p.lengths[idx].sum())
             bar.update(len(idx) * len(sides))
             bar.set_postfix_str(f"{ntok / max(time.time() - t0, 1e-9):.0f} tokens/s")

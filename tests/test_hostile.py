@@ -315,3 +315,91 @@ def test_steer_reads_what_generate_dataset_reads(tmp_path):
     lines = tmp_path / "ab.jsonl"
     lines.write_text("\n".join(json.dumps(r) for r in ab_rows("inline", 5)))
     assert [x[1] for x in read_items(str(lines), limit=3)] == ["B", "A", "A"]
+
+
+# ---------------------------------------------------------------- 2. caches with NaN or inf
+
+def nan_cache(tmp_path, lp_nan=(), act_nan=None):
+    """The planted contrast cache of test_ccs (layer 3 truth, layer 5 noise, zero-shot
+    log-probs) with NaNs put in: lp_nan rows of the log-probs, act_nan (layer, side, row)."""
+    from test_ccs import planted, write
+
+    plus, minus, y, _, _ = planted()
+    rng = np.random.default_rng(1)
+    noise = [rng.standard_normal(plus.shape) for _ in range(2)]
+    lp = np.stack([(2 * y - 1) * 0.5 + rng.standard_normal(len(y)), np.zeros(len(y))], 1)
+    lp[list(lp_nan), 0] = np.nan
+    layers = {3: [plus, minus], 5: noise}
+    if act_nan:
+        layer, side, row = act_nan
+        layers[layer][("plus", "minus").index(side)][row, 4] = np.inf if row % 2 else np.nan
+    return write(tmp_path / "cache", layers, y, logprobs=lp), y
+
+
+def run_ccs(*args):
+    import ccs
+
+    return in_process(["ccs.py", *args], ccs.main)
+
+
+def streamed_error(r, *words):
+    """Refused while streaming: exit 2, no traceback, one error line, after the progress bar
+    (tqdm, leave=False: cleared by its carriage returns on a terminal)."""
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [x for x in r.stderr.replace("\r", "\n").splitlines() if "error:" in x]
+    assert len(errors) == 1 and r.stderr.rstrip().splitlines()[-1].split("\r")[-1] == errors[0]
+    line = errors[0][errors[0].index("error: "):]
+    for w in words:
+        assert w in line, line
+
+
+def test_nan_activation_refused_naming_file_layer_side_row(tmp_path):
+    path, _ = nan_cache(tmp_path, act_nan=(5, "minus", 17))
+    r = run_ccs("train", "--cache", path, "--output", tmp_path / "run", "--bootstrap", 0)
+    streamed_error(r, "layer_05/minus.npy", "layer 5", "side minus", "row 17",
+                   "--drop_nonfinite")
+    r = run_ccs("train", "--cache", path, "--output", tmp_path / "run", "--bootstrap", 0,
+                "--drop_nonfinite", "--methods", "lr")
+    assert r.returncode == 0, r.stderr
+    assert "dropped 1 of 400 rows" in r.stdout and "layer 5: 1" in r.stdout
+    assert "layer 3:" not in r.stdout  # per layer, only the layers that had some
+
+
+def test_nan_zero_shot_logprobs_refused_or_dropped(tmp_path):
+    """100 NaN log-probs of 400: refused in one line; --drop_nonfinite scores the zero-shot
+    baseline on the other rows only (n counts them), matching scikit-learn on those rows."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    nan_rows = list(range(0, 400, 4))
+    path, y = nan_cache(tmp_path, lp_nan=nan_rows)
+    out = tmp_path / "run"
+    r = run_ccs("train", "--cache", path, "--output", out, "--methods", "zero_shot",
+                "--bootstrap", 0)
+    streamed_error(r, "logprobs.npy", f"row {nan_rows[0]}", "--drop_nonfinite")
+    r = run_ccs("train", "--cache", path, "--output", out, "--methods", "zero_shot",
+                "--bootstrap", 0, "--drop_nonfinite")
+    assert r.returncode == 0, r.stderr
+    assert "dropped 100 of 400 rows" in r.stdout and "zero-shot log-probs: 100" in r.stdout
+    split = pd.read_csv(out / "split.csv")["split"].to_numpy()
+    assert (np.flatnonzero(split == "dropped") == nan_rows).all()
+    kept = np.flatnonzero(split == "test")
+    ev = pd.read_csv(out / "eval.csv")
+    row = ev[(ev.method == "zero_shot") & (ev.split == "test")].iloc[0]
+    assert row.n == len(kept) > 0
+    from llama.cache import ActivationCache
+
+    lp = ActivationCache(path).logprobs
+    want = roc_auc_score(y[kept], lp[kept, 0] - lp[kept, 1])
+    assert abs(max(want, 1 - want) - row.auroc) < 1e-6  # CSV rounded to 6 decimals
+
+
+def test_nonfinite_rows_finds_every_kind():
+    from llama.cache import nonfinite_rows
+
+    a = np.zeros((6, 5), np.float32)
+    assert nonfinite_rows(a).tolist() == []
+    a[1, 2], a[4, 0] = np.nan, -np.inf
+    assert nonfinite_rows(a).tolist() == [1, 4]
+    big = np.full((4, 3), 3e38, np.float32)  # finite, but the sum overflows
+    assert nonfinite_rows(big).tolist() == []
