@@ -89,6 +89,17 @@ def read(cache: ActivationCache, layers: List[int], rows=None, dropped=None) -> 
     return x
 
 
+def refuse_nonfinite(cache: ActivationCache, layer: int, side: str, a: np.ndarray,
+                     first_row: int = 0, drop: bool = False, unit: str = "row") -> np.ndarray:
+    """Indices (in `a`) of a block's rows holding a NaN or an infinity: a LlamaError naming the
+    file, layer, side and row (first_row + index) unless `drop`."""
+    bad = nonfinite_rows(a)
+    if len(bad) and not drop:
+        raise LlamaError(f"{where(cache, layer, side)} {unit} {first_row + int(bad[0])} holds a "
+                         f"NaN or an infinity; {DROP_HINT}")
+    return bad
+
+
 def nonfinite(cache: ActivationCache, layers: List[int], logprobs: bool = True) -> tuple:
     """([N] bool: rows with a NaN or an infinity in any of `layers`, either side, or the zero-shot
     log-probabilities; {layer or "logprobs": count of such rows}). Reads every layer once."""

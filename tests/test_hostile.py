@@ -403,3 +403,57 @@ def test_nonfinite_rows_finds_every_kind():
     assert nonfinite_rows(a).tolist() == [1, 4]
     big = np.full((4, 3), 3e38, np.float32)  # finite, but the sum overflows
     assert nonfinite_rows(big).tolist() == []
+
+
+def run_script(name, *argv):
+    import runpy
+
+    def main():
+        runpy.run_path(os.path.join(ROOT, "scripts", name), run_name="__main__")
+
+    return in_process([name, *argv], main)
+
+
+def test_cached_workflow_scripts_check_what_they_read(tmp_path):
+    """generate_vectors_from_cache.py and analyze_probe_from_cache.py refuse a NaN in one line
+    naming file, layer, side and row; with --drop_nonfinite the vector is the class difference of
+    the other rows."""
+    from conftest import one_line_error
+    from safetensors.numpy import load_file
+
+    from llama.cache import ActivationCache
+
+    path, y = nan_cache(tmp_path, act_nan=(3, "plus", 8))
+    r = run_script("generate_vectors_from_cache.py", "--cache", path, "--output",
+                   tmp_path / "v", "--layers", "3")
+    one_line_error(r, "layer_03/plus.npy", "layer 3", "side plus", "row 8", "--drop_nonfinite")
+    r = run_script("generate_vectors_from_cache.py", "--cache", path, "--output",
+                   tmp_path / "v", "--layers", "3", "--drop_nonfinite")
+    assert r.returncode == 0, r.stderr
+    assert "dropped 1 rows" in r.stdout
+    c = ActivationCache(path)
+    keep = np.arange(len(y)) != 8
+    plus, minus = (c.array(3, s)[keep].astype(np.float64) for s in ("plus", "minus"))
+    want = ((2 * y[keep] - 1)[:, None] * (plus - minus)).mean(0)
+    run = [d for d in os.listdir(tmp_path) if d.startswith("v_")][0]
+    got = load_file(str(tmp_path / run / "vectors" / "layer_3.safetensors"))["vector"]
+    assert np.allclose(got, want, rtol=1e-6, atol=1e-5)  # stored as float32
+    r = run_script("analyze_probe_from_cache.py", "--cache", path, "--vectors",
+                   tmp_path / run / "normalized_vectors", "--output", tmp_path / "a",
+                   "--side", "plus")
+    assert r.returncode == 2 and "Traceback" not in r.stderr  # after its token-"last" warning
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "layer_03/plus.npy" in last and "row 8" in last
+    assert not os.path.exists(tmp_path / "a" / "probe_stats_layer3.csv")
+
+
+def test_steering_vector_with_nan_refused(tmp_path):
+    from llama.errors import LlamaError
+    from llama.steering import load_vectors
+
+    v = np.ones(64, np.float32)
+    v[5] = np.nan
+    np.save(tmp_path / "v.npy", v)
+    with pytest.raises(LlamaError, match="layer 2 vector holds a NaN or an infinity "
+                                         r"\(element 5"):
+        load_vectors(str(tmp_path / "v.npy"), [2], 64, 3)
