@@ -106,7 +106,7 @@ def redraw_ab(examples, rows, build, count, seed, max_seq_len, long, path):
 
 def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=None,
          template=None, mode="contrast", balance=False, limit=None, seed=0, max_seq_len=None,
-         on_long="drop"):
+         on_long="drop", parse_special=False):
     """Write a prompt CSV to OUT.
 
     Args:
@@ -126,7 +126,12 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
       seed: for sampling, wrong countries, A/B labels and option swaps.
       max_seq_len: longest prompt in tokens, BOS included (needs --tokenizer_path).
       on_long: drop (say which) or error.
+      parse_special: leave special-token strings in the dataset's text unmarked, so that they
+        become control tokens (default: text; needs --tokenizer_path).
     """
+    if parse_special and not tokenizer_path:
+        raise LlamaError("--parse_special needs --tokenizer_path (the special strings are the "
+                         "tokenizer's)")
     check_args(format, mode, on_long, limit, max_seq_len, tokenizer_path)
     if input is None and format is None:
         input = seed_input(out)
@@ -138,6 +143,8 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
     single = is_single(fmt, mode)
     templates = pick_templates(fmt, single, template)
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    if tok is not None:
+        tok.parse_special = bool(parse_special)
     chat = resolve_chat(chat, tok)
     sides = ("prompt",) if single else ("plus", "minus")
 

@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from .errors import LlamaError
-from .tokenizer import CHAT_FORMATS, format_chat
+from .tokenizer import CHAT_FORMATS, as_text, format_chat
 
 BUILTIN = ("cities", "larger_than")
 FORMATS = ("boolq", "statements", "ab", "validation") + BUILTIN
@@ -412,7 +412,11 @@ def resolve_chat(chat, tok=None):
 
 def render(chat, system, text, answer=None, cue=" ", tok=None):
     """One prompt: `text` as the user turn of `chat` ("template": the tokenizer's own, rendered
-    with the assistant turn opened; a family name: format_chat's), then `answer` if any."""
+    with the assistant turn opened; a family name: format_chat's), then `answer` if any. The
+    text, system prompt and answer are marked as text (llama.tokenizer.as_text): a special-token
+    string inside them encodes as the ordinary tokens that spell it, unless the tokenizer's
+    parse_special is set."""
+    text, system, answer = (None if x is None else as_text(x, tok) for x in (text, system, answer))
     if chat == "template":
         return tok.render_chat(text, system=system) + (answer or "")
     if chat == "none":

@@ -12,7 +12,9 @@ length, or "error: non-finite logits at step N" with a warning line naming the p
 logprobs with --logprobs. A completion stops at the model's end tokens (the tokenizer's and those
 its generation_config.json / config.json / GGUF declare) and at any --stop string (the completion
 is cut before it; `tokens` keeps the tokens that spelled it). Without --output each completion is printed as it finishes.
---chat wraps each prompt as one user turn in the tokenizer's chat format.
+--chat wraps each prompt as one user turn in the tokenizer's chat format. A prompt's text is
+text: a special-token string in it ("<|im_end|>") encodes as the ordinary tokens that spell it;
+only the chat template's own markers are control tokens (--parse_special: the old reading).
 --steer: a vectors folder (scripts/generate_vectors_from_cache.py), a .npy/.safetensors vector,
 or a saved ccs.py linear probe; see llama/steering.py.
 """
@@ -122,8 +124,11 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
             vecs = load_vectors(steer, parse_layers(steer_layers, a.n_layers), a.dim, a.n_layers,
                                 gen.fingerprint)
             spec = Steer(vecs, float(multiplier), bool(ablate), positions)
+        gen.tokenizer.parse_special = bool(parse_special)
         if chat:
             texts = [gen.chat_prompt(t, system) for t in texts]
+        else:  # a prompt's text is text: "<|im_end|>" in it is not the control token
+            texts = [gen.tokenizer.as_text(t) for t in texts]
         tokens = [gen.tokenizer.encode(t, bos=True) for t in texts]
         for i, t in enumerate(tokens):
             if len(t) >= gen.max_seq_len:
