@@ -113,11 +113,14 @@ class Sweep:
         return Steer({layer: self.vectors[layer]}, self.mults, self.ablate, self.positions)
 
     def p_positive(self, logits, letter: str):
-        """logits [..., vocab] -> p(letter) / (p(A) + p(B))."""
+        """logits [..., vocab] -> p(letter) / (p(A) + p(B)); NaN where the logits hold a NaN or
+        an infinity (main warns and leaves it out of the means)."""
         import torch
 
         two = logits[..., [self.letters["A"], self.letters["B"]]].double()
-        return torch.softmax(two, -1)[..., "AB".index(letter)].numpy()
+        p = torch.softmax(two, -1)[..., "AB".index(letter)]
+        p = torch.where(torch.isfinite(logits).all(-1), p, torch.full_like(p, float("nan")))
+        return p.numpy()
 
     def score(self, ids: list, letter: str) -> tuple:
         """(baseline p, {layer: [M] p}) for one item."""
@@ -159,6 +162,19 @@ class Sweep:
             out[layer] = [self.gen.tokenizer.decode(r[0]) for r in rows]
         out["none"] = [self.gen.tokenizer.decode(self.gen.generate([ids], cfg)[0][0])]
         return out
+
+
+def warn_nonfinite(i: int, question: str, base: float, per_layer: dict, mults) -> None:
+    """One warning line for an item whose logits were NaN or infinite somewhere (a multiplier
+    that overflows the residual stream): its p_positive there is NaN, left out of the means."""
+    bad = [f"layer {l} x {m:g}" for l, ps in per_layer.items() for m, p in zip(mults, ps)
+           if not np.isfinite(p)]
+    bad = (["unsteered"] if not np.isfinite(base) else []) + bad
+    if bad:
+        text = question.replace("\n", " ")
+        print(f"warning: item {i} ({text[:40]!r}): non-finite logits at {', '.join(bad[:4])}"
+              f"{' ...' if len(bad) > 4 else ''}; left out of those means", file=sys.stderr,
+              flush=True)
 
 
 def parse_answer(completion: str):
@@ -225,6 +241,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
         bar = tqdm(total=len(items) * len(layers), desc="steering sweep", unit="layer x item")
         for i, (ids, (question, letter)) in enumerate(zip(prompts, items)):
             b, per_layer = sweep.score(ids, letter)
+            warn_nonfinite(i, question, b, per_layer, mults)
             base.append(b)
             for l in layers:
                 table[l].append(per_layer[l])
@@ -264,6 +281,9 @@ def write_outputs(output, layers, mults, base, table, sampled, n_boot, seed):
                                         "completion": "(" + text, "answer": ans}) + "\n")
 
     def row(layer, m, values):
+        values = values[np.isfinite(values)]  # items whose logits were not finite: left out
+        if len(values) == 0:
+            return [layer, m, 0, "nan", "nan", "nan", ""]
         lo, hi = bootstrap(values, n_boot, seed)
         hits = matches.get((layer, m))
         return [layer, m, len(values), f"{values.mean():.6f}", f"{lo:.6f}", f"{hi:.6f}",

@@ -554,3 +554,24 @@ def test_generate_prompts_and_dataset_counts_are_text(tiny, tmp_path):
     ids = gen.tokenizer.encode(row["plus_prompt"], bos=True)
     assert int(row["plus_tokens"]) == len(ids) and 2 not in ids[1:]
     assert "A </s> B." in gen.tokenizer.decode(ids)
+
+
+def test_steer_non_finite_logits_warn_and_leave_the_means(tmp_path, capsys):
+    """scripts/steer.py: a row of NaN logits scores NaN (not a number from the two letters'
+    logits alone), gets one warning line naming the item, and is left out of steering.csv."""
+    import csv
+    import runpy
+    from types import SimpleNamespace
+
+    mod = runpy.run_path(os.path.join(ROOT, "scripts", "steer.py"))
+    logits = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, float("nan")]])
+    p = mod["Sweep"].p_positive(SimpleNamespace(letters={"A": 0, "B": 1}), logits, "A")
+    assert abs(p[0] - 1 / (1 + np.exp(-1.0))) < 1e-12 and np.isnan(p[1])  # float64 softmax
+    mod["warn_nonfinite"](3, "Q?\n(A) x\n(B) y", 0.5, {2: p}, [0.0, 70000.0])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "item 3" in err[0] and "layer 2 x 70000" in err[0]
+    table = {2: [np.array([0.7, np.nan]), np.array([0.6, np.nan])]}
+    mod["write_outputs"](str(tmp_path), [2], [0.0, 70000.0], [0.5, 0.5], table, [], 50, 0)
+    with open(tmp_path / "steering.csv", newline="") as f:
+        rows = {(r["layer"], r["multiplier"]): r for r in csv.DictReader(f)}
+    assert rows["2", "0.0"]["n"] == "2" and rows["2", "70000.0"]["n"] == "0"
