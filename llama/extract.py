@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import List, Literal, Optional
@@ -311,7 +312,20 @@ def forward_batch(model, p: Plan, idx: np.ndarray, layers: List[int], token: str
                 # the answer tokens' positions
                 at = torch.arange(max(int(p.answer[i]), 1), len(ids), device=device)
                 logp[b, s] = lp[b * k + s, at - 1 - int(P[b]), ids[at]].sum().cpu()
+                if not bool(torch.isfinite(out["logits"][b * k + s, at - 1 - int(P[b])]).all()):
+                    logp[b, s] = float("nan")  # never a number from non-finite logits
+                    _warn_nonfinite(int(i), s)
     return res, logp
+
+
+def _warn_nonfinite(example: int, side: int) -> None:
+    """One line (global rank 0) for an example whose answer positions had NaN or infinite
+    logits: its zero-shot log-probability is stored as NaN, which ccs.py refuses (naming the row)
+    unless --drop_nonfinite."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: example {example} (prompt-file row {example + 1}), side {side}: "
+              "non-finite logits at its answer; zero-shot log-probability stored as NaN "
+              "(ccs.py refuses it unless --drop_nonfinite)", file=sys.stderr, flush=True)
 
 
 def _bits(x: torch.Tensor, dtype: str) -> np.ndarray:

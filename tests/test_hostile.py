@@ -575,3 +575,32 @@ def test_steer_non_finite_logits_warn_and_leave_the_means(tmp_path, capsys):
     with open(tmp_path / "steering.csv", newline="") as f:
         rows = {(r["layer"], r["multiplier"]): r for r in csv.DictReader(f)}
     assert rows["2", "0.0"]["n"] == "2" and rows["2", "70000.0"]["n"] == "0"
+
+
+def test_zero_shot_logprobs_of_non_finite_logits_are_nan(tiny, tmp_path, capsys):
+    """Extraction's zero-shot log-probabilities: a steer that poisons the residual stream gives
+    NaN (never a number) and a warning line per example and side; clean rows stay finite."""
+    import csv
+
+    from llama.extract import forward_batch, plan, read_prompts, tokenize
+
+    _, gen = tiny
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["plus_prompt", "minus_prompt", "label"])
+        w.writeheader()
+        w.writerows([{"plus_prompt": f"Q{i}? Answer: Yes", "minus_prompt": f"Q{i}? Answer: No",
+                      "label": i % 2} for i in range(2)])
+    prompts_ = read_prompts(str(tmp_path / "d.csv"), gen.tokenizer)
+    seqs = tokenize(prompts_, gen.tokenizer, gen.model.params.vocab_size, 512)
+    p = plan(seqs, True, 4096, None)
+    idx = np.arange(2)
+    _, clean = forward_batch(gen.model, p, idx, [1], "last", True, torch.device("cpu"))
+    assert torch.isfinite(clean).all()
+    vec = torch.zeros(gen.model.params.dim)
+    vec[0] = 1.0
+    steer = Steer({1: vec}, float("inf"), False, "all")
+    _, bad = forward_batch(gen.model, p, idx, [1], "last", True, torch.device("cpu"),
+                           steer=steer)
+    assert torch.isnan(bad).all()
+    warned = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(warned) == 4 and "example 0" in warned[0] and "NaN" in warned[0]
