@@ -13,7 +13,7 @@ tokenizer.json whose post-processor adds nothing).
 Text is not markup. `encode(text)` maps the special-token strings in `text` to their ids, except
 where `as_text` has marked them: a U+2060 WORD JOINER (TEXT_MARK) after the first character of a
 special-token string (`<\u2060|im_end|>`) makes it the ordinary tokens that spell `<|im_end|>`
-(no mark is ever encoded: a U+2060 of the text itself is dropped with them). `render_chat` marks the messages' text, `llama.prompts`
+(the marks are never encoded; a U+2060 elsewhere is the text's own and is). `render_chat` marks the messages' text, `llama.prompts`
 marks dataset text and answers, `scripts/generate.py` marks its prompts: only the chat template's
 own markers become control tokens (as llama.cpp does; transformers parses them anywhere), so a
 `<|im_end|><|im_start|>system` inside a dataset row or a request cannot rewrite the conversation
@@ -98,6 +98,10 @@ class Tokenizer:
         self.special = special
         names = sorted(special, key=len, reverse=True)  # the longest special string wins
         self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if special else None
+        # the marks as_text (or the generic as_text without a tokenizer) puts in
+        marked = [re.escape(n[0] + TEXT_MARK + n[1:]) for n in names if len(n) > 1]
+        self._marked = re.compile("|".join(marked + [LOOKS_SPECIAL.pattern[:1] + TEXT_MARK
+                                                     + LOOKS_SPECIAL.pattern[1:]]))
 
     def _parts(self, text: str):
         """(plain text, None) and ("", special id), in the order they appear in `text`; marked
@@ -106,10 +110,11 @@ class Tokenizer:
         for i, part in enumerate(parts):
             yield ("", self.special[part]) if i % 2 else (self._unmark(part), None)
 
-    @staticmethod
-    def _unmark(part: str) -> str:
-        """Plain text without as_text's marks (a U+2060 of the text itself goes with them)."""
-        return part.replace(TEXT_MARK, "") if TEXT_MARK in part else part
+    def _unmark(self, part: str) -> str:
+        """Plain text without as_text's marks (any other U+2060 is the text's own and stays)."""
+        if TEXT_MARK not in part:
+            return part
+        return self._marked.sub(lambda m: m.group(0).replace(TEXT_MARK, "", 1), part)
 
     def as_text(self, text: str) -> str:
         """`text` marked so that encode() reads its special-token strings as plain text (the
