@@ -7,11 +7,12 @@
     torchrun --nproc_per_node MP scripts/generate.py ...      # model parallel: same tokens as MP 1
 
 FILE: a JSON list of strings, or a text file with one prompt a line (blank lines skipped).
-OUT.jsonl: one object per prompt: prompt, prompt_tokens, completion, tokens, finish (stop,
-length, or "error: non-finite logits at step N" with a warning line naming the prompt), and
-logprobs with --logprobs. A completion stops at the model's end tokens (the tokenizer's and those
-its generation_config.json / config.json / GGUF declare) and at any --stop string (the completion
-is cut before it; `tokens` keeps the tokens that spelled it). Without --output each completion is printed as it finishes.
+OUT.jsonl: one object per prompt: prompt, prompt_tokens, completion, tokens, finish (stop, length,
+or "error: non-finite logits at step N" with a warning line naming the prompt), and logprobs with
+--logprobs. A completion stops at the model's end tokens (the tokenizer's and those its
+generation_config.json / config.json / GGUF declare) and at any --stop string (the completion is
+cut before it; `tokens` keeps the tokens that spelled it). Without --output each completion is
+printed as it finishes.
 --chat wraps each prompt as one user turn in the tokenizer's chat format. A prompt's text is
 text: a special-token string in it ("<|im_end|>") encodes as the ordinary tokens that spell it;
 only the chat template's own markers are control tokens (--parse_special: the old reading).

@@ -6,8 +6,9 @@
 
 AB.json: A/B questions as generate_dataset.py reads them (llama.prompts.read_ab: a JSON list,
 JSON lines or CSV of {question, positive, negative} or {question, test, deploy}, the answers
-"(A)"/"(B)", the options in any layout it recognises). Each question is rendered as generate_dataset.py renders A/B items (--chat auto: the
-model's own chat template, else its chat family, else "QUESTION\n\nAnswer: "; or --chat NAME), the
+"(A)"/"(B)", the options in any layout it recognises). Each question is rendered as
+generate_dataset.py renders A/B items (--chat auto: the model's own chat template, else its chat
+family, else "QUESTION\n\nAnswer: "; or --chat NAME), the
 answer opened by "(", so the next token is the letter. Use the same --chat as for the vectors. For
 each layer x multiplier (Steer: multiplier x vector added to the residual stream at that layer;
 with --ablate the direction is removed, multiplier 1 removing it fully) the score of an item is
