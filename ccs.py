@@ -72,7 +72,7 @@ def positive_name(cache) -> str:
 
 def train(cache: str, output: str, layers: str = "all", methods: str = "all",
           test_frac: float = 0.2, val_frac: float = 0.25, folds: int = 0, visualize: bool = False,
-          bootstrap: int = 1000, fit: Settings = None):
+          bootstrap: int = 1000, drop_nonfinite: bool = False, fit: Settings = None):
     """Train and score every method on every cached layer.
 
     Writes OUTPUT/eval.csv, summary.csv, split.csv, probes/ and plots.
@@ -87,6 +87,7 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
         part); 0: one split
     visualize: also write layers.png, roc.png and hist.png
     bootstrap: resamples for the 95% intervals (0: none)
+    drop_nonfinite: leave out rows holding a NaN or an infinity (default: refuse the cache)
     """
     t0 = time.time()
     fit = fit or Settings()
@@ -98,8 +99,11 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
     everything = np.arange(len(y))
     nothing = everything[:0]
     todo = parts + [data.Part(everything, nothing, nothing)] if folds else parts
+    dropped = nonfinite_rows_to_drop(act_cache, layers, methods) if drop_nonfinite else None
+    if dropped is not None:
+        parts, todo = data.drop_rows(parts, dropped), data.drop_rows(todo, dropped)
     os.makedirs(output, exist_ok=True)
-    fitted = run(act_cache, layers, methods, todo, fit)
+    fitted = run(act_cache, layers, methods, todo, fit, dropped=dropped)
     t1 = time.time()
     split = f"cv{folds}" if folds else "test"
     rows, summary, selected, yt = report.tables(fitted[:len(parts)], parts, y, layers, split,
@@ -108,6 +112,8 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
     df.round(6).to_csv(os.path.join(output, "eval.csv"), index=False)
     sm.round(6).to_csv(os.path.join(output, "summary.csv"), index=False)
     names = data.split_table(len(y), parts)["split"]
+    if dropped is not None:
+        names[dropped] = "dropped"
     report.write_split(os.path.join(output, "split.csv"), act_cache, names)
     info = dict(split=split, test_frac=None if folds else float(test_frac),
                 val_frac=float(val_frac), seed=fit.seed, positive_class=positive_name(act_cache),
@@ -120,6 +126,18 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
     t2 = time.time()
     print(f"wrote {output}/eval.csv, summary.csv, split.csv and probes/ in {t2 - t0:.1f} s "
           f"(fit and score {t1 - t0:.1f} s, metrics and outputs {t2 - t1:.1f} s)")
+
+
+def nonfinite_rows_to_drop(c, layers, methods):
+    """--drop_nonfinite: [N] bool rows holding a NaN or an infinity in the layers read (or in the
+    zero-shot log-probabilities, when zero_shot runs); says how many per layer."""
+    bad, counts = data.nonfinite(c, layers, logprobs="zero_shot" in methods)
+    if bad.any():
+        per = ", ".join(f"layer {k}: {n}" if k != "logprobs" else f"zero-shot log-probs: {n}"
+                        for k, n in counts.items() if n)
+        print(f"--drop_nonfinite: dropped {int(bad.sum())} of {len(bad)} rows holding a NaN or an "
+              f"infinity ({per})")
+    return bad
 
 
 def same_model(src, other) -> None:
@@ -137,7 +155,7 @@ def same_model(src, other) -> None:
 
 def transfer(train: str, test: List[str], output: str = "runs/transfer", layers: str = "all",
              methods: str = "all", test_frac: float = 0.2, val_frac: float = 0.25,
-             bootstrap: int = 1000, fit: Settings = None):
+             bootstrap: int = 1000, drop_nonfinite: bool = False, fit: Settings = None):
     """Train on one cache, score on others of the same model.
 
     Trains on the training split of cache TRAIN and chooses each method's layer on its validation
@@ -151,6 +169,7 @@ def transfer(train: str, test: List[str], output: str = "runs/transfer", layers:
     test_frac: share of TRAIN's rows held out to test
     val_frac: share of TRAIN's other rows held out to choose each method's layer
     bootstrap: resamples for the 95% intervals (0: none)
+    drop_nonfinite: leave out TRAIN's rows holding a NaN or an infinity (default: refuse it)
     """
     fit = fit or Settings()
     src = data.open_cache(train)
@@ -166,7 +185,10 @@ def transfer(train: str, test: List[str], output: str = "runs/transfer", layers:
     y, grp = data.labels(src), data.groups(src)
     ys = [data.labels(t) for t in targets]
     parts = data.split(y, grp, float(val_frac), float(test_frac), 0, fit.seed)
-    fitted = run(src, layers, methods, parts, fit, other=targets)[0]
+    dropped = nonfinite_rows_to_drop(src, layers, methods) if drop_nonfinite else None
+    if dropped is not None:
+        parts = data.drop_rows(parts, dropped)
+    fitted = run(src, layers, methods, parts, fit, other=targets, dropped=dropped)[0]
     rows, summary, _, _ = report.tables([fitted], parts, y, layers, "test", int(bootstrap),
                                         fit.seed, fit.workers())
     for r in rows:

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from llama.cli import command
 from llama.errors import LlamaError
-from llama.prompts import (BUILTIN, FORMATS, ab_keys, draw_ab, is_single, load, make_rows,
-                           need, pick_templates, read_records, render, resolve_chat,
+from llama.prompts import (BUILTIN, FORMATS, ab_keys, draw_ab, is_single, letter_of, load,
+                           make_rows, need, pick_templates, read_records, render, resolve_chat,
                            split_choices)
 from llama.tokenizer import load_tokenizer
 
@@ -107,7 +107,7 @@ def redraw_ab(examples, rows, build, count, seed, max_seq_len, long, path):
 
 def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=None,
          template=None, mode="contrast", balance=False, limit=None, seed=0, max_seq_len=None,
-         on_long="drop"):
+         on_long="drop", parse_special=False):
     """Write a prompt CSV to OUT.
 
     The other command, `generate_dataset.py build_validation OUT.json --testing FILE
@@ -132,7 +132,12 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
       seed: for sampling, wrong countries, A/B labels and option swaps.
       max_seq_len: longest prompt in tokens, BOS included (needs --tokenizer_path).
       on_long: drop (say which) or error.
+      parse_special: leave special-token strings in the dataset's text unmarked, so that they
+        become control tokens (default: text; needs --tokenizer_path).
     """
+    if parse_special and not tokenizer_path:
+        raise LlamaError("--parse_special needs --tokenizer_path (the special strings are the "
+                         "tokenizer's)")
     check_args(format, mode, on_long, limit, max_seq_len, tokenizer_path)
     if input is None and format is None:
         input = seed_input(out)
@@ -146,6 +151,8 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
     single = is_single(fmt, mode)
     templates = pick_templates(fmt, single, template)
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    if tok is not None:
+        tok.parse_special = bool(parse_special)
     chat = resolve_chat(chat, tok)
     sides = ("prompt",) if single else ("plus", "minus")
 
@@ -221,11 +228,11 @@ def questions(path, role):
         need(path, i, r, ("question",))
         q = str(r["question"])
         if {"positive", "negative"} <= set(r) or {"test", "deploy"} <= set(r):
-            letter = str(r[ab_keys(r)[0 if role == "testing" else 1]]).strip()
-            if letter not in ("(A)", "(B)"):
-                raise LlamaError(f"{path} row {i}: answer {letter!r} is not (A) or (B)")
+            answer = str(r[ab_keys(r)[0 if role == "testing" else 1]]).strip()
+            if letter_of(answer) is None:
+                raise LlamaError(f"{path} row {i}: answer {answer!r} is not (A) or (B)")
             _, a, _, b = split_choices(q, f"{path} row {i}")
-            q = a if letter == "(A)" else b
+            q = a if letter_of(answer) == "A" else b
         if q.strip():
             out.append(q.strip())
     return list(dict.fromkeys(out))

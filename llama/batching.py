@@ -1,6 +1,8 @@
 """How extraction cuts its work: prompts tokenized, each contrast pair's shared token prefix run
 once, examples sorted by length and packed into batches of at most `max_batch_tokens` padded
 tokens; then one batch through the model, the states read where llama/readout.py says."""
+import os
+import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -114,4 +116,19 @@ def forward_batch(model, batch_plan: Plan, idx: np.ndarray, layers: List[int], c
         lp = out["logits"].log_softmax(-1).view(B, sides, S, -1)[:, :, :-1]
         nxt = suffix.view(B, sides, S)[:, :, 1:, None]
         logp = torch.where(at, lp.gather(-1, nxt)[..., 0], 0.0).sum(-1).cpu()
+        finite = torch.isfinite(out["logits"].view(B, sides, S, -1)[:, :, :-1]).all(-1)
+        bad = (at & ~finite).any(-1).cpu()  # [B, sides]: an answer position's logits not finite
+        logp = logp.masked_fill(bad, float("nan"))  # never a number from non-finite logits
+        for b, s in bad.nonzero().tolist():
+            _warn_nonfinite(int(idx[b]), s)
     return res, logp
+
+
+def _warn_nonfinite(example: int, side: int) -> None:
+    """One line (global rank 0) for an example whose answer positions had NaN or infinite
+    logits: its zero-shot log-probability is stored as NaN, which ccs.py refuses (naming the row)
+    unless --drop_nonfinite."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: example {example} (prompt-file row {example + 1}), side {side}: "
+              "non-finite logits at its answer; zero-shot log-probability stored as NaN "
+              "(ccs.py refuses it unless --drop_nonfinite)", file=sys.stderr, flush=True)

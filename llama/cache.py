@@ -113,6 +113,17 @@ def bf16_to_float32(a: np.ndarray) -> np.ndarray:
     return (np.asarray(a, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def nonfinite_rows(a: np.ndarray) -> np.ndarray:
+    """Indices of the rows of a float array [N, ...] holding a NaN or an infinity. One float32
+    sum over the array first (as fast as the read; NaN and inf always reach it); only when it is
+    not finite (bad values, or finite ones overflowing) is each row checked."""
+    flat = a.reshape(len(a), -1) if len(a) else a.reshape(0, 1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(flat)):
+            return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(~np.isfinite(flat).all(1))
+
+
 def write_json(path: str, obj) -> None:
     """Write atomically: a reader sees the old file or the new one, never half of one."""
     tmp = path + ".tmp"

@@ -5,22 +5,12 @@ llama/cache.py."""
 import json
 import os
 import shutil
-import signal
 from typing import Optional
 
 import numpy as np
 
 from . import cache as cache_files
 from .errors import LlamaError
-
-
-def _maybe_die(stage: str, count: int) -> None:
-    """For the tests of resuming: LLAMA_EXTRACT_KILL="STAGE:K" SIGKILLs this process at "alloc:K"
-    (the K-th array created), "write:K" (the K-th batch's rows written, not committed) or
-    "commit:K"."""
-    want = os.environ.get("LLAMA_EXTRACT_KILL", "")
-    if want == f"{stage}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def stamp_of(path) -> Optional[list]:
@@ -160,9 +150,8 @@ def prepare(output: str, meta: dict, specs: dict, offsets: dict, overwrite: bool
         return cache_files.read_done(output)
     try:
         cache_files.write_json(os.path.join(output, "metadata.json"), meta)
-        for j, (name, (shape, dt)) in enumerate(specs.items()):
+        for name, (shape, dt) in specs.items():
             cache_files.allocate(output, name, shape, dt)
-            _maybe_die("alloc", j + 1)
         for s, off in offsets.items():
             np.save(os.path.join(output, f"offsets_{s}.npy"), off)
         cache_files.mark_allocated(output)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
@@ -450,6 +450,41 @@ class Loaded:
     # same weights -> same value, whatever the layout, dtype or model-parallel size
     fingerprint: str
     source: str  # "meta", "hf" or "gguf"
+    end_ids: List[int] = field(default_factory=list)  # declared_end_ids(path)
+
+
+def _ids_of(value, file: str, key: str) -> List[int]:
+    """An eos_token_id value (an int, a list of ints or null) -> ids."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise LlamaError(f"{file}: {key} {value!r} is not a token id or a list of them")
+    return list(values)
+
+
+def declared_end_ids(path) -> List[int]:
+    """The end-of-generation ids a checkpoint declares, beyond its tokenizer's: a Hugging Face
+    (or Meta) dir's generation_config.json and config.json `eos_token_id` (an int or a list, as
+    transformers' GenerationConfig reads it), a GGUF's eos / eot / eom ids. [] when none."""
+    path = str(path)
+    if (not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path)
+        and not path.startswith(".")):
+        path = hf_cache_dir(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        from gguf import GGUFReader
+
+        from .gguf import gguf_end_ids
+
+        return gguf_end_ids(GGUFReader(path))
+    ids = []
+    for name in ("generation_config.json", "config.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            cfg = read_json_object(file)
+            ids += [i for i in _ids_of(cfg.get("eos_token_id"), file, "eos_token_id")
+                    if i not in ids]
+    return ids
 
 
 def fingerprint(src, args: ModelArgs) -> str:
@@ -519,7 +554,7 @@ def load_model(path, dist, dtype: str = "float32", max_seq_len: Optional[int] = 
                 raise LlamaError(f"{kind} checkpoint: {name} slice has shape {tuple(t.shape)}, "
                                  f"not {tuple(p.shape)}")
             p.copy_(t)
-    return Loaded(model, args, tok_path, fingerprint(src, args), kind)
+    return Loaded(model, args, tok_path, fingerprint(src, args), kind, declared_end_ids(path))
 
 
 def main(path: str, mp: int = 0, compute_dtype: str = "float32", device: str = "auto"):

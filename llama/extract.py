@@ -26,7 +26,7 @@ import torch.distributed as tdist
 from . import cache as cache_files
 from .batching import Plan, forward_batch, plan, tokenize  # noqa: F401 (the names callers use)
 from .cache import parse_layers
-from .cache_folder import _maybe_die, _unlock, finish, precheck, prepare, size_of, stamp_of
+from .cache_folder import _unlock, finish, precheck, prepare, size_of, stamp_of
 from .errors import LlamaError
 from .promptfile import SIDES, Prompts, find_data, read_prompts  # noqa: F401
 from .readout import TOKEN_MODES, per_token
@@ -199,7 +199,7 @@ def extract(model, proc, job: Job, done: set) -> None:
     todo = [b for b in range(len(batch_plan.batches)) if b not in done][proc.dp_rank :: proc.dp]
     writer = cache_files.CacheWriter(output, job.arrays(), proc.dp_rank) \
         if proc.is_writer else None
-    mine, commits, last = set(done), 0, time.time()
+    mine, last = set(done), time.time()
     bar = tqdm(total=job.prompts_in(todo), unit="prompt", desc="extract",
                disable=not proc.is_main, dynamic_ncols=True)
     try:
@@ -211,11 +211,9 @@ def extract(model, proc, job: Job, done: set) -> None:
             if writer is not None:
                 put_rows(writer, res, logp, idx, job)
                 mine.add(b)
-                _maybe_die("write", j + 1)
                 if time.time() - last >= cfg.commit_every or j == len(todo) - 1:
                     writer.commit(mine)
-                    commits, last = commits + 1, time.time()
-                    _maybe_die("commit", commits)
+                    last = time.time()
             ntok += int(batch_plan.lengths[idx].sum())
             bar.update(len(idx) * len(job.sides))
             bar.set_postfix_str(f"{ntok / max(time.time() - t0, 1e-9):.0f} tokens/s")
@@ -330,7 +328,7 @@ def run(cfg: Extraction, lm=None) -> str:
     tok = load_tokenizer(tok_path)
     t1 = time.time()
     prompts = read_prompts(data, tok)
-    if d.is_main and all(v is None for v in prompts.labels):
+    if proc.is_main and all(v is None for v in prompts.labels):
         print(f"warning: {data} has no label column (nor type): extracting all the same, but "
               "ccs.py train and the probes will need labels (label 0/1, or type "
               "testing/deployment)", file=sys.stderr, flush=True)

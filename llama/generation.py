@@ -10,9 +10,18 @@ A batch of prompts of different lengths is prefilled in one right-padded forward
 decodes one token per step at its own position (KVCache: one write per step). Greedy at
 temperature 0, else temperature and nucleus (top-p) sampling (Holtzman et al. 2020) from a seeded
 generator; rank 0 of each model-parallel group picks the token and broadcasts it, so every rank
-decodes the same text. A row stops at one of the tokenizer's end tokens (EOS, <|eot_id|>,
-<|im_end|>, left out of the completion) or after max_gen_len tokens, never past max_seq_len.
+decodes the same text. A row stops at one of the end tokens (left out of the completion): the
+tokenizer's EOS and end-of-turn tokens (<|eot_id|>, <|im_end|>, ...) and those the model declares
+(`extra_stop`: generation_config.json / config.json eos_token_id, a GGUF's eos / eot / eom ids),
+or after max_gen_len tokens, never past max_seq_len.
+
+A row whose logits hold a NaN or an infinity (an overflowing float16 residual stream, a huge
+steering multiplier) stops there with finish "error: non-finite logits at step N" (N: the
+1-based index of the token it was about to pick) and one warning line on stderr naming the
+prompt; it gets no token from those logits, and the other rows of the batch go on.
 """
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -35,9 +44,10 @@ BUILTIN_PROMPTS = [
 class Sampling:
     max_gen_len: int = 64  # new tokens at most
     temperature: float = 0.0  # 0: greedy
-    top_p: float = 0.9  # nucleus: sample from the smallest set of tokens holding this mass
+    top_p: float = 0.9  # nucleus: the smallest set of tokens whose mass reaches it; 1: all
     seed: int = 0
     logprobs: bool = False  # also return each generated token's log-probability (temperature 1)
+    stop: tuple = ()  # strings that end a completion (cut before the first one)
 
     def check(self):
         if not isinstance(self.max_gen_len, int) or self.max_gen_len < 1:
@@ -46,6 +56,8 @@ class Sampling:
             raise LlamaError(f"--temperature {self.temperature!r} is negative")
         if not 0 < self.top_p <= 1:
             raise LlamaError(f"--top_p {self.top_p!r} is not in (0, 1]")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise LlamaError(f"--stop {list(self.stop)!r}: each stop string must be non-empty")
 
 
 def check_context(model_path, max_gen_len, max_seq_len: Optional[int] = None) -> int:
@@ -71,8 +83,9 @@ class Completion:
     prompt: str
     prompt_tokens: List[int]
     completion: str
-    tokens: List[int]  # generated ids, the end token left out
-    finish: str  # "stop" (an end token) or "length" (max_gen_len or max_seq_len)
+    tokens: List[int]  # generated ids, the end token left out (a stop string's kept)
+    finish: str  # "stop" (an end token or --stop string), "length" (max_gen_len or
+    # max_seq_len) or "error: non-finite logits at step N"
     logprobs: Optional[List[float]] = None
 
 
@@ -87,14 +100,39 @@ def end_tokens(tok) -> List[int]:
     return ids
 
 
+def cut_at_stop(text: str, stop) -> tuple:
+    """(text before the first stop string in it, whether there was one)."""
+    at = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text, False) if at < 0 else (text[:at], True)
+
+
+TOP_P_SLACK = 1e-6  # float rounding of the cumulative mass: an exact tie counts as reached
+
+
 def sample_top_p(probs: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
     """probs [B, V] -> [B] ids drawn from the smallest set of most likely tokens whose mass
-    reaches top_p (renormalised), as Meta's sample_top_p."""
-    sorted_p, order = probs.sort(-1, descending=True)
-    before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
-    sorted_p = sorted_p.masked_fill(before > top_p, 0.0)
+    reaches top_p, renormalised (nucleus sampling, Holtzman et al. 2020; Meta's sample_top_p
+    without its off-by-one at an exact tie). Tie rules: the set stops at the first token where
+    the cumulative mass (float64) is >= top_p - 1e-6, so on [0.5, 0.25, 0.25] with top_p 0.75 two
+    tokens are kept, as transformers' TopPLogitsWarper keeps; among tokens of equal probability the
+    lower id comes first (a stable sort). top_p >= 1: no truncation at all."""
+    if top_p >= 1:
+        return torch.multinomial(probs, 1, generator=gen)[:, 0]
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = sorted_p.double().cumsum(-1) - sorted_p.double()  # mass of the more likely tokens
+    sorted_p = sorted_p.masked_fill(before >= top_p - TOP_P_SLACK, 0.0)
     pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
     return order.gather(-1, pick)[:, 0]
+
+
+def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits [B, V] (finite) -> softmax(logits / temperature) [B, V] float32, safe for any
+    temperature > 0: computed in float64 after subtracting each row's maximum, so a tiny
+    temperature (1e-40, a float32 denormal) puts all the mass on the maximum (greedy; shared
+    among exact ties) instead of overflowing to NaN."""
+    x = logits.double()
+    x = (x - x.max(-1, keepdim=True).values) / temperature
+    return torch.softmax(x.nan_to_num(nan=0.0), -1).float()
 
 
 def _mp_broadcast(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -110,12 +148,20 @@ def _mp_broadcast(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
     return sent.cpu()
 
 
+def _snippet(tok, ids: List[int], width: int = 60) -> str:
+    """The prompt's text, shortened to `width` characters, for a warning line."""
+    text = tok.decode(list(ids)).replace("\n", " ")
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
 class Generator:
-    def __init__(self, model: Transformer, tokenizer, fingerprint: Optional[str] = None):
+    def __init__(self, model: Transformer, tokenizer, fingerprint: Optional[str] = None,
+                 extra_stop: Optional[List[int]] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
         self.stop = end_tokens(tokenizer)
+        self.stop += [i for i in (extra_stop or []) if i not in self.stop]
 
     @classmethod
     def build(cls, path, dist, dtype: str = "float32", max_seq_len: Optional[int] = None,
@@ -127,7 +173,8 @@ class Generator:
         tok_path = tokenizer_path or lm.tokenizer_path
         if tok_path is None:
             raise LlamaError(f"{path}: no tokenizer found beside the model: give --tokenizer_path")
-        return cls(lm.model, load_tokenizer(tok_path), lm.fingerprint)
+        return cls(lm.model, load_tokenizer(tok_path), lm.fingerprint,
+                   getattr(lm, "end_ids", None))
 
     @property
     def max_seq_len(self) -> int:
@@ -172,20 +219,33 @@ class Generator:
         logps = [[] for _ in range(B)]
         finish = [None] * B
         pos = plen.clone()
-        for _ in range(int(limit.max())):
-            ids = self._pick(logits.cpu(), cfg, gen, device)
+        for step in range(1, int(limit.max()) + 1):
+            logits = logits.cpu()
+            finite = torch.isfinite(logits).all(-1)
+            if not bool(finite.all()):  # such rows stop here; the others pick from finite logits
+                logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+            ids = self._pick(logits, cfg, gen, device)
             if cfg.logprobs:
-                lp = torch.log_softmax(logits.cpu(), -1).gather(-1, ids[:, None])[:, 0]
+                lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, None])[:, 0]
             for b in range(B):
                 if finish[b] is not None:
                     continue
-                if bool((stop == ids[b]).any()):
+                if not bool(finite[b]):
+                    finish[b] = f"error: non-finite logits at step {step}"
+                    if os.environ.get("RANK", "0") == "0":
+                            print(f"warning: prompt {b} "
+                              f"({_snippet(self.tokenizer, prompt_tokens[b])}): non-finite "
+                              f"logits at step {step}; its completion stops there",
+                              file=sys.stderr, flush=True)
+                elif bool((stop == ids[b]).any()):
                     finish[b] = "stop"
                 else:
                     out[b].append(int(ids[b]))
                     if cfg.logprobs:
                         logps[b].append(float(lp[b]))
-                    if len(out[b]) >= limit[b]:
+                    if cfg.stop and cut_at_stop(self.tokenizer.decode(out[b]), cfg.stop)[1]:
+                        finish[b] = "stop"
+                    elif len(out[b]) >= limit[b]:
                         finish[b] = "length"
                 if finish[b] is not None and on_done is not None:
                     on_done(b, out[b], logps[b] if cfg.logprobs else None, finish[b])
@@ -204,7 +264,7 @@ class Generator:
         if cfg.temperature == 0:
             ids = logits.argmax(-1)
         else:
-            ids = sample_top_p(torch.softmax(logits / cfg.temperature, -1), cfg.top_p, gen)
+            ids = sample_top_p(tempered_probs(logits, cfg.temperature), cfg.top_p, gen)
         return _mp_broadcast(ids.contiguous(), device)
 
     def text_completion(self, prompts: List[str], cfg: Sampling, steer: Optional[Steer] = None,
@@ -216,14 +276,18 @@ class Generator:
 
         def done(i, ids, lp, finish):
             if on_done is not None:
-                on_done(self._completion(prompts[i], prompt_tokens[i], ids, lp, finish))
+                on_done(self._completion(prompts[i], prompt_tokens[i], ids, lp, finish, cfg.stop))
 
         rows = self.generate(prompt_tokens, cfg, steer, done)
-        return [self._completion(p, t, *r) for p, t, r in zip(prompts, prompt_tokens, rows)]
+        return [self._completion(p, t, *r, cfg.stop)
+                for p, t, r in zip(prompts, prompt_tokens, rows)]
 
-    def _completion(self, prompt, prompt_tokens, ids, lp, finish) -> Completion:
-        return Completion(prompt, list(prompt_tokens), self.tokenizer.decode(ids), list(ids),
-                          finish, None if lp is None else list(lp))
+    def _completion(self, prompt, prompt_tokens, ids, lp, finish, stop=()) -> Completion:
+        text = self.tokenizer.decode(ids)
+        if finish == "stop":
+            text = cut_at_stop(text, stop)[0]
+        return Completion(prompt, list(prompt_tokens), text, list(ids), finish,
+                          None if lp is None else list(lp))
 
     def chat_prompt(self, user: str, system: Optional[str] = None) -> str:
         """One user turn, the assistant turn opened: the model's own chat template when the

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Tuple, Union
+from typing import List, Tuple, Union
 
 import numpy as np
 import torch
@@ -84,6 +84,21 @@ def field(reader: GGUFReader, key: str, path, default=KeyError):
             raise LlamaError(f"{path}: metadata key {key!r} is missing")
         return default
     return f.contents()
+
+
+END_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id")
+
+
+def gguf_end_ids(reader: GGUFReader) -> List[int]:
+    """The end ids a GGUF declares: its eos, eot (end of turn) and eom (end of message) token ids,
+    as llama.cpp's llama_vocab_is_eog counts them."""
+    ids = []
+    for key in END_KEYS:
+        f = reader.get_field(key)
+        if f is not None and int(f.contents()) >= 0 and int(f.contents()) not in ids:
+            ids.append(int(f.contents()))
+    return ids
 
 
 def tensor_shape(t) -> Tuple[int, ...]:

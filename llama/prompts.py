@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from .errors import LlamaError
-from .tokenizer import CHAT_FORMATS, format_chat
+from .tokenizer import CHAT_FORMATS, as_text, format_chat
 
 BUILTIN = ("cities", "larger_than")
 FORMATS = ("boolq", "statements", "ab", "validation") + BUILTIN
@@ -73,8 +73,14 @@ TEMPLATES = {
 }
 NEEDS = {"boolq": ("question", "answer", "passage"), "statements": ("statement", "label"),
          "validation": ("question", "type")}
-# first (A) option at a line start, then the first (B) option at a line start after it
-CHOICES = re.compile(r"(?s)\A(.*?(?:\A|\n))\(A\) (.*?)(\n+)\(B\) (.*)\Z")
+# A/B option layouts, tried in this order: "(A) x", "A) x", "A. x". An (A) marker starts the
+# text, follows whitespace or a "Choices:" / "Options:" header, and is followed by a space; the
+# options are the last such A marker that a B marker of the same style follows (after
+# whitespace), so a question that mentions "(A)" before its options is read right. The (B) text
+# runs to the end of the question. Inline ("Choices: (A) No (B) Yes"), one per line ("(A) x\n(B)
+# y"), CAA's indented lines ("\n (A) x\n (B) y") and option texts holding parentheses all read.
+MARKS = (r"\({L}\)", r"{L}\)", r"{L}\.")
+LETTER = re.compile(r"\(?([AB])[).]?")
 
 
 # ---------------------------------------------------------------- reading
@@ -159,12 +165,69 @@ def ab_keys(r):
     return ("positive", "negative") if "positive" in r else ("test", "deploy")
 
 
+def parse_choices(question: str):
+    """(prefix, A marker, A text, separator, B marker, B text) of an A/B question, or None when
+    no layout of MARKS fits. prefix + A marker + A text + separator + B marker + B text is the
+    question; each marker keeps the one space after it."""
+    for mark in MARKS:
+        a_mark, b_mark = mark.format(L="A"), mark.format(L="B")
+        starts = list(re.finditer(r"(?:\A|(?<=\s)|(?<=:))" + a_mark + r"[ \t]", question))
+        for a in reversed(starts):
+            b = re.compile(r"(\s+)(" + b_mark + r"[ \t])").search(question, a.end())
+            if b and b.start() > a.end():
+                return (question[: a.start()], a.group(), question[a.end(): b.start()],
+                        b.group(1), b.group(2), question[b.end():])
+    return None
+
+
+def layout_of(question: str, width: int = 60) -> str:
+    """The end of a question (where options would be), for an error message."""
+    tail = question[-width:]
+    return repr(("..." if len(question) > width else "") + tail)
+
+
 def split_choices(question, where):
-    m = CHOICES.match(question)
-    if not m:
+    """(prefix, text of option A, separator, text of option B); LlamaError naming the row and
+    the question's layout when no option layout is recognised."""
+    parts = parse_choices(question)
+    if parts is None:
         raise LlamaError(f"{where}: cannot find the '(A) ...' and '(B) ...' options in the "
-                         "question")
-    return m.groups()  # prefix, text of (A), separator, text of (B)
+                         f"question (options inline '(A) x (B) y', one a line, 'A) x' or 'A. x' "
+                         f"are read; the question ends {layout_of(question)})")
+    pre, _, a, sep, _, b = parts
+    return pre, a, sep, b
+
+
+def letter_of(answer):
+    """"A" or "B" for an answer naming an option ("(A)", "A", "A)", "A."), else None."""
+    m = LETTER.fullmatch(str(answer).strip())
+    return m.group(1) if m else None
+
+
+def read_ab(path, limit=None, recs=None):
+    """The one reader of A/B question files, for every command: a JSON list, JSON lines or CSV
+    of {question, positive, negative} or {question, test, deploy} rows ("positive"/"test": the
+    answer the steering or probe direction points to, e.g. "(A)"). -> [(row number, record,
+    question, positive answer, negative answer)] of the first `limit` rows. LlamaError (naming
+    the row) for a missing key, two equal answers, or letter answers whose options the question
+    does not show in a recognised layout. `recs`: the file's records when already read."""
+    recs = (read_records(path) if recs is None else recs)[:limit]
+    out = []
+    for i, r in enumerate(recs):
+        if "question" not in r or not ({"positive", "negative"} <= set(r)
+                                        or {"test", "deploy"} <= set(r)):
+            raise LlamaError(f"{path} row {i}: an A/B row needs the keys question and positive, "
+                             f"negative (or test, deploy); it has {sorted(map(str, r))}")
+        pk, nk = ab_keys(r)
+        need(path, i, r, ("question", pk, nk))
+        pos, neg = str(r[pk]).strip(), str(r[nk]).strip()
+        if pos == neg:
+            raise LlamaError(f"{path} row {i}: '{pk}' and '{nk}' are the same answer {pos!r}")
+        question = str(r["question"])
+        if {letter_of(pos), letter_of(neg)} == {"A", "B"}:
+            split_choices(question, f"{path} row {i}")
+        out.append((i, r, question, pos, neg))
+    return out
 
 
 # ---------------------------------------------------------------- datasets -> examples
@@ -191,15 +254,10 @@ def load_statements(path, recs, seed):
 
 
 def load_ab(path, recs, seed):
-    """A/B questions; the options and labels are drawn by draw_ab."""
+    """A/B questions (read_ab); the options and labels are drawn by draw_ab."""
     out = []
-    for i, r in enumerate(recs):
-        pk, nk = ab_keys(r)
-        need(path, i, r, ("question", pk, nk))
-        pos, neg = str(r[pk]).strip(), str(r[nk]).strip()
-        if pos == neg:
-            raise LlamaError(f"{path} row {i}: '{pk}' and '{nk}' are the same answer {pos!r}")
-        out.append(Example(source_id(r, i), i, 0, {"question": str(r["question"])},
+    for i, r, question, pos, neg in read_ab(path, recs=recs):
+        out.append(Example(source_id(r, i), i, 0, {"question": question},
                            {**extras(r, {"question"}), "swapped": False}, answers=(pos, neg)))
     draw_ab(out, seed, path)
     return out
@@ -218,9 +276,9 @@ def draw_ab(examples, seed, path):
             swap(e, f"{path} row {e.pos}")
     by_letter = defaultdict(list)
     for e in examples:
-        if set(e.answers) == {"(A)", "(B)"}:
-            by_letter[e.answers[0]].append(e)
-    big, small = sorted((by_letter["(A)"], by_letter["(B)"]), key=len, reverse=True)
+        if {letter_of(x) for x in e.answers} == {"A", "B"}:
+            by_letter[letter_of(e.answers[0])].append(e)
+    big, small = sorted((by_letter["A"], by_letter["B"]), key=len, reverse=True)
     for e in rng.sample(big, (len(big) - len(small)) // 2):
         swap(e, f"{path} row {e.pos}")
     groups = defaultdict(list)
@@ -241,8 +299,9 @@ def draw_ab(examples, seed, path):
 def swap(ex, where):
     """Exchange the texts of options (A) and (B), and the answers with them (again: undo it)."""
     pos, neg = ex.answers
-    pre, a, sep, b = split_choices(ex.fields["question"], where)
-    ex.fields["question"] = f"{pre}(A) {b}{sep}(B) {a}"
+    split_choices(ex.fields["question"], where)  # the error names the row
+    pre, a_mark, a, sep, b_mark, b = parse_choices(ex.fields["question"])
+    ex.fields["question"] = f"{pre}{a_mark}{b}{sep}{b_mark}{a}"
     ex.answers = (neg, pos)
     pk, nk = ab_keys(ex.extra)
     ex.extra.update({pk: neg, nk: pos, "swapped": not ex.extra["swapped"]})
@@ -353,7 +412,11 @@ def resolve_chat(chat, tok=None):
 
 def render(chat, system, text, answer=None, cue=" ", tok=None):
     """One prompt: `text` as the user turn of `chat` ("template": the tokenizer's own, rendered
-    with the assistant turn opened; a family name: format_chat's), then `answer` if any."""
+    with the assistant turn opened; a family name: format_chat's), then `answer` if any. The
+    text, system prompt and answer are marked as text (llama.tokenizer.as_text): a special-token
+    string inside them encodes as the ordinary tokens that spell it, unless the tokenizer's
+    parse_special is set."""
+    text, system, answer = (None if x is None else as_text(x, tok) for x in (text, system, answer))
     if chat == "template":
         return tok.render_chat(text, system=system) + (answer or "")
     if chat == "none":

@@ -149,7 +149,11 @@ def load_vectors(source: str, layers: Optional[Iterable[int]], dim: int, n_layer
         if v.shape[0] != dim:
             raise LlamaError(f"{source}: layer {l} vector has width {v.shape[0]}, the model's "
                              f"residual stream {dim}")
-        if not np.isfinite(v).all() or not np.any(v):
-            raise LlamaError(f"{source}: layer {l} vector is zero or not finite")
+        bad = np.flatnonzero(~np.isfinite(v))
+        if len(bad):
+            raise LlamaError(f"{source}: layer {l} vector holds a NaN or an infinity (element "
+                             f"{int(bad[0])} is {v[bad[0]]}, {len(bad)} such)")
+        if not np.any(v):
+            raise LlamaError(f"{source}: layer {l} vector is zero")
         out[l] = torch.from_numpy(v.copy())
     return out

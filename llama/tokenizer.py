@@ -10,6 +10,17 @@
 whose `add_bos_token` is false, or absent for a BPE vocabulary llama.cpp adds no BOS to; a
 tokenizer.json whose post-processor adds nothing).
 
+Text is not markup. `encode(text)` maps the special-token strings in `text` to their ids, except
+where `as_text` has marked them: a U+2060 WORD JOINER (TEXT_MARK) after the first character of a
+special-token string (`<\u2060|im_end|>`) makes it the ordinary tokens that spell `<|im_end|>` (the
+marks are never encoded; a U+2060 elsewhere is the text's own and is). `render_chat` marks the
+messages' text, `llama.prompts` marks dataset text and answers, `scripts/generate.py` marks its
+prompts: only the chat template's own markers become control tokens (as llama.cpp does;
+transformers parses them anywhere), so a `<|im_end|><|im_start|>system` inside a dataset row or a
+request cannot rewrite the conversation around it. Prompt CSVs keep the marks. `tok.parse_special =
+True` (the commands' `--parse_special`) restores the old reading: marks are ignored and every
+special string is a control token.
+
 `Tokenizer.chat_template` is the model's own Jinja chat template: a GGUF's
 `tokenizer.chat_template` (kept in `tokenizer_special.json`), or tokenizer_config.json's
 `chat_template` or chat_template.jinja beside a tokenizer.json or tokenizer.model; None when it
@@ -27,6 +38,17 @@ from llama.errors import LlamaError
 
 CHAT_FORMATS = ("none", "llama2", "llama3", "chatml")
 SIDE_FILE = "tokenizer_special.json"
+TEXT_MARK = "\u2060"  # WORD JOINER: after a special string's first character, it reads as text
+# special-looking strings marked when no tokenizer is at hand: <|...|>, <s>, </s>, <unk>
+LOOKS_SPECIAL = re.compile(r"<(?=\|[^\s<>|]{1,64}\|>|/?s>|unk>)")
+
+
+def as_text(text: str, tok=None) -> str:
+    """`text` marked so that encoding reads every special-token string in it as plain text: the
+    tokenizer's own special strings, or without one anything shaped like <|...|>, <s>, </s>."""
+    if tok is not None:
+        return tok.as_text(text)
+    return LOOKS_SPECIAL.sub("<" + TEXT_MARK, text)
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
@@ -70,19 +92,42 @@ class Tokenizer:
     chat_template: str | None = None
     bos_token: str = ""
     eos_token: str = ""
+    parse_special: bool = False  # True: special strings are control tokens even where marked
 
     def _set_special(self, special: dict[str, int]):
         self.special = special
         names = sorted(special, key=len, reverse=True)  # the longest special string wins
         self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if special else None
+        # the marks as_text (or the generic as_text without a tokenizer) puts in
+        marked = [re.escape(n[0] + TEXT_MARK + n[1:]) for n in names if len(n) > 1]
+        self._marked = re.compile("|".join(marked + [LOOKS_SPECIAL.pattern[:1] + TEXT_MARK
+                                                     + LOOKS_SPECIAL.pattern[1:]]))
 
     def _parts(self, text: str):
-        """(plain text, None) and ("", special id), in the order they appear in `text`."""
+        """(plain text, None) and ("", special id), in the order they appear in `text`; marked
+        special strings (as_text) are plain text, unmarked."""
         parts = self._split.split(text) if self._split else [text]
         for i, part in enumerate(parts):
-            yield ("", self.special[part]) if i % 2 else (part, None)
+            yield ("", self.special[part]) if i % 2 else (self._unmark(part), None)
+
+    def _unmark(self, part: str) -> str:
+        """Plain text without as_text's marks (any other U+2060 is the text's own and stays)."""
+        if TEXT_MARK not in part:
+            return part
+        return self._marked.sub(lambda m: m.group(0).replace(TEXT_MARK, "", 1), part)
+
+    def as_text(self, text: str) -> str:
+        """`text` marked so that encode() reads its special-token strings as plain text (the
+        tokens that spell them). Unchanged when parse_special is set."""
+        if self.parse_special or self._split is None:
+            return text
+        return self._split.sub(lambda m: m.group(0)[0] + TEXT_MARK + m.group(0)[1:], text)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`: special-token strings are control tokens, except those as_text
+        marked (read as text); with parse_special every one is a control token."""
+        if self.parse_special:
+            text = self._unmark(text)
         ids = self._encode(text)
         if bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
@@ -108,6 +153,9 @@ class Tokenizer:
         messages = list(messages)
         if system is not None:
             messages = [{"role": "system", "content": system}] + messages
+        # the messages' text is text: only the template's own markers become control tokens
+        messages = [{**m, "content": self.as_text(m["content"])}
+                    if isinstance(m.get("content"), str) else m for m in messages]
         if self.chat_template:
             return render_template(self.chat_template, messages, add_generation_prompt,
                                    bos_token=self.bos_token, eos_token=self.eos_token)
@@ -267,7 +315,13 @@ class TiktokenTokenizer(Tokenizer):
 
     def _encode(self, text):
         if self.gone is None or not self.gone.search(text.encode("utf-8", "surrogatepass")):
-            return self.enc.encode(text, allowed_special="all")
+            if TEXT_MARK not in text:
+                return self.enc.encode(text, allowed_special="all")
+            ids = []
+            for part, special in self._parts(text):
+                ids += [special] if special is not None else self.enc.encode(
+                    part, allowed_special=set(), disallowed_special=())
+            return ids
         ids = []
         for part, special in self._parts(text):
             ids += [] if special is None else [special]
@@ -315,9 +369,23 @@ class HFTokenizer(Tokenizer):
         self.eos_id = next((vocab[s] for s in names if s in vocab), None)
         self.chat_template = _template_beside(os.path.dirname(path), config)
         self.chat_format = guess_chat_format(self.chat_template or " ".join(vocab))
+        self._set_special({t.content: i for i, t in self.tk.get_added_tokens_decoder().items()
+                           if t.special})
 
     def _encode(self, text):
-        return self.tk.encode(text, add_special_tokens=False).ids
+        if TEXT_MARK not in text:
+            return self.tk.encode(text, add_special_tokens=False).ids
+        ids = []
+        for part, special in self._parts(text):
+            if special is not None:
+                ids.append(special)
+            elif part:
+                self.tk.encode_special_tokens = True  # the part's special strings are text
+                try:
+                    ids += self.tk.encode(part, add_special_tokens=False).ids
+                finally:
+                    self.tk.encode_special_tokens = False
+        return ids
 
     def decode(self, ids):
         return self.tk.decode(ids, skip_special_tokens=False)

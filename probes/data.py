@@ -6,7 +6,7 @@ from typing import List
 import numpy as np
 import torch
 
-from llama.cache import ActivationCache, parse_layers, per_token
+from llama.cache import ActivationCache, nonfinite_rows, parse_layers, per_token
 from llama.errors import LlamaError
 
 
@@ -52,12 +52,22 @@ def groups(cache: ActivationCache) -> np.ndarray:
     return np.unique(ids, return_inverse=True)[1].astype(np.int64)
 
 
-def read(cache: ActivationCache, layers: List[int], rows=None) -> torch.Tensor:
+DROP_HINT = "give --drop_nonfinite to drop such rows"
+
+
+def where(cache: ActivationCache, layer: int, side: str) -> str:
+    return f"cache {cache.path}: layer_{layer:02d}/{side}.npy (layer {layer}, side {side})"
+
+
+def read(cache: ActivationCache, layers: List[int], rows=None, dropped=None) -> torch.Tensor:
     """[c, S, n, d] float32 features of `layers` (rows: all, or an index array), widened from the
-    stored dtype layer by layer: nothing beyond the result is held."""
+    stored dtype layer by layer: nothing beyond the result is held. Every value read is checked:
+    a NaN or an infinity is a LlamaError naming the file, layer, side and row, except in the rows
+    `dropped` ([N] bool, from nonfinite()) marks, which are zeroed."""
     n = cache.num_examples if rows is None else len(rows)
     x = torch.empty(len(layers), len(cache.sides), n, cache.hidden_dim)
     xv = x.numpy()
+    index = np.arange(cache.num_examples) if rows is None else np.asarray(rows)
     for i, layer in enumerate(layers):
         for j, side in enumerate(cache.sides):
             a = cache.raw(layer, side)
@@ -68,7 +78,70 @@ def read(cache: ActivationCache, layers: List[int], rows=None) -> torch.Tensor:
                 bits <<= 16
             else:
                 xv[i, j] = a
+            bad = nonfinite_rows(xv[i, j])
+            if len(bad):
+                ok = dropped is not None and bool(dropped[index[bad]].all())
+                if not ok:
+                    row = int(index[bad[~dropped[index[bad]]][0] if dropped is not None
+                                    else bad[0]])
+                    raise LlamaError(f"{where(cache, layer, side)} row {row} holds a NaN or an "
+                                     f"infinity; {DROP_HINT}")
+                xv[i, j][bad] = 0.0
     return x
+
+
+def refuse_nonfinite(cache: ActivationCache, layer: int, side: str, a: np.ndarray,
+                     first_row: int = 0, drop: bool = False, unit: str = "row") -> np.ndarray:
+    """Indices (in `a`) of a block's rows holding a NaN or an infinity: a LlamaError naming the
+    file, layer, side and row (first_row + index) unless `drop`."""
+    bad = nonfinite_rows(a)
+    if len(bad) and not drop:
+        raise LlamaError(f"{where(cache, layer, side)} {unit} {first_row + int(bad[0])} holds a "
+                         f"NaN or an infinity; {DROP_HINT}")
+    return bad
+
+
+def nonfinite(cache: ActivationCache, layers: List[int], logprobs: bool = True) -> tuple:
+    """([N] bool: rows with a NaN or an infinity in any of `layers`, either side, or the zero-shot
+    log-probabilities; {layer or "logprobs": count of such rows}). Reads every layer once."""
+    bad = np.zeros(cache.num_examples, dtype=bool)
+    counts = {}
+    for layer in layers:
+        here = np.zeros(cache.num_examples, dtype=bool)
+        for side in cache.sides:
+            for block in cache.rows(layer, side).blocks():
+                a = cache.rows(layer, side)[block]
+                here[block.start + nonfinite_rows(a)] = True
+        counts[layer] = int(here.sum())
+        bad |= here
+    lp = cache.logprobs if logprobs else None
+    if lp is not None:
+        here = np.zeros(cache.num_examples, dtype=bool)
+        here[nonfinite_rows(lp)] = True
+        counts["logprobs"] = int(here.sum())
+        bad |= here
+    return bad, counts
+
+
+def check_logprobs(cache: ActivationCache, dropped=None) -> None:
+    """The zero-shot log-probabilities [N, sides]: a NaN or an infinity outside the `dropped`
+    rows is a LlamaError naming logprobs.npy and the row."""
+    lp = cache.logprobs
+    if lp is None:
+        return
+    bad = nonfinite_rows(lp)
+    if dropped is not None:
+        bad = bad[~dropped[bad]]
+    if len(bad):
+        raise LlamaError(f"cache {cache.path}: logprobs.npy (zero-shot log-probabilities) row "
+                         f"{int(bad[0])} holds a NaN or an infinity ({len(bad)} rows); "
+                         f"{DROP_HINT}")
+
+
+def drop_rows(parts: List["Part"], dropped: np.ndarray) -> List["Part"]:
+    """The parts without the `dropped` rows ([N] bool)."""
+    keep = lambda rows: rows[~dropped[rows]]  # noqa: E731
+    return [Part(keep(p.fit), keep(p.val), keep(p.test)) for p in parts]
 
 
 def chunks(layers: List[int], cache: ActivationCache, memory_mb: float) -> List[List[int]]:

@@ -113,16 +113,25 @@ def fit_part(x, layers, y, grp, part: data.Part, number: int, methods, cfg: Sett
 
 def run(cache: ActivationCache, layers: List[int], methods: List[str], parts: List[data.Part],
         cfg: Settings, other: Optional[List[ActivationCache]] = None,
-        progress: bool = True) -> List[Fitted]:
+        progress: bool = True, dropped=None) -> List[Fitted]:
     """Every part fitted and scored on every layer; the other caches (transfer) are scored by the
     first part's probes. -> one Fitted per part. Each worker reads its own group of layers from the
     memory-mapped cache, fits and scores it, and drops it: at most cfg.workers() groups, of at most
-    cfg.memory_mb / workers of float32 features each (one layer at least), are resident."""
+    cfg.memory_mb / workers of float32 features each (one layer at least), are resident.
+    dropped: [N] bool rows left out (data.nonfinite); any other non-finite value is refused."""
     from tqdm import tqdm
 
     map_big_arrays()
     y, grp, lp = data.labels(cache), data.groups(cache), cache.logprobs
+    uses_lp = any(METHODS[m].input == "logprobs" for m in methods)
+    if uses_lp:
+        data.check_logprobs(cache, dropped)
+    if dropped is not None and lp is not None:
+        lp = lp.copy()
+        lp[dropped] = 0.0
     other = other or []
+    for o in other if uses_lp else []:
+        data.check_logprobs(o)
     fitted = [Fitted() for _ in parts]
     workers = cfg.workers()
     groups = data.chunks(layers, cache, min(SOLVE_MB, cfg.memory_mb / workers))
@@ -130,17 +139,19 @@ def run(cache: ActivationCache, layers: List[int], methods: List[str], parts: Li
         groups = [[layer] for layer in layers]
 
     def one(group):
-        x = data.read(cache, group)
+        x = data.read(cache, group, dropped=dropped)
         others = [(data.read(c, group), c.logprobs) for c in other]
         return [fit_part(x, group, y, grp, part, p, methods, cfg, lp, others if p == 0 else [])
                 for p, part in enumerate(parts)]
 
     bar = tqdm(total=len(layers), desc="probes", unit="layer", disable=not progress,
                leave=False)
-    with single_threaded(), ThreadPoolExecutor(workers) as pool:
-        for group, outs in zip(groups, pool.map(one, groups)):
-            for f, out in zip(fitted, outs):
-                f.add(out)
-            bar.update(len(group))
-    bar.close()
+    try:  # a refused chunk (a non-finite value) clears the bar before its error line
+        with single_threaded(), ThreadPoolExecutor(workers) as pool:
+            for group, outs in zip(groups, pool.map(one, groups)):
+                for f, out in zip(fitted, outs):
+                    f.add(out)
+                bar.update(len(group))
+    finally:
+        bar.close()
     return [f.done() for f in fitted]

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from probes.data import cache_layers  # noqa: E402
+from probes.data import cache_layers, refuse_nonfinite  # noqa: E402
 from llama.cache import ActivationCache, mean_start  # noqa: E402
 from llama.cli import command  # noqa: E402
 from llama.errors import LlamaError  # noqa: E402
@@ -97,12 +97,24 @@ def questions(cache: ActivationCache, data: str = None):
     return [str(r["question"]) for r in rows], [str(r["type"]) for r in rows]
 
 
+def projections(cache: ActivationCache, layer: int, side: str, v: np.ndarray,
+                drop: bool = False) -> np.ndarray:
+    """Every stored row projected onto v, a block of rows at a time, each block checked for NaN
+    and infinity (refused, or with drop its rows' projections NaN)."""
+    rows, out = cache.rows(layer, side), []
+    for b in rows.blocks():
+        block = rows[b]
+        s = block @ v
+        s[refuse_nonfinite(cache, layer, side, block, b.start, drop)] = np.nan
+        out.append(s)
+    return np.concatenate(out)
+
+
 def stats(cache: ActivationCache, layer: int, side: str, v: np.ndarray,
-          keep_first: bool = False) -> np.ndarray:
+          keep_first: bool = False, drop: bool = False) -> np.ndarray:
     """[N, 4] max, min, mean, std of each example's projections onto v, over the positions of its
-    mean state (llama.cache.mean_start)."""
-    rows = cache.rows(layer, side)
-    s = np.concatenate([rows[b] @ v for b in rows.blocks()])  # a block of rows at a time
+    mean state (llama.cache.mean_start); NaN for an example holding a dropped row."""
+    s = projections(cache, layer, side, v, drop)
     if cache.token != "all":
         return np.stack([s, s, s, np.zeros_like(s)], 1)
     off = cache.offsets(side)
@@ -114,12 +126,14 @@ def stats(cache: ActivationCache, layer: int, side: str, v: np.ndarray,
 def auroc(types, score, positive):
     from sklearn.metrics import roc_auc_score
 
-    y = np.array([t == positive for t in types], dtype=int)
+    keep = np.isfinite(np.asarray(score, dtype=float))  # --drop_nonfinite rows score NaN
+    y = np.array([t == positive for t in types], dtype=int)[keep]
+    score = np.asarray(score, dtype=float)[keep]
     return roc_auc_score(y, score) if 0 < y.sum() < len(y) else float("nan")
 
 
 def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None, side: str = None,
-            visualize: bool = False, mean_keep_first: bool = False):
+            visualize: bool = False, mean_keep_first: bool = False, drop_nonfinite: bool = False):
     import pandas as pd
 
     act_cache = ActivationCache(cache)
@@ -132,13 +146,13 @@ def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None
                              f"(has: {', '.join(map(str, sorted(vecs)))})")
         if l not in act_cache.layers:
             raise LlamaError(f"layer {l} not in cache {act_cache.path} "
-                             f"(cached: {', '.join(map(str, c.layers))})")
+                             f"(cached: {', '.join(map(str, act_cache.layers))})")
     if not layers:
         raise LlamaError(f"no layer of {vectors} ({sorted(vecs)}) is in cache {act_cache.path} "
                          f"({act_cache.layers})")
     side = side or ("prompt" if "prompt" in act_cache.sides else None)
     if side not in act_cache.sides:
-        raise LlamaError(f"cache {act_cache.path} holds sides {', '.join(c.sides)}: "
+        raise LlamaError(f"cache {act_cache.path} holds sides {', '.join(act_cache.sides)}: "
                          "choose one with --side")
     qs, types = questions(act_cache, data)
     if act_cache.token != "all":
@@ -148,7 +162,10 @@ def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None
     os.makedirs(output, exist_ok=True)
     table = []
     for l in layers:
-        st = stats(act_cache, l, side, vecs[l], mean_keep_first)
+        st = stats(act_cache, l, side, vecs[l], mean_keep_first, drop_nonfinite)
+        if np.isnan(st[:, 2]).any():
+            print(f"layer {l}: --drop_nonfinite: dropped {int(np.isnan(st[:, 2]).sum())} rows "
+                  "holding a NaN or an infinity (NaN in the CSV, left out of the AUROC)")
         df = pd.DataFrame({"question_id": act_cache.ids, "question": qs, "type": types,
                            "max_score": st[:, 0], "min_score": st[:, 1], "mean_score": st[:, 2],
                            "std_score": st[:, 3]})
@@ -205,7 +222,7 @@ def plot(output, table, layers):
 
 def main(cache: str, vectors: str, output: str = "probe_results", data: str = None,
          layers: str = None, side: str = None, visualize: bool = False,
-         mean_keep_first: bool = False):
+         mean_keep_first: bool = False, drop_nonfinite: bool = False):
     """Project a cache's activations onto probe vectors: per-question statistics per layer.
 
     cache: the activation cache (scripts/cache_activations.py)
@@ -216,8 +233,10 @@ def main(cache: str, vectors: str, output: str = "probe_results", data: str = No
     side: the cache side to project (default: prompt)
     visualize: also write auroc_by_layer.png and scores_by_type.png
     mean_keep_first: token "all" caches: count position 0 too (left out by default)
+    drop_nonfinite: leave out rows holding a NaN or an infinity (default: refuse the cache)
     """
-    analyze(cache, vectors, output, data, layers, side, visualize, mean_keep_first)
+    analyze(cache, vectors, output, data, layers, side, visualize, mean_keep_first,
+            drop_nonfinite)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,20 @@
 
     python scripts/generate.py --model PATH --prompts FILE [--max_gen_len 64] [--temperature 0]
         [--top_p 0.9] [--seed 0] [--chat] [--system TEXT] [--output OUT.jsonl] [--logprobs]
+        [--stop STRING | --stop '["s1", "s2"]'] [--parse_special]
         [--steer VECTORS --steer_layers 10 --multiplier 4 [--ablate] [--positions all|generated]]
     torchrun --nproc_per_node MP scripts/generate.py ...      # model parallel: same tokens as MP 1
 
 FILE: a JSON list of strings, or a text file with one prompt a line (blank lines skipped).
-OUT.jsonl: one object per prompt: prompt, prompt_tokens, completion, tokens, finish (stop or
-length), and logprobs with --logprobs. Without --output each completion is printed as it finishes.
---chat wraps each prompt as one user turn in the tokenizer's chat format.
+OUT.jsonl: one object per prompt: prompt, prompt_tokens, completion, tokens, finish (stop, length,
+or "error: non-finite logits at step N" with a warning line naming the prompt), and logprobs with
+--logprobs. A completion stops at the model's end tokens (the tokenizer's and those its
+generation_config.json / config.json / GGUF declare) and at any --stop string (the completion is
+cut before it; `tokens` keeps the tokens that spelled it). Without --output each completion is
+printed as it finishes.
+--chat wraps each prompt as one user turn in the tokenizer's chat format. A prompt's text is
+text: a special-token string in it ("<|im_end|>") encodes as the ordinary tokens that spell it;
+only the chat template's own markers are control tokens (--parse_special: the old reading).
 --steer: a vectors folder (scripts/generate_vectors_from_cache.py), a .npy/.safetensors vector,
 or a saved ccs.py linear probe; see llama/steering.py.
 """
@@ -44,10 +51,27 @@ def read_prompts(path: str) -> list:
     return prompts
 
 
+def stop_strings(spec) -> tuple:
+    """--stop: one string, or a JSON list of strings."""
+    if spec is None:
+        return ()
+    spec = str(spec)
+    if spec.lstrip().startswith("["):
+        try:
+            values = json.loads(spec)
+        except ValueError as e:
+            raise LlamaError(f"--stop {spec!r}: not a valid JSON list ({e})") from None
+        if not all(isinstance(v, str) for v in values):
+            raise LlamaError(f"--stop {spec!r}: expected a JSON list of strings")
+        return tuple(values)
+    return (spec,)
+
+
 def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9, seed=0,
          chat=False, system=None, logprobs=False, batch_size=8, tokenizer_path=None,
          max_seq_len=None, compute_dtype="float32", mp=0, device="auto", steer=None,
-         steer_layers=None, multiplier=1.0, ablate=False, positions="all"):
+         steer_layers=None, multiplier=1.0, ablate=False, positions="all", stop=None,
+         parse_special=False):
     """Complete every prompt of --prompts (greedy, or sampled), optionally steered.
 
     model: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
@@ -71,6 +95,8 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     multiplier: times the vector added to the residual stream
     ablate: remove the vector's direction instead of adding it
     positions: all (every position) or generated (the generated tokens only)
+    stop: a string that ends a completion, or a JSON list of them
+    parse_special: read special-token strings in the prompts as control tokens (default: text)
     """
     from llama.dist import setup, teardown
     from llama.generation import Generator, Sampling, check_context
@@ -81,7 +107,7 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
         raise LlamaError(f"--prompts {prompts}: no such file")
     texts = read_prompts(prompts)
     cfg = Sampling(max_gen_len=max_gen_len, temperature=float(temperature), top_p=float(top_p),
-                   seed=int(seed), logprobs=bool(logprobs))
+                   seed=int(seed), logprobs=bool(logprobs), stop=stop_strings(stop))
     cfg.check()
     check_context(model, max_gen_len, max_seq_len)  # before the weights load
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -100,8 +126,11 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
             vecs = load_vectors(steer, parse_layers(steer_layers, a.n_layers), a.dim, a.n_layers,
                                 gen.fingerprint)
             spec = Steer(vecs, float(multiplier), bool(ablate), positions)
+        gen.tokenizer.parse_special = bool(parse_special)
         if chat:
             texts = [gen.chat_prompt(t, system) for t in texts]
+        else:  # a prompt's text is text: "<|im_end|>" in it is not the control token
+            texts = [gen.tokenizer.as_text(t) for t in texts]
         tokens = [gen.tokenizer.encode(t, bos=True) for t in texts]
         for i, t in enumerate(tokens):
             if len(t) >= gen.max_seq_len:

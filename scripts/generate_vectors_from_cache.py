@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from probes.data import cache_layers, labels  # noqa: E402
+from probes.data import cache_layers, labels, refuse_nonfinite  # noqa: E402
 from llama.cache import ActivationCache, mean_state  # noqa: E402
 from llama.cli import command  # noqa: E402
 
@@ -38,16 +38,30 @@ def per_example(cache: ActivationCache, layer: int, side: str,
     return mean_state(cache.rows(layer, side), cache.offsets(side), keep_first)  # per example
 
 
+def checked(cache, layer, side, keep_first, drop, bad):
+    """per_example with every value checked (refused, or its rows marked in `bad` [N])."""
+    x = per_example(cache, layer, side, keep_first)
+    unit = "example" if cache.token == "all" else "row"
+    bad[refuse_nonfinite(cache, layer, side, x, drop=drop, unit=unit)] = True
+    return x
+
+
 def class_difference(cache: ActivationCache, layer: int, y: np.ndarray,
-                     keep_first: bool = False) -> np.ndarray:
+                     keep_first: bool = False, drop: bool = False) -> tuple:
+    """(the class-mean difference [d] float64, the rows dropped for a NaN or an infinity)."""
+    bad = np.zeros(len(y), dtype=bool)
     if cache.is_contrast:
-        plus, minus = (per_example(cache, layer, s, keep_first) for s in ("plus", "minus"))
-        return ((2 * y - 1)[:, None] * (plus.astype(np.float64) - minus)).mean(0)
-    x = per_example(cache, layer, cache.sides[0], keep_first).astype(np.float64)
-    return x[y == 1].mean(0) - x[y == 0].mean(0)
+        plus, minus = (checked(cache, layer, s, keep_first, drop, bad) for s in ("plus", "minus"))
+        keep = ~bad
+        diff = (2 * y[keep] - 1)[:, None] * (plus[keep].astype(np.float64) - minus[keep])
+        return diff.mean(0), int(bad.sum())
+    x = checked(cache, layer, cache.sides[0], keep_first, drop, bad).astype(np.float64)
+    keep = ~bad
+    return (x[keep & (y == 1)].mean(0) - x[keep & (y == 0)].mean(0)), int(bad.sum())
 
 
-def generate(cache: str, output: str, layers=None, mean_keep_first: bool = False) -> str:
+def generate(cache: str, output: str, layers=None, mean_keep_first: bool = False,
+             drop_nonfinite: bool = False) -> str:
     """Write the vectors; return the run folder NAME_TIMESTAMP."""
     from safetensors.numpy import save_file
 
@@ -61,7 +75,10 @@ def generate(cache: str, output: str, layers=None, mean_keep_first: bool = False
             else "mean(testing) - mean(deployment)" if act_cache.types
             else "mean(label 1) - mean(label 0)")
     for l in layers:
-        v = class_difference(act_cache, l, y, mean_keep_first)
+        v, dropped = class_difference(act_cache, l, y, mean_keep_first, drop_nonfinite)
+        if dropped:
+            print(f"layer {l:3d}  --drop_nonfinite: dropped {dropped} rows holding a NaN or an "
+                  "infinity")
         meta = {"layer": str(l), "hidden_dim": str(act_cache.hidden_dim),
                 "fingerprint": act_cache.fingerprint or "", "cache": os.path.abspath(cache),
                 "vector": kind, "token": act_cache.token}
@@ -80,7 +97,8 @@ def generate(cache: str, output: str, layers=None, mean_keep_first: bool = False
     return run
 
 
-def main(cache: str, output: str, layers: str = None, mean_keep_first: bool = False):
+def main(cache: str, output: str, layers: str = None, mean_keep_first: bool = False,
+         drop_nonfinite: bool = False):
     """Write each layer's class-mean difference vector, raw and unit-norm.
 
     cache: the activation cache (scripts/cache_activations.py)
@@ -88,8 +106,9 @@ def main(cache: str, output: str, layers: str = None, mean_keep_first: bool = Fa
         NAME_TIMESTAMP/normalized_vectors
     layers: 10,20 / 0-3,7 / all (default: every cached layer)
     mean_keep_first: token "all" caches: average position 0 too (left out by default)
+    drop_nonfinite: leave out rows holding a NaN or an infinity (default: refuse the cache)
     """
-    generate(cache, output, layers, mean_keep_first)
+    generate(cache, output, layers, mean_keep_first, drop_nonfinite)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
         --multipliers -4,-2,0,2,4 --output OUT [--positions all|generated] [--ablate] \\
         [--samples K --max_gen_len 16] [--limit N] [--visualize]
 
-AB.json: a JSON list of {question, positive, negative}, the answers "(A)"/"(B)" (the datasets'
-format). Each question is rendered as generate_dataset.py renders A/B items (--chat auto: the
-model's own chat template, else its chat family, else "QUESTION\n\nAnswer: "; or --chat NAME), the
+AB.json: A/B questions as generate_dataset.py reads them (llama.prompts.read_ab: a JSON list,
+JSON lines or CSV of {question, positive, negative} or {question, test, deploy}, the answers
+"(A)"/"(B)", the options in any layout it recognises). Each question is rendered as
+generate_dataset.py renders A/B items (--chat auto: the model's own chat template, else its chat
+family, else "QUESTION\n\nAnswer: "; or --chat NAME), the
 answer opened by "(", so the next token is the letter. Use the same --chat as for the vectors. For
 each layer x multiplier (Steer: multiplier x vector added to the residual stream at that layer;
 with --ablate the direction is removed, multiplier 1 removing it fully) the score of an item is
@@ -47,23 +49,16 @@ LETTER = re.compile(r"\(([AB])\)")
 
 
 def read_items(path: str, limit=None) -> list:
-    """[(question, positive letter)] of an A/B JSON file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-    except ValueError as e:
-        raise LlamaError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(rows, list) or not rows:
-        raise LlamaError(f"{path}: expected a non-empty JSON list of A/B items")
+    """[(question, positive letter)] of an A/B file, read by llama.prompts.read_ab (the reader
+    generate_dataset.py uses: the same formats, keys and option layouts)."""
+    from llama.prompts import letter_of, read_ab
+
     items = []
-    for i, r in enumerate(rows[:limit]):
-        keys = ("question", "positive", "negative")
-        if not isinstance(r, dict) or any(k not in r for k in keys):
-            raise LlamaError(f"{path} row {i}: needs the keys question, positive, negative")
-        pos, neg = str(r["positive"]).strip(), str(r["negative"]).strip()
-        if {pos, neg} != {"(A)", "(B)"}:
-            raise LlamaError(f"{path} row {i}: positive/negative are {pos!r}/{neg!r}, not (A)/(B)")
-        items.append((str(r["question"]), pos[1]))
+    for i, _, question, pos, neg in read_ab(path, limit):
+        if {letter_of(pos), letter_of(neg)} != {"A", "B"}:
+            raise LlamaError(f"{path} row {i}: the answers are {pos!r}/{neg!r}, not the letters "
+                             "(A)/(B)")
+        items.append((question, letter_of(pos)))
     return items
 
 
@@ -119,11 +114,14 @@ class Sweep:
         return Steer({layer: self.vectors[layer]}, self.mults, self.ablate, self.positions)
 
     def p_positive(self, logits, letter: str):
-        """logits [..., vocab] -> p(letter) / (p(A) + p(B))."""
+        """logits [..., vocab] -> p(letter) / (p(A) + p(B)); NaN where the logits hold a NaN or
+        an infinity (main warns and leaves it out of the means)."""
         import torch
 
         two = logits[..., [self.letters["A"], self.letters["B"]]].double()
-        return torch.softmax(two, -1)[..., "AB".index(letter)].numpy()
+        p = torch.softmax(two, -1)[..., "AB".index(letter)]
+        p = torch.where(torch.isfinite(logits).all(-1), p, torch.full_like(p, float("nan")))
+        return p.numpy()
 
     def score(self, ids: list, letter: str) -> tuple:
         """(baseline p, {layer: [M] p}) for one item."""
@@ -167,6 +165,19 @@ class Sweep:
         return out
 
 
+def warn_nonfinite(i: int, question: str, base: float, per_layer: dict, mults) -> None:
+    """One warning line for an item whose logits were NaN or infinite somewhere (a multiplier
+    that overflows the residual stream): its p_positive there is NaN, left out of the means."""
+    bad = [f"layer {l} x {m:g}" for l, ps in per_layer.items() for m, p in zip(mults, ps)
+           if not np.isfinite(p)]
+    bad = (["unsteered"] if not np.isfinite(base) else []) + bad
+    if bad:
+        text = question.replace("\n", " ")
+        print(f"warning: item {i} ({text[:40]!r}): non-finite logits at {', '.join(bad[:4])}"
+              f"{' ...' if len(bad) > 4 else ''}; left out of those means", file=sys.stderr,
+              flush=True)
+
+
 def parse_answer(completion: str):
     """The letter of the first "(A)"/"(B)" in "(" + completion, or None."""
     m = LETTER.search("(" + completion)
@@ -179,7 +190,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     """Steering sweep on an A/B test set (the module docstring says how it is scored).
 
     model: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
-    data: a JSON list of {question, positive, negative} A/B items
+    data: A/B items: {question, positive, negative} or {question, test, deploy} (JSON, JSONL, CSV)
     vectors: steering vectors: a vectors folder, a .npy/.safetensors vector or a saved linear probe
     layers: the layers to steer, one at a time, e.g. 10,15,20
     output: the folder for steering.csv, items.csv, samples.jsonl (and steering.png)
@@ -236,6 +247,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
         bar = tqdm(total=len(items) * len(layers), desc="steering sweep", unit="layer x item")
         for i, (ids, (question, letter)) in enumerate(zip(prompts, items)):
             b, per_layer = sweep.score(ids, letter)
+            warn_nonfinite(i, question, b, per_layer, mults)
             base.append(b)
             for l in layers:
                 table[l].append(per_layer[l])
@@ -275,6 +287,9 @@ def write_outputs(output, layers, mults, base, table, sampled, n_boot, seed):
                                         "completion": "(" + text, "answer": ans}) + "\n")
 
     def row(layer, m, values):
+        values = values[np.isfinite(values)]  # items whose logits were not finite: left out
+        if len(values) == 0:
+            return [layer, m, 0, "nan", "nan", "nan", ""]
         lo, hi = bootstrap(values, n_boot, seed)
         hits = matches.get((layer, m))
         return [layer, m, len(values), f"{values.mean():.6f}", f"{lo:.6f}", f"{hi:.6f}",
