@@ -21,6 +21,7 @@ been fed back: a token's event waits one step for its score, and a row that ends
 stop string stays one more step to score its last token.
 """
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -121,14 +122,18 @@ class Scheduler(threading.Thread):
         self.waiting: "queue.Queue[Job]" = queue.Queue()
         self.rows: List[Row] = []
         self.halt = threading.Event()
+        self.wake = threading.Event()  # set when a job arrives
         self.error: Optional[str] = None
+        self.dropped = 0  # jobs whose client went away before they ended
 
     # ------------------------------------------------------------------ called from HTTP side
     def submit(self, job: Job):
         self.waiting.put(job)
+        self.wake.set()
 
     def load(self) -> dict:
-        return {"running": len(self.rows), "waiting": self.waiting.qsize()}
+        return {"running": len(self.rows), "waiting": self.waiting.qsize(),
+                "dropped": self.dropped}
 
     def stop(self):
         """Stop after the current step; jobs still running or waiting get an error event; the
@@ -153,14 +158,13 @@ class Scheduler(threading.Thread):
                     if time.monotonic() - last_beat > IDLE_BEAT_S:
                         self.step({"op": "idle"})
                         last_beat = time.monotonic()
-                    try:  # wait for work without spinning
-                        self.waiting.put(self.waiting.get(timeout=0.05))
-                    except queue.Empty:
-                        pass
+                    self.wake.wait(timeout=0.05)  # wait for work without spinning
+                    self.wake.clear()
                     continue
                 last_beat = time.monotonic()
         except Exception as e:  # a bug or a lost rank: fail the jobs, never hang their clients
             self.error = f"the scheduler stopped: {type(e).__name__}: {e}"
+            print(f"error: {self.error}", file=sys.stderr, flush=True)
         finally:
             self._fail_all(self.error or "the server is shutting down")
             try:
@@ -188,6 +192,7 @@ class Scheduler(threading.Thread):
             except queue.Empty:
                 break
             if job.cancelled.is_set():
+                self.dropped += 1
                 continue
             admitted = True
             row = len(self.rows)
@@ -196,7 +201,7 @@ class Scheduler(threading.Thread):
             if job.params.probe:
                 job.prompt_probe = self.engine.probe.score(out["states"])[0]
             self.rows.append(Row(job, len(job.prompt_ids), -1))
-            self._sample([row], out["logits"])
+            self._sample([(row, out["logits"][0:1])])
             self._free()
         return admitted
 
@@ -218,16 +223,14 @@ class Scheduler(threading.Thread):
                 self._finish(r.job)
             else:
                 live.append(i)
-        self._sample(live, out["logits"])
+        self._sample([(i, out["logits"][i: i + 1]) for i in live])
         self._free()
 
-    def _sample(self, indices: List[int], logits: torch.Tensor):
-        """Pick the next token of the rows at `indices` (logits [n, vocab], row i of the batch
-        at logits[i])."""
-        for i in indices:
+    def _sample(self, rows: List[tuple]):
+        """Pick the next token of each (row index, its logits [1, vocab])."""
+        for i, row_logits in rows:
             r = self.rows[i]
             job, p = r.job, r.job.params
-            row_logits = logits[i: i + 1]
             if p.temperature == 0:
                 token = int(row_logits.argmax(-1))
             else:
@@ -270,6 +273,7 @@ class Scheduler(threading.Thread):
             r = self.rows[i]
             if not (r.job.done or r.job.cancelled.is_set()):
                 continue
+            self.dropped += not r.job.done
             last = len(self.rows) - 1
             if i != last:
                 moved = self.rows[last]

@@ -227,3 +227,97 @@ def test_bad_requests_are_4xx_json_and_the_server_goes_on(server):
     r = server.http.post("/v1/completions", content=b"x" * (2 << 20))
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     assert server.http.get("/health").json()["status"] == "ok"
+
+
+def mixed_requests():
+    """16 requests of different prompts, lengths, steering (or none), probe and streaming."""
+    words = ["Once upon a time", "The best way to learn", "In 1969,", "Cats are", "Paris is",
+             "def add(a, b):", "The sun", "My name is", "Rain falls", "A good book",
+             "The ocean", "Music makes", "Mountains are", "Coffee is", "The moon", "Bread"]
+    out = []
+    for i, prompt in enumerate(words):
+        body = {"prompt": prompt, "max_tokens": 3 + 2 * (i % 6), "temperature": 0}
+        if i % 3 == 1:
+            body["steering"] = {"vector": "push", "layers": [10], "multiplier": 0.5 * (i % 4 + 1)}
+        elif i % 3 == 2:
+            body["steering"] = {"vector": "push", "layers": [10, 14], "multiplier": 0.3,
+                                "scale": "residual", "positions": "generated",
+                                "ablate": i % 2 == 0}
+        if i % 5 == 0:
+            body["probe"] = True
+        out.append(body)
+    return out
+
+
+def answer(server, http, body, stream):
+    if stream:
+        chunks = []
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            chunks = [json.loads(x[6:]) for x in r.iter_lines()
+                      if x.startswith("data: ") and x != "data: [DONE]"]
+        return ("".join(c["choices"][0]["text"] for c in chunks),
+                [s for c in chunks for s in c["choices"][0].get("probe_scores", [])])
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice["text"], choice.get("probe_scores", [])
+
+
+def test_concurrent_clients_get_their_sequential_answers(server):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    bodies = mixed_requests()
+    alone = [answer(server, server.http, b, False) for b in bodies]
+    assert len({t for t, _ in alone}) > 8  # different requests, different answers
+    done = threading.Event()
+    health = []
+
+    def watch():
+        with httpx.Client(base_url=server.url, timeout=60) as h:
+            while not done.is_set():
+                r = h.get("/health")
+                health.append((r.status_code, r.json()))
+
+    def one(i):
+        with httpx.Client(base_url=server.url, timeout=600) as http:
+            return answer(server, http, bodies[i], i % 2 == 1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(one, range(16)))
+    finally:
+        done.set()
+        watcher.join()
+    for (text, probes), (want, want_probes), body in zip(together, alone, bodies):
+        assert text == want, body
+        # the same token's state, decoded in batches of other sizes: float32 rounding
+        assert probes == pytest.approx(want_probes, abs=2e-3)
+    assert health and all(code == 200 and h["status"] == "ok" for code, h in health)
+    assert max(h["running"] for _, h in health) <= 4  # --max_batch
+
+
+def test_a_client_that_leaves_frees_its_row(server):
+    import time
+
+    before = server.http.get("/health").json()["dropped"]
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0,
+            "stream": True}
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(4)]
+    assert any(line.startswith("data: {") for line in got)
+    deadline = time.monotonic() + 300  # a bound for a loaded machine, not a timing assertion
+    while time.monotonic() < deadline:
+        h = server.http.get("/health").json()
+        if h["dropped"] == before + 1 and h["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert h["dropped"] == before + 1 and h["running"] == 0 and h["waiting"] == 0, h
+    for i in range(8):
+        assert server.complete(f"Number {i} is", max_tokens=3)["choices"][0]["finish_reason"]
