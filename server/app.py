@@ -279,7 +279,8 @@ class Shape:
 
     def whole(self) -> dict:
         text = self.job.text
-        choice = {"index": 0, "finish_reason": self.finish, "logprobs": self._logprobs(0)}
+        choice = {"index": 0, "finish_reason": self.finish, "logprobs": self._logprobs(0),
+                  "token_ids": self.tokens}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:

@@ -159,6 +159,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         raise LlamaError(f"--threads {threads} is negative")
     if threads:
         torch.set_num_threads(threads)
+    import torch.distributed as tdist
+
+    own_group = not tdist.is_initialized()  # a caller's process group is left alone
     with contextlib.redirect_stdout(io.StringIO()):  # fairscale's set-up lines: stdout is
         d = setup(0, device)                         # the ready line only
     try:
@@ -192,7 +195,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         run_http(engine, gen.tokenizer, channel, sock, model_id, context, info, probe_info,
                  api_key, max_batch, max_body, host)
     finally:
-        teardown()
+        if own_group:
+            teardown()
 
 
 def run_http(engine, tokenizer, channel, sock, model_id, context, info, probe_info, api_key,

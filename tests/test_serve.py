@@ -154,7 +154,8 @@ def test_probe_scores_equal_the_probe_on_hidden_states(server, files, dist1):
     prompt = tok.encode(PROMPTS[0], bos=True)
     chunks = server.stream("/v1/completions", body)
     streamed = [s for c in chunks for s in c["choices"][0].get("probe_scores", [])]
-    ids = prompt + tok.encode(choice["text"])
+    ids = prompt + choice["token_ids"]
+    assert tok.decode(choice["token_ids"]) == choice["text"]
     assert len(ids) == len(prompt) + 8 and len(choice["probe_scores"]) == 8
     from llama.model import Steer
     from llama.steering import load_vectors
