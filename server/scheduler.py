@@ -47,6 +47,7 @@ class Params:
     logprobs: Optional[int] = None  # None: no log-probabilities; k: the chosen token's and top k
     probe: bool = False
     steer: Optional[dict] = None  # {vector, layers, multiplier, scale, ablate, positions}
+    ignore_eos: bool = False  # end tokens are generated like any other (benchmarks)
 
 
 class Job:
@@ -236,7 +237,7 @@ class Scheduler(threading.Thread):
             else:
                 probs = torch.softmax(row_logits / p.temperature, -1)
                 token = int(sample_top_p(probs, p.top_p, job.gen)[0])
-            if token in self.stop_ids:
+            if token in self.stop_ids and not p.ignore_eos:
                 job.finish = "stop"
                 rest = job.flush()
                 if rest:

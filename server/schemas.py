@@ -167,7 +167,8 @@ def common(body: dict, limits: Limits, n_prompt: int, chat: bool) -> Params:
                   "--probe_layer)")
     return Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                   stop=stop, logprobs=logprobs, probe=probe,
-                  steer=steering(body.get("steering"), limits))
+                  steer=steering(body.get("steering"), limits),
+                  ignore_eos=_bool(body, "ignore_eos"))
 
 
 def completion_prompt(body: dict) -> str:

@@ -36,7 +36,8 @@ def files(tmp_path_factory):
     vec_dir.mkdir()
     for layer in (10, 14):
         v = rng.standard_normal(576).astype(np.float32)
-        save_file({"vector": v / np.linalg.norm(v) * 60}, str(vec_dir / f"layer_{layer}.safetensors"))
+        save_file({"vector": v / np.linalg.norm(v) * 60},
+                  str(vec_dir / f"layer_{layer}.safetensors"))
     probes = base / "probes"
     probes.mkdir()
     w = (rng.standard_normal((1, 1, 576)) / 100).astype(np.float32)
