@@ -257,8 +257,16 @@ class Shape:
                                  for t, v in (self.tops[i] or [])]} for i in rows]}
         return {"tokens": [self._piece(self.tokens[i]) for i in rows],
                 "token_logprobs": [self.logprobs[i] for i in rows],
-                "top_logprobs": [({self._piece(t): v for t, v in self.tops[i]}
-                                  if self.tops[i] else None) for i in rows]}
+                "top_logprobs": [self._top(self.tops[i]) for i in rows]}
+
+    def _top(self, top) -> Optional[dict]:
+        """{token text: logprob}, most likely first; tokens of the same text keep the larger."""
+        if not top:
+            return None
+        out = {}
+        for t, v in top:
+            out.setdefault(self._piece(t), v)
+        return out
 
     def _probe(self, choice: dict, start: int, whole: bool):
         if self.job.params.probe:

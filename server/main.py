@@ -123,7 +123,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     host: the address to listen on (another than 127.0.0.1 needs --api_key or --no_auth)
     port: the TCP port (0: any free one, printed in the ready line)
     vectors: steering vectors, PATH or NAME=PATH, the flag given once per source: a vectors
-        folder, a [layers, dim] .npy/.safetensors table or a saved linear probe
+        folder (scripts/generate_vectors_from_cache.py) or a saved linear probe's direction
     probe: a saved ccs.py probe, RUN/probes/METHOD.safetensors, for "probe": true read-outs
     probe_layer: the layer the probe reads
     max_batch: requests decoded together at most (rows of the KV cache)

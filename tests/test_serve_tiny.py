@@ -177,3 +177,20 @@ def test_sigterm_lets_an_inflight_stream_finish(tiny):
     chunks = [json.loads(x[6:]) for x in [first] + rest[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # finished, not cut
     assert sum(len(c["choices"][0]["text"]) > 0 for c in chunks) > 1
+
+
+def test_stream_usage_logprobs_and_ignore_eos(mp1):
+    body = {"prompt": PROMPTS[2], "max_tokens": 6, "temperature": 0, "logprobs": 2,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    whole = mp1.post("/v1/completions", body).json()
+    chunks = mp1.stream("/v1/completions", body)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert whole["usage"]["completion_tokens"] == 6
+    streamed = [v for c in chunks[:-1] if c["choices"][0]["logprobs"]
+                for v in c["choices"][0]["logprobs"]["token_logprobs"]]
+    # the same tokens' log-probabilities, decoded alone both times
+    assert streamed == pytest.approx(whole["choices"][0]["logprobs"]["token_logprobs"], abs=1e-5)
+    lp = whole["choices"][0]["logprobs"]
+    for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"]):
+        # greedy: the chosen token is the most likely one (tokens of the same text share a key)
+        assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-6)
