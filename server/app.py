@@ -137,7 +137,7 @@ def build_app(served: Served) -> FastAPI:
 
     async def answer(request: Request, body: dict, ids, chat: bool):
         params = schemas.common(body, limits, len(ids), chat)
-        stream = schemas._bool(body, "stream")
+        stream = schemas.boolean(body, "stream")
         usage_chunk = isinstance(body.get("stream_options"), dict) and \
             bool(body["stream_options"].get("include_usage"))
         loop = asyncio.get_running_loop()

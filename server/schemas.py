@@ -68,7 +68,7 @@ def _int(body: dict, key: str, default, lo=None, hi=None):
     return v
 
 
-def _bool(body: dict, key: str, default=False, param=None):
+def boolean(body: dict, key: str, default=False, param=None):
     v = body.get(key)
     if v is None:
         return default
@@ -123,7 +123,7 @@ def steering(spec, limits: Limits) -> Optional[dict]:
         if v not in allowed:
             raise bad(f"steering.{key}", f"{v!r} is not one of {', '.join(allowed)}")
         out[key] = v
-    out["ablate"] = _bool(spec, "ablate", False, "steering.ablate")
+    out["ablate"] = boolean(spec, "ablate", False, "steering.ablate")
     return out
 
 
@@ -154,21 +154,21 @@ def common(body: dict, limits: Limits, n_prompt: int, chat: bool) -> Params:
             or not all(isinstance(s, str) and s for s in stop)):
         raise bad("stop", f"expected a non-empty string or a list of up to {MAX_STOPS}")
     if chat:
-        logprobs = _bool(body, "logprobs")
+        logprobs = boolean(body, "logprobs")
         top = _int(body, "top_logprobs", 0, lo=0, hi=20)
         if top and not logprobs:
             raise bad("top_logprobs", "needs logprobs: true")
         logprobs = top if logprobs else None
     else:
         logprobs = _int(body, "logprobs", None, lo=0, hi=5)
-    probe = _bool(body, "probe")
+    probe = boolean(body, "probe")
     if probe and not limits.has_probe:
         raise bad("probe", "no probe is loaded (start the server with --probe and "
                   "--probe_layer)")
     return Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                   stop=stop, logprobs=logprobs, probe=probe,
                   steer=steering(body.get("steering"), limits),
-                  ignore_eos=_bool(body, "ignore_eos"))
+                  ignore_eos=boolean(body, "ignore_eos"))
 
 
 def completion_prompt(body: dict) -> str:
