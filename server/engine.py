@@ -1,0 +1,182 @@
+"""The model side of the server: every forward it runs, on one preallocated KV cache whose rows
+the scheduler hands out, the same on every model-parallel rank.
+
+    engine = Engine(model, vectors, probe, max_batch=8, length=2048)
+    out = engine.run({"op": "prefill", "row": 0, "ids": [...], "steer": None})
+    out = engine.run({"op": "decode", "tokens": [...], "pos": [...], "plen": [...],
+                      "steer": [None, {...}]})
+
+A step is a JSON-able dict (ops: prefill, decode, move, idle, stop). Rank 0's scheduler builds each
+one, `send_step` broadcasts it to the other ranks of a torchrun world (the other ranks loop in
+`follow`), and every rank runs it: the model's all-reduces pair up, and the rows hold the same
+keys and values everywhere. Only rank 0 reads the outputs.
+
+Rows in use are always 0..n-1 (a finished row's place is filled by moving the last row into it:
+`move`), so a decode step runs on the contiguous slice of the cache, each row at its own
+position (llama.model.KVCache semantics: row b attends to its positions 0..pos[b]).
+"""
+import json
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as tdist
+
+from llama.model import Steer, Transformer
+
+
+class RowsView:
+    """Rows lo..hi-1 of a KVCache, for Transformer.forward(cache=...): the same blocks (views,
+    so writes land in the shared cache), length and slot arithmetic."""
+
+    def __init__(self, cache, lo: int, hi: int):
+        self.blocks = [(k[lo:hi], v[lo:hi]) for k, v in cache.blocks]
+        self.length = cache.length
+        self.rows = torch.arange(hi - lo, device=cache.rows.device)[:, None]
+
+    def slots(self, pos: torch.Tensor) -> torch.Tensor:
+        return (self.rows * self.length + pos).reshape(-1)
+
+
+@dataclass
+class Probe:
+    """A saved linear probe read at one layer: score(h) = h . weight + bias (float32, raw
+    activation space: w_raw and b_raw of probes/report.py for a single-prompt probe, the
+    raw-space direction with no offset for a contrast-pair probe)."""
+    layer: int
+    weight: torch.Tensor  # [dim] float32
+    bias: float
+    source: str
+    kind: str  # "w_raw" or "direction"
+
+    def score(self, h: torch.Tensor) -> List[float]:
+        """h [n, dim] -> n scores."""
+        return (h.float() @ self.weight.to(h.device) + self.bias).tolist()
+
+
+class BatchSteer:
+    """Per-row steering for one batch: rows with the same (vector, layers, ablate, positions,
+    scale) share one llama.model.Steer whose multiplier is a [B] tensor, 0 on the other rows (a
+    0 multiplier leaves a row's residual stream bit-identical). Same interface as Steer."""
+
+    def __init__(self, steers: List[Steer]):
+        self.steers = steers
+
+    def apply(self, layer, h, pos, prompt_len):
+        for s in self.steers:
+            h = s.apply(layer, h, pos, prompt_len)
+        return h
+
+
+class Engine:
+    def __init__(self, model: Transformer, vectors: Dict[str, Dict[int, torch.Tensor]],
+                 residual_norms: Dict[int, float], probe: Optional[Probe], max_batch: int,
+                 length: int):
+        from llama.model import KVCache
+
+        self.model = model
+        self.vectors = vectors
+        self.residual_norms = residual_norms
+        self.probe = probe
+        self.cache = KVCache(model, max_batch, length)
+        self.device = model.norm.weight.device
+        self.last = model.params.n_layers
+        self.layers = sorted({self.last} | ({probe.layer} if probe else set()))
+
+    def effective(self, spec: dict) -> Dict[int, torch.Tensor]:
+        """{layer: vector} a row's steering adds (scale "residual": the unit vector times the
+        layer's residual norm, so the multiplier is a fraction of the residual stream)."""
+        vecs = self.vectors[spec["vector"]]
+        out = {}
+        for layer in spec["layers"]:
+            v = vecs[layer]
+            if spec["scale"] == "residual":
+                v = v / v.norm() * self.residual_norms[layer]
+            out[layer] = v
+        return out
+
+    def steer_for(self, specs: List[Optional[dict]]) -> Optional[BatchSteer]:
+        """specs: per row, None or {vector, layers, multiplier, scale, ablate, positions}."""
+        groups = {}
+        for row, spec in enumerate(specs):
+            if spec is None or spec["multiplier"] == 0:
+                continue
+            key = (spec["vector"], tuple(spec["layers"]), spec["ablate"], spec["positions"],
+                   spec["scale"])
+            groups.setdefault(key, []).append((row, spec))
+        steers = []
+        for (_, _, ablate, positions, _), rows in groups.items():
+            mult = torch.zeros(len(specs), dtype=torch.float32)
+            for row, spec in rows:
+                mult[row] = float(spec["multiplier"])
+            steers.append(Steer(self.effective(rows[0][1]), mult.to(self.device), ablate,
+                                positions))
+        return BatchSteer(steers) if steers else None
+
+    @torch.inference_mode()
+    def run(self, step: dict) -> Optional[dict]:
+        """Run one step; returns {"logits": [n, vocab] float32 (CPU), "states": [n, dim] at the
+        probe layer or None} for prefill and decode (the prefill's: its last prompt position)."""
+        op = step["op"]
+        if op == "prefill":
+            row, ids = step["row"], step["ids"]
+            tokens = torch.tensor([ids], device=self.device)
+            plen = torch.tensor([len(ids)], device=self.device)
+            out = self.model(tokens, layers=self.layers, cache=RowsView(self.cache, row, row + 1),
+                             steer=self.steer_for([step["steer"]]), prompt_len=plen)
+            return self._read(out, torch.tensor([len(ids) - 1], device=self.device))
+        if op == "decode":
+            n = len(step["tokens"])
+            tokens = torch.tensor(step["tokens"], device=self.device)[:, None]
+            pos = torch.tensor(step["pos"], device=self.device)
+            plen = torch.tensor(step["plen"], device=self.device)
+            out = self.model(tokens, layers=self.layers, start=pos,
+                             cache=RowsView(self.cache, 0, n), steer=self.steer_for(step["steer"]),
+                             prompt_len=plen)
+            return self._read(out, torch.zeros(n, dtype=torch.long, device=self.device))
+        if op == "move":
+            src, dst, upto = step["src"], step["dst"], step["len"]
+            for k, v in self.cache.blocks:
+                k[dst, :upto] = k[src, :upto]
+                v[dst, :upto] = v[src, :upto]
+        return None
+
+    def _read(self, out: dict, at: torch.Tensor) -> dict:
+        rows = torch.arange(len(at), device=self.device)
+        h = out[self.last][rows, at]
+        logits = self.model.logits_of(h).cpu()
+        states = out[self.probe.layer][rows, at] if self.probe else None
+        return {"logits": logits, "states": states}
+
+
+class StepChannel:
+    """Steps from rank 0 to the other ranks of the world: a JSON message in a uint8 tensor over
+    a gloo group (CPU tensors, whatever backend the model uses). No-op in a one-process world."""
+
+    def __init__(self):
+        self.world = tdist.get_world_size() if tdist.is_initialized() else 1
+        self.group = tdist.new_group(backend="gloo") if self.world > 1 else None
+
+    def send(self, step: dict):
+        if self.world == 1:
+            return
+        data = torch.frombuffer(bytearray(json.dumps(step).encode()), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.long)
+        tdist.broadcast(size, 0, group=self.group)
+        tdist.broadcast(data, 0, group=self.group)
+
+    def receive(self) -> dict:
+        size = torch.zeros(1, dtype=torch.long)
+        tdist.broadcast(size, 0, group=self.group)
+        data = torch.empty(int(size), dtype=torch.uint8)
+        tdist.broadcast(data, 0, group=self.group)
+        return json.loads(bytes(data.tolist()).decode())
+
+
+def follow(engine: Engine, channel: StepChannel):
+    """The loop of every rank but 0: run each step rank 0 sends until it sends "stop"."""
+    while True:
+        step = channel.receive()
+        if step["op"] == "stop":
+            return
+        engine.run(step)

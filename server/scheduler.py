@@ -1,0 +1,283 @@
+"""Continuous batching: requests join the running decode batch as rows free up.
+
+    sched = Scheduler(engine, tokenizer, channel, max_batch=8)
+    sched.start()                       # a thread on rank 0
+    sched.submit(job)                   # from the HTTP side; job.emit(event) reports back
+    sched.stop()
+
+Each turn of the loop: waiting jobs are admitted first come, first served while rows are free
+(each prefilled on its own row: its prompt's keys and values, its first token); then one decode
+step runs every row in use, each at its own position (one token each), and rows whose job ended
+(an end token, max_tokens, a stop string, or a client that went away) are freed. Every running
+row advances on every step, so a long request never holds the others back.
+
+Sampling is per row: greedy at temperature 0, else temperature and nucleus sampling
+(llama.generation.sample_top_p) from the row's own seeded generator, so a seeded request gives
+the same tokens whatever else shares its batch, and what scripts/generate.py gives for that one
+prompt.
+
+A probe read-out scores each generated token's own hidden state, which exists once the token has
+been fed back: a token's event waits one step for its score, and a row that ends by length or
+stop string stays one more step to score its last token.
+"""
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+from llama.generation import end_tokens, sample_top_p
+
+from .engine import Engine, StepChannel
+
+IDLE_BEAT_S = 30.0  # an idle rank 0 tells the other ranks it is alive this often
+
+
+@dataclass
+class Params:
+    """One request's generation settings (validated by server/schemas.py)."""
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    logprobs: Optional[int] = None  # None: no log-probabilities; k: the chosen token's and top k
+    probe: bool = False
+    steer: Optional[dict] = None  # {vector, layers, multiplier, scale, ablate, positions}
+    ignore_eos: bool = False  # end tokens are generated like any other (benchmarks)
+
+
+class Job:
+    """One request in the scheduler. Events passed to emit (from the scheduler thread):
+    {"type": "token", "token": id, "text": new text (may be ""), "logprob", "top_logprobs",
+     "probe"} per generated token; {"type": "done", "finish": "stop" | "length"} at the end;
+    {"type": "error", "message"} when the server stops under it."""
+
+    def __init__(self, prompt_ids: List[int], params: Params, emit: Callable[[dict], None]):
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.emit = emit
+        self.cancelled = threading.Event()
+        self.ids: List[int] = []
+        self.text = ""  # the completion so far, stop string cut
+        self.sent = 0  # characters of text already in events
+        self.finish: Optional[str] = None
+        self.prompt_probe: Optional[float] = None
+        self.pending: Optional[dict] = None  # a token event waiting for its probe score
+        self.done = False  # its "done" event was sent
+        seed = params.seed if params.seed is not None else int(time.time_ns() % (2 ** 31))
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def accept(self, token: int, logprob, top, tokenizer) -> dict:
+        """Add a sampled token (not an end token); returns its event (finish set when a stop
+        string or max_tokens ends the job)."""
+        self.ids.append(token)
+        full = tokenizer.decode(self.ids)
+        cut = [i for i in (full.find(s) for s in self.params.stop) if i >= 0]
+        if cut:
+            full, self.finish = full[: min(cut)], "stop"
+        elif len(self.ids) >= self.params.max_tokens:
+            self.finish = "length"
+        self.text = full
+        if self.finish is not None:
+            ready = len(full)
+        else:  # hold back a possible start of a stop string and an unfinished UTF-8 character
+            hold = max([k for s in self.params.stop for k in range(1, len(s))
+                        if full.endswith(s[:k])] + [0])
+            ready = len(full) - hold
+            while ready > self.sent and full[ready - 1] == "\ufffd":
+                ready -= 1
+        new = full[self.sent: ready] if ready > self.sent else ""
+        self.sent = max(self.sent, ready)
+        return {"type": "token", "token": token, "text": new, "logprob": logprob,
+                "top_logprobs": top, "probe": None}
+
+    def flush(self) -> Optional[dict]:
+        """The text still held back when the job ends at an end token."""
+        if self.sent < len(self.text):
+            new, self.sent = self.text[self.sent:], len(self.text)
+            return {"type": "token", "token": None, "text": new, "logprob": None,
+                    "top_logprobs": None, "probe": None}
+        return None
+
+
+@dataclass
+class Row:
+    job: Job
+    pos: int  # where the next fed token goes (tokens in the cache so far)
+    token: int  # the token to feed next
+    draining: bool = False  # finished; fed once more only to score its last token
+
+
+class Scheduler(threading.Thread):
+    def __init__(self, engine: Engine, tokenizer, channel: StepChannel, max_batch: int):
+        super().__init__(name="scheduler", daemon=True)
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.channel = channel
+        self.max_batch = max_batch
+        self.stop_ids = end_tokens(tokenizer)
+        self.waiting: "queue.Queue[Job]" = queue.Queue()
+        self.rows: List[Row] = []
+        self.halt = threading.Event()
+        self.wake = threading.Event()  # set when a job arrives
+        self.error: Optional[str] = None
+        self.dropped = 0  # jobs whose client went away before they ended
+
+    # ------------------------------------------------------------------ called from HTTP side
+    def submit(self, job: Job):
+        self.waiting.put(job)
+        self.wake.set()
+
+    def load(self) -> dict:
+        return {"running": len(self.rows), "waiting": self.waiting.qsize(),
+                "dropped": self.dropped}
+
+    def stop(self):
+        """Stop after the current step; jobs still running or waiting get an error event; the
+        other ranks are told to stop."""
+        self.halt.set()
+        if self.is_alive():
+            self.join()
+
+    # ------------------------------------------------------------------ the loop
+    def step(self, step: dict) -> Optional[dict]:
+        self.channel.send(step)
+        return self.engine.run(step)
+
+    def run(self):
+        last_beat = time.monotonic()
+        try:
+            while not self.halt.is_set():
+                admitted = self._admit()
+                if self.rows:
+                    self._decode()
+                elif not admitted:
+                    if time.monotonic() - last_beat > IDLE_BEAT_S:
+                        self.step({"op": "idle"})
+                        last_beat = time.monotonic()
+                    self.wake.wait(timeout=0.05)  # wait for work without spinning
+                    self.wake.clear()
+                    continue
+                last_beat = time.monotonic()
+        except Exception as e:  # a bug or a lost rank: fail the jobs, never hang their clients
+            self.error = f"the scheduler stopped: {type(e).__name__}: {e}"
+            print(f"error: {self.error}", file=sys.stderr, flush=True)
+        finally:
+            self._fail_all(self.error or "the server is shutting down")
+            try:
+                self.channel.send({"op": "stop"})
+            except Exception:
+                pass  # another rank is gone already
+
+    def _fail_all(self, message: str):
+        jobs = [r.job for r in self.rows]
+        self.rows = []
+        while True:
+            try:
+                jobs.append(self.waiting.get_nowait())
+            except queue.Empty:
+                break
+        for job in jobs:
+            if job.finish is None:
+                job.emit({"type": "error", "message": message})
+
+    def _admit(self) -> bool:
+        admitted = False
+        while len(self.rows) < self.max_batch:
+            try:
+                job = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if job.cancelled.is_set():
+                self.dropped += 1
+                continue
+            admitted = True
+            row = len(self.rows)
+            out = self.step({"op": "prefill", "row": row, "ids": job.prompt_ids,
+                             "steer": job.params.steer})
+            if job.params.probe:
+                job.prompt_probe = self.engine.probe.score(out["states"])[0]
+            self.rows.append(Row(job, len(job.prompt_ids), -1))
+            self._sample([(row, out["logits"][0:1])])
+            self._free()
+        return admitted
+
+    def _decode(self):
+        rows = self.rows
+        out = self.step({"op": "decode", "tokens": [r.token for r in rows],
+                         "pos": [r.pos for r in rows],
+                         "plen": [len(r.job.prompt_ids) for r in rows],
+                         "steer": [r.job.params.steer for r in rows]})
+        scores = self.engine.probe.score(out["states"]) if out["states"] is not None else None
+        live = []
+        for i, r in enumerate(rows):
+            r.pos += 1
+            if r.job.pending is not None:  # the fed token's own state is now known
+                r.job.pending["probe"] = scores[i]
+                r.job.emit(r.job.pending)
+                r.job.pending = None
+            if r.draining:
+                self._finish(r.job)
+            else:
+                live.append(i)
+        self._sample([(i, out["logits"][i: i + 1]) for i in live])
+        self._free()
+
+    def _sample(self, rows: List[tuple]):
+        """Pick the next token of each (row index, its logits [1, vocab])."""
+        for i, row_logits in rows:
+            r = self.rows[i]
+            job, p = r.job, r.job.params
+            if p.temperature == 0:
+                token = int(row_logits.argmax(-1))
+            else:
+                probs = torch.softmax(row_logits / p.temperature, -1)
+                token = int(sample_top_p(probs, p.top_p, job.gen)[0])
+            if token in self.stop_ids and not p.ignore_eos:
+                job.finish = "stop"
+                rest = job.flush()
+                if rest:
+                    job.emit(rest)
+                self._finish(job)
+                continue
+            logprob, top = None, None
+            if p.logprobs is not None:
+                lp = torch.log_softmax(row_logits[0], -1)
+                logprob = float(lp[token])
+                if p.logprobs > 0:
+                    vals, ids = lp.topk(p.logprobs)
+                    top = [(int(t), float(v)) for t, v in zip(ids, vals)]
+            event = job.accept(token, logprob, top, self.tokenizer)
+            r.token = token
+            if p.probe:
+                job.pending = event
+                r.draining = job.finish is not None
+            else:
+                job.emit(event)
+                if job.finish is not None:
+                    self._finish(job)
+
+    def _finish(self, job: Job):
+        if job.finish is None:
+            job.finish = "stop"
+        job.emit({"type": "done", "finish": job.finish})
+        job.done = True
+
+    def _free(self):
+        """Drop rows whose job is over (or whose client left), moving the last row into each
+        freed place so the rows in use stay 0..n-1."""
+        for i in reversed(range(len(self.rows))):
+            r = self.rows[i]
+            if not (r.job.done or r.job.cancelled.is_set()):
+                continue
+            self.dropped += not r.job.done
+            last = len(self.rows) - 1
+            if i != last:
+                moved = self.rows[last]
+                self.step({"op": "move", "src": last, "dst": i, "len": moved.pos})
+                self.rows[i] = moved
+            self.rows.pop()

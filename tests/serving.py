@@ -1,0 +1,94 @@
+"""A real server for tests: scripts/serve.py in a subprocess on a free 127.0.0.1 port.
+
+    with Served(["--model", path, "--max_batch", "4"]) as s:
+        r = s.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "temperature": 0})
+        s.client()                                      # an openai.OpenAI on this server
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+from conftest import ROOT
+
+READY = re.compile(r"serving (\S+) on (http://\S+)")
+START_LIMIT_S = 600  # a loaded shared machine can take minutes to start torch and a model
+
+
+class Served:
+    def __init__(self, args, launcher=None, env=None, api_key=None):
+        self.args = list(args)
+        self.launcher = launcher or [sys.executable]
+        self.env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+        self.api_key = api_key
+
+    def __enter__(self):
+        self.err = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        cmd = self.launcher + [os.path.join(ROOT, "scripts", "serve.py"), "--port", "0",
+                               *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True,
+                                     env=self.env, cwd=ROOT)
+        deadline = time.monotonic() + START_LIMIT_S
+        self.lines = []
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = READY.search(line)
+            if m:
+                self.model, self.url = m.group(1), m.group(2)
+                headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+                self.http = httpx.Client(base_url=self.url, timeout=300, headers=headers)
+                return self
+        self.proc.kill()
+        raise RuntimeError(f"the server did not start: {self.lines} {self.stderr()}")
+
+    def stderr(self) -> str:
+        self.err.flush()
+        with open(self.err.name) as f:
+            return f.read()
+
+    def stop(self, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
+        """Signal the server (rank 0's launcher); returns its exit code and remaining output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, _ = self.proc.communicate(timeout=120)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode,
+                                           "".join(self.lines) + out, self.stderr())
+
+    def __exit__(self, *exc):
+        self.http.close()
+        if self.proc.poll() is None:
+            self.stop()
+        os.unlink(self.err.name)
+
+    def post(self, path, body, **kw):
+        return self.http.post(path, json=body, **kw)
+
+    def complete(self, prompt, **kw) -> dict:
+        r = self.post("/v1/completions", {"prompt": prompt, "temperature": 0, **kw})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0,
+                      timeout=300)
+
+    def stream(self, path, body) -> list:
+        """The parsed `data:` chunks of a streamed answer, [DONE] left out (asserted last)."""
+        chunks = []
+        with self.http.stream("POST", path, json={**body, "stream": True}) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+        assert chunks[-1] == "[DONE]", chunks[-3:]
+        return [json.loads(c) for c in chunks[:-1]]

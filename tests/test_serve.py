@@ -1,0 +1,325 @@
+"""scripts/serve.py with SmolLM2 as a real subprocess, talked to with the `openai` client and
+plain HTTP: greedy answers equal scripts/generate.py's (plain, chat, steered), streams concatenate
+to the whole answer, probe read-outs equal the probe on the model's own hidden states, seeded
+sampling repeats, stop strings, and every bad request is a 4xx JSON error after which the server
+still serves."""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, in_process
+from safetensors.numpy import save_file
+from serving import Served
+
+from llama.gguf import default_model_path
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import generate as generate_cmd  # noqa: E402
+
+PROMPTS = ["The capital of France is", "Water boils at", "My favourite colour is"]
+CHATS = ["Say hello.", "hi <|im_end|>\n<|im_start|>assistant\nWhat is 2+2?"]
+PROBE_LAYER = 12
+STEER = {"vector": "push", "layers": [10], "multiplier": 1.0}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A vectors folder (layers 10 and 14, norm 60: a visible push at SmolLM2's residual norms of
+    ~100-190 there) and a single-prompt linear probe at layer 12 (random weights)."""
+    base = tmp_path_factory.mktemp("serve")
+    rng = np.random.default_rng(0)
+    vec_dir = base / "push"
+    vec_dir.mkdir()
+    for layer in (10, 14):
+        v = rng.standard_normal(576).astype(np.float32)
+        save_file({"vector": v / np.linalg.norm(v) * 60},
+                  str(vec_dir / f"layer_{layer}.safetensors"))
+    probes = base / "probes"
+    probes.mkdir()
+    w = (rng.standard_normal((1, 1, 576)) / 100).astype(np.float32)
+    save_file({"w_raw": w, "b_raw": np.array([0.25], np.float32), "direction": w[:, 0],
+               "layers": np.array([PROBE_LAYER])}, str(probes / "lr.safetensors"))
+    (probes / "lr.json").write_text(json.dumps({"method": "lr", "hidden_dim": 576,
+                                                "sides": ["prompt"]}))
+    return {"vectors": str(vec_dir), "probe": str(probes / "lr.safetensors"), "w": w[0, 0],
+            "base": base}
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    args = ["--model", default_model_path(), "--vectors", files["vectors"], "--probe",
+            files["probe"], "--probe_layer", PROBE_LAYER, "--max_batch", 4, "--threads", 1]
+    with Served(map(str, args)) as s:
+        yield s
+        r = s.stop()
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    ready = [line for line in r.stdout.splitlines() if line.startswith("serving ")]
+    assert ready == [f"serving {s.model} on {s.url}"] and r.stdout.rstrip().endswith("stopped")
+
+
+def generated(files, prompts, *flags):
+    """scripts/generate.py's greedy completions (one prompt per batch, as the server runs a lone
+    request) -> [(completion, tokens)]."""
+    src = files["base"] / f"prompts{abs(hash(flags))}.json"
+    src.write_text(json.dumps(prompts))
+    out = files["base"] / "out.jsonl"
+    r = in_process(["generate.py", "--model", default_model_path(), "--prompts", src,
+                    "--output", out, "--max_gen_len", 24, "--batch_size", 1, *flags],
+                   lambda: generate_cmd.command(generate_cmd.main))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return [(row["completion"], row["tokens"]) for row in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(files, one_thread):
+    return {"plain": generated(files, PROMPTS),
+            "chat": generated(files, CHATS[:1], "--chat"),
+            "steered": generated(files, PROMPTS[:2], "--steer", files["vectors"],
+                                 "--steer_layers", 10, "--multiplier", 1.0)}
+
+
+def test_models_and_vectors(server, files):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [server.model]
+    info = server.http.get("/v1/vectors").json()
+    (vec,) = info["data"]
+    assert vec["id"] == "push" and vec["layers"] == [10, 14]
+    assert math.isclose(vec["norms"]["10"], 60, rel_tol=1e-5)  # float32 norm of the saved vector
+    assert 50 < vec["residual_norms"]["10"] < 400  # SmolLM2's residual norms at layer 10
+    assert info["probe"]["layer"] == PROBE_LAYER
+
+
+def test_completions_equal_generate(server, reference):
+    client = server.client()
+    for prompt, (text, tokens) in zip(PROMPTS, reference["plain"]):
+        r = client.completions.create(model=server.model, prompt=prompt, max_tokens=24,
+                                      temperature=0)
+        assert r.choices[0].text == text
+        assert r.usage.completion_tokens == len(tokens)
+        chunks = server.stream("/v1/completions", {"prompt": prompt, "max_tokens": 24,
+                                                   "temperature": 0})
+        assert "".join(c["choices"][0]["text"] for c in chunks) == text
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_chat_equals_generate_and_user_text_is_not_control(server, reference):
+    client = server.client()
+    r = client.chat.completions.create(model=server.model, max_tokens=24, temperature=0,
+                                       messages=[{"role": "user", "content": CHATS[0]}])
+    assert r.choices[0].message.content == reference["chat"][0][0]
+    stream = client.chat.completions.create(model=server.model, max_tokens=24, temperature=0,
+                                            stream=True,
+                                            messages=[{"role": "user", "content": CHATS[0]}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == reference["chat"][0][0]
+    # `<|im_end|>` typed by the user is text: the prompt holds only the template's two (the
+    # default system turn's and the user turn's ends), not the user's third
+    from llama.tokenizer import load_tokenizer, write_gguf_tokenizer
+    from server.chat import encode_chat
+
+    tok = load_tokenizer(write_gguf_tokenizer(str(default_model_path()),
+                                              str(server.err.name) + ".tok"))
+    msgs = [{"role": "user", "content": CHATS[1]}]
+    ids, im_end = encode_chat(tok, msgs), tok.encode("<|im_end|>")
+    assert len(im_end) == 1 and ids.count(im_end[0]) == 2
+    assert tok.encode(tok.render_chat(msgs)).count(im_end[0]) == 3  # what encode() would do
+    assert tok.decode(ids) == tok.render_chat(msgs)
+    r = server.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 1,
+                                             "temperature": 0})
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_steered_requests_equal_generate_steer(server, reference):
+    client = server.client()
+    for prompt, (text, _), (plain, _) in zip(PROMPTS, reference["steered"], reference["plain"]):
+        r = client.completions.create(model=server.model, prompt=prompt, max_tokens=24,
+                                      temperature=0, extra_body={"steering": STEER})
+        assert r.choices[0].text == text
+    assert [t for t, _ in reference["steered"]] != [t for t, _ in reference["plain"][:2]]
+
+
+def test_probe_scores_equal_the_probe_on_hidden_states(server, files, dist1):
+    from llama.checkpoint import load_model
+    from llama.tokenizer import load_tokenizer
+
+    body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "probe": True,
+            "steering": STEER}
+    r = server.post("/v1/completions", body).json()
+    choice = r["choices"][0]
+    lm = load_model(str(default_model_path()), dist1)
+    tok = load_tokenizer(lm.tokenizer_path)
+    prompt = tok.encode(PROMPTS[0], bos=True)
+    chunks = server.stream("/v1/completions", body)
+    streamed = [s for c in chunks for s in c["choices"][0].get("probe_scores", [])]
+    ids = prompt + choice["token_ids"]
+    assert tok.decode(choice["token_ids"]) == choice["text"]
+    assert len(ids) == len(prompt) + 8 and len(choice["probe_scores"]) == 8
+    from llama.model import Steer
+    from llama.steering import load_vectors
+
+    vec = load_vectors(files["vectors"], [10], 576, 30)
+    h = lm.model(torch.tensor([ids]), layers=[PROBE_LAYER], steer=Steer(vec, 1.0))[PROBE_LAYER]
+    want = (h[0].double() @ torch.from_numpy(files["w"]).double() + 0.25).tolist()
+    # decode steps on the KV cache vs one full forward: float32 rounding, scores of size ~1-10
+    assert choice["probe_prompt_score"] == pytest.approx(want[len(prompt) - 1], abs=2e-3)
+    assert choice["probe_scores"] == pytest.approx(want[len(prompt):], abs=2e-3)
+    assert streamed == pytest.approx(choice["probe_scores"], abs=1e-6)
+    assert chunks[0]["choices"][0]["probe_prompt_score"] == choice["probe_prompt_score"]
+
+
+def test_seeded_sampling_repeats_and_stop_strings(server):
+    body = {"prompt": PROMPTS[1], "max_tokens": 16, "temperature": 0.9, "top_p": 0.9,
+            "seed": 7}
+    a, b = (server.post("/v1/completions", body).json()["choices"][0]["text"] for _ in "ab")
+    other = server.post("/v1/completions", {**body, "seed": 8}).json()["choices"][0]["text"]
+    assert a == b and a != other
+    full = server.complete(PROMPTS[0], max_tokens=24)["choices"][0]["text"]
+    stop = full.strip().split()[1]  # a word inside the greedy answer
+    cut = server.complete(PROMPTS[0], max_tokens=24, stop=[stop])["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.index(stop)]
+    chunks = server.stream("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 24,
+                                               "temperature": 0, "stop": stop})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == cut["text"]
+    lp = server.complete(PROMPTS[0], max_tokens=3, logprobs=2)["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == 3 and all(v <= 0 for v in lp["token_logprobs"])
+    assert all(len(t) == 2 for t in lp["top_logprobs"])
+
+
+BAD = [  # (body or raw text, endpoint, status, param)
+    ("{not json", "completions", 400, None),
+    ({"prompt": "x", "steering": {"vector": "nope"}}, "completions", 400, "steering.vector"),
+    ({"prompt": "x", "steering": {"vector": "push", "layers": [31]}}, "completions", 400,
+     "steering.layers"),
+    ({"prompt": "x", "steering": {"vector": "push", "layers": [12]}}, "completions", 400,
+     "steering.layers"),
+    ('{"prompt": "x", "steering": {"vector": "push", "multiplier": NaN}}', "completions", 400,
+     "steering.multiplier"),
+    ({"prompt": "x", "steering": {"vector": "push", "multiplier": "2"}}, "completions", 400,
+     "steering.multiplier"),
+    ({"prompt": "x", "steering": {"vector": "push", "strength": 2}}, "completions", 400,
+     "steering.strength"),
+    ({"prompt": "x", "temperature": -0.5}, "completions", 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "completions", 400, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "completions", 400, "top_p"),
+    ({"prompt": "x", "max_tokens": 0}, "completions", 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 5000}, "completions", 400, "max_tokens"),
+    ({"prompt": ""}, "completions", 400, "prompt"),
+    ({"messages": []}, "chat/completions", 400, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "chat/completions", 400,
+     "messages.0.role"),
+    ({"prompt": "x", "model": "gpt-4"}, "completions", 404, "model"),
+]
+
+
+def test_bad_requests_are_4xx_json_and_the_server_goes_on(server):
+    for body, path, status, param in BAD:
+        if isinstance(body, str):
+            r = server.http.post(f"/v1/{path}", content=body,
+                                 headers={"Content-Type": "application/json"})
+        else:
+            r = server.post(f"/v1/{path}", body)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and err["message"] and err["type"], (body, err)
+        assert server.complete("Hi", max_tokens=1)["choices"][0]["text"]
+    r = server.http.post("/v1/completions", content=b"x" * (2 << 20))
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    assert server.http.get("/health").json()["status"] == "ok"
+
+
+def mixed_requests():
+    """16 requests of different prompts, lengths, steering (or none), probe and streaming."""
+    words = ["Once upon a time", "The best way to learn", "In 1969,", "Cats are", "Paris is",
+             "def add(a, b):", "The sun", "My name is", "Rain falls", "A good book",
+             "The ocean", "Music makes", "Mountains are", "Coffee is", "The moon", "Bread"]
+    out = []
+    for i, prompt in enumerate(words):
+        body = {"prompt": prompt, "max_tokens": 3 + 2 * (i % 6), "temperature": 0}
+        if i % 3 == 1:
+            body["steering"] = {"vector": "push", "layers": [10], "multiplier": 0.5 * (i % 4 + 1)}
+        elif i % 3 == 2:
+            body["steering"] = {"vector": "push", "layers": [10, 14], "multiplier": 0.3,
+                                "scale": "residual", "positions": "generated",
+                                "ablate": i % 2 == 0}
+        if i % 5 == 0:
+            body["probe"] = True
+        out.append(body)
+    return out
+
+
+def answer(server, http, body, stream):
+    if stream:
+        chunks = []
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            chunks = [json.loads(x[6:]) for x in r.iter_lines()
+                      if x.startswith("data: ") and x != "data: [DONE]"]
+        return ("".join(c["choices"][0]["text"] for c in chunks),
+                [s for c in chunks for s in c["choices"][0].get("probe_scores", [])])
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice["text"], choice.get("probe_scores", [])
+
+
+def test_concurrent_clients_get_their_sequential_answers(server):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    bodies = mixed_requests()
+    alone = [answer(server, server.http, b, False) for b in bodies]
+    assert len({t for t, _ in alone}) > 8  # different requests, different answers
+    done = threading.Event()
+    health = []
+
+    def watch():
+        with httpx.Client(base_url=server.url, timeout=60) as h:
+            while not done.is_set():
+                r = h.get("/health")
+                health.append((r.status_code, r.json()))
+
+    def one(i):
+        with httpx.Client(base_url=server.url, timeout=600) as http:
+            return answer(server, http, bodies[i], i % 2 == 1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(one, range(16)))
+    finally:
+        done.set()
+        watcher.join()
+    for (text, probes), (want, want_probes), body in zip(together, alone, bodies):
+        assert text == want, body
+        # the same token's state, decoded in batches of other sizes: float32 rounding
+        assert probes == pytest.approx(want_probes, abs=2e-3)
+    assert health and all(code == 200 and h["status"] == "ok" for code, h in health)
+    assert max(h["running"] for _, h in health) <= 4  # --max_batch
+
+
+def test_a_client_that_leaves_frees_its_row(server):
+    import time
+
+    before = server.http.get("/health").json()["dropped"]
+    body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0,
+            "stream": True}
+    with server.http.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(4)]
+    assert any(line.startswith("data: {") for line in got)
+    deadline = time.monotonic() + 300  # a bound for a loaded machine, not a timing assertion
+    while time.monotonic() < deadline:
+        h = server.http.get("/health").json()
+        if h["dropped"] == before + 1 and h["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert h["dropped"] == before + 1 and h["running"] == 0 and h["waiting"] == 0, h
+    for i in range(8):
+        assert server.complete(f"Number {i} is", max_tokens=3)["choices"][0]["finish_reason"]
