@@ -32,6 +32,7 @@ from probes import data, report
 from probes.methods import METHODS, BASELINES, defaults
 from probes.solvers import Settings
 from probes.train import run
+from report.build import write_run_report
 
 
 def parse_methods(spec) -> List[str]:
@@ -71,7 +72,7 @@ def positive_name(cache) -> str:
 
 def train(cache: str, output: str, layers: str = "all", methods: str = "all",
           test_frac: float = 0.2, val_frac: float = 0.25, folds: int = 0, visualize: bool = False,
-          bootstrap: int = 1000, fit: Settings = None):
+          bootstrap: int = 1000, fit: Settings = None, html_report: bool = False):
     """Train and evaluate every method on every cached layer; write OUTPUT/eval.csv, summary.csv,
     split.csv, probes/ and plots.
 
@@ -85,6 +86,7 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
         part); 0: one split
     visualize: also write layers.png, roc.png and hist.png
     bootstrap: resamples for the 95% intervals (0: none)
+    html_report: also write OUTPUT/report.html (scripts/report.py's page of this run)
     """
     t0 = time.time()
     fit = fit or Settings()
@@ -118,6 +120,8 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
     t2 = time.time()
     print(f"wrote {output}/eval.csv, summary.csv, split.csv and probes/ in {t2 - t0:.1f} s "
           f"(fit and score {t1 - t0:.1f} s, metrics and outputs {t2 - t1:.1f} s)")
+    if html_report:
+        write_run_report(output)
 
 
 def same_model(src, other) -> None:
@@ -135,7 +139,7 @@ def same_model(src, other) -> None:
 
 def transfer(train: str, test: List[str], output: str = "runs/transfer", layers: str = "all",
              methods: str = "all", test_frac: float = 0.2, val_frac: float = 0.25,
-             bootstrap: int = 1000, fit: Settings = None):
+             bootstrap: int = 1000, fit: Settings = None, html_report: bool = False):
     """Train on the training split of cache TRAIN, choose each method's layer on its validation
     split; score its test split and every row of each --test cache (same model, by fingerprint).
 
@@ -147,6 +151,7 @@ def transfer(train: str, test: List[str], output: str = "runs/transfer", layers:
     test_frac: share of TRAIN's rows held out to test
     val_frac: share of TRAIN's other rows held out to choose each method's layer
     bootstrap: resamples for the 95% intervals (0: none)
+    html_report: also write OUTPUT/report.html (scripts/report.py's page of this run)
     """
     fit = fit or Settings()
     src = data.open_cache(train)
@@ -194,6 +199,8 @@ def transfer(train: str, test: List[str], output: str = "runs/transfer", layers:
             cells.append(f"{r.accuracy.iloc[0]:.3f} / {r.auroc.iloc[0]:.3f}" if len(r) else "-")
         print(f"{m:<16}{layer:>6}" + "".join(f"  {c:>17}" for c in cells))
     print(f"wrote {output}/transfer.csv (every layer; first column: {train}'s own test split)")
+    if html_report:
+        write_run_report(output)
 
 
 def main():

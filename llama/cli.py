@@ -42,6 +42,7 @@ ALIASES = {  # seed spelling -> the name every command uses
     "save_activations_path": "output",
     "tokenizer": "tokenizer_path",
     "model_dtype": "compute_dtype",
+    "report": "html_report",  # a name the commands' own `report` module already holds
 }
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

@@ -62,6 +62,8 @@ def esc(text) -> str:
 
 
 def cell(v) -> str:
+    if isinstance(v, bool):
+        return esc(v)
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.3f}"
     return esc(v)
@@ -71,11 +73,12 @@ def table(df: pd.DataFrame, cols: List[str] = None, text_cols=(), cls: str = "")
     """An HTML table of df's columns `cols` (floats shown to 3 decimals, text escaped)."""
     cols = [c for c in (cols or list(df.columns)) if c in df.columns]
     head = "".join(f'<th class="{"text" if c in text_cols else ""}">{esc(c)}</th>' for c in cols)
+    values = {c: df[c].tolist() for c in cols}  # each column its own dtype (ints stay ints)
     body = []
-    for _, r in df.iterrows():
+    for i in range(len(df)):
         body.append("<tr>" + "".join(
-            f'<td class="{"text" if c in text_cols else ""}">{cell(r[c])}</td>' for c in cols)
-            + "</tr>")
+            f'<td class="{"text" if c in text_cols else ""}">{cell(values[c][i])}</td>'
+            for c in cols) + "</tr>")
     return f'<table class="{esc(cls)}"><tr>{head}</tr>{"".join(body)}</table>'
 
 

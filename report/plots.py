@@ -4,6 +4,7 @@ only the cached workflow's AUROC is computed here, from probe_stats_layer{L}.csv
 type, exactly as analyze_probe_from_cache.py prints it (sklearn's roc_auc_score)."""
 import io
 import itertools
+import re
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -22,6 +23,7 @@ def svg(fig) -> str:
         fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)  # creator, date: not data
     return text[text.index("<svg"):]
 
 
@@ -46,6 +48,12 @@ def style(methods: List[str]) -> Dict[str, dict]:
     for m in methods:
         out.setdefault(m, dict(color=next(cycle), ls="-"))
     return out
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _gaps(layers, *cols):
@@ -74,6 +82,7 @@ def probe_layers(ev: pd.DataFrame, title: str) -> str:
             ax.plot(at.layer, at[key], "*", ms=12, color=look[m]["color"])
         ax.axhline(0.5, color="lightgray", lw=0.8)
         ax.set(xlabel="layer", ylabel=f"test {key}")
+        _integer_x(ax)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title + "\n* = layer chosen on validation rows; bands: 95% bootstrap interval",
                  fontsize=9)
@@ -136,7 +145,8 @@ def cached_auroc(table: pd.DataFrame) -> str:
     ax.plot(table.layer, table.auroc_deployment, marker=".", ls="--",
             label="positive class: deployment")
     ax.axhline(0.5, color="lightgray")
-    ax.set(xlabel="layer", ylabel="AUROC of mean_score", ylim=(0, 1))
+    ax.set(xlabel="layer", ylabel="AUROC of mean_score", ylim=(-0.02, 1.02))
+    _integer_x(ax)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return svg(fig)

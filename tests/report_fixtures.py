@@ -67,7 +67,7 @@ def make_runs(tmp) -> dict:
                meta, token="mean")
     probes = os.path.join(tmp, "run_probes")
     r = in_process(["ccs.py", "train", "--cache", mean_cache, "--output", probes,
-                    "--bootstrap", "50"], ccs.main)
+                    "--bootstrap", "50", "--report"], ccs.main)
     assert r.returncode == 0, r.stderr
     r = script("generate_vectors_from_cache.py", "--cache", cache, "--output",
                os.path.join(tmp, "vec"))
@@ -76,7 +76,7 @@ def make_runs(tmp) -> dict:
     vectors = os.path.join(vec_run, "normalized_vectors")
     cached = os.path.join(tmp, "run_cached")
     r = script("analyze_probe_from_cache.py", "--cache", cache, "--vectors", vectors,
-               "--output", cached)
+               "--output", cached, "--report")
     assert r.returncode == 0, r.stderr
     steering = os.path.join(tmp, "run_steering")
     shutil.copytree(os.path.join(ROOT, "results", "steering"), steering)
