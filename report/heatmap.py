@@ -89,8 +89,8 @@ def token_map(cache_path: str, direction: str, side: Optional[str] = None, examp
 
     cache = ActivationCache(cache_path)
     if cache.token != "all":
-        raise LlamaError(f"cache {cache_path} holds one vector per prompt (token {cache.token!r}): "
-                         "per-token heat-maps need a --token all cache")
+        raise LlamaError(f"cache {cache_path} holds one vector per prompt "
+                         f"(token {cache.token!r}): per-token heat-maps need a --token all cache")
     side = side or cache.sides[0]
     if side not in cache.sides:
         raise LlamaError(f"side {side!r} not in cache {cache_path} (sides: "

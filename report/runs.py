@@ -54,7 +54,8 @@ def need(df: pd.DataFrame, cols, path: str) -> None:
 
 def read_probes(run: Run) -> None:
     ev = read_csv(run, "eval.csv")
-    need(ev, ["layer", "method", "accuracy", "auroc", "chosen"], os.path.join(run.path, "eval.csv"))
+    need(ev, ["layer", "method", "accuracy", "auroc", "chosen"],
+         os.path.join(run.path, "eval.csv"))
     if os.path.exists(os.path.join(run.path, "summary.csv")):
         read_csv(run, "summary.csv")
     if os.path.exists(os.path.join(run.path, "split.csv")):

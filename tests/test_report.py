@@ -143,7 +143,8 @@ def test_report_in_browser(runs, tmp_path):
         assert len(plots) == 5
         for p in plots:
             svg = p.find_element(By.TAG_NAME, "svg")
-            assert svg.size["width"] > 100 and svg.size["height"] > 100, p.get_attribute("data-plot")
+            size = svg.size
+            assert size["width"] > 100 and size["height"] > 100, p.get_attribute("data-plot")
         boxes = driver.find_elements(By.CSS_SELECTOR, ".heatmap .prompt")
         for box in boxes:
             toks = box.find_elements(By.CSS_SELECTOR, ".tok")

@@ -18,7 +18,9 @@
 
   function errorText(status, body) {
     var e = body && body.error;
-    if (e && e.message) { return 'HTTP ' + status + ': ' + e.message + (e.param ? ' (' + e.param + ')' : ''); }
+    if (e && e.message) {
+      return 'HTTP ' + status + ': ' + e.message + (e.param ? ' (' + e.param + ')' : '');
+    }
     return 'HTTP ' + status;
   }
 
@@ -93,8 +95,8 @@
     if ($('probe').checked) { body.probe = true; }
     var name = $('vector').value;
     if (steered && name) {
-      var layers = Array.prototype.map.call(document.querySelectorAll('#layers input.layer:checked'),
-        function (x) { return Number(x.value); });
+      var picked = document.querySelectorAll('#layers input.layer:checked');
+      var layers = Array.prototype.map.call(picked, function (x) { return Number(x.value); });
       body.steering = { vector: name, layers: layers, multiplier: Number($('multiplier').value),
         scale: $('scale').value, ablate: $('ablate').checked, positions: $('positions').value };
     }
@@ -111,7 +113,9 @@
     var toks = document.querySelectorAll('#outputs .tok[data-score]');
     var scale = 0;
     toks.forEach(function (t) { scale = Math.max(scale, Math.abs(Number(t.dataset.score))); });
-    toks.forEach(function (t) { t.style.backgroundColor = colour(Number(t.dataset.score), scale); });
+    toks.forEach(function (t) {
+      t.style.backgroundColor = colour(Number(t.dataset.score), scale);
+    });
   }
 
   function addToken(panel, piece, scores) {
@@ -159,7 +163,8 @@
           var events = buffer.split('\n\n');
           buffer = events.pop();
           for (var i = 0; i < events.length; i++) {
-            var data = events[i].split('\n').filter(function (l) { return l.indexOf('data:') === 0; })
+            var data = events[i].split('\n')
+              .filter(function (l) { return l.indexOf('data:') === 0; })
               .map(function (l) { return l.slice(5).trim(); }).join('\n');
             if (!data) { continue; }
             if (data === '[DONE]') { return; }
