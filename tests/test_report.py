@@ -172,3 +172,28 @@ def test_report_in_browser(runs, tmp_path):
             if os.environ.get("UPDATE_SCREENSHOTS"):
                 os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
                 shutil.copy(path, os.path.join(ROOT, "docs", name))
+
+
+def test_transfer_matrix(runs, tmp_path):
+    import ccs
+
+    cache = ActivationCache(runs["mean_cache"])
+    other = str(tmp_path / "other")
+    from llama.cache import save_cache
+
+    keep = np.arange(20)  # another cache of the same model: half the prompts, both classes
+    save_cache(other, {l: {"prompt": cache.array(l, "prompt")[keep]} for l in LAYERS},
+               {**cache.meta, "ids": [cache.ids[i] for i in keep],
+                "types": [cache.types[i] for i in keep],
+                "labels": [int(cache.labels[i]) for i in keep]}, token="mean")
+    out = str(tmp_path / "transfer")
+    r = in_process(["ccs.py", "transfer", "--train", runs["mean_cache"], "--test", other,
+                    "--output", out, "--bootstrap", "20", "--methods", "lr,mean_diff",
+                    "--report"], ccs.main)
+    assert r.returncode == 0, r.stderr
+    page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
+    assert 'data-plot="transfer-auroc"' in page and 'data-plot="transfer-accuracy"' in page
+    tr = pd.read_csv(os.path.join(out, "transfer.csv"))
+    at = tr[(tr.chosen > 0) & (tr.test == other)]
+    for v in at.auroc:  # each cell is written on the matrix (SVG text)
+        assert f">{v:.3f}<" in page
