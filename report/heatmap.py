@@ -106,8 +106,8 @@ def token_map(cache_path: str, direction: str, side: Optional[str] = None, examp
     if layer is not None and layer not in layers:
         raise LlamaError(f"--layer {layer}: not among the heat-map's layers "
                          f"({', '.join(map(str, layers))})")
-    classes = cache.types or [str(x) for x in (cache.labels if cache.labels is not None
-                                               else [""] * cache.num_examples)]
+    classes = cache.types or ([f"label {x}" for x in cache.labels] if cache.labels is not None
+                              else ["unlabelled"] * cache.num_examples)
     rows = pick(list(classes), int(examples))
     texts = token_texts(cache, side, rows)
     off = cache.offsets(side)
