@@ -127,6 +127,9 @@ def build(paths: List[str], output: str, tokens: Optional[Tokens] = None,
     given) to `output`; returns its path."""
     if not paths:
         raise LlamaError("give at least one run folder")
+    if tokens and tokens.direction and not tokens.cache:
+        raise LlamaError("--direction colours a heat-map: give the token 'all' cache too "
+                         "(--tokens)")
     runs = [read_run(p) for p in paths]
     sections = []
     for run in runs:

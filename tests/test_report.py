@@ -110,6 +110,9 @@ def test_bad_input_is_one_line(runs, tmp_path):
     r = script("report.py", runs["probes"], "--tokens", runs["cache"], "--layer", "7",
                "--output", str(tmp_path / "r.html"))
     one_line_error(r, "--layer 7")
+    r = script("report.py", runs["probes"], "--direction", runs["probe"],
+               "--output", str(tmp_path / "r.html"))
+    one_line_error(r, "--tokens")
     assert not os.path.exists(tmp_path / "r.html")
     bad = tmp_path / "bad"
     shutil.copytree(runs["steering"], bad)
