@@ -39,12 +39,13 @@ def _plt():
 def style(methods: List[str]) -> Dict[str, dict]:
     """One colour per method, as the run's own PNGs use (probes.report.colours); unknown method
     names get the next colours of the cycle."""
+    plt = _plt()  # the Agg backend before probes.report imports pyplot
     from probes.methods import METHODS
     from probes.report import colours
 
     known = [m for m in methods if m.removesuffix("_signed") in METHODS]
     out = colours(known) if known else {}
-    cycle = itertools.cycle(_plt().rcParams["axes.prop_cycle"].by_key()["color"])
+    cycle = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for m in methods:
         out.setdefault(m, dict(color=next(cycle), ls="-"))
     return out
