@@ -9,6 +9,9 @@ setup:
 
 setup-dev: setup
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	@# the page tests drive Debian's headless Chromium (tests/browser.py)
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
 
 demo: setup
 	bash scripts/demo.sh

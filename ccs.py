@@ -32,6 +32,7 @@ from probes import data, report
 from probes.methods import METHODS, baselines, defaults
 from probes.solvers import Settings
 from probes.train import run
+from report.build import write_run_report
 
 
 def parse_methods(spec) -> List[str]:
@@ -72,7 +73,8 @@ def positive_name(cache) -> str:
 
 def train(cache: str, output: str, layers: str = "all", methods: str = "all",
           test_frac: float = 0.2, val_frac: float = 0.25, folds: int = 0, visualize: bool = False,
-          bootstrap: int = 1000, drop_nonfinite: bool = False, fit: Settings = None):
+          bootstrap: int = 1000, drop_nonfinite: bool = False, fit: Settings = None,
+          html_report: bool = False):
     """Train and score every method on every cached layer.
 
     Writes OUTPUT/eval.csv, summary.csv, split.csv, probes/ and plots.
@@ -88,6 +90,7 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
     visualize: also write layers.png, roc.png and hist.png
     bootstrap: resamples for the 95% intervals (0: none)
     drop_nonfinite: leave out rows holding a NaN or an infinity (default: refuse the cache)
+    html_report: also write OUTPUT/report.html (scripts/report.py's page of this run)
     """
     t0 = time.time()
     fit = fit or Settings()
@@ -126,6 +129,8 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
     t2 = time.time()
     print(f"wrote {output}/eval.csv, summary.csv, split.csv and probes/ in {t2 - t0:.1f} s "
           f"(fit and score {t1 - t0:.1f} s, metrics and outputs {t2 - t1:.1f} s)")
+    if html_report:
+        write_run_report(output)
 
 
 def nonfinite_rows_to_drop(c, layers, methods):
@@ -155,7 +160,8 @@ def same_model(src, other) -> None:
 
 def transfer(train: str, test: List[str], output: str = "runs/transfer", layers: str = "all",
              methods: str = "all", test_frac: float = 0.2, val_frac: float = 0.25,
-             bootstrap: int = 1000, drop_nonfinite: bool = False, fit: Settings = None):
+             bootstrap: int = 1000, drop_nonfinite: bool = False, fit: Settings = None,
+             html_report: bool = False):
     """Train on one cache, score on others of the same model.
 
     Trains on the training split of cache TRAIN and chooses each method's layer on its validation
@@ -170,6 +176,7 @@ def transfer(train: str, test: List[str], output: str = "runs/transfer", layers:
     val_frac: share of TRAIN's other rows held out to choose each method's layer
     bootstrap: resamples for the 95% intervals (0: none)
     drop_nonfinite: leave out TRAIN's rows holding a NaN or an infinity (default: refuse it)
+    html_report: also write OUTPUT/report.html (scripts/report.py's page of this run)
     """
     fit = fit or Settings()
     src = data.open_cache(train)
@@ -220,6 +227,8 @@ def transfer(train: str, test: List[str], output: str = "runs/transfer", layers:
             cells.append(f"{r.accuracy.iloc[0]:.3f} / {r.auroc.iloc[0]:.3f}" if len(r) else "-")
         print(f"{m:<16}{layer:>6}" + "".join(f"  {c:>17}" for c in cells))
     print(f"wrote {output}/transfer.csv (every layer; first column: {train}'s own test split)")
+    if html_report:
+        write_run_report(output)
 
 
 def main():

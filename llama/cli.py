@@ -31,6 +31,7 @@ ALIASES = {  # seed spelling -> the name every command uses
     "tokenizer": "tokenizer_path",
     "model_dtype": "compute_dtype",
     "dtype": "compute_dtype",  # only where --dtype (the on-disk dtype) is not a flag itself
+    "report": "html_report",  # a name the commands' own `report` module already holds
 }
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

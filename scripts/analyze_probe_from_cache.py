@@ -28,6 +28,7 @@ from llama.cache import ActivationCache, mean_start  # noqa: E402
 from llama.cli import command  # noqa: E402
 from llama.errors import LlamaError  # noqa: E402
 from llama.steering import read_vectors_folder  # noqa: E402
+from report.build import write_run_report  # noqa: E402
 
 
 def no_vectors(folder: str) -> LlamaError:
@@ -133,7 +134,8 @@ def auroc(types, score, positive):
 
 
 def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None, side: str = None,
-            visualize: bool = False, mean_keep_first: bool = False, drop_nonfinite: bool = False):
+            visualize: bool = False, mean_keep_first: bool = False, drop_nonfinite: bool = False,
+            html_report: bool = False):
     import pandas as pd
 
     act_cache = ActivationCache(cache)
@@ -184,6 +186,8 @@ def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None
     if visualize:
         plot(output, table, layers)
     print(f"wrote {len(layers)} probe_stats_layer{{L}}.csv files to {output}")
+    if html_report:
+        write_run_report(output, cache, vectors)
 
 
 def plot(output, table, layers):
@@ -222,7 +226,7 @@ def plot(output, table, layers):
 
 def main(cache: str, vectors: str, output: str = "probe_results", data: str = None,
          layers: str = None, side: str = None, visualize: bool = False,
-         mean_keep_first: bool = False, drop_nonfinite: bool = False):
+         mean_keep_first: bool = False, drop_nonfinite: bool = False, html_report: bool = False):
     """Project a cache's activations onto probe vectors: per-question statistics per layer.
 
     cache: the activation cache (scripts/cache_activations.py)
@@ -234,9 +238,10 @@ def main(cache: str, vectors: str, output: str = "probe_results", data: str = No
     visualize: also write auroc_by_layer.png and scores_by_type.png
     mean_keep_first: token "all" caches: count position 0 too (left out by default)
     drop_nonfinite: leave out rows holding a NaN or an infinity (default: refuse the cache)
+    html_report: also write OUTPUT/report.html (with per-token heat-maps of a token "all" cache)
     """
     analyze(cache, vectors, output, data, layers, side, visualize, mean_keep_first,
-            drop_nonfinite)
+            drop_nonfinite, html_report)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ $PY -m torch.distributed.run --standalone --nproc_per_node 1 example.py \
   --save_activations_path "$CACHE" --prompt_csv "$DATA" --device cpu --zero_shot
 
 echo "== 4/4 train CCS and the baselines on every layer ($RUN)"
-$PY ccs.py train --cache "$CACHE" --output "$RUN" --visualize
+$PY ccs.py train --cache "$CACHE" --output "$RUN" --visualize --report
 
 echo
 echo "Done. Look at:"
@@ -32,3 +32,4 @@ echo "  $RUN/eval.csv         one row per layer x method (held-out accuracy, AUR
 echo "  $RUN/layers.png       held-out accuracy and AUROC against layer, every method"
 echo "  $RUN/roc.png, hist.png  ROC curves and score histograms at the best layer"
 echo "  $CACHE                the activation cache (metadata.json says what it holds)"
+echo "Report (open in a browser, works offline): $RUN/report.html"

@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llama.cli import command  # noqa: E402
 from llama.errors import LlamaError  # noqa: E402
+from report.build import write_run_report  # noqa: E402
 
 LETTER = re.compile(r"\(([AB])\)")
 
@@ -186,7 +187,8 @@ def parse_answer(completion: str):
 
 def main(model, data, vectors, layers, output, multipliers=None, positions="all", ablate=False,
          samples=0, max_gen_len=16, limit=None, visualize=False, n_boot=1000, seed=0, chat="auto",
-         tokenizer_path=None, compute_dtype="float32", device="auto", overwrite=False):
+         tokenizer_path=None, compute_dtype="float32", device="auto", overwrite=False,
+         html_report=False):
     """Steering sweep on an A/B test set (the module docstring says how it is scored).
 
     model: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
@@ -208,6 +210,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     compute_dtype: of the model's weights and arithmetic: float32, float16 or bfloat16
     device: auto, cpu or cuda
     overwrite: replace an existing steering.csv in --output
+    html_report: also write OUTPUT/report.html (scripts/report.py's page of this run)
     """
     import torch.distributed as tdist
     from tqdm import tqdm
@@ -260,6 +263,8 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
             plot(output, layers, mults, base, table, n_boot, seed)
         print(f"wrote {output}/steering.csv, items.csv, samples.jsonl"
               + (", steering.png" if visualize else ""))
+        if html_report:
+            write_run_report(output)
     finally:
         if own_group:
             teardown()

@@ -26,6 +26,8 @@ def demo(out):
 def test_demo_on_smollm2(tmp_path):
     log = demo(tmp_path)
     assert "Done. Look at:" in log
+    report = tmp_path / "runs" / "cities" / "report.html"  # ccs.py train --report
+    assert log.strip().splitlines()[-1].endswith(str(report)) and report.stat().st_size > 10000
     cache = ActivationCache(str(tmp_path / "caches" / "cities"))
     assert (cache.layers == list(range(31)) and cache.num_examples == 160
             and cache.hidden_dim == 576)

@@ -200,8 +200,10 @@ def test_steer_end_to_end_on_smollm2(smol_vectors, tmp_path, dist1):
     r = run_script("steer.py", "--model", model, "--data", heldout, "--vectors", run,
                    "--layers", "14", "--multipliers=0,4", "--output", out2, "--limit", 2,
                    "--chat", "chatml",
-                   "--positions", "generated")
+                   "--positions", "generated", "--report")
     assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == f"wrote {out2 / 'report.html'}"
+    assert 'data-plot="steering-p_positive"' in (out2 / "report.html").read_text()
     rows = read_csv(out2 / "steering.csv")
     # the baseline and multiplier 0 run in batches of other shapes: equal up to BLAS rounding
     # (bit-identity at equal shapes is test_generation's multiplier-zero test)
