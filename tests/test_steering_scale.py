@@ -175,3 +175,32 @@ def test_raw_scale_push_and_the_weak_push_warning(tiny, tmp_path):
     push = 0.001 * float(vec.norm()) / resid
     assert push < 0.1
     assert f"layer 2: the largest multiplier pushes {push:.0%} of the residual norm" in r.stdout
+
+
+def test_a_letter_vector_is_called_a_letter_effect(tiny, tmp_path):
+    """A vector built to favour the letter A (at the last block's output, the direction that
+    raises logit(A) - logit(B) through the final norm and output layer) moves p_a across the
+    multipliers while the letter-balanced p_positive stays: the summary says so."""
+    model, base = tiny
+    hf = hf_model(model)
+    tok, _ = tiny_prompts(model, base / "ab.json")
+    a, b = tok.encode("A")[0], tok.encode("B")[0]
+    head, gain = hf.lm_head.weight.detach(), hf.model.norm.weight.detach()
+    letter = ((head[a] - head[b]) * gain).numpy().astype(np.float32)
+    np.save(tmp_path / "letter.npy", letter)
+    out = tmp_path / "letter"
+    r = run_script("steer.py", "--model", model, "--data", base / "ab.json", "--vectors",
+                   tmp_path / "letter.npy", "--layers", "3", "--multipliers=-2,0,2", "--scale",
+                   "residual", "--capability", "none", "--output", out)
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(out / "steering.csv")
+    p_a = [float(x["p_a"]) for x in rows[1:]]
+    assert p_a[0] < p_a[1] < p_a[2]  # the built direction favours A
+    assert "layer 3: the vector moves the letter, not the behaviour" in r.stdout
+    # and a vector that does not single out a letter is not called one
+    out2 = tmp_path / "random"
+    r = run_script("steer.py", "--model", model, "--data", base / "ab.json", "--vectors",
+                   base / "run", "--layers", "1", "--multipliers=0,0.001", "--capability",
+                   "none", "--output", out2)
+    assert r.returncode == 0, r.stderr
+    assert "moves the letter" not in r.stdout
