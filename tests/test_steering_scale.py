@@ -204,3 +204,109 @@ def test_a_letter_vector_is_called_a_letter_effect(tiny, tmp_path):
                    "none", "--output", out2)
     assert r.returncode == 0, r.stderr
     assert "moves the letter" not in r.stdout
+
+
+def contrast_cache(path, plus, minus, labels, data=""):
+    from llama.cache import save_cache
+
+    arrays = {layer: {"plus": plus[layer], "minus": minus[layer]} for layer in range(len(plus))}
+    meta = {"labels": list(map(int, labels)), "model": {"fingerprint": "synthetic"}}
+    if data:
+        meta["data"] = {"path": data}
+    save_cache(str(path), arrays, meta)
+    return path
+
+
+def vectors_of(run_name):
+    """The NAME_TIMESTAMP folder generate_vectors_from_cache.py --output NAME wrote."""
+    run = [d for d in os.listdir(os.path.dirname(run_name))
+           if d.startswith(os.path.basename(run_name) + "_")][0]
+    return os.path.join(os.path.dirname(run_name), run)
+
+
+def test_one_label_contrast_cache_equals_the_swapped_pairs(tmp_path):
+    from llama.steering import read_vectors_folder
+
+    rng = np.random.default_rng(5)
+    n, dim = 10, 16
+    plus = rng.normal(size=(2, n, dim)).astype(np.float32) + 1.0
+    minus = rng.normal(size=(2, n, dim)).astype(np.float32)
+    odd = np.arange(n) % 2 == 1
+    swapped_plus = np.where(odd[None, :, None], minus, plus)
+    swapped_minus = np.where(odd[None, :, None], plus, minus)
+    one = contrast_cache(tmp_path / "one", plus, minus, np.ones(n))
+    two = contrast_cache(tmp_path / "two", swapped_plus, swapped_minus, (~odd).astype(int))
+    for cache, name in ((one, "a"), (two, "b")):
+        r = run_script("generate_vectors_from_cache.py", "--cache", cache, "--output",
+                       tmp_path / name)
+        assert r.returncode == 0, r.stderr
+    got = read_vectors_folder(os.path.join(vectors_of(str(tmp_path / "a")), "vectors"))
+    want = read_vectors_folder(os.path.join(vectors_of(str(tmp_path / "b")), "vectors"))
+    for layer in (0, 1):
+        # the same float64 sums in another order, stored as float32
+        np.testing.assert_allclose(got[layer][0], want[layer][0], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got[layer][0], (plus[layer] - minus[layer]).mean(0),
+                                   rtol=1e-5, atol=1e-6)
+    # a single-prompt cache with one class is still refused
+    from llama.cache import save_cache
+
+    save_cache(str(tmp_path / "single"), {0: {"prompt": plus[0]}},
+               {"labels": [1] * n, "model": {"fingerprint": "synthetic"}})
+    r = run_script("generate_vectors_from_cache.py", "--cache", tmp_path / "single", "--output",
+                   tmp_path / "c")
+    assert r.returncode == 2 and "one class only" in r.stderr
+
+
+def test_vector_metadata_round_trip(tmp_path):
+    """Every convention field is written into the vectors and read back; the llama.cpp export
+    carries them in its GGUF header."""
+    import gguf
+
+    from llama.steering import LAYER_CONVENTION, vector_conventions
+
+    rng = np.random.default_rng(6)
+    n, dim = 8, 64
+    plus = rng.normal(size=(4, n, dim)).astype(np.float32) + 0.5
+    minus = rng.normal(size=(4, n, dim)).astype(np.float32)
+    data = tmp_path / "pairs.csv"
+    data.write_text("idx,plus_prompt,minus_prompt,label,swapped\n")
+    cache = contrast_cache(tmp_path / "c", plus, minus, np.arange(n) % 2, data=str(data))
+    r = run_script("generate_vectors_from_cache.py", "--cache", cache, "--output", tmp_path / "v")
+    assert r.returncode == 0, r.stderr
+    run = vectors_of(str(tmp_path / "v"))
+    meta = vector_conventions(run)
+    assert sorted(meta) == [0, 1, 2, 3]
+    m = meta[2]
+    vec = (((2 * (np.arange(n) % 2) - 1)[:, None]) * (plus[2] - minus[2].astype(np.float64)))
+    assert m["operation"] == "add" and m["layer"] == "2"
+    assert m["layer_convention"] == LAYER_CONVENTION and "direction.{L-1}" in m["layer_convention"]
+    assert m["token"] == "last" and m["source_data"] == str(data)
+    assert m["fingerprint"] == "synthetic" and m["plus_class"] == "positive"
+    assert float(m["norm"]) == pytest.approx(np.linalg.norm(vec.mean(0)), rel=1e-6)
+    resid = np.concatenate([np.linalg.norm(plus[2], axis=1), np.linalg.norm(minus[2], axis=1)])
+    assert float(m["residual_norm"]) == pytest.approx(resid.mean(), rel=1e-6)
+    unit = vector_conventions(os.path.join(run, "normalized_vectors"))[2]
+    assert unit["norm"] == "1" and unit["raw_norm"] == m["norm"]
+
+    model = make_hf(tmp_path / "m", "gqa")  # 3 blocks, dim 64
+    out = tmp_path / "cv.gguf"
+    # the tiny model's fingerprint is not "synthetic": export the unit folder without one
+    fp_free = tmp_path / "free"
+    os.makedirs(fp_free)
+    from safetensors.numpy import load_file
+
+    for layer in (2, 3):
+        src = os.path.join(run, "vectors", f"layer_{layer}.safetensors")
+        meta_l = dict(vector_conventions(run)[layer], fingerprint="")
+        save_file(load_file(src), str(fp_free / f"layer_{layer}.safetensors"), metadata=meta_l)
+    r = run_script("export_control_vector.py", "--model", model, "--vectors", fp_free,
+                   "--output", out)
+    assert r.returncode == 0, r.stderr
+    fields = gguf.GGUFReader(str(out)).fields
+    assert fields["controlvector.layer_count"].contents() == 2
+    for layer in (2, 3):
+        for key in ("operation", "layer_convention", "token", "norm", "residual_norm",
+                    "source_data", "plus_class", "plus_side"):
+            got = fields[f"llama_ccs.layer_{layer}.{key}"].contents()
+            assert got == vector_conventions(fp_free)[layer][key], (layer, key)
+        assert fields[f"llama_ccs.layer_{layer}.tensor"].contents() == f"direction.{layer - 1}"
