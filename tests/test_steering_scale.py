@@ -310,3 +310,43 @@ def test_vector_metadata_round_trip(tmp_path):
             got = fields[f"llama_ccs.layer_{layer}.{key}"].contents()
             assert got == vector_conventions(fp_free)[layer][key], (layer, key)
         assert fields[f"llama_ccs.layer_{layer}.tensor"].contents() == f"direction.{layer - 1}"
+
+
+def test_analyze_marks_the_intended_orientation(tmp_path):
+    """A validation cache (types testing / deployment): the vectors record that their plus side
+    stands for 'testing', and analyze_probe_from_cache.py prints that orientation first, marked,
+    and titles its plot; vectors without the record get both orientations, neither marked."""
+    from llama.cache import save_cache
+
+    rng = np.random.default_rng(7)
+    n, dim = 12, 16
+    types = ["testing" if i % 2 else "deployment" for i in range(n)]
+    t = np.zeros(dim)
+    t[3] = 1.0
+    a = rng.normal(size=(n, dim)) + np.outer([ty == "testing" for ty in types], t) * 3
+    save_cache(str(tmp_path / "c"), {4: {"prompt": a.astype(np.float32)}},
+               {"labels": [int(x == "testing") for x in types], "types": types,
+                "model": {"fingerprint": "synthetic", "path": "/m/smol.gguf"}})
+    r = run_script("generate_vectors_from_cache.py", "--cache", tmp_path / "c", "--output",
+                   tmp_path / "v")
+    assert r.returncode == 0, r.stderr
+    run = vectors_of(str(tmp_path / "v"))
+    r = run_script("analyze_probe_from_cache.py", "--cache", tmp_path / "c", "--vectors",
+                   os.path.join(run, "normalized_vectors"), "--output", tmp_path / "o",
+                   "--visualize")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    head = next(x for x in lines if x.lstrip().startswith("layer"))
+    assert head.split()[2:] == ["testing+", "*", "deployment+"]
+    row = lines[lines.index(head) + 1].split()
+    assert float(row[2]) > 0.9 and float(row[3]) < 0.1  # the testing side scores high
+    assert "intended orientation is positive class 'testing'" in r.stdout
+    assert (tmp_path / "o" / "auroc_by_layer.png").stat().st_size > 1000
+    old = tmp_path / "old"
+    os.makedirs(old)
+    save_file({"vector": t.astype(np.float32)}, str(old / "layer_4.safetensors"),
+              metadata={"layer": "4"})
+    r = run_script("analyze_probe_from_cache.py", "--cache", tmp_path / "c", "--vectors", old,
+                   "--output", tmp_path / "o2")
+    assert r.returncode == 0, r.stderr
+    assert "neither marked" in r.stdout and "*" not in r.stdout
