@@ -350,3 +350,43 @@ def test_analyze_marks_the_intended_orientation(tmp_path):
                    "--output", tmp_path / "o2")
     assert r.returncode == 0, r.stderr
     assert "neither marked" in r.stdout and "*" not in r.stdout
+
+
+def test_generate_sweep_open_ended_read_out(tiny, tmp_path):
+    """generate.py --sweep: one row per prompt x setting plus the unsteered ones, push = |m| at
+    residual scale, the projection equal to a transformers re-read of prompt + completion, the
+    multiplier-0 completions equal to the unsteered ones; the Markdown table lists them."""
+    model, base = tiny
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["the sky is", "one two"]))
+    out = tmp_path / "sweep.jsonl"
+    r = run_script("generate.py", "--model", model, "--prompts", prompts, "--steer", base / "run",
+                   "--steer_layers", "2", "--scale", "residual", "--sweep=-1,0,1",
+                   "--max_gen_len", 4, "--output", out)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 2 + 2 * 3
+    hf = hf_model(model)
+    from llama.steering import load_vectors
+    from llama.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(os.path.join(model, "tokenizer.json"))
+    vec = load_vectors(str(base / "run"), [2], 64, 3)[2]
+    unit = (vec / vec.norm()).double()
+    plain = {x["prompt"]: x["completion"] for x in rows if x["layer"] == "none"}
+    for x in rows:
+        if x["layer"] != "none":
+            assert x["push"] == pytest.approx(abs(x["multiplier"]), rel=TOL)
+        if x["multiplier"] == 0:
+            assert x["completion"] == plain[x["prompt"]]
+        ids = tok.encode(x["prompt"], bos=True) + x["tokens"]
+        with torch.no_grad():
+            h = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0]
+        want = float((h[len(ids) - len(x["tokens"]):].double() @ unit).mean())
+        assert x["projection"] == pytest.approx(want, abs=1e-3)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| 2 | -1 | 1.00 |" in md and "## the sky is" in md
+    assert "push 1 of the residual norm" in r.stderr
+    r = run_script("generate.py", "--model", model, "--prompts", prompts, "--steer", base / "run",
+                   "--steer_layers", "2", "--sweep=-1,1")
+    assert r.returncode == 2 and "--sweep needs" in r.stderr
