@@ -390,3 +390,82 @@ def test_generate_sweep_open_ended_read_out(tiny, tmp_path):
     r = run_script("generate.py", "--model", model, "--prompts", prompts, "--steer", base / "run",
                    "--steer_layers", "2", "--sweep=-1,1")
     assert r.returncode == 2 and "--sweep needs" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def smol_sentiment(tmp_path_factory):
+    """The sentiment positive control's vectors on SmolLM2 at layer 6: steering.sentiment's
+    pairs -> cache_activations.py --token mean -> generate_vectors_from_cache.py."""
+    import subprocess
+    import sys
+
+    from llama.gguf import default_model_path
+    from steering.sentiment import write
+
+    base = tmp_path_factory.mktemp("sentiment")
+    write(str(base))
+    model = str(default_model_path())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    steps = [[os.path.join(SCRIPTS, "cache_activations.py"), "--model", model, "--data",
+              base / "pairs.csv", "--output", base / "cache", "--layers", "6", "--token", "mean",
+              "--device", "cpu"],
+             [os.path.join(SCRIPTS, "generate_vectors_from_cache.py"), "--cache", base / "cache",
+              "--output", base / "sent"]]
+    for step in steps:
+        p = subprocess.run([sys.executable, *map(str, step)], capture_output=True, text=True,
+                           env=env, timeout=900)
+        assert p.returncode == 0, p.stderr[-2000:]
+    return model, vectors_of(str(base / "sent")), base
+
+
+def test_sentiment_control_steers_smollm2_both_ways(smol_sentiment, tmp_path, dist1):
+    """At push 0.5 (residual scale, layer 6) the sentiment vector raises p(" good") over
+    p(" bad") after neutral openings and its negative lowers it; push and nll_delta equal a
+    direct steered forward's."""
+    model, run, base = smol_sentiment
+    items = json.load(open(base / "readout.json"))[:3]
+    (tmp_path / "items.json").write_text(json.dumps(items))
+    texts = ["The train leaves at nine.", "Copper conducts heat."]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    out = tmp_path / "s"
+    r = run_script("steer.py", "--model", model, "--data", tmp_path / "items.json", "--vectors",
+                   run, "--layers", "6", "--multipliers=-0.5,0,0.5", "--scale", "residual",
+                   "--capability", tmp_path / "texts.json", "--output", out)
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(out / "steering.csv")
+    base_p = float(rows[0]["p_positive"])
+    neg, zero, pos = (float(x["p_positive"]) for x in rows[1:])
+    assert neg < base_p - 0.05 and pos > base_p + 0.02  # measured: 0.52 / 0.86 / 0.94 on 8 items
+    assert zero == pytest.approx(base_p, abs=1e-4)  # other batch shapes: BLAS rounding only
+
+    from llama.checkpoint import load_model
+    from llama.model import Steer
+    from llama.steering import load_vectors
+    from llama.tokenizer import load_tokenizer
+
+    lm = load_model(model, dist1)
+    tok = load_tokenizer(lm.tokenizer_path)
+    prompts = [tok.encode(x["prompt"], bos=True) for x in items]
+    with torch.no_grad():
+        norms = torch.cat([lm.model(torch.tensor([ids]), layers=[6])[6][0, 1:].norm(dim=-1)
+                           for ids in prompts])
+    resid = float(norms.double().mean())
+    assert float(rows[3]["residual_norm"]) == pytest.approx(resid, rel=TOL)
+    assert float(rows[3]["push"]) == pytest.approx(0.5, rel=TOL)
+    vec = load_vectors(run, [6], 576, 30)[6]
+    added = {6: vec / vec.norm() * resid}
+
+    def nll(steer):
+        total, count = 0.0, 0
+        for t in texts:
+            ids = torch.tensor([tok.encode(t, bos=True)])
+            with torch.no_grad():
+                logits = lm.model(ids, layers=[], logits=True, steer=steer)["logits"][0]
+            logp = torch.log_softmax(logits[:-1].double(), -1)
+            total += float(-logp.gather(-1, ids[0, 1:, None]).sum())
+            count += ids.shape[1] - 1
+        return total / count
+
+    plain = nll(None)
+    for row, m in ((rows[1], -0.5), (rows[3], 0.5)):
+        assert float(row["nll_delta"]) == pytest.approx(nll(Steer(added, m)) - plain, abs=1e-3)
