@@ -3,9 +3,10 @@
 nll_delta = mean negative log-likelihood per token (nats) of a neutral text set under the steer,
 minus the same unsteered: 0 when the setting leaves ordinary text alone, large when it breaks
 fluency. Every position of a text is steered (the residual stream the model reads the text
-with). Token-weighted: total NLL over total predicted tokens, BOS not predicted. The texts: --capability FILE (a JSON list
-of strings, or one text a line), by default NEUTRAL below (written for this project: plain
-descriptive sentences with no sentiment, no test-taking and no A/B format).
+with). Token-weighted: total NLL over total predicted tokens, BOS not predicted. The texts:
+--capability FILE (a JSON list of strings, or one text a line), by default NEUTRAL below
+(written for this project: plain descriptive sentences with no sentiment, no test-taking and no
+A/B format).
 """
 import json
 from typing import Dict, List, Sequence

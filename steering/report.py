@@ -14,7 +14,7 @@ import csv
 import json
 import os
 import re
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
