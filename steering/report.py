@@ -149,7 +149,8 @@ def summary(res: Result) -> List[str]:
     for l in res.layers:
         for j, m in enumerate(res.mults):
             pa = "" if res.p_a[l] is None else f"{res.p_a[l][:, j].mean():.3f}"
-            cost = "" if res.cost is None else f"{res.cost[1][l][j] + 0.0:+.3f}"
+            cost = ("" if res.cost is None  # + 0.0: no "-0.000"
+                    else f"{round(float(res.cost[1][l][j]), 3) + 0.0:+.3f}")
             lines.append(f"{l:5d} {m:6g} {res.push[l][j]:6.3f} "
                          f"{res.table[l][:, j, 0].mean():6.3f} {pa:>6} {cost:>7}")
     return lines + res.verdicts()
