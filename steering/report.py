@@ -83,7 +83,7 @@ class Result:
 
 
 def fmt(x, digits=6) -> str:
-    return "" if x is None else f"{x:.{digits}f}"
+    return "" if x is None else f"{round(float(x), digits) + 0.0:.{digits}f}"  # no "-0.000000"
 
 
 def write_outputs(output: str, res: Result, n_boot: int = 1000, seed: int = 0) -> None:
