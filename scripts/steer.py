@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llama.cli import command  # noqa: E402
 from llama.errors import LlamaError  # noqa: E402
-from steering.items import read_items  # noqa: E402,F401  (the reader, importable from here)
+from steering.items import read_items  # noqa: E402
 
 
 def numbers(spec, flag: str, kind=float) -> list:
