@@ -2,9 +2,9 @@
 sweep (steering/sweep.py: 3 layers x 5 multipliers, residual scale, positions all) on --items
 held-out A/B items of the evaluation-awareness set, with and without --capability (the built-in
 12 neutral sentences: nll_delta for every layer x multiplier), SmolLM2-135M-Instruct, float32.
-Random unit directions (the cost does not depend on the direction). The two variants alternate
---repeats times; the best of each is reported, per item (the capability pass runs once per sweep,
-so its share per item falls as the item count grows).
+Random directions (the cost does not depend on the direction). Each repeat times the sweep, then
+the same sweep's capability pass alone (what --capability adds: it runs once per sweep, so its
+share per item falls as the item count grows); the best of --repeats is reported, per item.
 
     python bench/bench_steer.py [--items 20] [--threads 2] [--repeats 2] [--json PATH]
 """
@@ -36,19 +36,23 @@ def main(n_items, threads, repeats, json_path):
     layers, mults = [6, 14, 22], [-1.0, -0.5, 0.0, 0.5, 1.0]
     g = torch.Generator().manual_seed(0)
     vecs = {l: torch.randn(gen.model.params.dim, generator=g) for l in layers}
-    times = {"without": [], "with": []}
-    for _ in range(repeats):  # alternated: both variants see the same machine load
-        for name, texts in (("without", None), ("with", list(NEUTRAL))):
-            sweep = Sweep(gen, vecs, Settings(layers, mults, scale="residual", capability=texts))
-            t0 = time.perf_counter()
-            run(sweep, items, log=lambda line: None)
-            times[name].append(time.perf_counter() - t0)
+    times = {"without": [], "capability": []}
+    for _ in range(repeats):  # alternated: both parts see the same machine load
+        sweep = Sweep(gen, vecs, Settings(layers, mults, scale="residual"))
+        t0 = time.perf_counter()
+        run(sweep, items, log=lambda line: None)
+        t1 = time.perf_counter()
+        sweep.cfg.capability = list(NEUTRAL)  # the same sweep, its capability pass alone
+        sweep.capability()
+        times["without"].append(t1 - t0)
+        times["capability"].append(time.perf_counter() - t1)
     best = {k: min(v) for k, v in times.items()}
+    best["with"] = best["without"] + best["capability"]
     out = dict(threads=threads, items=n_items, grid=f"{len(layers)} layers x {len(mults)} "
                "multipliers", capability_texts=len(NEUTRAL),
                per_item_without_s=best["without"] / n_items,
                per_item_with_s=best["with"] / n_items,
-               capability_pass_s=best["with"] - best["without"])
+               capability_pass_s=best["capability"])
     print(f"steering sweep ({out['grid']}, {n_items} items, {threads} threads): "
           f"{out['per_item_without_s']:.2f} s/item without --capability, "
           f"{out['per_item_with_s']:.2f} s/item with it (the capability pass: "
