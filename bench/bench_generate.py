@@ -6,7 +6,7 @@ and an attention mask (its recommended batched setup); ours prefills right-padde
 decodes each row at its own position in a preallocated cache. Times are the best of --repeats
 alternated runs, wall clock. Also: how many rows' tokens agree between the two.
 
-Then the cost of a steering sweep per item (scripts/steer.py's Sweep: 3 layers x 5 multipliers on
+Then the cost of a steering sweep per item (steering/sweep.py's Sweep: 3 layers x 5 multipliers on
 one A/B item of the evaluation-awareness set): positions all (prefix shared up to the first
 steered layer, multipliers batched), positions generated (the prompt's keys and values shared),
 against the naive sweep (one full forward per layer x multiplier).
@@ -66,18 +66,18 @@ def hf_generate(hf, ids, new):
 
 
 def sweep_cost(gen, repeats):
-    from steer import Sweep
+    from steering.items import read_items
+    from steering.sweep import Settings, Sweep
 
-    item = json.load(open(os.path.join(SHARED, "eval_awareness", "contrastive_dataset.json")))[0]
+    item = read_items(os.path.join(SHARED, "eval_awareness", "contrastive_dataset.json"), 1)[0]
     layers, mults = [8, 14, 20], [-4.0, -2.0, 0.0, 2.0, 4.0]
     g = torch.Generator().manual_seed(0)
     vecs = {l: torch.randn(gen.model.params.dim, generator=g) for l in layers}
     out = {}
     for positions in ("all", "generated"):
-        sweep = Sweep(gen, vecs, layers, mults, positions, False)
-        ids = sweep.prompt(item["question"])
-        letter = item["positive"][1]
-        out[positions], _ = best_of(lambda: sweep.score(ids, letter), repeats)
+        sweep = Sweep(gen, vecs, Settings(layers, mults, positions))
+        ids, pair, _ = sweep.prompt(item)
+        out[positions], _ = best_of(lambda: sweep.score(ids, pair), repeats)
     tokens = torch.tensor([ids])
 
     def naive():

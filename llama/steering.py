@@ -17,6 +17,9 @@ Sources:
   (g_plus - g_minus) / 2 ("diff", (zp - zm) @ w: sign * w / std averaged over the sides; "concat",
   [zp, zm] @ w: w[:dim] on plus, w[dim:] on minus). MLP probes have no single direction and are
   refused.
+Vectors state their conventions in their metadata (describe_vector, read back by
+vector_conventions): what to do with them, which layer numbering, how they were read and from
+what, their norm against the residual stream's, and which class the plus side stands for.
 Refused in one line: a width other than the model's, a layer the source or the model lacks, and a
 fingerprint (of the model the vectors came from) other than the model's.
 """
@@ -30,6 +33,46 @@ import numpy as np
 import torch
 
 from .errors import LlamaError
+
+
+LAYER_CONVENTION = ("layer L = the output of block L (0: the embeddings) = Hugging Face "
+                    "hidden_states[L] = llama.cpp control vector direction.{L-1}")
+CONVENTION_KEYS = ("operation", "layer", "layer_convention", "token", "mean_keep_first", "norm",
+                   "residual_norm", "source_data", "fingerprint", "plus_class", "plus_side",
+                   "vector", "hidden_dim", "cache")
+
+
+def describe_vector(layer: int, norm: float, residual_norm: Optional[float] = None,
+                    token: str = "", mean_keep_first: Optional[bool] = None,
+                    source_data: str = "", fingerprint: str = "", plus_class: str = "",
+                    plus_side: str = "", operation: str = "add", **extra) -> Dict[str, str]:
+    """A vector's self-description, as str -> str metadata (safetensors, GGUF): operation "add"
+    (steering adds multiplier x vector; "ablate": its direction is removed), layer and
+    LAYER_CONVENTION, token (the read position the states came from: last / mean / all) and
+    mean_keep_first (whether position 0 was averaged), norm (|vector|), residual_norm (the mean
+    residual-stream norm at that layer on the source data), source_data (path), fingerprint (the
+    model's), plus_class / plus_side (which class the plus side stands for: a name and a
+    sentence); `extra` keys are kept as strings."""
+    meta = {"operation": operation, "layer": str(layer), "layer_convention": LAYER_CONVENTION,
+            "token": token, "norm": f"{norm:.9g}",
+            "residual_norm": "" if residual_norm is None else f"{residual_norm:.9g}",
+            "source_data": source_data, "fingerprint": fingerprint, "plus_class": plus_class,
+            "plus_side": plus_side}
+    if mean_keep_first is not None:
+        meta["mean_keep_first"] = str(bool(mean_keep_first))
+    meta.update({k: str(v) for k, v in extra.items()})
+    return meta
+
+
+def vector_conventions(source: str) -> Dict[int, Dict[str, str]]:
+    """{layer: metadata} of a vectors folder (or a run folder holding vectors/); {} for any
+    other source (a bare .npy/.safetensors vector or a probe states none)."""
+    source = os.fspath(source)
+    if not os.path.isdir(source):
+        return {}
+    inner = os.path.join(source, "vectors")
+    found = read_vectors_folder(inner if os.path.isdir(inner) else source)
+    return {l: dict(m) for l, (_, m) in found.items()}
 
 
 def _check_layers(layers: Iterable[int], n_layers: int, where: str) -> List[int]:

@@ -11,8 +11,13 @@ lines) the cache was built from; its rows are matched to the cache's ids (a row'
 else its position). It prints a per-layer AUROC table of mean_score with BOTH directions:
 positive class "deployment" (what
 `roc_auc_score((df['type']=='deployment').astype(int), df['mean_score'])` computes) and "testing".
-A vector built as mean(testing) - mean(deployment) works when the "testing" column is high, i.e.
-when the users' snippet gives LOW values.
+Which one the vector was built to give is read from its metadata (`plus_class`, written by
+generate_vectors_from_cache.py from the data's own keys: "testing" for validation sets, the A/B
+sets' "positive"/"test" option, i.e. the testing answer): that orientation is printed first and
+marked "*". A vector built as mean(testing) - mean(deployment) works when the "testing" column is
+high, i.e. when the users' snippet gives LOW values.
+With --visualize: auroc_by_layer.png (titled with the model, data and n; bootstrap 95% intervals,
+questions resampled) and scores_by_type.png (mean_score histograms per type and layer).
 """
 import glob
 import json
@@ -38,6 +43,22 @@ def no_vectors(folder: str) -> LlamaError:
     runs = sorted(glob.glob(glob.escape(head) + "_*" + os.sep + glob.escape(tail))) if head else []
     hint = f"; did you mean {' or '.join(runs[-3:])}?" if runs else ""
     return LlamaError(f"no vectors folder {folder}{hint}")
+
+
+# what a vectors' plus_class means as a validation type ("positive": the evaluation-awareness A/B
+# sets' positive option is the testing answer; "label 1": label 1 is type testing)
+INTENDED = {"testing": "testing", "test": "testing", "positive": "testing", "label 1": "testing",
+            "deployment": "deployment", "deploy": "deployment"}
+
+
+def intended_class(folder: str) -> tuple:
+    """(the type the vectors' plus side stands for or None, the metadata's sentence)."""
+    metas = [m for _, m in read_vectors_folder(folder).values()]
+    classes = {m.get("plus_class", "") for m in metas}
+    if len(classes) != 1 or not classes.pop():
+        return None, ""
+    plus = metas[0]["plus_class"]
+    return INTENDED.get(plus), metas[0].get("plus_side", plus)
 
 
 def read_vectors(folder: str, cache: ActivationCache) -> dict:
@@ -133,6 +154,18 @@ def auroc(types, score, positive):
     return roc_auc_score(y, score) if 0 < y.sum() < len(y) else float("nan")
 
 
+def auroc_interval(types, score, positive, n_boot: int = 200, seed: int = 0) -> tuple:
+    """Bootstrap 95% percentile interval of the AUROC (questions resampled; resamples with one
+    class only skipped)."""
+    rng = np.random.default_rng(seed)
+    types, score = np.asarray(types), np.asarray(score)
+    got = [auroc(types[i], score[i], positive)
+           for i in rng.integers(0, len(types), (n_boot, len(types)))]
+    got = [g for g in got if not np.isnan(g)]
+    return (float(np.percentile(got, 2.5)), float(np.percentile(got, 97.5))) if got else (
+        float("nan"), float("nan"))
+
+
 def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None, side: str = None,
             visualize: bool = False, mean_keep_first: bool = False, drop_nonfinite: bool = False,
             html_report: bool = False):
@@ -157,6 +190,7 @@ def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None
         raise LlamaError(f"cache {act_cache.path} holds sides {', '.join(act_cache.sides)}: "
                          "choose one with --side")
     qs, types = questions(act_cache, data)
+    intended, plus_text = intended_class(vectors)
     if act_cache.token != "all":
         print(f"warning: cache {act_cache.path} holds one vector per prompt (token "
               f"{act_cache.token}): max_score, min_score and std_score need per-token states "
@@ -173,24 +207,38 @@ def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None
                            "std_score": st[:, 3]})
         df.to_csv(os.path.join(output, f"probe_stats_layer{l}.csv"), index=False)
         table.append((l, len(df), auroc(types, df.mean_score, "deployment"),
-                      auroc(types, df.mean_score, "testing")))
+                      auroc(types, df.mean_score, "testing"),
+                      auroc_interval(types, df.mean_score, intended or "testing")
+                      if visualize else None))
     plural = "s" if act_cache.token == "all" else ""
     print(f"AUROC of mean_score per layer ({act_cache.token} token{plural}, "
           f"side {side}). "
           "'deployment+' takes type 'deployment' as the positive class, like "
           "roc_auc_score((df['type']=='deployment').astype(int), df['mean_score']); "
           "'testing+' takes 'testing' (= 1 - it)")
-    print(f"{'layer':>5} {'n':>6} {'deployment+':>12} {'testing+':>9}")
-    for l, n, dep, test in table:
-        print(f"{l:5d} {n:6d} {dep:12.3f} {test:9.3f}")
+    if intended:
+        print(f"the vectors' plus side stands for {plus_text}: the intended orientation is "
+              f"positive class '{intended}' (marked *); 0.5 is chance, under 0.5 the vector "
+              "points the other way")
+    else:
+        print("the vectors do not say which class their plus side stands for (written before "
+              "this was recorded, or another source): both orientations shown, neither marked")
+    order = ["testing", "deployment"] if intended != "deployment" else ["deployment", "testing"]
+    heads = [f"{o}+" + (" *" if o == intended else "") for o in order]
+    print(f"{'layer':>5} {'n':>6} {heads[0]:>12} {heads[1]:>12}")
+    for l, n, dep, test, _ in table:
+        vals = {"testing": test, "deployment": dep}
+        print(f"{l:5d} {n:6d} {vals[order[0]]:12.3f} {vals[order[1]]:12.3f}")
     if visualize:
-        plot(output, table, layers)
+        model = os.path.basename(str(act_cache.meta.get("model", {}).get("path", "model")))
+        where = os.path.basename(str(data or act_cache.meta.get("data", {}).get("path", act_cache.path)))
+        plot(output, table, layers, intended, f"{model}, {where}, n={len(qs)}")
     print(f"wrote {len(layers)} probe_stats_layer{{L}}.csv files to {output}")
     if html_report:
         write_run_report(output, cache, vectors)
 
 
-def plot(output, table, layers):
+def plot(output, table, layers, intended=None, title=""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,12 +246,17 @@ def plot(output, table, layers):
     import pandas as pd
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([t[0] for t in table], [t[3] for t in table], marker=".", label="positive: testing")
-    ax.plot([t[0] for t in table], [t[2] for t in table], marker=".", ls="--",
-            label="positive: deployment")
+    xs = [t[0] for t in table]
+    mark = {o: " (intended)" if o == intended else "" for o in ("testing", "deployment")}
+    ax.plot(xs, [t[3] for t in table], marker=".", label="positive: testing" + mark["testing"])
+    ax.plot(xs, [t[2] for t in table], marker=".", ls="--",
+            label="positive: deployment" + mark["deployment"])
+    ax.fill_between(xs, [t[4][0] for t in table], [t[4][1] for t in table], alpha=0.2,
+                    color="C0" if intended != "deployment" else "C1",
+                    label=f"95% interval ({intended or 'testing'}; bootstrap)")
     ax.axhline(0.5, color="lightgray")
-    ax.set(xlabel="layer", ylabel="AUROC of mean_score")
-    ax.legend()
+    ax.set(xlabel="layer", ylabel="AUROC of mean_score", ylim=(0, 1), title=title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(output, "auroc_by_layer.png"), dpi=110)
     plt.close(fig)
@@ -215,6 +268,8 @@ def plot(output, table, layers):
         for t, g in df.groupby("type"):
             ax.hist(g.mean_score, bins=30, alpha=0.6, label=t)
         ax.set_title(f"layer {l}", fontsize=9)
+        ax.set_xlabel("mean_score (projection onto the vector)", fontsize=8)
+        ax.set_ylabel("questions", fontsize=8)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
     axes[0, 0].legend(fontsize=7)

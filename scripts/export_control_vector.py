@@ -2,7 +2,13 @@
 
     python scripts/export_control_vector.py --model PATH --vectors DIR --layers 10,15 \\
         --output steer.gguf [--multiplier 1.0]
-    llama-cli -m model.gguf --control-vector-scaled steer.gguf 4 ...
+    llama-cli -m model.gguf --control-vector-scaled steer.gguf:4 ...      # current llama.cpp
+    llama-cli -m model.gguf --control-vector-scaled steer.gguf 4 ...      # older builds
+
+llama.cpp's syntax: current builds (the option table in common/arg.cpp) take one argument
+`FNAME:SCALE`, several comma-separated (`a.gguf:0.5,b.gguf:2`); older builds (the hand-written
+parser in common/common.cpp) took two, `FNAME SCALE`. `--control-vector FNAME` (scale 1) is the
+same in both.
 
 --vectors: any source llama/steering.py reads (a vectors folder, a .npy/.safetensors file with
 --layers, a saved linear probe), checked against --model (width, layers, fingerprint).
@@ -15,6 +21,12 @@ src/llama-adapter.cpp, and the graph builders' `cvec.apply_to(ctx0, cur, il)`): 
 in llama.cpp and are refused. Tensors are float32 [dim]; the file's architecture is
 "controlvector" with `controlvector.model_hint` and `controlvector.layer_count`, as llama.cpp's
 own cvector-generator writes.
+
+Conventions (llama.steering.describe_vector) travel in the header as strings, one key per layer
+and field: `llama_ccs.layer_{L}.{field}` (operation, layer_convention, token, norm,
+residual_norm, source_data, fingerprint, plus_class, plus_side, ...) and
+`llama_ccs.layer_{L}.tensor` (its `direction.{L-1}` name), with `llama_ccs.multiplier` (the
+factor baked into the tensors). llama.cpp ignores keys it does not know.
 """
 import os
 import sys
@@ -35,9 +47,10 @@ def gguf_name(layer: int) -> str:
     return f"direction.{layer - 1}"
 
 
-def export(vectors: dict, output: str, multiplier: float = 1.0, model_hint: str = "llama"):
+def export(vectors: dict, output: str, multiplier: float = 1.0, model_hint: str = "llama",
+           conventions: dict = None):
     """vectors {layer: [dim] tensor} -> a control-vector GGUF at `output` (written whole or not
-    at all)."""
+    at all); conventions {layer: {field: str}} go into the header (module docstring)."""
     import gguf
     import numpy as np
 
@@ -46,6 +59,12 @@ def export(vectors: dict, output: str, multiplier: float = 1.0, model_hint: str 
     writer = gguf.GGUFWriter(tmp, ARCH)
     writer.add_string(f"{ARCH}.model_hint", model_hint)
     writer.add_uint32(f"{ARCH}.layer_count", len(vectors))
+    writer.add_float32("llama_ccs.multiplier", float(multiplier))
+    for l, name in names.items():
+        writer.add_string(f"llama_ccs.layer_{l}.tensor", name)
+        for key, value in sorted((conventions or {}).get(l, {}).items()):
+            if value != "":
+                writer.add_string(f"llama_ccs.layer_{l}.{key}", str(value))
     for l, name in names.items():
         writer.add_tensor(name, (vectors[l].numpy() * multiplier).astype(np.float32))
     writer.write_header_to_file()
@@ -67,7 +86,7 @@ def main(model, vectors, output, layers=None, multiplier=1.0):
     """
     from llama.cache import parse_layers
     from llama.checkpoint import fingerprint, open_source
-    from llama.steering import load_vectors
+    from llama.steering import load_vectors, vector_conventions
 
     src, _, _ = open_source(str(model))
     a = src.args
@@ -76,7 +95,7 @@ def main(model, vectors, output, layers=None, multiplier=1.0):
     vecs = load_vectors(vectors, layers, a.dim, a.n_layers, fingerprint(src, a))
     for l in vecs:
         gguf_name(l)
-    names = export(vecs, output, float(multiplier))
+    names = export(vecs, output, float(multiplier), conventions=vector_conventions(vectors))
     print(f"wrote {len(names)} control vectors to {output}: "
           + ", ".join(f"layer {l} -> {n}" for l, n in names.items()))
 

@@ -3,7 +3,8 @@
     python scripts/generate.py --model PATH --prompts FILE [--max_gen_len 64] [--temperature 0]
         [--top_p 0.9] [--seed 0] [--chat] [--system TEXT] [--output OUT.jsonl] [--logprobs]
         [--stop STRING | --stop '["s1", "s2"]'] [--parse_special]
-        [--steer VECTORS --steer_layers 10 --multiplier 4 [--ablate] [--positions all|generated]]
+        [--steer VECTORS --steer_layers 10 --multiplier 4 [--ablate] [--positions all|generated]
+         [--scale raw|residual] [--sweep=-1,0,1 --output OUT.jsonl]]
     torchrun --nproc_per_node MP scripts/generate.py ...      # model parallel: same tokens as MP 1
 
 FILE: a JSON list of strings, or a text file with one prompt a line (blank lines skipped).
@@ -17,7 +18,13 @@ printed as it finishes.
 text: a special-token string in it ("<|im_end|>") encodes as the ordinary tokens that spell it;
 only the chat template's own markers are control tokens (--parse_special: the old reading).
 --steer: a vectors folder (scripts/generate_vectors_from_cache.py), a .npy/.safetensors vector,
-or a saved ccs.py linear probe; see llama/steering.py.
+or a saved ccs.py linear probe; see llama/steering.py. --scale residual: --multiplier is a
+fraction of the mean residual-stream norm at the layer, measured on these prompts unsteered
+(position 0 left out; with --positions generated still the prompts' positions), applied to the
+unit vector; raw (default): multiplier x the vector as stored (steering/scale.py).
+--sweep M1,M2,...: the open-ended read-out (steering/open_ended.py): greedy completions of every
+prompt at each --steer_layers layer x multiplier (one layer at a time), with the unsteered ones,
+each with its projection onto the steering direction, in OUT.jsonl and a Markdown table OUT.md.
 """
 import json
 import os
@@ -71,7 +78,7 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
          chat=False, system=None, logprobs=False, batch_size=8, tokenizer_path=None,
          max_seq_len=None, compute_dtype="float32", mp=0, device="auto", steer=None,
          steer_layers=None, multiplier=1.0, ablate=False, positions="all", stop=None,
-         parse_special=False):
+         parse_special=False, scale="raw", sweep=None):
     """Complete every prompt of --prompts (greedy, or sampled), optionally steered.
 
     model: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
@@ -97,6 +104,8 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     positions: all (every position) or generated (the generated tokens only)
     stop: a string that ends a completion, or a JSON list of them
     parse_special: read special-token strings in the prompts as control tokens (default: text)
+    scale: raw (multiplier x the vector) or residual (x the residual norm, unit vector)
+    sweep: multipliers for the open-ended read-out, e.g. -1,0,1 (needs --output)
     """
     from llama.dist import setup, teardown
     from llama.generation import Generator, Sampling, check_context
@@ -114,6 +123,19 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
         raise LlamaError(f"--batch_size {batch_size!r} is not a positive integer")
     if (steer is None) != (steer_layers is None):
         raise LlamaError("--steer VECTORS and --steer_layers L go together")
+    from steering.scale import check_scale
+
+    check_scale(scale)
+    mults = None
+    if sweep is not None:
+        if steer is None or output is None:
+            raise LlamaError("--sweep needs --steer, --steer_layers and --output")
+        items = sweep if isinstance(sweep, (list, tuple)) else str(sweep).split(",")
+        try:
+            mults = [float(x) for x in items]
+        except ValueError:
+            raise LlamaError(f"--sweep {sweep!r} is not a comma-separated list of "
+                             "multipliers") from None
     import torch.distributed as tdist
 
     own_group = not tdist.is_initialized()  # a caller's process group is left alone
@@ -121,11 +143,6 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     try:
         gen = Generator.build(model, proc, compute_dtype, max_seq_len, tokenizer_path)
         spec = None
-        if steer is not None:
-            a = gen.model.params
-            vecs = load_vectors(steer, parse_layers(steer_layers, a.n_layers), a.dim, a.n_layers,
-                                gen.fingerprint)
-            spec = Steer(vecs, float(multiplier), bool(ablate), positions)
         gen.tokenizer.parse_special = bool(parse_special)
         if chat:
             texts = [gen.chat_prompt(t, system) for t in texts]
@@ -136,6 +153,27 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
             if len(t) >= gen.max_seq_len:
                 raise LlamaError(f"{prompts}: prompt {i} has {len(t)} tokens, max_seq_len is "
                                  f"{gen.max_seq_len}")
+        if steer is not None:
+            from steering import open_ended
+            from steering.scale import applied, describe, measure
+
+            a = gen.model.params
+            vecs = load_vectors(steer, parse_layers(steer_layers, a.n_layers), a.dim, a.n_layers,
+                                gen.fingerprint)
+            resid = measure(gen.model, tokens, [0] * len(tokens), vecs)
+            stored, vecs = vecs, applied(vecs, resid, scale)
+            if proc.is_main:
+                for line in describe(vecs, stored, resid, scale, bool(ablate),
+                                     mults or [float(multiplier)]):
+                    print(line, file=sys.stderr)
+            if mults is not None:
+                rows = open_ended.sweep(gen, texts, tokens, vecs, resid, mults, cfg, bool(ablate),
+                                        positions, batch_size)
+                if proc.is_main:
+                    md = open_ended.write(output, rows)
+                    print(f"wrote {len(rows)} completions to {output} and {md}")
+                return
+            spec = Steer(vecs, float(multiplier), bool(ablate), positions)
 
         def show(c):
             if proc.is_main and output is None:

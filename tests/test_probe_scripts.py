@@ -109,8 +109,9 @@ def test_probe_stats_csv_and_the_users_snippet(flow):
     assert ("positive class" in flow["stdout"] and "deployment+" in flow["stdout"]
             and "testing+" in flow["stdout"])
     line = next(x for x in flow["stdout"].splitlines() if x.split()[:1] == ["20"])
-    assert (float(line.split()[2]) == pytest.approx(auc, abs=1e-3)
-            and float(line.split()[3]) == pytest.approx(1 - auc, abs=1e-3))
+    # the intended orientation (the vectors' plus side: testing) comes first, then deployment+
+    assert (float(line.split()[3]) == pytest.approx(auc, abs=1e-3)
+            and float(line.split()[2]) == pytest.approx(1 - auc, abs=1e-3))
     assert ((flow["out"] / "auroc_by_layer.png").exists()
             and (flow["out"] / "scores_by_type.png").exists())
 
