@@ -78,12 +78,13 @@ def read(token: str, masks: Tuple[np.ndarray, np.ndarray], suffix, prefix=None):
     (prefix rows, then the side's own)."""
     import torch
 
+    if per_token(token):
+        B, k = masks[1].shape[:2]
+        head = [prefix[b] if prefix is not None else suffix[b, 0, :0] for b in range(B)]
+        return [[torch.cat([_rows(head[b], masks[0][b, s]), _rows(suffix[b, s], masks[1][b, s])])
+                 .float() for b in range(B)] for s in range(k)]
     pre_mask, suf_mask = (torch.from_numpy(m).to(suffix.device) for m in masks)
     B, k = suf_mask.shape[:2]
-    if per_token(token):
-        head = [prefix[b] if prefix is not None else suffix[b, 0, :0] for b in range(B)]
-        return [[torch.cat([head[b][pre_mask[b, s]], suffix[b, s][suf_mask[b, s]]]).float()
-                 for b in range(B)] for s in range(k)]
     if not pre_mask.any() and bool((suf_mask.sum(2) == 1).all()):  # one position a row: gather
         at = suf_mask.to(torch.uint8).argmax(2)[..., None, None].expand(B, k, 1, suffix.shape[-1])
         return suffix.gather(2, at)[:, :, 0].float()
@@ -93,3 +94,14 @@ def read(token: str, masks: Tuple[np.ndarray, np.ndarray], suffix, prefix=None):
         total = total + torch.einsum("bkp,bpd->bkd", pre_mask.float(), prefix.float())
         count = count + pre_mask.sum(2).float()
     return total / count[..., None]
+
+
+def _rows(states, mask: np.ndarray):
+    """states [T, dim] at the positions of mask [T]: a slice when they are one run (the usual
+    case, no copy), else an index."""
+    at = np.flatnonzero(mask)
+    if len(at) == 0 or at[-1] - at[0] + 1 == len(at):
+        return states[at[0]: at[-1] + 1] if len(at) else states[:0]
+    import torch
+
+    return states[torch.from_numpy(at).to(states.device)]

@@ -99,3 +99,10 @@ def test_one_reader_per_format(tmp_path):
         checkpoint_format(tmp_path / "nothing")
     with pytest.raises(LlamaError, match="local Hugging Face cache"):
         resolve("nobody/no-such-model-xyz")
+
+
+def test_rows_of_a_run_or_of_scattered_positions():
+    x = torch.arange(10.0).reshape(5, 2)
+    assert torch.equal(readout._rows(x, np.array([0, 1, 1, 0, 0], bool)), x[1:3])
+    assert torch.equal(readout._rows(x, np.array([1, 0, 1, 0, 0], bool)), x[[0, 2]])
+    assert readout._rows(x, np.zeros(5, bool)).shape == (0, 2)
