@@ -109,20 +109,25 @@ def cut_at_stop(text: str, stop) -> tuple:
 TOP_P_SLACK = 1e-6  # float rounding of the cumulative mass: an exact tie counts as reached
 
 
-def sample_top_p(probs: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """probs [B, V] -> [B] ids drawn from the smallest set of most likely tokens whose mass
-    reaches top_p, renormalised (nucleus sampling, Holtzman et al. 2020; Meta's sample_top_p
-    without its off-by-one at an exact tie). Tie rules: the set stops at the first token where
-    the cumulative mass (float64) is >= top_p - 1e-6, so on [0.5, 0.25, 0.25] with top_p 0.75 two
-    tokens are kept, as transformers' TopPLogitsWarper keeps; among tokens of equal probability the
-    lower id comes first (a stable sort). top_p >= 1: no truncation at all."""
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [B, V] with every token outside the nucleus set to 0 (not renormalised): the
+    smallest set of most likely tokens whose mass reaches top_p (Holtzman et al. 2020; Meta's
+    sample_top_p without its off-by-one at an exact tie). Tie rules: the set stops at the first
+    token where the cumulative mass (float64) is >= top_p - 1e-6, so on [0.5, 0.25, 0.25] with
+    top_p 0.75 two tokens are kept, as transformers' TopPLogitsWarper keeps; among tokens of
+    equal probability the lower id comes first (a stable sort). top_p >= 1: nothing is cut."""
     if top_p >= 1:
-        return torch.multinomial(probs, 1, generator=gen)[:, 0]
+        return probs
     sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
     before = sorted_p.double().cumsum(-1) - sorted_p.double()  # mass of the more likely tokens
     sorted_p = sorted_p.masked_fill(before >= top_p - TOP_P_SLACK, 0.0)
-    pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
-    return order.gather(-1, pick)[:, 0]
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """probs [B, V] -> [B] ids drawn from nucleus(probs, top_p), renormalised."""
+    kept = nucleus(probs, top_p)
+    return torch.multinomial(kept / kept.sum(-1, keepdim=True), 1, generator=gen)[:, 0]
 
 
 def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
