@@ -1,170 +1,211 @@
-"""The playground page (server/static/) in headless Chromium, against a FAKE endpoint: a stdlib
-HTTP server here that serves the static files and answers /v1/models, /v1/vectors and streamed
-/v1/chat/completions in the shape the server issue specifies (OpenAI chunks, `steering`,
-`probe_scores`). It checks the page's side only: the requests it sends, and that the streamed
-tokens show as sent, one coloured element each, text never parsed as HTML. The real server's
-test (scripts/serve.py with a model) belongs with the server. UPDATE_SCREENSHOTS=1 copies the
-screenshot to docs/playground.png."""
+"""The playground page (server/static/) in headless Chromium against the REAL server:
+scripts/serve.py with SmolLM2, a steering vector and a probe, in a subprocess on a free 127.0.0.1
+port (tests/serving.py), one server and one browser for the module. Typing a prompt, moving the
+multiplier and pressing generate shows streamed tokens equal to the non-streamed API answer for
+the same settings (chat and plain, steered and unsteered), each coloured with its probe score when
+the probe is on, model text shown as text, and a request the server refuses shows its 4xx error.
+UPDATE_SCREENSHOTS=1 copies the screenshot to docs/playground.png."""
 import json
 import os
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
-
 from browser import Browser, available, console_errors
 from conftest import ROOT
+from safetensors.numpy import save_file
+from serving import Served
 
-STATIC = os.path.join(ROOT, "server", "static")
-PLAIN = ["Hello", " <script>alert(1)</script>", " world", "!"]
-STEERED = ["What", " a", " <b>wonderful</b>", " day", "!"]
-VECTORS = {"object": "list", "probe": {"source": "run/probes/lr.safetensors", "layer": 12},
-           "data": [{"id": "sentiment", "object": "vector", "layers": [8, 12, 16],
-                     "norms": {"8": 1.5, "12": 2.5, "16": 4.0},
-                     "residual_norms": {"8": 90.0, "12": 130.0, "16": 200.0}}]}
-
-
-def scores(tokens):
-    return [round(0.7 * i - 1.0, 3) for i in range(len(tokens))]
-
-
-class Fake(BaseHTTPRequestHandler):
-    bodies = []
-
-    def log_message(self, *args):
-        pass
-
-    def send(self, code, obj, kind="application/json"):
-        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        if self.path == "/v1/models":
-            return self.send(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
-        if self.path == "/v1/vectors":
-            return self.send(200, VECTORS)
-        name = "index.html" if self.path == "/" else self.path.lstrip("/")
-        path = os.path.join(STATIC, name)
-        if "/" in name or not os.path.isfile(path):
-            return self.send(404, {"error": {"message": "not found"}})
-        kind = "text/html" if name.endswith(".html") else "text/javascript"
-        with open(path, "rb") as f:
-            self.send(200, f.read(), kind + "; charset=utf-8")
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        Fake.bodies.append(body)
-        if body["messages"][0]["content"] == "bad":
-            return self.send(400, {"error": {"message": "steering.multiplier must be finite",
-                                             "type": "invalid_request_error",
-                                             "param": "steering.multiplier"}})
-        tokens = STEERED if "steering" in body else PLAIN
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        for i, (tok, s) in enumerate(zip(tokens, scores(tokens))):
-            choice = {"index": 0, "delta": {"content": tok}, "finish_reason": None}
-            if body.get("probe"):
-                choice["probe_scores"] = [s]
-                if i == 0:
-                    choice["probe_prompt_score"] = 0.25
-            self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
-            self.wfile.flush()
-        self.wfile.write(b"data: [DONE]\n\n")
-
-
-@pytest.fixture(scope="module")
-def fake():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-
+from llama.gguf import default_model_path
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs /usr/bin/chromium and "
                                 "/usr/bin/chromedriver (make test installs them)")
 
+PROBE_LAYER = 12
+WAIT_S = 300  # a shared 2-core machine can take a while for a few dozen SmolLM2 tokens
 
-def wait_done(driver, *panels):
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """SmolLM2 with a vector `push` at layers 10, 12 and 14 (norm 40: a visible push at residual
+    norms of ~100-190 there) and a linear probe at layer 12 (random weights)."""
+    base = tmp_path_factory.mktemp("playground")
+    rng = np.random.default_rng(0)
+    vectors = base / "push"
+    vectors.mkdir()
+    for layer in (10, 12, 14):
+        v = rng.standard_normal(576).astype(np.float32)
+        save_file({"vector": v / np.linalg.norm(v) * 40},
+                  str(vectors / f"layer_{layer}.safetensors"))
+    w = (rng.standard_normal((1, 1, 576)) / 100).astype(np.float32)
+    probe = base / "lr.safetensors"
+    save_file({"w_raw": w, "b_raw": np.array([0.25], np.float32), "direction": w[:, 0],
+               "layers": np.array([PROBE_LAYER])}, str(probe))
+    (base / "lr.json").write_text(json.dumps({"method": "lr", "hidden_dim": 576,
+                                              "sides": ["prompt"]}))
+    args = ["--model", default_model_path(), "--vectors", vectors, "--probe", probe,
+            "--probe_layer", PROBE_LAYER, "--max_batch", 2, "--threads", 1]
+    with Served(map(str, args)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def driver():
+    with Browser() as chromium:
+        yield chromium
+
+
+def open_page(driver, server):
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, 30).until(lambda d: all(
-        d.find_element("id", p).get_attribute("data-state") in ("done", "error") for p in panels))
+    console_errors(driver)  # start from an empty console log
+    driver.get(server.url + "/")
+    WebDriverWait(driver, 60).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#layers input.layer")
+        and not d.find_element(By.ID, "probe").get_attribute("disabled"))
 
 
-def test_playground_streams_steered_and_unsteered(fake, tmp_path):
-    from selenium.webdriver.common.by import By
+def fill(driver, field, value):
+    box = driver.find_element("id", field)
+    box.clear()
+    box.send_keys(value)
+
+
+def move_multiplier(driver, steps):
     from selenium.webdriver.common.keys import Keys
+
+    slider = driver.find_element("id", "multiplier")
+    for _ in range(steps):
+        slider.send_keys(Keys.ARROW_RIGHT)
+    return float(driver.find_element("id", "multiplier-value").text)
+
+
+def generate(driver, *panels):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    Fake.bodies.clear()
-    with Browser() as driver:
-        driver.get(fake)
-        WebDriverWait(driver, 20).until(
-            lambda d: d.find_elements(By.CSS_SELECTOR, "#layers input.layer"))
-        layers = driver.find_elements(By.CSS_SELECTOR, "#layers input.layer")
-        assert [x.get_attribute("value") for x in layers] == ["8", "12", "16"]
-        assert [x.is_selected() for x in layers] == [False, True, False]
-        prompt = driver.find_element(By.ID, "prompt")
-        prompt.clear()
-        prompt.send_keys("Tell me <i>something</i>")
-        slider = driver.find_element(By.ID, "multiplier")
-        for _ in range(3):
-            slider.send_keys(Keys.ARROW_RIGHT)  # 0 -> 1.5 in steps of 0.5
-        assert driver.find_element(By.ID, "multiplier-value").text == "1.5"
-        driver.find_element(By.ID, "compare").click()
-        driver.find_element(By.ID, "probe").click()
-        driver.find_element(By.ID, "generate").click()
-        wait_done(driver, "out-steered", "out-plain")
-        assert driver.find_element(By.ID, "error").text == ""
-        for panel, tokens in (("out-steered", STEERED), ("out-plain", PLAIN)):
-            box = driver.find_element(By.CSS_SELECTOR, f"#{panel} .text")
-            toks = box.find_elements(By.CSS_SELECTOR, ".tok")
-            assert [t.get_attribute("textContent") for t in toks] == tokens
-            assert box.get_attribute("textContent") == "".join(tokens)  # shown as text
-            for t, s in zip(toks, scores(tokens)):
-                assert t.get_attribute("title") == f"probe score {s:.4f}"
-                assert t.value_of_css_property("background-color").startswith("rgba(")
-            meta = driver.find_element(By.CSS_SELECTOR, f"#{panel} .meta").text
-            assert meta.endswith("0.2500")
-        assert len(driver.find_elements(By.TAG_NAME, "script")) == 1
-        assert console_errors(driver) == []
-        path = str(tmp_path / "playground.png")
-        driver.save_screenshot(path)
-        if os.environ.get("UPDATE_SCREENSHOTS"):
-            os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-            shutil.copy(path, os.path.join(ROOT, "docs", "playground.png"))
-    steered, plain = sorted(Fake.bodies, key=lambda b: "steering" not in b)
-    assert steered["steering"] == {"vector": "sentiment", "layers": [12], "multiplier": 1.5,
-                                   "scale": "raw", "ablate": False, "positions": "all"}
-    assert "steering" not in plain
-    for b in (steered, plain):
-        assert b["messages"] == [{"role": "user", "content": "Tell me <i>something</i>"}]
-        assert b["seed"] == 0 and b["stream"] is True and b["probe"] is True
-        assert b["model"] == "tiny"
+    driver.find_element("id", "generate").click()
+    WebDriverWait(driver, WAIT_S).until(lambda d: all(
+        d.find_element("id", p).get_attribute("data-state") in ("done", "error")
+        for p in panels) and d.find_element("id", "generate").is_enabled())
 
 
-def test_playground_shows_the_servers_error(fake):
+def shown(driver, panel) -> dict:
+    """What a panel shows: its token spans' text, hover titles, background colours and meta."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    with Browser() as driver:
-        driver.get(fake)
-        WebDriverWait(driver, 20).until(
-            lambda d: d.find_elements(By.CSS_SELECTOR, "#layers input.layer"))
-        prompt = driver.find_element(By.ID, "prompt")
-        prompt.clear()
-        prompt.send_keys("bad")
-        driver.find_element(By.ID, "generate").click()
-        wait_done(driver, "out-steered")
-        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "error").text)
-        assert driver.find_element(By.ID, "error").text == (
-            "HTTP 400: steering.multiplier must be finite (steering.multiplier)")
-        assert driver.find_element(By.ID, "generate").is_enabled()
+    box = driver.find_element(By.CSS_SELECTOR, f"#{panel} .text")
+    toks = box.find_elements(By.CSS_SELECTOR, ".tok")
+    return {"pieces": [t.get_attribute("textContent") for t in toks],
+            "titles": [t.get_attribute("title") for t in toks],
+            "colours": [t.value_of_css_property("background-color") for t in toks],
+            "text": box.get_attribute("textContent"),
+            "meta": driver.find_element(By.CSS_SELECTOR, f"#{panel} .meta").text}
+
+
+def api_answer(server, body, chat) -> dict:
+    """The same request, not streamed -> its pieces (one per token), text and probe fields."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    r = server.post(path, {**body, "logprobs": True if chat else 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    if chat:
+        pieces = [t["token"] for t in choice["logprobs"]["content"]]
+        text = choice["message"]["content"]
+    else:
+        pieces, text = choice["logprobs"]["tokens"], choice["text"]
+    return {"pieces": pieces, "text": text, "scores": choice.get("probe_scores"),
+            "prompt_score": choice.get("probe_prompt_score")}
+
+
+def test_chat_compare_with_probe_equals_the_api(server, driver, tmp_path):
+    """Chat mode, the multiplier moved to 2, compare and probe on: both panels stream the API's
+    tokens for the same settings, each coloured and titled with its probe score."""
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, server)
+    assert driver.find_element(By.ID, "model").text == server.model
+    layers = driver.find_elements(By.CSS_SELECTOR, "#layers input.layer")
+    assert [x.get_attribute("value") for x in layers] == ["10", "12", "14"]
+    assert [x.is_selected() for x in layers] == [False, True, False]  # the middle one
+    prompt = "Tell me about your day."
+    fill(driver, "prompt", prompt)
+    fill(driver, "max_tokens", "16")
+    assert move_multiplier(driver, 4) == 2.0  # 0 -> 2 in steps of 0.5
+    driver.find_element(By.ID, "compare").click()
+    driver.find_element(By.ID, "probe").click()
+    generate(driver, "out-steered", "out-plain")
+    assert driver.find_element(By.ID, "error").text == ""
+    page = {p: shown(driver, p) for p in ("out-steered", "out-plain")}
+    assert console_errors(driver) == []
+    path = str(tmp_path / "playground.png")
+    driver.save_screenshot(path)
+    if os.environ.get("UPDATE_SCREENSHOTS"):
+        os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+        shutil.copy(path, os.path.join(ROOT, "docs", "playground.png"))
+
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 16,
+            "temperature": 0, "top_p": 1, "seed": 0, "probe": True}
+    steer = {"vector": "push", "layers": [12], "multiplier": 2.0, "scale": "raw",
+             "ablate": False, "positions": "all"}
+    want = {"out-steered": api_answer(server, {**body, "steering": steer}, chat=True),
+            "out-plain": api_answer(server, body, chat=True)}
+    assert want["out-steered"]["text"] != want["out-plain"]["text"]  # the push shows
+    for panel, got in page.items():
+        api = want[panel]
+        assert got["pieces"] == api["pieces"] and got["text"] == api["text"], panel
+        assert len(api["scores"]) == len(api["pieces"]) == 16
+        # the page rounds the score to 4 places in the title: the API's floats, formatted alike
+        assert got["titles"] == [f"probe score {s:.4f}" for s in api["scores"]]
+        assert all(c.startswith("rgba(") for c in got["colours"]), got["colours"]
+        assert got["meta"].endswith(f"{api['prompt_score']:.4f}")
+
+
+def test_plain_mode_shows_model_text_as_text(server, driver):
+    """Plain completion of a prompt full of HTML, two layers and positions=generated, no probe:
+    the tokens equal the API's, the model's `<script>` shows as text, and nothing is coloured."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    open_page(driver, server)
+    driver.find_element(By.CSS_SELECTOR, "input[name=mode][value=plain]").click()
+    prompt = "<script>alert(1)</script>\n<script>alert(2)</script>\n<script>"
+    fill(driver, "prompt", prompt)
+    fill(driver, "max_tokens", "12")
+    driver.find_element(By.CSS_SELECTOR, "#layers input.layer[value='10']").click()
+    Select(driver.find_element(By.ID, "positions")).select_by_value("generated")
+    multiplier = move_multiplier(driver, 2)
+    generate(driver, "out-steered")
+    assert driver.find_element(By.ID, "error").text == ""
+    got = shown(driver, "out-steered")
+    assert console_errors(driver) == []
+    steer = {"vector": "push", "layers": [10, 12], "multiplier": multiplier, "scale": "raw",
+             "ablate": False, "positions": "generated"}
+    api = api_answer(server, {"prompt": prompt, "max_tokens": 12, "temperature": 0, "top_p": 1,
+                              "seed": 0, "steering": steer}, chat=False)
+    assert got["pieces"] == api["pieces"] and got["text"] == api["text"]
+    assert "</script>" in api["text"]  # the model closes the tag; the page shows it as text
+    assert len(driver.find_elements(By.TAG_NAME, "script")) == 1
+    assert got["titles"] == [""] * len(api["pieces"])
+    assert set(got["colours"]) == {"rgba(0, 0, 0, 0)"}  # no probe: no colour
+    assert got["meta"] == ""
+    assert driver.find_element(By.ID, "out-plain").get_attribute("hidden")
+
+
+def test_a_refused_request_shows_the_servers_error(server, driver):
+    """A temperature the server refuses: its 4xx message in the error line, the button usable
+    again, and the next request from the page succeeds."""
+    from selenium.webdriver.common.by import By
+
+    open_page(driver, server)
+    fill(driver, "max_tokens", "3")
+    fill(driver, "temperature", "-1")
+    generate(driver, "out-steered")
+    assert driver.find_element(By.ID, "out-steered").get_attribute("data-state") == "error"
+    error = driver.find_element(By.ID, "error").text
+    assert error.startswith("HTTP 400: ") and error.endswith("(temperature)"), error
+    fill(driver, "temperature", "0")
+    generate(driver, "out-steered")
+    assert driver.find_element(By.ID, "error").text == ""
+    assert driver.find_element(By.ID, "out-steered").get_attribute("data-state") == "done"
+    assert len(shown(driver, "out-steered")["pieces"]) == 3
