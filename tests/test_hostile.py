@@ -151,9 +151,12 @@ def test_generation_config_end_id_stops_as_transformers(tiny, tmp_path, dist1):
     ours stops there, as transformers does."""
     src, _ = tiny
     path = make_hf(tmp_path / "m", "gqa")
-    prompt = prompts()[0]
-    free = Generator.build(path, dist1).generate([prompt], Sampling(max_gen_len=8))[0][0]
-    k = next(k for k in range(1, len(free)) if free[k] not in free[:k])
+    plain = Generator.build(path, dist1)
+    # the tiny model is random: the first prompt whose greedy tokens hold a new token after the
+    # first one
+    prompt, free, k = next((p, free, k) for p in prompts()
+                           for free in [plain.generate([p], Sampling(max_gen_len=8))[0][0]]
+                           for k in range(1, len(free)) if free[k] not in free[:k])
     third = free[k]  # the first token after the first that was not emitted before it
     with open(os.path.join(path, "generation_config.json")) as f:
         gcfg = json.load(f)
@@ -206,17 +209,24 @@ def test_gguf_eos_eot_eom_ids(tmp_path):
     assert declared_end_ids(str(default_model_path())) == [2]  # SmolLM2: <|im_end|>
 
 
+def stop_word(gen, prompt):
+    """(completion, its tokens, a stop string: the first readable text a token after the first
+    adds that is new), or None when the tiny model's completion has none."""
+    free = gen.text_completion([prompt], Sampling(max_gen_len=8))[0]
+    texts = [gen.tokenizer.decode(free.tokens[:j]) for j in range(len(free.tokens) + 1)]
+    words = [add for j in range(1, len(free.tokens)) for add in [texts[j + 1][len(texts[j]):]]
+             if texts[j + 1].startswith(texts[j]) and add.strip() and "\ufffd" not in add
+             and add not in texts[j]]
+    return (free.completion, free.tokens, words[0]) if words else None
+
+
 def test_stop_strings_cut_the_completion(tiny, tmp_path):
     path, gen = tiny
-    free = gen.text_completion(["hello there"], Sampling(max_gen_len=8))[0]
-    text = free.completion
-    # the stop string: the first readable text a token after the first adds that is new
-    texts = [gen.tokenizer.decode(free.tokens[:j]) for j in range(len(free.tokens) + 1)]
-    word = next(add for j in range(1, len(free.tokens))
-                for add in [texts[j + 1][len(texts[j]):]]
-                if texts[j + 1].startswith(texts[j]) and add.strip() and "\ufffd" not in add
-                and add not in texts[j])
-    (tmp_path / "p.json").write_text(json.dumps(["hello there"]))
+    # the tiny model is random: take the first prompt whose completion has readable text
+    prompt, (text, tokens, word) = next(
+        (p, found) for p in ("hello there", "The cat", "abc def", "Once upon", "1 2 3", "zz")
+        for found in [stop_word(gen, p)] if found)
+    (tmp_path / "p.json").write_text(json.dumps([prompt]))
     out = tmp_path / "o.jsonl"
     for spec in (word, json.dumps(["zzzz-never", word])):
         r = run_generate("--model", path, "--prompts", tmp_path / "p.json", "--max_gen_len", 8,
@@ -224,8 +234,8 @@ def test_stop_strings_cut_the_completion(tiny, tmp_path):
         assert r.returncode == 0, r.stderr
         row = json.loads(out.read_text())
         assert row["finish"] == "stop" and row["completion"] == text[: text.index(word)]
-        assert row["tokens"] == free.tokens[: len(row["tokens"])]
-        assert len(row["tokens"]) < len(free.tokens)
+        assert row["tokens"] == tokens[: len(row["tokens"])]
+        assert len(row["tokens"]) < len(tokens)
 
 
 # ---------------------------------------------------------------- 6. A/B option layouts
