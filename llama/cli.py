@@ -167,7 +167,8 @@ class _Set(argparse.Action):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own refusals: one LlamaError, not usage and exit 2
         message = re.sub(r"^argument (--\w+)\S*: ", r"\1 ", message)
-        message = re.sub(r" ignored explicit argument (.*)", r" takes no value (\1 given)", message)
+        message = re.sub(r" ignored explicit argument (.*)", r" takes no value (\1 given)",
+                         message)
         raise LlamaError(message.replace(" expected one argument", " needs a value"))
 
 
@@ -215,7 +216,8 @@ def _spelled(argv: List[str], fl: Dict[str, Flag]) -> List[str]:
 
 def parse(fl: Dict[str, Flag], argv: List[str], prog: str = "") -> tuple:
     """argv -> ({name: value} of the flags given, {name: spelling typed}). Raises LlamaError."""
-    ns, extra = _parser(fl, prog).parse_known_args(_spelled(argv, fl), argparse.Namespace(typed_={}))
+    ns, extra = _parser(fl, prog).parse_known_args(_spelled(argv, fl),
+                                                   argparse.Namespace(typed_={}))
     for arg in extra:
         if not _is_value(arg):
             key = arg.partition("=")[0]

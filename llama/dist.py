@@ -49,7 +49,8 @@ def setup(mp: int = 0, device: str = "auto") -> Dist:
             fd, path = tempfile.mkstemp(prefix="llama-pg-")
             os.close(fd)
             os.unlink(path)
-            dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{path}", rank=0, world_size=1)
+            dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{path}",
+                                    rank=0, world_size=1)
     world, rank = dist.get_world_size(), dist.get_rank()
     mp = mp or world
     if mp < 1 or world % mp:
@@ -59,7 +60,8 @@ def setup(mp: int = 0, device: str = "auto") -> Dist:
     elif fs_init.get_model_parallel_world_size() != mp:
         have = fs_init.get_model_parallel_world_size()
         raise LlamaError(f"model parallelism already set up with size {have}, not {mp}")
-    return Dist(rank, world, mp, fs_init.get_model_parallel_rank(), world // mp, fs_init.get_data_parallel_rank(), dev)
+    return Dist(rank, world, mp, fs_init.get_model_parallel_rank(), world // mp,
+                fs_init.get_data_parallel_rank(), dev)
 
 
 def teardown():

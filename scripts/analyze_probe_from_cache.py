@@ -231,7 +231,8 @@ def analyze(cache: str, vectors: str, output: str, data: str = None, layers=None
         print(f"{l:5d} {n:6d} {vals[order[0]]:12.3f} {vals[order[1]]:12.3f}")
     if visualize:
         model = os.path.basename(str(act_cache.meta.get("model", {}).get("path", "model")))
-        where = os.path.basename(str(data or act_cache.meta.get("data", {}).get("path", act_cache.path)))
+        source = act_cache.meta.get("data", {}).get("path", act_cache.path)
+        where = os.path.basename(str(data or source))
         plot(output, table, layers, intended, f"{model}, {where}, n={len(qs)}")
     print(f"wrote {len(layers)} probe_stats_layer{{L}}.csv files to {output}")
     if html_report:

@@ -114,7 +114,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
           probe_layer: Optional[int] = None, max_batch: int = 8, max_seq_len: int = 2048,
           api_key: Optional[str] = None, api_key_env: Optional[str] = None,
           no_auth: bool = False, max_body: int = 1 << 20, threads: int = 0,
-          dtype: str = "float32", device: str = "auto", tokenizer_path: Optional[str] = None,
+          compute_dtype: str = "float32", device: str = "auto",
+          tokenizer_path: Optional[str] = None,
           name: Optional[str] = None):
     """Serve a model over an OpenAI-compatible HTTP API, with per-request steering and probe
     read-outs.
@@ -133,8 +134,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     no_auth: allow listening on a non-local address without a key
     max_body: request bodies over this many bytes are refused (413)
     threads: torch CPU threads (0: torch's default)
-    dtype: float32, float16 or bfloat16
-    device: auto, cpu or cuda
+    compute_dtype: of the model's weights and arithmetic: float32, float16 or bfloat16
+    device: auto, cpu or cuda (default: auto)
     tokenizer_path: the tokenizer file, when the model's own is not found beside it
     name: the model id clients use (default: the model file or folder name)
     """
@@ -163,13 +164,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
 
     own_group = not tdist.is_initialized()  # a caller's process group is left alone
     with contextlib.redirect_stdout(io.StringIO()):  # fairscale's set-up lines: stdout is
-        d = setup(0, device)                         # the ready line only
+        proc = setup(0, device)  # the ready line only
     try:
-        if d.dp != 1:
-            raise LlamaError(f"serve runs one model across the whole world: {d.world} processes "
-                             f"with model parallelism {d.mp}")
-        sock = bind(host, port) if d.is_main else None
-        gen = Generator.build(model, d, dtype, None, tokenizer_path)
+        if proc.dp != 1:
+            raise LlamaError(f"serve runs one model across the whole world: {proc.world} "
+                             "processes "
+                             f"with model parallelism {proc.mp}")
+        sock = bind(host, port) if proc.is_main else None
+        gen = Generator.build(model, proc, compute_dtype, None, tokenizer_path)
         a = gen.model.params
         context = min(max_seq_len, a.max_seq_len)
         loaded = {n: load_vectors(p, None, a.dim, a.n_layers, gen.fingerprint)
@@ -179,7 +181,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         norms = residual_norms(gen.model, gen.tokenizer, {x for v in loaded.values() for x in v})
         engine = Engine(gen.model, loaded, norms, the_probe, max_batch, context)
         channel = StepChannel()
-        if not d.is_main:
+        if not proc.is_main:
             for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 says when to stop
                 signal.signal(sig, signal.SIG_IGN)
             follow(engine, channel)

@@ -8,7 +8,8 @@ from conftest import ROOT, one_line_error
 def test_run_all_refuses_bad_threads_and_writes_nothing():
     results = os.path.join(ROOT, "bench", "RESULTS.md")
     before = os.stat(results).st_mtime_ns
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run_all.py"), "--threads", "0"],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run_all.py"),
+                        "--threads", "0"],
                        capture_output=True, text=True, timeout=120)
     one_line_error(r, "--threads 0")
     assert r.returncode == 2 and "running:" not in r.stdout

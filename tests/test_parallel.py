@@ -1,5 +1,5 @@
-"""torchrun with 2 and 4 CPU processes (gloo) gives the model-parallel-1 states, from HF dirs and from
-Meta dirs of 1, 2 and 8 shards (kv heads replicated where mp exceeds them)."""
+"""torchrun with 2 and 4 CPU processes (gloo) gives the model-parallel-1 states, from HF dirs and
+from Meta dirs of 1, 2 and 8 shards (kv heads replicated where mp exceeds them)."""
 import os
 import socket
 import subprocess
@@ -27,22 +27,27 @@ def ckpts(tmp_path_factory):
     for kind, shards in (("gqa", 1), ("gqa", 2), ("tied", 8)):
         args, sd = load_meta_state(hf[kind])
         args.vocab_parallel_embedding = kind == "gqa"  # Llama 3 splits the embedding by vocab
-        meta[kind, shards] = make_meta(base / f"{kind}-{shards}", sd, args, shards=shards, tokenizer_from=hf[kind])
+        meta[kind, shards] = make_meta(base / f"{kind}-{shards}", sd, args, shards=shards,
+                                       tokenizer_from=hf[kind])
     return hf, meta
 
 
 @pytest.mark.parametrize("n,mp", [(2, 2), (4, 4), (4, 2)])
 def test_torchrun_matches_mp1(ckpts, dist1, tmp_path, n, mp):
     hf, meta = ckpts
-    paths = {  # mp 4: 2 kv heads replicated to 4; (4, 2): two data-parallel groups, shards by model-parallel rank
+    # mp 4: 2 kv heads replicated to 4; (4, 2): two data-parallel groups, shards by model-parallel
+    # rank
+    paths = {
         (2, 2): [hf["gqa"], meta["gqa", 1], meta["tied", 8]],
         (4, 4): [meta["gqa", 2], meta["tied", 8], hf["mha"], hf["gqa"]],
         (4, 2): [meta["gqa", 2], hf["tied"]],
     }[n, mp]
-    cmd = ["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           os.path.join(ROOT, "tests", "torchrun_worker.py"), str(tmp_path), str(mp), *map(str, paths)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    cmd = ["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+           str(n), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           os.path.join(ROOT, "tests", "torchrun_worker.py"), str(tmp_path), str(mp),
+           *map(str, paths)]
+    p = subprocess.run(cmd, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     for i, path in enumerate(paths):
         ref = load_model(path, dist1).model(tokens(), logits=True)
