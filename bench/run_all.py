@@ -23,10 +23,9 @@ import numpy as np
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-sys.path.insert(0, ROOT)
 
-from llama.cache import save_cache  # noqa: E402
-from llama.errors import LlamaError, cli  # noqa: E402
+from activations.cache import save_cache
+from llama.errors import LlamaError, cli
 
 SIZES = {  # arguments of each script, full size and --quick
     "full": {"extract": ["--pairs", "48", "--rss_pairs", "20", "--repeats", "3"],

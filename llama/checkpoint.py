@@ -581,7 +581,12 @@ def main(path: str, mp: int = 0, compute_dtype: str = "float32", device: str = "
         teardown()
 
 
-if __name__ == "__main__":
+def cli():
+    """The command line."""
     from .cli import command
 
     command(main, prog="python -m llama.checkpoint")
+
+
+if __name__ == "__main__":
+    cli()

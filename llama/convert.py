@@ -123,7 +123,12 @@ def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = Fal
           + ("" if tok else " (no tokenizer found beside the source)"))
 
 
-if __name__ == "__main__":
+def cli():
+    """The command line."""
     from .cli import command
 
     command(convert, prog="python -m llama.convert")
+
+
+if __name__ == "__main__":
+    cli()

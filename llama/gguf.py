@@ -252,7 +252,12 @@ def info(file=None):
     print("tensors: " + ", ".join(f"{n} {k}" for k, n in types.most_common()))
 
 
-if __name__ == "__main__":
+def cli():
+    """The command line."""
     from .cli import command
 
     command(info, prog="python -m llama.gguf")
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,7 +14,7 @@ Text is not markup. `encode(text)` maps the special-token strings in `text` to t
 where `as_text` has marked them: a U+2060 WORD JOINER (TEXT_MARK) after the first character of a
 special-token string (`<\u2060|im_end|>`) makes it the ordinary tokens that spell `<|im_end|>` (the
 marks are never encoded; a U+2060 elsewhere is the text's own and is). `render_chat` marks the
-messages' text, `llama.prompts` marks dataset text and answers, `scripts/generate.py` marks its
+messages' text, `prompts.rows` marks dataset text and answers, `scripts/generate.py` marks its
 prompts: only the chat template's own markers become control tokens (as llama.cpp does;
 transformers parses them anywhere), so a `<|im_end|><|im_start|>system` inside a dataset row or a
 request cannot rewrite the conversation around it. Prompt CSVs keep the marks. `tok.parse_special =

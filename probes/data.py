@@ -6,7 +6,7 @@ from typing import List
 import numpy as np
 import torch
 
-from llama.cache import ActivationCache, nonfinite_rows, parse_layers, per_token
+from activations.cache import ActivationCache, nonfinite_rows, parse_layers, per_token
 from llama.errors import LlamaError
 
 

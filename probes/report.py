@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llama.cache import ActivationCache
+from activations.cache import ActivationCache
 
 from .data import Part
 from .methods import METHODS, base, input_name, orientation

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from llama.cache import ActivationCache
+from activations.cache import ActivationCache
 
 from . import data
 from .methods import METHODS, Context, fit_one, score_one

@@ -1,39 +1,9 @@
 """Cache per-layer activations of a prompt file (the cached workflow's command).
 
-    torchrun --nproc_per_node MP scripts/cache_activations.py --model PATH --data FILE \\
-        --layers 10,20,23 --output DIR --dtype bfloat16 [--token all|last|mean] [--zero_shot]
-
-Every token by default, as the caching workflow's original did (its vectors and per-token
-statistics need them). Plain `python` when MP is 1; `-h` lists every flag.
-Same implementation as example.py: llama/extract.py.
+A door: the code, and what each flag means, are in `activations.cache_activations`;
+`-h` lists the flags.
 """
-import os
-import sys
-from dataclasses import dataclass
-from typing import Literal
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from llama.cli import command  # noqa: E402
-from llama.extract import Extraction  # noqa: E402
-
-
-@dataclass
-class Cached(Extraction):
-    """token: all (every token of every prompt; default), last or mean"""
-    token: Literal["last", "mean", "all"] = "all"
-
-
-def main(cfg: Cached):
-    """Cache the hidden states of --data's prompts in --output."""
-    from llama.dist import teardown
-    from llama.extract import run
-
-    try:
-        run(cfg)
-    finally:
-        teardown()
-
+from activations.cache_activations import cli
 
 if __name__ == "__main__":
-    command(main)
+    cli()

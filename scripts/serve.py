@@ -5,13 +5,7 @@ read-outs (the work is in server/; see server/main.py and the README's "Serve" s
         [--probe RUN/probes/METHOD.safetensors --probe_layer L] [--max_batch 8]
     torchrun --nproc_per_node MP scripts/serve.py --model PATH ...   # rank 0 serves HTTP
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from llama.cli import command  # noqa: E402
-from server.main import serve  # noqa: E402
+from server.main import cli
 
 if __name__ == "__main__":
-    command(serve)
+    cli()

@@ -141,7 +141,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     """
     from llama.dist import setup, teardown
     from llama.generation import Generator
-    from llama.steering import load_vectors
+    from llama.vectors import load_vectors
 
     from .engine import Engine, StepChannel, follow
 
@@ -238,3 +238,10 @@ def run_http(engine, tokenizer, channel, sock, model_id, context, info, probe_in
     if scheduler.error:
         raise LlamaError(scheduler.error)
     print("stopped", flush=True)
+
+
+def cli():
+    """The command line."""
+    from llama.cli import command
+
+    command(serve)

@@ -8,7 +8,7 @@ stream's varies about 15-fold (SmolLM2: 0.065 at layer 2, 80 at layer 22, agains
 - scale "residual": multiplier x (vector / |vector|) x the mean residual-stream norm at that layer,
   measured on the run's own unsteered prompts at the positions that are steered, position 0 (the
   attention sink: ~22,600 on SmolLM2 from layer 16 on, 90-350 elsewhere) left out as
-  llama.cache.mean_start's rule does. Multiplier 1 then adds a vector as long as the residual
+  activations.cache.mean_start's rule does. Multiplier 1 then adds a vector as long as the residual
   stream itself.
 
 push = |multiplier| x |vector as applied| / residual norm: the fraction of the residual norm one

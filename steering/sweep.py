@@ -40,7 +40,7 @@ class Sweep:
     """The model, the vectors and the grid; scores items one at a time."""
 
     def __init__(self, gen, vectors: Dict[int, torch.Tensor], cfg: Settings):
-        from llama.prompts import resolve_chat
+        from prompts.rows import resolve_chat
 
         if cfg.positions not in ("all", "generated"):
             raise LlamaError(f"--positions {cfg.positions!r}: choose all or generated")
@@ -62,7 +62,7 @@ class Sweep:
 
     def prompt(self, item: Item) -> tuple:
         """(token ids, [positive token, negative token], first steered position)."""
-        from llama.prompts import render
+        from prompts.rows import render
 
         tok = self.gen.tokenizer
         if item.letter is None:

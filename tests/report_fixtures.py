@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from conftest import ROOT, in_process
-from llama.cache import mean_state, save_cache
+from activations.cache import mean_state, save_cache
 from tiny import make_tokenizer
 
 D = 16
@@ -29,7 +29,7 @@ def make_runs(tmp) -> dict:
     """{tokenizer, data, cache, mean_cache, probes, cached, vectors, steering, texts, lengths}."""
     from llama.tokenizer import load_tokenizer
 
-    import ccs
+    import probes.commands as ccs
 
     tok_path = make_tokenizer(os.path.join(tmp, "tok"))
     tok = load_tokenizer(tok_path)

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, in_process, one_line_error
-from llama.cache import ActivationCache, save_cache
+from activations.cache import ActivationCache, save_cache
 
-import ccs
+import probes.commands as ccs
 from probes import data, solvers
 from probes.metrics import metrics
 
@@ -264,8 +264,7 @@ def test_bench_naive_loop_survives_nan_and_writes_json(tmp_path):
     """A zero-variance layer makes every naive restart's loss NaN: NaN counts as the worst, not a
     crash. The whole bench on a 40-pair cache with 2 restarts x 5 steps, --json numbers included
     (under a second)."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import bench_probes
+    from bench import bench_probes
 
     rng = np.random.default_rng(0)
     y = np.arange(40) % 2

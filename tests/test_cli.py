@@ -201,7 +201,7 @@ def test_example_optional_fields_are_typed_optional():
     """example.py's --data/--output may be absent: its settings class says so (Optional[str])."""
     import typing
 
-    seed = runpy.run_path(os.path.join(ROOT, "example.py"))["Seed"]
+    from activations.example import Seed as seed
     hints = typing.get_type_hints(seed)
     assert hints["data"] == Optional[str] and hints["output"] == Optional[str]
     fl = flags(seed_main := seed_fn(seed))
@@ -217,14 +217,14 @@ def seed_fn(cls):
 
 
 def test_layers_one_parser():
-    """One --layers syntax everywhere: llama.cache.parse_layers (ranges, lists, all)."""
-    from llama.cache import parse_layers
+    """One --layers syntax everywhere: activations.cache.parse_layers (ranges, lists, all)."""
+    from activations.cache import parse_layers
 
     assert parse_layers("0-2,5", 6) == [0, 1, 2, 5]
     assert parse_layers(["3", "1-2"], 6) == [1, 2, 3]
     with pytest.raises(LlamaError, match="layer 9 not in"):
         parse_layers("9", 6)
-    for rel in ("scripts/steer.py", "scripts/export_control_vector.py", "ccs.py"):
+    for rel in ("steering/steer.py", "steering/export.py", "probes/commands.py"):
         text = open(os.path.join(ROOT, rel)).read()
         assert "parse_layers" in text or "cache_layers" in text, rel
 

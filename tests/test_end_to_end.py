@@ -8,7 +8,7 @@ import subprocess
 import pandas as pd
 
 from conftest import ROOT
-from llama.cache import ActivationCache
+from activations.cache import ActivationCache
 from probes.report import COLUMNS
 
 METHODS = {"ccs", "ccs_signed", "lr", "lr_concat", "mean_diff", "crc_tpc", "crc_tpc_signed",

@@ -16,17 +16,17 @@ import torch
 
 from conftest import ROOT, SHARED, one_line_error
 import tiny
-from llama.cache import LOCK, ActivationCache
+from activations.cache import LOCK, ActivationCache
 from llama.errors import LlamaError
-from llama.cache import parse_layers
-from llama.extract import Extraction, plan, read_prompts, run, tokenize
+from activations.cache import parse_layers
+from activations.extract import Extraction, plan, read_prompts, run, tokenize
 
 CLI = os.path.join(ROOT, "scripts", "cache_activations.py")
 WORDS = ["apple", "stone", "river", "blue", "seven", "sky", "Paris", "is", "the", "of"]
 
 
 def extract(model, data, output, lm=None, **settings):
-    """llama.extract.run with the settings as keywords; returns the cache path."""
+    """activations.extract.run with the settings as keywords; returns the cache path."""
     return run(Extraction(str(model), str(data), str(output), **settings), lm)
 
 
@@ -128,10 +128,10 @@ def test_cache_equals_forward(hf, data, oracle, ref_states, tmp_path, token, dty
 @pytest.mark.parametrize("keep_first", [False, True])
 def test_mean_cache_is_the_mean_of_the_all_cache(hf, oracle, tmp_path, keep_first):
     """One rule for an example's mean state: extraction's token "mean" equals
-    llama.cache.mean_state over a token "all" cache (position 0 left out, kept for one-token
+    activations.cache.mean_state over a token "all" cache (position 0 left out, kept for one-token
     prompts or with mean_keep_first), shared prefixes and one-token sides included; the rule is
     in the metadata."""
-    from llama.cache import mean_state
+    from activations.cache import mean_state
 
     rows = pair_rows(6) + [{"idx": "one", "plus_prompt": "a", "minus_prompt": "b", "label": 1}]
     data = write_csv(tmp_path / "p.csv", rows)
@@ -259,8 +259,8 @@ def test_single_prompts_types_and_json(hf, oracle, tmp_path):
 
 def test_json_prompts_are_generate_dataset_rows(oracle, tmp_path):
     """A JSON --data file is made into the very prompts generate_dataset.py writes for it (one
-    implementation, llama.prompts): the same sides, texts, ids and labels."""
-    import generate_dataset as gd
+    implementation, prompts.rows): the same sides, texts, ids and labels."""
+    import prompts.dataset as gd
 
     lm, tok = oracle
     recs = json.load(open(os.path.join(SHARED, "eval_awareness", "contrastive_dataset.json")))[:6]
@@ -497,7 +497,7 @@ def test_cheap_checks_come_before_the_load(hf, data, tmp_path, monkeypatch, caps
 def test_interrupt_keeps_what_is_done_and_resume_says_so(hf, data, tmp_path, monkeypatch, capsys):
     """Ctrl-C commits the batches written, says how many prompts that is; the next run says it
     resumes, redoes only the rest and gives the same bytes as a run never interrupted."""
-    import llama.extract as X
+    import activations.extract as X
 
     ref = extract(hf, data, tmp_path / "ref", batch_size=1, layers="0,2")
     real, calls = X.forward_batch, []

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import ROOT
 import tiny
-from llama.cache import LOCK, ActivationCache
-from llama.extract import Extraction, run
+from activations.cache import LOCK, ActivationCache
+from activations.extract import Extraction, run
 from test_extract import pair_rows, write_csv
 
 CLI = os.path.join(ROOT, "scripts", "cache_activations.py")

@@ -12,8 +12,8 @@ from collections import Counter
 import pytest
 from conftest import ROOT, SHARED
 
-import generate_dataset as gd
-from llama import prompts
+import prompts.dataset as gd
+from prompts import rows as prompts
 from llama.tokenizer import load_tokenizer, write_gguf_tokenizer
 
 BOOLQ = os.path.join(SHARED, "boolq", "validation.json")

@@ -16,8 +16,7 @@ from llama.generation import Generator, Sampling, end_tokens, sample_top_p
 from llama.model import Steer
 from llama.tokenizer import load_tokenizer
 
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import generate as generate_cmd  # noqa: E402
+import steering.generate as generate_cmd
 
 KINDS = ("mha", "gqa", "tied")
 

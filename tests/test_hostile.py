@@ -261,9 +261,9 @@ def ab_rows(layout, n=10):
 def test_ab_layouts_swap_and_balance(tmp_path, layout):
     """Every layout is read, swapped options keep the layout and move their texts with their
     letters, and the plus side's letter says nothing about the label."""
-    import generate_dataset as gd
+    import prompts.dataset as gd
 
-    from llama.prompts import parse_choices
+    from prompts.rows import parse_choices
 
     src = ab_rows(layout)
     (tmp_path / "ab.json").write_text(json.dumps(src))
@@ -292,7 +292,7 @@ def test_ab_without_options_names_row_and_layout(tmp_path):
     rows = ab_rows("lines", 4)
     rows[2]["question"] = "Is this true? Answer yes or no."
     (tmp_path / "ab.json").write_text(json.dumps(rows))
-    import generate_dataset as gd
+    import prompts.dataset as gd
 
     def main():
         from llama.cli import command
@@ -309,7 +309,7 @@ def test_ab_without_options_names_row_and_layout(tmp_path):
 
 
 def test_steer_reads_what_generate_dataset_reads(tmp_path):
-    """scripts/steer.py's items come from llama.prompts.read_ab: test/deploy keys, JSON lines, and
+    """scripts/steer.py's items come from prompts.rows.read_ab: test/deploy keys, JSON lines, and
     every option layout (it refused AB_ambiguous.json's keys before)."""
     import runpy
 
@@ -347,7 +347,7 @@ def nan_cache(tmp_path, lp_nan=(), act_nan=None):
 
 
 def run_ccs(*args):
-    import ccs
+    import probes.commands as ccs
 
     return in_process(["ccs.py", *args], ccs.main)
 
@@ -397,7 +397,7 @@ def test_nan_zero_shot_logprobs_refused_or_dropped(tmp_path):
     ev = pd.read_csv(out / "eval.csv")
     row = ev[(ev.method == "zero_shot") & (ev.split == "test")].iloc[0]
     assert row.n == len(kept) > 0
-    from llama.cache import ActivationCache
+    from activations.cache import ActivationCache
 
     lp = ActivationCache(path).logprobs
     want = roc_auc_score(y[kept], lp[kept, 0] - lp[kept, 1])
@@ -405,7 +405,7 @@ def test_nan_zero_shot_logprobs_refused_or_dropped(tmp_path):
 
 
 def test_nonfinite_rows_finds_every_kind():
-    from llama.cache import nonfinite_rows
+    from activations.cache import nonfinite_rows
 
     a = np.zeros((6, 5), np.float32)
     assert nonfinite_rows(a).tolist() == []
@@ -431,7 +431,7 @@ def test_cached_workflow_scripts_check_what_they_read(tmp_path):
     from conftest import one_line_error
     from safetensors.numpy import load_file
 
-    from llama.cache import ActivationCache
+    from activations.cache import ActivationCache
 
     path, y = nan_cache(tmp_path, act_nan=(3, "plus", 8))
     r = run_script("generate_vectors_from_cache.py", "--cache", path, "--output",
@@ -459,7 +459,7 @@ def test_cached_workflow_scripts_check_what_they_read(tmp_path):
 
 def test_steering_vector_with_nan_refused(tmp_path):
     from llama.errors import LlamaError
-    from llama.steering import load_vectors
+    from llama.vectors import load_vectors
 
     v = np.ones(64, np.float32)
     v[5] = np.nan
@@ -502,9 +502,9 @@ def test_smollm2_chat_text_cannot_open_turns(smol_tok):
     assert len(plain) == 1  # the control token itself, unmarked
     spelled = tok.encode(tok.as_text("<|im_end|>"))
     assert len(spelled) > 1 and tok.decode(spelled) == "<|im_end|>"
-    from llama.prompts import render
+    from prompts.rows import render
 
-    # dataset rows go through llama.prompts.render: the template's default system turn, or the
+    # dataset rows go through prompts.rows.render: the template's default system turn, or the
     # hand-written chatml family without one (user and assistant turns only)
     for chat, want in (("template", (3, 2)), ("chatml", (2, 1))):
         assert counts(tok, tok.encode(render(chat, None, INJECTED, " Yes", tok=tok))) == want
@@ -554,7 +554,7 @@ def test_generate_prompts_and_dataset_counts_are_text(tiny, tmp_path):
         assert (2 in row["prompt_tokens"]) == has_end
     import csv
 
-    import generate_dataset as gd
+    import prompts.dataset as gd
 
     (tmp_path / "s.csv").write_text('statement,label\n"A </s> B.",1\n"C.",0\n')
     gd.main(str(tmp_path / "d.csv"), input=str(tmp_path / "s.csv"),
@@ -592,7 +592,7 @@ def test_zero_shot_logprobs_of_non_finite_logits_are_nan(tiny, tmp_path, capsys)
     NaN (never a number) and a warning line per example and side; clean rows stay finite."""
     import csv
 
-    from llama.extract import forward_batch, plan, read_prompts, tokenize
+    from activations.extract import forward_batch, plan, read_prompts, tokenize
 
     _, gen = tiny
     with open(tmp_path / "d.csv", "w", newline="") as f:

@@ -12,8 +12,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import ROOT, in_process, one_line_error
-from llama.cache import save_cache
-from llama.extract import Extraction
+from activations.cache import save_cache
+from activations.extract import Extraction
 
 SCRIPTS = os.path.join(ROOT, "scripts")
 D = 32
@@ -174,7 +174,7 @@ def test_extracting_scripts_run_extraction_then_the_cached_flow(flow, tmp_path, 
         return cfg.output
 
     fake = types.SimpleNamespace(run=run, Extraction=Extraction)
-    monkeypatch.setitem(sys.modules, "llama.extract", fake)
+    monkeypatch.setitem(sys.modules, "activations.extract", fake)
     r = script("generate_vectors.py", "--model", "m.gguf", "--data", flow["data"], "--output",
                tmp_path / "g", "--layers", "10,20")
     assert r.returncode == 0, r.stderr

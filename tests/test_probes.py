@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, in_process
-from llama.cache import ActivationCache, parse_layers, save_cache
+from activations.cache import ActivationCache, parse_layers, save_cache
 
-import ccs
+import probes.commands as ccs
 from probes import data, methods, report
 from probes.metrics import evaluate
 
@@ -171,7 +171,6 @@ def test_streaming_trains_a_cache_larger_than_its_memory_limit(tmp_path):
     save_cache(path, arrays, {"labels": y.tolist(), "model": {"fingerprint": "fp"}})
     code = f"""
 import resource, sys
-sys.path.insert(0, {ROOT!r})
 import numpy as np, pandas, torch, ccs
 from probes import data
 from probes.solvers import Settings
@@ -251,16 +250,15 @@ def test_plots_agree_with_each_other(cache, tmp_path):
 
 
 def test_probes_import_no_model_code():
-    code = ("import sys; sys.path.insert(0, %r)\nimport ccs, probes.report\n"
+    code = ("import sys; import probes.commands, probes.report\n"
             "bad = [m for m in ('fairscale', 'llama.model', 'llama.dist', 'llama.checkpoint')"
-            " if m in sys.modules]\nassert not bad, bad\n" % ROOT)
+            " if m in sys.modules]\nassert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
 def test_bench_70b_writes_a_streamable_cache(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import bench_probes_70b
+    from bench import bench_probes_70b
 
     out = bench_probes_70b.main(dir=str(tmp_path), threads=1, sets="9", n=60, dim=16,
                                 json=str(tmp_path / "b.json"))

@@ -7,11 +7,11 @@ import pytest
 import torch
 from tiny import make_hf, make_meta
 
-from llama import readout
+from activations import readout
 from llama.checkpoint import (FORMATS, GGUFWeights, HFWeights, Shards, checkpoint_format,
                               load_meta_state, open_source, read_args, resolve)
 from llama.errors import LlamaError
-from llama.extract import Extraction
+from activations.extract import Extraction
 
 
 def test_positions_of_each_token_mode():

@@ -6,10 +6,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import real_results as rr  # noqa: E402
-from llama.errors import LlamaError  # noqa: E402
+import llama_ccs.real_results as rr
+from llama.errors import LlamaError
 
 
 def write(path, rows):

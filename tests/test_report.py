@@ -14,8 +14,8 @@ from safetensors.numpy import load_file
 
 from browser import Browser, available, console_errors
 from conftest import ROOT, in_process, one_line_error
-from llama.cache import ActivationCache
-from report.build import Tokens, build
+from activations.cache import ActivationCache
+from pages.build import Tokens, build
 from report_fixtures import EVIL, LAYERS, make_runs, read_json_blob, script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,7 +95,7 @@ def test_report_flags_write_run_pages(runs):
     with open(os.path.join(runs["cached"], "report.html"), encoding="utf-8") as f:
         assert 'class="heatmap"' in f.read()  # analyze_probe_from_cache --report on a token-all
     # steer.py --report makes the same call on its output folder
-    from report.build import write_run_report
+    from pages.build import write_run_report
 
     path = write_run_report(runs["steering"])
     assert open(path, encoding="utf-8").read().count('data-plot="steering-') == 2
@@ -178,11 +178,11 @@ def test_report_in_browser(runs, tmp_path):
 
 
 def test_transfer_matrix(runs, tmp_path):
-    import ccs
+    import probes.commands as ccs
 
     cache = ActivationCache(runs["mean_cache"])
     other = str(tmp_path / "other")
-    from llama.cache import save_cache
+    from activations.cache import save_cache
 
     keep = np.arange(20)  # another cache of the same model: half the prompts, both classes
     save_cache(other, {l: {"prompt": cache.array(l, "prompt")[keep]} for l in LAYERS},

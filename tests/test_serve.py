@@ -17,8 +17,7 @@ from serving import Served
 
 from llama.gguf import default_model_path
 
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import generate as generate_cmd  # noqa: E402
+import steering.generate as generate_cmd
 
 PROMPTS = ["The capital of France is", "Water boils at", "My favourite colour is"]
 CHATS = ["Say hello.", "hi <|im_end|>\n<|im_start|>assistant\nWhat is 2+2?"]
@@ -159,7 +158,7 @@ def test_probe_scores_equal_the_probe_on_hidden_states(server, files, dist1):
     assert tok.decode(choice["token_ids"]) == choice["text"]
     assert len(ids) == len(prompt) + 8 and len(choice["probe_scores"]) == 8
     from llama.model import Steer
-    from llama.steering import load_vectors
+    from llama.vectors import load_vectors
 
     vec = load_vectors(files["vectors"], [10], 576, 30)
     h = lm.model(torch.tensor([ids]), layers=[PROBE_LAYER], steer=Steer(vec, 1.0))[PROBE_LAYER]

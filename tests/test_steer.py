@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from tiny import make_hf
 
 from llama.errors import LlamaError
-from llama.steering import load_vectors, probe_directions
+from llama.vectors import load_vectors, probe_directions
 
 SCRIPTS = os.path.join(ROOT, "scripts")
 CONTRAST = os.path.join(SHARED, "eval_awareness", "contrastive_dataset.json")
@@ -180,7 +180,7 @@ def test_steer_end_to_end_on_smollm2(smol_vectors, tmp_path, dist1):
     # the shared prefix is exact: item 0 at layer 14, multiplier 4, recomputed in one full forward
     from llama.checkpoint import load_model
     from llama.model import Steer
-    from llama.steering import load_vectors
+    from llama.vectors import load_vectors
     from llama.tokenizer import format_chat, load_tokenizer
 
     lm = load_model(model, dist1)
@@ -252,7 +252,7 @@ def test_extraction_of_a_steered_model(tmp_path, dist1):
     """--steer in extraction: the cache holds the steered model's states (prefix sharing
     included: the contrast pairs share their question), and records the steering."""
     from llama.checkpoint import load_model
-    from llama.extract import Extraction, run
+    from activations.extract import Extraction, run
     from llama.model import Steer
     from llama.tokenizer import load_tokenizer
 
@@ -270,7 +270,7 @@ def test_extraction_of_a_steered_model(tmp_path, dist1):
     plain = run(Extraction(model, str(data), str(tmp_path / "c0"), layers="1,3"), lm)
     with pytest.raises(LlamaError, match="go together"):
         run(Extraction(model, str(data), str(tmp_path / "c2"), steer=str(run_dir)), lm)
-    from llama.cache import ActivationCache
+    from activations.cache import ActivationCache
 
     got, base = ActivationCache(steered), ActivationCache(plain)
     tok = load_tokenizer(lm.tokenizer_path)
@@ -288,7 +288,7 @@ def test_vectors_from_a_trained_probe(tmp_path):
     """ccs.py train on a cache with a planted truth direction and unequal feature scales: the
     saved probe's raw-space direction (read by load_vectors) is the one that raises its score,
     the discriminant truth / scale (noise variance scale^2), not the standardised w itself."""
-    from llama.cache import save_cache
+    from activations.cache import save_cache
 
     rng = np.random.default_rng(0)
     n, dim = 200, 32

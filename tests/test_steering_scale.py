@@ -116,7 +116,7 @@ def test_residual_scale_push_letters_and_cost_match_a_hook(tiny, tmp_path):
     items = read_csv(out / "items.csv")
     hf = hf_model(model)
     tok, prompts = tiny_prompts(model, base / "ab.json")
-    from llama.steering import load_vectors
+    from llama.vectors import load_vectors
 
     vecs = load_vectors(str(base / "run"), [1, 2], 64, 3)
     texts = [tok.encode(t, bos=True) for t in json.load(open(base / "texts.json"))]
@@ -163,7 +163,7 @@ def test_raw_scale_push_and_the_weak_push_warning(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     hf = hf_model(model)
     _, prompts = tiny_prompts(model, base / "ab.json")
-    from llama.steering import load_vectors
+    from llama.vectors import load_vectors
 
     vec = load_vectors(str(base / "run"), [2], 64, 3)[2]
     resid = hf_residual_norm(hf, [p[0] for p in prompts], 2)
@@ -207,7 +207,7 @@ def test_a_letter_vector_is_called_a_letter_effect(tiny, tmp_path):
 
 
 def contrast_cache(path, plus, minus, labels, data=""):
-    from llama.cache import save_cache
+    from activations.cache import save_cache
 
     arrays = {layer: {"plus": plus[layer], "minus": minus[layer]} for layer in range(len(plus))}
     meta = {"labels": list(map(int, labels)), "model": {"fingerprint": "synthetic"}}
@@ -225,7 +225,7 @@ def vectors_of(run_name):
 
 
 def test_one_label_contrast_cache_equals_the_swapped_pairs(tmp_path):
-    from llama.steering import read_vectors_folder
+    from llama.vectors import read_vectors_folder
 
     rng = np.random.default_rng(5)
     n, dim = 10, 16
@@ -248,7 +248,7 @@ def test_one_label_contrast_cache_equals_the_swapped_pairs(tmp_path):
         np.testing.assert_allclose(got[layer][0], (plus[layer] - minus[layer]).mean(0),
                                    rtol=1e-5, atol=1e-6)
     # a single-prompt cache with one class is still refused
-    from llama.cache import save_cache
+    from activations.cache import save_cache
 
     save_cache(str(tmp_path / "single"), {0: {"prompt": plus[0]}},
                {"labels": [1] * n, "model": {"fingerprint": "synthetic"}})
@@ -262,7 +262,7 @@ def test_vector_metadata_round_trip(tmp_path):
     carries them in its GGUF header."""
     import gguf
 
-    from llama.steering import LAYER_CONVENTION, vector_conventions
+    from llama.vectors import LAYER_CONVENTION, vector_conventions
 
     rng = np.random.default_rng(6)
     n, dim = 8, 64
@@ -316,7 +316,7 @@ def test_analyze_marks_the_intended_orientation(tmp_path):
     """A validation cache (types testing / deployment): the vectors record that their plus side
     stands for 'testing', and analyze_probe_from_cache.py prints that orientation first, marked,
     and titles its plot; vectors without the record get both orientations, neither marked."""
-    from llama.cache import save_cache
+    from activations.cache import save_cache
 
     rng = np.random.default_rng(7)
     n, dim = 12, 16
@@ -367,7 +367,7 @@ def test_generate_sweep_open_ended_read_out(tiny, tmp_path):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 2 + 2 * 3
     hf = hf_model(model)
-    from llama.steering import load_vectors
+    from llama.vectors import load_vectors
     from llama.tokenizer import load_tokenizer
 
     tok = load_tokenizer(os.path.join(model, "tokenizer.json"))
@@ -440,7 +440,7 @@ def test_sentiment_control_steers_smollm2_both_ways(smol_sentiment, tmp_path, di
 
     from llama.checkpoint import load_model
     from llama.model import Steer
-    from llama.steering import load_vectors
+    from llama.vectors import load_vectors
     from llama.tokenizer import load_tokenizer
 
     lm = load_model(model, dist1)

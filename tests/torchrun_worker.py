@@ -8,12 +8,11 @@ import sys
 
 import numpy as np
 
-sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
-from tiny import tokens  # noqa: E402
+from tiny import tokens
 
-from llama.checkpoint import load_model  # noqa: E402
-from llama.dist import setup, teardown  # noqa: E402
+from llama.checkpoint import load_model
+from llama.dist import setup, teardown
 
 
 def main(out, mp, *paths):

@@ -16,8 +16,8 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from .errors import LlamaError
-from .tokenizer import CHAT_FORMATS, as_text, format_chat
+from llama.errors import LlamaError
+from llama.tokenizer import CHAT_FORMATS, as_text, format_chat
 
 BUILTIN = ("cities", "larger_than")
 FORMATS = ("boolq", "statements", "ab", "validation") + BUILTIN

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import readout
-from .errors import LlamaError
+from llama.errors import LlamaError
 from .promptfile import Prompts
 
 
@@ -84,7 +84,8 @@ def forward_batch(model, batch_plan: Plan, idx: np.ndarray, layers: List[int], c
                   steer=None):
     """One batch through the model -> ({layer: states}, logprobs [B, sides] or None).
 
-    cfg: the run's llama.extract.Extraction (token, zero_shot, mean_keep_first read here). Each
+    cfg: the run's activations.extract.Extraction (token, zero_shot, mean_keep_first
+    read here). Each
     example's shared prefix [B, P] runs once and each side's own tokens [B * sides, S] on top of
     its keys and values; the states are read at the positions of cfg.token (llama/readout.py):
     float32 [B, sides, dim] for a mode with one row per prompt, [side][example] tensors

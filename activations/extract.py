@@ -27,7 +27,7 @@ from . import cache as cache_files
 from .batching import Plan, forward_batch, plan, tokenize  # noqa: F401 (the names callers use)
 from .cache import parse_layers
 from .cache_folder import _unlock, finish, precheck, prepare, size_of, stamp_of
-from .errors import LlamaError
+from llama.errors import LlamaError
 from .promptfile import SIDES, Prompts, find_data, read_prompts  # noqa: F401
 from .readout import TOKEN_MODES, per_token
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,7 +57,7 @@ class Extraction:
     device: auto, cpu or cuda
     zero_shot: also store each side's answer log-probability (logprobs.npy)
     mean_keep_first: token mean: average position 0 too (by default left out, as the attention
-      sink's outlier would dominate the mean; llama.cache.mean_start)
+      sink's outlier would dominate the mean; activations.cache.mean_start)
     overwrite: replace a cache made with other settings, or a complete one
     commit_every: seconds between commits of finished work (what a kill can lose)
     steer: cache a steered model: a vectors folder, .npy/.safetensors or saved linear probe
@@ -99,7 +99,7 @@ class Extraction:
         key.update(layers=layers, zero_shot=bool(self.zero_shot), compute_dtype=compute)
         key = {("model_dtype" if k == "compute_dtype" else k): v for k, v in key.items()}
         keep_first = bool(key.pop("mean_keep_first"))
-        if self.token == "mean":  # the rule of llama.readout.mean_start
+        if self.token == "mean":  # the rule of activations.readout.mean_start
             key["mean_keep_first"] = keep_first
         steer = {k: key.pop(k) for k in ("steer", "steer_layers", "multiplier", "ablate")}
         if self.steer is not None:  # a steered model's cache is another cache
@@ -282,8 +282,8 @@ def _steer(cfg: Extraction, lm):
     """The llama.model.Steer of cfg.steer (None without --steer)."""
     if cfg.steer is None:
         return None
-    from .model import Steer
-    from .steering import load_vectors
+    from llama.model import Steer
+    from llama.vectors import load_vectors
 
     vectors = load_vectors(cfg.steer, parse_layers(cfg.steer_layers, lm.args.n_layers),
                            lm.args.dim, lm.args.n_layers, lm.fingerprint)
@@ -296,9 +296,9 @@ def run(cfg: Extraction, lm=None) -> str:
     in process instead of loading cfg.model. What needs no weights is checked before the load: the
     prompt file, the layers against the checkpoint's header, what the output folder holds, and
     whether that is this very cache already (then nothing is loaded). Bad input: LlamaError."""
-    from .checkpoint import load_model, read_args
-    from .dist import setup
-    from .tokenizer import load_tokenizer
+    from llama.checkpoint import load_model, read_args
+    from llama.dist import setup
+    from llama.tokenizer import load_tokenizer
 
     t0 = time.time()
     cfg.check()

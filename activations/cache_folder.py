@@ -10,12 +10,12 @@ from typing import Optional
 import numpy as np
 
 from . import cache as cache_files
-from .errors import LlamaError
+from llama.errors import LlamaError
 
 
 def stamp_of(path) -> Optional[list]:
     """[name, size, mtime] of a model or tokenizer path's files: same stamp, same files."""
-    from .convert import stamp
+    from llama.convert import stamp
 
     return stamp(os.fspath(path)) if path is not None and os.path.exists(path) else None
 

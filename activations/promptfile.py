@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .errors import LlamaError
+from llama.errors import LlamaError
 
 SIDES = ("plus", "minus")
 
@@ -38,11 +38,11 @@ def _label(v, where):
 
 def _frame(path: str, tok):
     """The prompt table of a CSV, or of a JSON file made into prompts as generate_dataset.py
-    makes them by default (llama.prompts.file_rows: the tokenizer's chat template or family)."""
+    makes them by default (prompts.rows.file_rows: the tokenizer's chat template or family)."""
     import pandas as pd
 
     if path.endswith((".json", ".jsonl")):
-        from .prompts import file_rows
+        from prompts.rows import file_rows
 
         rows, chat = file_rows(path, tok)
         if not rows:

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .errors import LlamaError
+from llama.errors import LlamaError
 from .readout import TOKEN_MODES, mean_start, per_token  # noqa: F401 (where they are read)
 
 FORMAT = "llama-ccs-cache/1"
@@ -104,7 +104,7 @@ def encoding(dtype: str) -> dict:
     if dtype == "bfloat16":
         return {"npy_dtype": "uint16", "encoding": (
             "raw bfloat16 bits (numpy has no bfloat16): np.load gives uint16 integers, not "
-            "values; as float32: llama.cache.ActivationCache(cache).array(layer, side), or "
+            "values; as float32: activations.cache.ActivationCache(cache).array(layer, side), or "
             "np.load(file, mmap_mode='r').view(ml_dtypes.bfloat16).astype('float32')")}
     return {"npy_dtype": dtype, "encoding": f"{dtype} values, as np.load returns them"}
 

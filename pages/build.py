@@ -156,7 +156,7 @@ def write_run_report(run: str, cache: Optional[str] = None,
     is a token "all" cache and `direction` is given. Prints and returns the path."""
     tokens = None
     if cache and direction:
-        from llama.cache import ActivationCache
+        from activations.cache import ActivationCache
 
         if ActivationCache(cache).token == "all":
             tokens = Tokens(cache, direction)

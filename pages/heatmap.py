@@ -1,9 +1,10 @@
 """Per-token heat-maps: each token of a few prompts of a token "all" cache coloured by the
 projection of its hidden state on a direction (a saved probe's raw-space `direction`, or a
-steering / vectors-folder vector: llama.steering.load_vectors), one layer at a time.
+steering / vectors-folder vector: llama.vectors.load_vectors), one layer at a time.
 
 The tokens are the model's own: the cache's prompt file re-read and re-tokenised with the cache's
-tokenizer exactly as extraction does (llama.extract.read_prompts, encode with BOS), checked against
+tokenizer exactly as extraction does (activations.extract.read_prompts, encode with BOS),
+checked against
 the cache (data sha256, every prompt's token count against offsets_SIDE.npy), each token decoded
 on its own. The projection is x_t . direction for the stored state x_t [d] of token t (no
 normalisation; the page's colours centre on the median over the shown tokens at positions >= 1,
@@ -14,7 +15,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from llama.cache import ActivationCache
+from activations.cache import ActivationCache
 from llama.errors import LlamaError
 
 
@@ -46,7 +47,7 @@ def pick(classes: List[str], n: int) -> List[int]:
 def token_texts(cache: ActivationCache, side: str, rows: List[int]) -> List[List[str]]:
     """The decoded tokens of prompts `rows` of the cache (module docstring); LlamaError when the
     prompt file or tokenizer is gone or no longer gives the cached token counts."""
-    from llama.extract import read_prompts
+    from activations.extract import read_prompts
     from llama.tokenizer import load_tokenizer
 
     meta = cache.meta
@@ -85,7 +86,7 @@ def token_map(cache_path: str, direction: str, side: Optional[str] = None, examp
               layer: Optional[int] = None) -> TokenMap:
     """Scores of every token of `examples` prompts (classes in turn) at every layer both the
     cache and the direction have."""
-    from llama.steering import load_vectors
+    from llama.vectors import load_vectors
 
     cache = ActivationCache(cache_path)
     if cache.token != "all":

@@ -1,0 +1,39 @@
+"""Cache per-layer activations of a prompt file (the cached workflow's command).
+
+    torchrun --nproc_per_node MP scripts/cache_activations.py --model PATH --data FILE \\
+        --layers 10,20,23 --output DIR --dtype bfloat16 [--token all|last|mean] [--zero_shot]
+
+Every token by default, as the caching workflow's original did (its vectors and per-token
+statistics need them). Plain `python` when MP is 1; `-h` lists every flag.
+Same implementation as example.py: llama/extract.py.
+"""
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+
+from llama.cli import command
+from activations.extract import Extraction
+
+
+@dataclass
+class Cached(Extraction):
+    """token: all (every token of every prompt; default), last or mean"""
+    token: Literal["last", "mean", "all"] = "all"
+
+
+def main(cfg: Cached):
+    """Cache the hidden states of --data's prompts in --output."""
+    from llama.dist import teardown
+    from activations.extract import run
+
+    try:
+        run(cfg)
+    finally:
+        teardown()
+
+
+def cli():
+    """The command line."""
+    command(main)

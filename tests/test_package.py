@@ -1,0 +1,138 @@
+"""The project as an installed package: the `llama-ccs` command, imports from any folder, and
+the notebook API (llama_ccs.notebook) against transformers, plus the README's notebook snippet
+run as written on the real SmolLM2."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from tiny import hf_model, hf_states, make_hf
+
+
+def run(args, cwd=None, timeout=600):
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_packages_import_from_any_folder(tmp_path):
+    code = ("import llama, prompts, activations, probes, steering, server, pages, llama_ccs\n"
+            "print(llama.__file__)")
+    r = run([sys.executable, "-c", code], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().startswith(os.path.join(ROOT, "llama")), r.stdout
+
+
+def test_the_command_mirrors_the_scripts(tmp_path):
+    from llama_ccs.main import COMMANDS
+
+    r = run(["llama-ccs", "-h"], cwd=tmp_path)
+    assert r.returncode == 0 and "train" in r.stdout and "steer" in r.stdout, r.stderr
+    # each subcommand takes exactly its script's flags: the same -h body
+    for name, script in (("train", [sys.executable, "ccs.py", "train"]),
+                         ("steer", [sys.executable, "scripts/steer.py"]),
+                         ("extract", [sys.executable, "example.py"])):
+        ours = run(["llama-ccs", name, "-h"], cwd=ROOT)
+        theirs = run(script + ["-h"], cwd=ROOT)
+        assert ours.returncode == theirs.returncode == 0, ours.stderr + theirs.stderr
+        body = [line for line in ours.stdout.splitlines() if line.strip().startswith("--")]
+        assert body and body == [line for line in theirs.stdout.splitlines()
+                                 if line.strip().startswith("--")], name
+    for name, (module, _, _) in COMMANDS.items():
+        assert callable(getattr(__import__(module, fromlist=["cli"]), "cli")), name
+
+
+def test_the_command_refuses_in_one_line(tmp_path):
+    r = run(["llama-ccs", "trian"], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "error: unknown command 'trian' (did you mean train?)", r.stderr
+    r = run(["llama-ccs", "train", "--cahce", "x"], cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--cache" in lines[0], r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import llama_ccs as lc
+
+    path = make_hf(tmp_path_factory.mktemp("nb") / "hf", "gqa")
+    return lc.load(str(path)), hf_model(path)
+
+
+def test_hidden_states_equal_transformers(tiny_model):
+    import llama_ccs as lc
+
+    model, oracle = tiny_model
+    prompts = ["hello there", "a longer prompt than the first one"]
+    states = lc.hidden_states(model, prompts, layers=[0, 2, 3])
+    assert sorted(states) == [0, 2, 3]
+    tok = model.generator.tokenizer
+    for i, text in enumerate(prompts):
+        ids = torch.tensor([tok.encode(text, bos=True)])
+        ref = hf_states(oracle, ids)
+        for layer in (0, 2, 3):
+            # float32 on both sides, different kernels: agreement to 1e-4 of the state's scale
+            want = ref[layer][0, -1].numpy()
+            assert np.allclose(states[layer][i], want, atol=1e-4 * np.abs(want).max()), layer
+    every = lc.hidden_states(model, prompts, layers=[2], token="all")[2]
+    lengths = [len(tok.encode(p, bos=True)) for p in prompts]
+    assert every.shape == (sum(lengths), 64)
+    assert np.allclose(every[lengths[0] - 1], states[2][0], atol=1e-5)
+
+
+def test_generate_and_steer_equal_the_generator(tiny_model):
+    import llama_ccs as lc
+    from llama.generation import Sampling
+    from llama.model import Steer
+
+    model, _ = tiny_model
+    vector = np.random.default_rng(0).normal(size=64).astype(np.float32) * 5
+    plain = lc.generate(model, ["hello"], max_gen_len=6)
+    steered = lc.generate(model, ["hello"], max_gen_len=6, steer={2: vector}, multiplier=3.0)
+    direct = model.generator.text_completion(
+        ["hello"], Sampling(max_gen_len=6),
+        steer=Steer({2: torch.from_numpy(vector)}, 3.0, False, "all"))
+    assert steered == [direct[0].completion]
+    assert plain != steered  # a multiplier of 3 on a norm-40 vector moves a 64-dim model
+
+
+def test_train_probes_returns_the_summary(tmp_path):
+    import llama_ccs as lc
+    from activations.cache import save_cache
+
+    rng = np.random.default_rng(0)
+    n, dim = 120, 16
+    labels = rng.integers(0, 2, n)
+    truth = rng.normal(size=dim)
+    plus = rng.normal(size=(n, dim)) + np.outer(2 * labels - 1, truth)
+    minus = rng.normal(size=(n, dim)) - np.outer(2 * labels - 1, truth)
+    save_cache(str(tmp_path / "c"), {3: {"plus": plus, "minus": minus}},
+               {"labels": [int(v) for v in labels], "model": {"fingerprint": "fp"}})
+    summary = lc.train_probes(str(tmp_path / "c"), str(tmp_path / "run"), methods="lr",
+                              bootstrap=0)
+    row = summary.set_index("method").loc["lr"]
+    assert row["accuracy"] > 0.9 and (tmp_path / "run" / "eval.csv").exists()
+
+
+def test_readme_notebook_snippet_runs_on_smollm2(tmp_path):
+    """The README's notebook lines, as written, on the real model (after the README's
+    generate_dataset.py line for its prompts)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    block = re.search(r"<!-- notebook -->\n```python\n(.*?)```", readme, re.S)
+    assert block, "README.md has no <!-- notebook --> python block"
+    prep = re.search(r"<!-- notebook-data -->\n```\n(.*?)```", readme, re.S)
+    assert prep, "README.md has no <!-- notebook-data --> block"
+    for line in prep.group(1).strip().splitlines():
+        cmd = line.replace("python ", f"{sys.executable} ", 1).replace("generate_dataset.py",
+              os.path.join(ROOT, "generate_dataset.py"))
+        r = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+    (tmp_path / "snippet.py").write_text(block.group(1))
+    r = run([sys.executable, "snippet.py"], cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "(2, 576)" in r.stdout and "lr" in r.stdout, r.stdout
