@@ -1,6 +1,6 @@
 """How extraction cuts its work: prompts tokenized, each contrast pair's shared token prefix run
 once, examples sorted by length and packed into batches of at most `max_batch_tokens` padded
-tokens; then one batch through the model, the states read where llama/readout.py says."""
+tokens; then one batch through the model, the states read where activations/readout.py says."""
 import os
 import sys
 from dataclasses import dataclass
@@ -87,7 +87,8 @@ def forward_batch(model, batch_plan: Plan, idx: np.ndarray, layers: List[int], c
     cfg: the run's activations.extract.Extraction (token, zero_shot, mean_keep_first
     read here). Each
     example's shared prefix [B, P] runs once and each side's own tokens [B * sides, S] on top of
-    its keys and values; the states are read at the positions of cfg.token (llama/readout.py):
+    its keys and values; the states are read at the positions of cfg.token
+    (activations/readout.py):
     float32 [B, sides, dim] for a mode with one row per prompt, [side][example] tensors
     [length, dim] for a per-token one. Zero-shot: each side's log-probability of its answer
     tokens (those after the sides first differ), from the logits before each."""

@@ -5,7 +5,7 @@
 
 Every token by default, as the caching workflow's original did (its vectors and per-token
 statistics need them). Plain `python` when MP is 1; `-h` lists every flag.
-Same implementation as example.py: llama/extract.py.
+Same implementation as example.py: activations/extract.py.
 """
 import os
 import sys

@@ -1,7 +1,7 @@
 """The cache folder while extraction writes it (rank 0): the lock a second writer is refused
 by, what an existing folder holds and whether it is this very cache (then it is reused), the
 arrays allocated before any batch runs, and the completion marker written last. Layout:
-llama/cache.py."""
+activations/cache.py."""
 import json
 import os
 import shutil

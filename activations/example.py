@@ -12,7 +12,7 @@ Without --prompt_csv it generates text for a few built-in prompts, as Meta's exa
 The seed's flag names and the cached workflow's are both accepted (--ckpt_dir / --model,
 --prompt_csv / --data, --save_activations_path / --output); `python example.py -h` lists them all.
 Plain `python example.py ...` runs it in one process. Same implementation as
-scripts/cache_activations.py: llama/extract.py.
+scripts/cache_activations.py: activations/extract.py.
 """
 from dataclasses import dataclass
 from typing import Optional

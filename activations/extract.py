@@ -1,5 +1,5 @@
 """Extraction: every prompt through the model once, the chosen layers' hidden states streamed into
-an activation cache (layout in llama/cache.py). The one implementation behind example.py and
+an activation cache (layout in activations/cache.py). The one implementation behind example.py and
 scripts/cache_activations.py, configured by one `Extraction`.
 
 How the work is cut: every prompt is tokenized first. The two sides of a contrast pair share their
@@ -61,7 +61,7 @@ class Extraction:
     overwrite: replace a cache made with other settings, or a complete one
     commit_every: seconds between commits of finished work (what a kill can lose)
     steer: cache a steered model: a vectors folder, .npy/.safetensors or saved linear probe
-      (llama/steering.py), added at every position of --steer_layers (llama.model.Steer)
+      (llama/vectors.py), added at every position of --steer_layers (llama.model.Steer)
     steer_layers: the layers to steer (with --steer), e.g. 14 or 10,14
     multiplier: steering multiplier (with --steer)
     ablate: remove the direction instead of adding it (with --steer; multiplier 1: fully)
@@ -292,7 +292,8 @@ def _steer(cfg: Extraction, lm):
 
 def run(cfg: Extraction, lm=None) -> str:
     """Extract the hidden states of cfg.layers for every prompt of cfg.data into the cache
-    cfg.output (layout: llama/cache.py); returns cfg.output. lm: a llama.checkpoint.Loaded to reuse
+    cfg.output (layout: activations/cache.py); returns cfg.output.
+    lm: a llama.checkpoint.Loaded to reuse
     in process instead of loading cfg.model. What needs no weights is checked before the load: the
     prompt file, the layers against the checkpoint's header, what the output folder holds, and
     whether that is this very cache already (then nothing is loaded). Bad input: LlamaError."""

@@ -1,2 +1,3 @@
-"""The model side of llama-ccs: LLaMA with fairscale tensor parallelism, checkpoints, tokenizers
-and the activation cache. Nothing here imports probe code."""
+"""The model side of llama-ccs: LLaMA with fairscale tensor parallelism, checkpoints, tokenizers,
+generation and the steering vectors a Steer adds. Nothing here imports another package of the
+project (the steps build on it: prompts, activations, probes, steering, server, pages)."""

@@ -4,7 +4,7 @@
         [--tokens CACHE --direction RUN/probes/lr.safetensors --examples 6 --layer L]
 
 A run folder is what ccs.py train / transfer, scripts/analyze_probe_from_cache.py or
-scripts/steer.py wrote; the page shows what each holds (report/build.py) and names the files
+scripts/steer.py wrote; the page shows what each holds (pages/build.py) and names the files
 every number comes from. --tokens adds per-token heat-maps from a token "all" cache."""
 import os
 import sys

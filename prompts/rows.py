@@ -1,6 +1,7 @@
 """Datasets -> prompt rows: the one place that reads a dataset file (BoolQ, true/false statements,
 A/B questions, {question, type} validation sets, the built-in cities and larger_than sets) and
-writes its prompts. generate_dataset.py (the CSV command) and llama/extract.py (a JSON file given
+writes its prompts. generate_dataset.py (the CSV command) and activations/extract.py
+(a JSON file given
 as --data) both build rows here, so they agree on formats, templates, chat rendering and on what a
 single-prompt file is.
 

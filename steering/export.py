@@ -10,7 +10,7 @@ llama.cpp's syntax: current builds (the option table in common/arg.cpp) take one
 parser in common/common.cpp) took two, `FNAME SCALE`. `--control-vector FNAME` (scale 1) is the
 same in both.
 
---vectors: any source llama/steering.py reads (a vectors folder, a .npy/.safetensors file with
+--vectors: any source llama/vectors.py reads (a vectors folder, a .npy/.safetensors file with
 --layers, a saved linear probe), checked against --model (width, layers, fingerprint).
 
 Layer offset, read from llama.cpp's source (common/common.cpp `llama_control_vector_load_one`,

@@ -18,7 +18,7 @@ printed as it finishes.
 text: a special-token string in it ("<|im_end|>") encodes as the ordinary tokens that spell it;
 only the chat template's own markers are control tokens (--parse_special: the old reading).
 --steer: a vectors folder (scripts/generate_vectors_from_cache.py), a .npy/.safetensors vector,
-or a saved ccs.py linear probe; see llama/steering.py. --scale residual: --multiplier is a
+or a saved ccs.py linear probe; see llama/vectors.py. --scale residual: --multiplier is a
 fraction of the mean residual-stream norm at the layer, measured on these prompts unsteered
 (position 0 left out; with --positions generated still the prompts' positions), applied to the
 unit vector; raw (default): multiplier x the vector as stored (steering/scale.py).

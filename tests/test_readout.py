@@ -1,4 +1,4 @@
-"""The read position as one concept (llama/readout.py), the cache-reuse key derived from the
+"""The read position as one concept (activations/readout.py), the cache-reuse key derived from the
 settings, and one reader protocol per checkpoint format (llama/checkpoint.py)."""
 import os
 

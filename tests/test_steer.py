@@ -1,4 +1,4 @@
-"""Steering vectors from disk (llama/steering.py), the llama.cpp control-vector export, and
+"""Steering vectors from disk (llama/vectors.py), the llama.cpp control-vector export, and
 scripts/steer.py end to end on SmolLM2 with vectors from the evaluation-awareness contrast set."""
 import csv
 import json
