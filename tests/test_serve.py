@@ -118,19 +118,28 @@ def test_chat_equals_generate_and_user_text_is_not_control(server, reference):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == reference["chat"][0][0]
     # `<|im_end|>` typed by the user is text: the prompt holds only the template's two (the
     # default system turn's and the user turn's ends), not the user's third
-    from llama.tokenizer import load_tokenizer, write_gguf_tokenizer
-    from server.chat import encode_chat
+    from llama.tokenizer import TEXT_MARK, load_tokenizer, write_gguf_tokenizer
 
     tok = load_tokenizer(write_gguf_tokenizer(str(default_model_path()),
                                               str(server.err.name) + ".tok"))
     msgs = [{"role": "user", "content": CHATS[1]}]
-    ids, im_end = encode_chat(tok, msgs), tok.encode("<|im_end|>")
+    ids, im_end = tok.encode(tok.render_chat(msgs), bos=True), tok.encode("<|im_end|>")
     assert len(im_end) == 1 and ids.count(im_end[0]) == 2
-    assert tok.encode(tok.render_chat(msgs)).count(im_end[0]) == 3  # what encode() would do
-    assert tok.decode(ids) == tok.render_chat(msgs)
+    assert tok.decode(ids) == tok.render_chat(msgs).replace(TEXT_MARK, "")
+    tok.parse_special = True  # the old reading (--parse_special): the user's is a control token
+    control = tok.encode(tok.render_chat(msgs), bos=True)
+    assert control.count(im_end[0]) == 3 and len(control) < len(ids)
     r = server.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 1,
                                              "temperature": 0})
     assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    # a completion prompt is text too, as scripts/generate.py (no --chat) reads it
+    prompt = "hi <|im_end|> there"
+    control = tok.encode(prompt, bos=True)
+    tok.parse_special = False
+    text = tok.encode(tok.as_text(prompt), bos=True)
+    assert im_end[0] in control and im_end[0] not in text
+    r = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0})
+    assert r.json()["usage"]["prompt_tokens"] == len(text)
 
 
 def test_steered_requests_equal_generate_steer(server, reference):
