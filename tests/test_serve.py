@@ -3,6 +3,7 @@ plain HTTP: greedy answers equal scripts/generate.py's (plain, chat, steered), s
 to the whole answer, probe read-outs equal the probe on the model's own hidden states, seeded
 sampling repeats, stop strings, and every bad request is a 4xx JSON error after which the server
 still serves."""
+import copy
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from safetensors.numpy import save_file
 from serving import Served
 
 from llama.gguf import default_model_path
+from llama.generation import Generator
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import generate as generate_cmd  # noqa: E402
@@ -61,6 +63,13 @@ def server(files):
     assert ready == [f"serving {s.model} on {s.url}"] and r.stdout.rstrip().endswith("stopped")
 
 
+@pytest.fixture(scope="module")
+def smol(dist1, one_thread):
+    """SmolLM2 loaded once in this process, for scripts/generate.py's reference runs and the probe
+    check (the server loads its own copy)."""
+    return Generator.build(str(default_model_path()), dist1)
+
+
 def generated(files, prompts, *flags):
     """scripts/generate.py's greedy completions (one prompt per batch, as the server runs a lone
     request) -> [(completion, tokens)]."""
@@ -76,11 +85,16 @@ def generated(files, prompts, *flags):
 
 
 @pytest.fixture(scope="module")
-def reference(files, one_thread):
-    return {"plain": generated(files, PROMPTS),
-            "chat": generated(files, CHATS[:1], "--chat"),
-            "steered": generated(files, PROMPTS[:2], "--steer", files["vectors"],
-                                 "--steer_layers", 10, "--multiplier", 1.0)}
+def reference(files, smol):
+    """generate.py run three times (plain, --chat, --steer) on the one loaded SmolLM2: each run
+    reads its flags, encodes its prompts and loads its vectors as always; only the weights are not
+    read again (Generator.build hands back `smol`)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Generator, "build", classmethod(lambda cls, *args, **kw: smol))
+        return {"plain": generated(files, PROMPTS),
+                "chat": generated(files, CHATS[:1], "--chat"),
+                "steered": generated(files, PROMPTS[:2], "--steer", files["vectors"],
+                                     "--steer_layers", 10, "--multiplier", 1.0)}
 
 
 def test_models_and_vectors(server, files):
@@ -107,7 +121,7 @@ def test_completions_equal_generate(server, reference):
         assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_chat_equals_generate_and_user_text_is_not_control(server, reference):
+def test_chat_equals_generate_and_user_text_is_not_control(server, reference, smol):
     client = server.client()
     r = client.chat.completions.create(model=server.model, max_tokens=24, temperature=0,
                                        messages=[{"role": "user", "content": CHATS[0]}])
@@ -118,10 +132,9 @@ def test_chat_equals_generate_and_user_text_is_not_control(server, reference):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == reference["chat"][0][0]
     # `<|im_end|>` typed by the user is text: the prompt holds only the template's two (the
     # default system turn's and the user turn's ends), not the user's third
-    from llama.tokenizer import TEXT_MARK, load_tokenizer, write_gguf_tokenizer
+    from llama.tokenizer import TEXT_MARK
 
-    tok = load_tokenizer(write_gguf_tokenizer(str(default_model_path()),
-                                              str(server.err.name) + ".tok"))
+    tok = copy.copy(smol.tokenizer)  # its own parse_special, flipped below
     msgs = [{"role": "user", "content": CHATS[1]}]
     ids, im_end = tok.encode(tok.render_chat(msgs), bos=True), tok.encode("<|im_end|>")
     assert len(im_end) == 1 and ids.count(im_end[0]) == 2
@@ -151,16 +164,12 @@ def test_steered_requests_equal_generate_steer(server, reference):
     assert [t for t, _ in reference["steered"]] != [t for t, _ in reference["plain"][:2]]
 
 
-def test_probe_scores_equal_the_probe_on_hidden_states(server, files, dist1):
-    from llama.checkpoint import load_model
-    from llama.tokenizer import load_tokenizer
-
+def test_probe_scores_equal_the_probe_on_hidden_states(server, files, smol):
     body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "probe": True,
             "steering": STEER}
     r = server.post("/v1/completions", body).json()
     choice = r["choices"][0]
-    lm = load_model(str(default_model_path()), dist1)
-    tok = load_tokenizer(lm.tokenizer_path)
+    tok = smol.tokenizer
     prompt = tok.encode(PROMPTS[0], bos=True)
     chunks = server.stream("/v1/completions", body)
     streamed = [s for c in chunks for s in c["choices"][0].get("probe_scores", [])]
@@ -171,7 +180,7 @@ def test_probe_scores_equal_the_probe_on_hidden_states(server, files, dist1):
     from llama.steering import load_vectors
 
     vec = load_vectors(files["vectors"], [10], 576, 30)
-    h = lm.model(torch.tensor([ids]), layers=[PROBE_LAYER], steer=Steer(vec, 1.0))[PROBE_LAYER]
+    h = smol.model(torch.tensor([ids]), layers=[PROBE_LAYER], steer=Steer(vec, 1.0))[PROBE_LAYER]
     want = (h[0].double() @ torch.from_numpy(files["w"]).double() + 0.25).tolist()
     # decode steps on the KV cache vs one full forward: float32 rounding, scores of size ~1-10
     assert choice["probe_prompt_score"] == pytest.approx(want[len(prompt) - 1], abs=2e-3)
