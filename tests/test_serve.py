@@ -53,22 +53,31 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(files):
+def launched(files):
+    """scripts/serve.py started, not yet ready: it loads SmolLM2 while `smol` loads here."""
     args = ["--model", default_model_path(), "--vectors", files["vectors"], "--probe",
             files["probe"], "--probe_layer", PROBE_LAYER, "--max_batch", 4, "--threads", 1]
-    with Served(map(str, args)) as s:
+    served = Served(map(str, args)).start()
+    yield served
+    if served.proc.poll() is None:  # `server` never took it over (`smol` failed)
+        served.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def smol(dist1, one_thread, launched):
+    """SmolLM2 loaded once in this process, for scripts/generate.py's reference runs and the probe
+    check (the server loads its own copy meanwhile)."""
+    return Generator.build(str(default_model_path()), dist1)
+
+
+@pytest.fixture(scope="module")
+def server(launched, smol):
+    with launched as s:
         yield s
         r = s.stop()
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     ready = [line for line in r.stdout.splitlines() if line.startswith("serving ")]
     assert ready == [f"serving {s.model} on {s.url}"] and r.stdout.rstrip().endswith("stopped")
-
-
-@pytest.fixture(scope="module")
-def smol(dist1, one_thread):
-    """SmolLM2 loaded once in this process, for scripts/generate.py's reference runs and the probe
-    check (the server loads its own copy)."""
-    return Generator.build(str(default_model_path()), dist1)
 
 
 def generated(files, prompts, *flags):
