@@ -31,11 +31,12 @@ SIZES = {  # arguments of each script, full size and --quick
     "full": {"extract": ["--pairs", "48", "--rss_pairs", "20", "--repeats", "3"],
              "cache": ["--n", "1000"],
              "probes": ["--naive_layers", "8"], "generate": ["--repeats", "3"],
-             "probes_70b": ["--sets", "9,31,81"]},
+             "probes_70b": ["--sets", "9,31,81"], "serve": ["--new", "64", "--requests", "16"]},
     "quick": {"extract": ["--pairs", "2", "--rss_pairs", "1", "--repeats", "1"],
               "cache": ["--n", "100"],
               "probes": ["--naive_layers", "1"], "generate": ["--repeats", "1", "--new", "8"],
-              "probes_70b": ["--sets", "9,81", "--n", "200", "--dim", "64"]},
+              "probes_70b": ["--sets", "9,81", "--n", "200", "--dim", "64"],
+              "serve": ["--new", "8", "--requests", "8"]},
 }
 TARGETS = {  # the least that passes
     "speedup_all": 1.5, "speedup_middle": 2.5,  # extraction vs transformers, wall clock
@@ -51,6 +52,9 @@ TARGETS = {  # the least that passes
     # ccs.py train streaming a 3270 x 8192 x 81 bfloat16 cache (70B-shaped), default methods:
     "probes70_gib": 4.0, "probes70_s": 600.0,  # all 81 layers: peak RSS, wall
     "probes9_gib": 3.3, "probes9_s": 59.0,  # the seed workflow's 9 layers, before streaming
+    # scripts/serve.py: completion tokens/s at 16 concurrent clients vs the same requests one at
+    # a time (greedy, 64 new tokens, --max_batch 16)
+    "serve_speedup_16": 3.0,
 }
 
 
@@ -190,6 +194,26 @@ def probe70_rows(r: dict, cmd: str) -> list:
     return rows
 
 
+def serve_rows(r: dict, cmd: str) -> list:
+    rows = []
+    for x in r["rows"]:
+        many = x["clients"] == 16
+        rows.append((f"serving: {x['requests']} greedy completions of "
+                     f"{r['settings']['new']} tokens, {x['clients']} concurrent client(s), "
+                     "tokens/s vs one at a time",
+                     f"{x['vs_sequential']:.2f}x ({x['tokens_per_s']:.1f} tok/s); latency p50 "
+                     f"{x['p50_s']:.2f} s, p95 {x['p95_s']:.2f} s",
+                     f">= {TARGETS['serve_speedup_16']}x" if many else "reported",
+                     verdict(x["vs_sequential"], TARGETS["serve_speedup_16"]) if many else "-",
+                     cmd))
+    p = r["probe"]
+    rows.append(("serving: the cost of `probe: true` (a linear probe read-out every token), "
+                 "16 clients",
+                 f"{r['probe_ms_per_token']:+.2f} ms per token ({p['tokens_per_s']:.1f} tok/s)",
+                 "reported", "-", cmd))
+    return rows
+
+
 def cell(s: str) -> str:
     return str(s).replace("|", "\\|")
 
@@ -211,7 +235,8 @@ def main(quick: bool, threads: int) -> int:
                 ("bench_generate.py", size["generate"] + ["--threads", str(threads)],
                  generate_rows),
                 ("bench_probes_70b.py", size["probes_70b"] + ["--threads", str(threads)]
-                 + ["--dir", os.environ.get("BENCH_TMP") or tempfile.gettempdir()], probe70_rows))
+                 + ["--dir", os.environ.get("BENCH_TMP") or tempfile.gettempdir()], probe70_rows),
+                ("bench_serve.py", size["serve"] + ["--threads", str(threads)], serve_rows))
         for script, args, table in plan:
             data, out, cmd, err = bench(script, args, threads, tmp)
             details.append((cmd, out))

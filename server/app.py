@@ -8,6 +8,10 @@ its events come back through an asyncio queue. Streaming answers are server-sent
 OpenAI sends them (`data: {chunk}` ... `data: [DONE]`); a client that goes away cancels its job,
 which frees its row. Every route needs `Authorization: Bearer KEY` when the server has a key.
 `/` is left free: a `server/static/` folder, when present, is served there.
+
+Text is text (llama.tokenizer.as_text): a completion prompt is marked as scripts/generate.py marks
+it, and Tokenizer.render_chat marks every message's content, so a `<|im_end|>` a user types is the
+tokens that spell it, and the chat template's own markers are the only special tokens.
 """
 import asyncio
 import json
@@ -24,7 +28,6 @@ from starlette.exceptions import HTTPException
 from llama.errors import LlamaError
 
 from . import schemas
-from .chat import encode_chat
 from .scheduler import Job, Scheduler
 from .schemas import ApiError, Limits
 
@@ -118,7 +121,7 @@ def build_app(served: Served) -> FastAPI:
         body = await read_json(request, served.max_body)
         schemas.check_model(body, limits)
         prompt = schemas.completion_prompt(body)
-        ids = tok.encode(prompt, bos=True)
+        ids = tok.encode(tok.as_text(prompt), bos=True)  # text, as scripts/generate.py reads it
         return await answer(request, body, ids, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -129,8 +132,8 @@ def build_app(served: Served) -> FastAPI:
         if tok.chat_source == "none":
             raise ApiError(400, "this model's tokenizer has no chat format: use /v1/completions",
                            "messages")
-        try:
-            ids = encode_chat(tok, messages)
+        try:  # render_chat marks the contents as text: only the template's markers are special
+            ids = tok.encode(tok.render_chat(messages), bos=True)
         except LlamaError as e:
             raise ApiError(400, str(e), "messages") from None
         return await answer(request, body, ids, chat=True)

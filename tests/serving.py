@@ -3,6 +3,9 @@
     with Served(["--model", path, "--max_batch", "4"]) as s:
         r = s.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "temperature": 0})
         s.client()                                      # an openai.OpenAI on this server
+
+    launched = Served([...]).start()   # loads while this process does something else
+    with launched as s: ...            # ready from here
 """
 import json
 import os
@@ -27,14 +30,21 @@ class Served:
         self.env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
         self.api_key = api_key
 
-    def __enter__(self):
+    def start(self) -> "Served":
+        """Launch the server without waiting for it (`with` waits until it is ready; it
+        launches it first when start() was not called)."""
         self.err = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         cmd = self.launcher + [os.path.join(ROOT, "scripts", "serve.py"), "--port", "0",
                                *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True,
                                      env=self.env, cwd=ROOT)
-        deadline = time.monotonic() + START_LIMIT_S
         self.lines = []
+        return self
+
+    def __enter__(self):
+        if not hasattr(self, "proc"):
+            self.start()
+        deadline = time.monotonic() + START_LIMIT_S
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
@@ -63,10 +73,12 @@ class Served:
                                            "".join(self.lines) + out, self.stderr())
 
     def __exit__(self, *exc):
-        self.http.close()
+        if hasattr(self, "http"):
+            self.http.close()
         if self.proc.poll() is None:
             self.stop()
-        os.unlink(self.err.name)
+        if os.path.exists(self.err.name):
+            os.unlink(self.err.name)
 
     def post(self, path, body, **kw):
         return self.http.post(path, json=body, **kw)
