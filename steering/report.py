@@ -125,9 +125,11 @@ def write_outputs(output: str, res: Result, n_boot: int = 1000, seed: int = 0) -
     with open(os.path.join(output, "samples.jsonl"), "w", encoding="utf-8") as f:
         for i, letter, done in res.samples:
             for l, texts in done.items():
-                for m, text in zip([0.0] if l == "none" else res.mults, texts):
+                scores = res.base[i][None] if l == "none" else res.table[l][i]
+                for m, text, two in zip([0.0] if l == "none" else res.mults, texts, scores):
                     ans = parse_answer(text) if letter else None
-                    matches.setdefault((l, m), []).append(ans == letter)
+                    if np.isfinite(two).all():  # else its logits were not finite: left out
+                        matches.setdefault((l, m), []).append(ans == letter)
                     row = {"idx": i, "layer": l, "multiplier": m, "positive": letter,
                            "completion": ("(" if letter else "") + text, "answer": ans}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
