@@ -9,6 +9,10 @@ residual_norm; ablation: x the mean |h . u| removed), p_a (A/B items: mean p(A) 
 p_positive_when_a / p_positive_when_b (mean p_positive over the items whose positive option is A,
 resp. B), nll_delta (with capability texts: NLL per token steered - unsteered, nats).
 items.csv: idx, layer, multiplier, positive (the letter, or the positive word), p_positive, p_a.
+
+An item whose logits were not finite at a setting (steering/sweep.py: its scores are NaN there)
+is left out of that setting's means, intervals and letter diagnostics; n counts the items kept
+(0: the means are "nan"). items.csv keeps it, as "nan".
 """
 import csv
 import json
@@ -33,6 +37,16 @@ def bootstrap(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple:
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def finite_mean(values: np.ndarray, axis=None):
+    """Mean over the finite entries (along axis); NaN where there are none, without a warning."""
+    values = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(values)
+    count = ok.sum(axis)
+    total = np.where(ok, values, 0.0).sum(axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def parse_answer(completion: str):
     """The letter of the first "(A)"/"(B)" in "(" + completion, or None."""
     m = LETTER.search("(" + completion)
@@ -50,6 +64,10 @@ def p_a_of(two: np.ndarray, letters: List[Optional[str]]) -> Optional[np.ndarray
 def letter_verdict(layer, p_a: np.ndarray, p_positive: np.ndarray) -> Optional[str]:
     """The summary line when, across the multipliers of a layer, the mean p_a moves more than
     the mean p_positive (and by more than LETTER_FLOOR): the vector moves the letter."""
+    keep = np.isfinite(p_a) & np.isfinite(p_positive)  # multipliers with any finite item
+    if keep.sum() < 2:
+        return None
+    p_a, p_positive = p_a[keep], p_positive[keep]
     da, dp = float(np.ptp(p_a)), float(np.ptp(p_positive))
     if da <= dp or da <= LETTER_FLOOR:
         return None
@@ -77,7 +95,8 @@ class Result:
     def verdicts(self) -> List[str]:
         if self.base_p_a is None:
             return []
-        found = (letter_verdict(l, self.p_a[l].mean(0), self.table[l][..., 0].mean(0))
+        found = (letter_verdict(l, finite_mean(self.p_a[l], 0),
+                                finite_mean(self.table[l][..., 0], 0))
                  for l in self.layers)
         return [v for v in found if v]
 
@@ -106,23 +125,27 @@ def write_outputs(output: str, res: Result, n_boot: int = 1000, seed: int = 0) -
     with open(os.path.join(output, "samples.jsonl"), "w", encoding="utf-8") as f:
         for i, letter, done in res.samples:
             for l, texts in done.items():
-                for m, text in zip([0.0] if l == "none" else res.mults, texts):
+                scores = res.base[i][None] if l == "none" else res.table[l][i]
+                for m, text, two in zip([0.0] if l == "none" else res.mults, texts, scores):
                     ans = parse_answer(text) if letter else None
-                    matches.setdefault((l, m), []).append(ans == letter)
+                    if np.isfinite(two).all():  # else its logits were not finite: left out
+                        matches.setdefault((l, m), []).append(ans == letter)
                     row = {"idx": i, "layer": l, "multiplier": m, "positive": letter,
                            "completion": ("(" if letter else "") + text, "answer": ans}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
     is_a = np.array([x == "A" for x in res.letters])
 
     def row(layer, j, m, two, p_a, push, vnorm, rnorm, cost):
-        values = two[:, 0]
-        lo, hi = bootstrap(values, n_boot, seed)
+        ok = np.isfinite(two).all(-1)  # non-finite logits: left out (sweep.warn_nonfinite)
+        values = two[ok, 0]
+        lo, hi = bootstrap(values, n_boot, seed) if ok.any() else (np.nan, np.nan)
         hits = matches.get((layer, m))
-        split = [fmt(values[sel].mean()) if p_a is not None and sel.any() else ""
+        split = [fmt(finite_mean(two[sel & ok, 0])) if p_a is not None and sel.any() else ""
                  for sel in (is_a, ~is_a)]
-        return [layer, m, len(values), fmt(values.mean()), fmt(lo), fmt(hi),
+        return [layer, m, int(ok.sum()), fmt(finite_mean(values)), fmt(lo), fmt(hi),
                 "" if hits is None else f"{np.mean(hits):.3f}", fmt(vnorm), fmt(rnorm),
-                fmt(push), "" if p_a is None else fmt(p_a.mean()), *split, fmt(cost)]
+                fmt(push), "" if p_a is None else fmt(finite_mean(p_a[ok])), *split,
+                fmt(cost)]
 
     tmp = os.path.join(output, "steering.csv.tmp")
     with open(tmp, "w", newline="") as f:
@@ -142,17 +165,17 @@ def write_outputs(output: str, res: Result, n_boot: int = 1000, seed: int = 0) -
 def summary(res: Result) -> List[str]:
     """Printed lines: per layer x multiplier the push, p_positive, p_a and nll_delta; then the
     letter verdicts."""
-    lines = [f"unsteered: p_positive {res.base[:, 0].mean():.3f}"
-             + ("" if res.base_p_a is None else f"  p_a {res.base_p_a.mean():.3f}")
+    lines = [f"unsteered: p_positive {finite_mean(res.base[:, 0]):.3f}"
+             + ("" if res.base_p_a is None else f"  p_a {finite_mean(res.base_p_a):.3f}")
              + ("" if res.cost is None else f"  NLL/token {res.cost[0]:.3f}")]
     lines.append(f"{'layer':>5} {'mult':>6} {'push':>6} {'p_pos':>6} {'p_a':>6} {'nll_d':>7}")
     for l in res.layers:
         for j, m in enumerate(res.mults):
-            pa = "" if res.p_a[l] is None else f"{res.p_a[l][:, j].mean():.3f}"
+            pa = "" if res.p_a[l] is None else f"{finite_mean(res.p_a[l][:, j]):.3f}"
             cost = ("" if res.cost is None  # + 0.0: no "-0.000"
                     else f"{round(float(res.cost[1][l][j]), 3) + 0.0:+.3f}")
             lines.append(f"{l:5d} {m:6g} {res.push[l][j]:6.3f} "
-                         f"{res.table[l][:, j, 0].mean():6.3f} {pa:>6} {cost:>7}")
+                         f"{finite_mean(res.table[l][:, j, 0]):6.3f} {pa:>6} {cost:>7}")
     return lines + res.verdicts()
 
 
@@ -171,11 +194,14 @@ def plot(output: str, res: Result, title: str = "") -> None:
     for l in res.layers:
         x = sign * np.asarray(res.push[l])
         order = np.argsort(x)
-        line, = ax.plot(x[order], res.table[l][:, :, 0].mean(0)[order], marker="o",
+        line, = ax.plot(x[order], finite_mean(res.table[l][:, :, 0], 0)[order], marker="o",
                         label=f"layer {l}")
         if res.p_a[l] is not None:
-            ax.plot(x[order], res.p_a[l].mean(0)[order], ls=":", color=line.get_color())
-    ax.axhline(res.base[:, 0].mean(), color="black", linestyle="--", label="unsteered")
+            ax.plot(x[order], finite_mean(res.p_a[l], 0)[order], ls=":",
+                    color=line.get_color())
+    base = float(finite_mean(res.base[:, 0]))
+    if np.isfinite(base):
+        ax.axhline(base, color="black", linestyle="--", label="unsteered")
     ax.set(xlabel="push (signed fraction of the residual norm)", ylabel="p(positive)",
            ylim=(0, 1), title="behaviour" + (" (dotted: p(A))" if res.base_p_a is not None
                                              else ""))

@@ -6,9 +6,11 @@ what does it cost?
         [--positions all|generated] [--ablate] [--samples K --max_gen_len 16] [--limit N] \\
         [--visualize]
 
-AB.json: a JSON list of {question, positive, negative}, the answers "(A)"/"(B)" (the datasets'
-format), or of word items {prompt, positive, negative} (one-token candidates such as " great" /
-" terrible", scored right after the prompt as it is: steering/items.py). A/B questions are
+AB.json: A/B questions as generate_dataset.py reads them (prompts.rows.read_ab: a JSON list,
+JSON lines or CSV of {question, positive, negative} or {question, test, deploy}, the answers
+"(A)"/"(B)", the options in any layout it recognises), or word items {prompt, positive, negative}
+(one-token candidates such as " great" / " terrible", scored right after the prompt as it is:
+steering/items.py). A/B questions are
 rendered as generate_dataset.py renders them (--chat auto: the model's own chat template, else its
 chat family, else "QUESTION\n\nAnswer: "; or --chat NAME), the answer opened by "(", so the next
 token is the letter. Use the same --chat as for the vectors. For each layer x multiplier (Steer:
@@ -31,6 +33,10 @@ neutral sentences), a FILE (JSON list of strings or one text a line), or "none".
 
 --samples K: for the first K items, the greedy completion (steered the same way) is parsed for
 "(A)"/"(B)", as the notebooks did.
+
+Non-finite logits (a multiplier that overflows the residual stream): the item's p values there are
+NaN, one warning line names the item and the setting, and it is left out of steering.csv's means,
+intervals and letter diagnostics (n counts the items kept).
 
 Writes OUT/steering.csv, OUT/items.csv, OUT/samples.jsonl (columns in steering/report.py), and with
 --visualize OUT/steering.png (behaviour, and the capability cost, against the push). Cost per item:
@@ -69,7 +75,8 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     """Steering sweep on A/B or word items (the module docstring says how it is scored).
 
     model: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
-    data: a JSON list of {question, positive, negative} A/B items or {prompt, positive, negative}
+    data: A/B items ({question, positive, negative} or {question, test, deploy}; JSON, JSONL,
+        CSV) or word items {prompt, positive, negative}
     vectors: steering vectors: a vectors folder, a .npy/.safetensors vector or a saved linear probe
     layers: the layers to steer, one at a time, e.g. 10,15,20
     output: the folder for steering.csv, items.csv, samples.jsonl (and steering.png)

@@ -12,6 +12,7 @@ positions all: each steered layer costs M rows x (n - L1) blocks over the prompt
 shared); positions generated: the prompt's keys and values are shared, each layer costs M rows x
 n blocks over one token.
 """
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -98,8 +99,12 @@ class Sweep:
 
     @staticmethod
     def two_way(logits, pair) -> np.ndarray:
-        """logits [..., vocab] -> [..., 2] p of the pair's tokens, renormalised over the two."""
-        return torch.softmax(logits[..., pair].double(), -1).cpu().numpy()
+        """logits [..., vocab] -> [..., 2] p of the pair's tokens, renormalised over the two (in
+        float64); NaN where the logits hold a NaN or an infinity anywhere in the vocabulary (a
+        multiplier that overflows the residual stream): run() warns, the means leave it out."""
+        two = torch.softmax(logits[..., pair].double(), -1)
+        finite = torch.isfinite(logits).all(-1, keepdim=True)
+        return torch.where(finite, two, torch.full_like(two, float("nan"))).cpu().numpy()
 
     @torch.inference_mode()
     def score(self, ids: list, pair: list) -> tuple:
@@ -153,6 +158,24 @@ class Sweep:
                          self.cfg.multipliers, self.cfg.ablate)
 
 
+def warn_nonfinite(idx: int, text: str, base: np.ndarray, per_layer: Dict[int, np.ndarray],
+                   multipliers) -> Optional[str]:
+    """One warning line on stderr for an item whose logits were NaN or infinite somewhere: base
+    [2] and per_layer {layer: [M, 2]} as Sweep.score gives them. The line names the item (index
+    and the start of its text) and where: "unsteered" and/or "layer L x M" (the first four,
+    then "..."). Returns the line, or None when every score is finite."""
+    bad = ["unsteered"] if not np.isfinite(base).all() else []
+    bad += [f"layer {layer} x {m:g}" for layer, rows in per_layer.items()
+            for m, two in zip(multipliers, rows) if not np.isfinite(two).all()]
+    if not bad:
+        return None
+    start = text.replace("\n", " ")[:40]
+    line = (f"warning: item {idx} ({start!r}): non-finite logits at {', '.join(bad[:4])}"
+            f"{' ...' if len(bad) > 4 else ''}; p_positive is NaN there, left out of the means")
+    print(line, file=sys.stderr, flush=True)
+    return line
+
+
 def run(sweep: Sweep, items: List[Item], samples: int = 0, sampling=None, log=print):
     """Measure the residual norms, score every item at every setting, sample the first
     `samples` items, measure the capability cost; returns a report.Result."""
@@ -167,6 +190,7 @@ def run(sweep: Sweep, items: List[Item], samples: int = 0, sampling=None, log=pr
     bar = tqdm(total=len(items) * len(sweep.layers), desc="steering sweep", unit="layer x item")
     for i, ((ids, pair, _), item) in enumerate(zip(prompts, items)):
         b, per_layer = sweep.score(ids, pair)
+        warn_nonfinite(i, item.text, b, per_layer, sweep.cfg.multipliers)
         base.append(b)
         for l in sweep.layers:
             table[l].append(per_layer[l])

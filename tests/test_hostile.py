@@ -320,11 +320,11 @@ def test_steer_reads_what_generate_dataset_reads(tmp_path):
     with open(ambiguous) as f:
         src = json.load(f)
     items = read_items(ambiguous)
-    assert [q for q, _ in items] == [r["question"] for r in src]
-    assert [letter for _, letter in items] == [r["test"].strip()[1] for r in src]
+    assert [it.text for it in items] == [r["question"] for r in src]
+    assert [it.letter for it in items] == [r["test"].strip()[1] for r in src]
     lines = tmp_path / "ab.jsonl"
     lines.write_text("\n".join(json.dumps(r) for r in ab_rows("inline", 5)))
-    assert [x[1] for x in read_items(str(lines), limit=3)] == ["B", "A", "A"]
+    assert [x.letter for x in read_items(str(lines), limit=3)] == ["B", "A", "A"]
 
 
 # ---------------------------------------------------------------- 2. caches with NaN or inf
@@ -570,18 +570,20 @@ def test_steer_non_finite_logits_warn_and_leave_the_means(tmp_path, capsys):
     """scripts/steer.py: a row of NaN logits scores NaN (not a number from the two letters'
     logits alone), gets one warning line naming the item, and is left out of steering.csv."""
     import csv
-    import runpy
-    from types import SimpleNamespace
 
-    mod = runpy.run_path(os.path.join(ROOT, "scripts", "steer.py"))
+    from steering import report, sweep
+
     logits = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, float("nan")]])
-    p = mod["Sweep"].p_positive(SimpleNamespace(letters={"A": 0, "B": 1}), logits, "A")
+    p = sweep.Sweep.two_way(logits, [0, 1])[:, 0]  # the positive letter A: token 0
     assert abs(p[0] - 1 / (1 + np.exp(-1.0))) < 1e-12 and np.isnan(p[1])  # float64 softmax
-    mod["warn_nonfinite"](3, "Q?\n(A) x\n(B) y", 0.5, {2: p}, [0.0, 70000.0])
+    sweep.warn_nonfinite(3, "Q?\n(A) x\n(B) y", 0.5, {2: p}, [0.0, 70000.0])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "item 3" in err[0] and "layer 2 x 70000" in err[0]
     table = {2: [np.array([0.7, np.nan]), np.array([0.6, np.nan])]}
-    mod["write_outputs"](str(tmp_path), [2], [0.0, 70000.0], [0.5, 0.5], table, [], 50, 0)
+    two = {2: np.stack([table[2], 1 - np.array(table[2])], -1)}  # [items, M, (pos, neg)]
+    res = report.Result([2], [0.0, 70000.0], [[0.5, 0.5], [0.5, 0.5]], two, ["A", "B"],
+                        {2: [0.0, 1.0]}, {2: 1.0}, {2: 1.0})
+    report.write_outputs(str(tmp_path), res, 50, 0)
     with open(tmp_path / "steering.csv", newline="") as f:
         rows = {(r["layer"], r["multiplier"]): r for r in csv.DictReader(f)}
     assert rows["2", "0.0"]["n"] == "2" and rows["2", "70000.0"]["n"] == "0"

@@ -206,6 +206,73 @@ def test_a_letter_vector_is_called_a_letter_effect(tiny, tmp_path):
     assert "moves the letter" not in r.stdout
 
 
+def test_non_finite_logits_warn_per_item_and_leave_the_means(tiny, tmp_path):
+    """A multiplier that overflows float32 (1e39 -> inf in the residual stream) gives NaN
+    logits: the sweep finishes, each item gets one warning line naming it and the setting, its
+    p values there are "nan" in items.csv, and steering.csv's row for that setting has n 0 and
+    no numbers (the finite setting's row is the mean of the finite items, as before)."""
+    model, base = tiny
+    out = tmp_path / "overflow"
+    r = run_script("steer.py", "--model", model, "--data", base / "ab.json", "--vectors",
+                   base / "run", "--layers", "2", "--multipliers=0,1e39", "--capability",
+                   "none", "--samples", 1, "--max_gen_len", 2, "--output", out)
+    assert r.returncode == 0, r.stderr
+    warned = [x for x in r.stderr.splitlines() if "non-finite logits at layer 2 x 1e+39" in x]
+    assert len(warned) == 4 and all(f"item {i} ('Is " in warned[i] for i in range(4))
+    assert "unsteered" not in r.stderr
+    items = read_csv(out / "items.csv")
+    huge = [x for x in items if x["layer"] == "2" and float(x["multiplier"]) > 1]
+    assert len(huge) == 4 and all(x["p_positive"] == x["p_a"] == "nan" for x in huge)
+    rows = {(x["layer"], float(x["multiplier"])): x for x in read_csv(out / "steering.csv")}
+    bad = rows["2", 1e39]
+    assert bad["n"] == "0" and bad["answer_matches_positive"] == ""
+    assert all(bad[k] == "nan" for k in ("p_positive", "p_positive_lo", "p_positive_hi", "p_a",
+                                         "p_positive_when_a", "p_positive_when_b"))
+    zero = [float(x["p_positive"]) for x in items
+            if x["layer"] == "2" and x["multiplier"] == "0.0"]
+    assert rows["2", 0.0]["n"] == "4" and rows["none", 0.0]["n"] == "4"
+    assert float(rows["2", 0.0]["p_positive"]) == pytest.approx(np.mean(zero), abs=1e-6)
+
+
+def test_items_read_every_format_and_name_the_row(tmp_path):
+    """steering.items: A/B rows through prompts.rows.read_ab (CSV with test/deploy keys, answers
+    "A."/"(B)", options on one line), word items from JSON lines; bad rows named."""
+    from llama.errors import LlamaError
+    from steering.items import read_items
+
+    ab = tmp_path / "ab.csv"
+    with open(ab, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["question", "test", "deploy"])
+        w.writerow(["Is this a test? Choices: (A) No (B) Yes", "(B)", "A."])
+        w.writerow(["Real user?\n A) yes (it is)\n B) no", "A)", "(B)"])
+    got = read_items(str(ab))
+    assert [(x.letter, x.positive, x.negative) for x in got] == [("B", "B", "A"),
+                                                                 ("A", "A", "B")]
+    assert got[1].text == "Real user?\n A) yes (it is)\n B) no"
+    words = tmp_path / "w.jsonl"
+    words.write_text('{"prompt": "The film was", "positive": " good", "negative": " bad"}\n'
+                     '{"prompt": "The food was", "positive": " great", "negative": " awful"}\n')
+    got = read_items(str(words), limit=1)
+    assert [(x.text, x.positive, x.negative, x.letter) for x in got] == [
+        ("The film was", " good", " bad", None)]
+    cases = [
+        ([{"question": "Q? (A) x (B) y", "positive": "(A)", "negative": "(C)"}],
+         ("row 0", "'(A)'/'(C)'")),
+        ([{"question": "Q? (A) x (B) y", "positive": "(A)", "negative": "(B)"},
+          {"question": "No options here", "positive": "(A)", "negative": "(B)"}],
+         ("row 1", "cannot find the '(A) ...'")),
+        ([{"prompt": "p", "positive": " a", "negative": " b"}, {"prompt": "q", "positive": " a"}],
+         ("row 1", "negative")),
+    ]
+    for rows, words in cases:
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(rows))
+        with pytest.raises(LlamaError) as e:
+            read_items(str(bad))
+        assert str(bad) in str(e.value) and all(x in str(e.value) for x in words), str(e.value)
+
+
 def contrast_cache(path, plus, minus, labels, data=""):
     from activations.cache import save_cache
 
