@@ -159,41 +159,61 @@ def _spelled(argv: List[str], bools: set) -> List[str]:
     return [arg + "=true" if arg in bools else arg for arg in out]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own refusals: one LlamaError, not usage and exit 2
-        message = re.sub(r"^argument (--\w+)\S*: ", r"\1 ", message)
-        message = re.sub(r" ignored explicit argument (.*)", r" takes no value (\1 given)",
-                         message)
-        raise LlamaError(message.replace(" expected one argument", " needs a value"))
+def _parser(fl: Dict[str, Flag], prog: str, about: str = "") -> argparse.ArgumentParser:
+    """argparse for fl: each flag under each spelling, stored as (spelling, value) pairs, with one
+    help row (its kind, state, meaning and aliases); `--noNAME` and `--no_NAME` turn a bool off."""
+    req = [f.name.upper() if f.owner is None else f"--{f.name} {f.kind.upper()}"
+           for f in fl.values() if f.required]
+    parser = argparse.ArgumentParser(
+        prog, " ".join(["%(prog)s", *req, "[flags]"]), about, add_help=False, allow_abbrev=False,
+        exit_on_error=False, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+            prog, max_help_position=999, width=9999))
+    parser.add_argument("free", nargs="*", help=argparse.SUPPRESS)
+    group, taken = parser.add_argument_group("flags"), {n for f in fl.values() for n in f.names}
+    for f in fl.values():
+        meta = "{" + ",".join(f.choices) + "}" if f.choices else f.kind.upper()
+        state = ("required" if f.required else
+                 f"on/off, default {'on' if f.default else 'off'}" if f.kind == "bool" else
+                 "repeatable" if f.kind == "list" else
+                 "optional" if f.default is None else f"default {f.default}")
+        also = f" (also --{', --'.join(f.aliases)})" if f.aliases else ""
+        row = f"{state}. {f.help}{also}".rstrip(". ").rstrip().replace("%", "%%")
+        for spelling in (f"--{n}" for n in f.names):
+            group.add_argument(
+                spelling, dest=f.name, action="append", default=argparse.SUPPRESS,
+                type=lambda raw, f=f, s=spelling: (s, _convert(f, s, raw)),
+                metavar={"BOOL": "", "AUTO": "VALUE", "LIST": "VALUE ..."}.get(meta, meta),
+                help=row if spelling == f"--{f.name}" else argparse.SUPPRESS)
+        for n in ("no" + f.name, "no_" + f.name) if f.kind == "bool" else ():
+            if n not in taken:
+                group.add_argument(f"--{n}", dest=f.name, action="append_const", const=(
+                    f"--{n}", False), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    group.add_argument("-h", "--help", action="help", help="this help")
+    return parser
 
 
 def parse(fl: Dict[str, Flag], argv: List[str], prog: str = "") -> tuple:
-    """argv -> ({name: value} of the flags given, {name: spelling typed}). Raises LlamaError.
-    Each flag is stored as (spelling, value) pairs; `--noNAME` and `--no_NAME` turn a bool off."""
-    parser = _Parser(prog=prog, add_help=False, allow_abbrev=False)
-    parser.add_argument("free", nargs="*")
-    taken = {n for f in fl.values() for n in f.names}
-    for f in fl.values():
-        for spelling in (f"--{n}" for n in f.names):
-            parser.add_argument(spelling, dest=f.name, action="append", default=argparse.SUPPRESS,
-                                type=lambda raw, f=f, s=spelling: (s, _convert(f, s, raw)))
-        for n in ("no" + f.name, "no_" + f.name) if f.kind == "bool" else ():
-            if n not in taken:
-                parser.add_argument(f"--{n}", dest=f.name, action="append_const",
-                                    const=(f"--{n}", False), default=argparse.SUPPRESS)
+    """argv -> ({name: value} of the flags given, {name: spelling typed}). Raises LlamaError."""
     bools = {f"--{n}" for f in fl.values() if f.kind == "bool" for n in f.names}
-    ns, extra = parser.parse_known_args(_spelled(argv, bools))
+    try:
+        ns, extra = _parser(fl, prog).parse_known_args(_spelled(argv, bools))
+    except argparse.ArgumentError as e:  # argparse's own refusals, in our words
+        msg = re.sub(r"ignored explicit argument (.*)", r"takes no value (\1 given)", e.message)
+        raise LlamaError(f"{e.argument_name} " +
+                         msg.replace("expected one argument", "needs a value")) from None
     for arg in (a.partition("=")[0] for a in extra if not _is_value(a)):
-        hit = difflib.get_close_matches(arg.lstrip("-"), list(taken), n=1, cutoff=0.6)
+        names = [n for f in fl.values() for n in f.names]
+        hit = difflib.get_close_matches(arg.lstrip("-"), names, n=1, cutoff=0.6)
         raise LlamaError(f"unknown flag {arg}" +
                          (f" (did you mean --{hit[0]}?)" if hit else " (see --help)"))
-    pos, vals, typed = ns.free + extra, {}, {}
-    for name, given in vars(ns).items():
-        if name != "free" and fl[name].kind != "list" and len(given) > 1:
-            raise LlamaError(f"{given[1][0]} given twice")
-        if name != "free":
-            typed[name] = given[-1][0]
-            vals[name] = [v for _, v in given] if fl[name].kind == "list" else given[0][1]
+    pos, given = ns.free + extra, {k: v for k, v in vars(ns).items() if k != "free"}
+    twice = [pairs[1][0] for name, pairs in given.items() if len(pairs) > 1
+             and fl[name].kind != "list"]
+    if twice:
+        raise LlamaError(f"{twice[0]} given twice")
+    typed = {name: pairs[-1][0] for name, pairs in given.items()}
+    vals = {name: [v for _, v in pairs] if fl[name].kind == "list" else pairs[0][1]
+            for name, pairs in given.items()}
     # in order, as in a call: the required ones, then the function's own optional values
     free = [f for f in fl.values() if f.required and f.name not in vals] + [
         f for f in fl.values() if not (f.required or f.owner or f.name in vals)
@@ -211,27 +231,7 @@ def parse(fl: Dict[str, Flag], argv: List[str], prog: str = "") -> tuple:
 
 def usage(fn, fl: Dict[str, Flag], prog: str) -> str:
     """-h: the usage line, the docstring's summary, then one line per flag."""
-    req = " ".join(f.name.upper() if f.owner is None else f"--{f.name} {f.kind.upper()}"
-                   for f in fl.values() if f.required)
-    lines = [f"usage: {prog} {req} [flags]".replace("  ", " ")]
-    about = doc_lines(fn.__doc__, set(fl))[""]
-    lines += ["", about] if about else []
-    rows = []
-    for f in fl.values():
-        kind = "{" + ",".join(f.choices) + "}" if f.choices else f.kind.upper()
-        kind = {"BOOL": "", "AUTO": "VALUE", "LIST": "VALUE ..."}.get(kind, kind)
-        state = ("required" if f.required else
-                 f"on/off, default {'on' if f.default else 'off'}" if f.kind == "bool" else
-                 "repeatable" if f.kind == "list" else
-                 "optional" if f.default is None else f"default {f.default}")
-        also = f" (also --{', --'.join(f.aliases)})" if f.aliases else ""
-        rows.append((f"--{f.name} {kind}".rstrip(),
-                     f"{state}. {f.help}{also}".rstrip(". ").rstrip()))
-    rows.append(("-h, --help", "this help"))
-    width = min(max(len(a) for a, _ in rows) + 2, 34)
-    lines += ["", "flags:"] + [f"  {a.ljust(width) if len(a) < width else a + '  '}{b}"
-                               for a, b in rows]
-    return "\n".join(lines)
+    return _parser(fl, prog, doc_lines(fn.__doc__, set(fl))[""]).format_help().rstrip()
 
 
 def _rename(msg: str, typed: Dict[str, str]) -> str:
@@ -243,16 +243,11 @@ def _rename(msg: str, typed: Dict[str, str]) -> str:
 
 
 def call(fn, vals: dict, fl: Dict[str, Flag]):
-    """fn(**vals) with dataclass parameters filled from their fields."""
-    kwargs, groups = {}, {}
-    for name, f in fl.items():
-        if f.owner:
-            groups.setdefault(f.owner, {})[name] = vals.get(name, f.default)
-        elif name in vals:
-            kwargs[name] = vals[name]
+    """fn(**vals), each dataclass parameter built from the values of its fields."""
     hints = typing.get_type_hints(fn)
-    for owner, fields in groups.items():
-        kwargs[owner] = hints[owner](**fields)
+    kwargs = {name: value for name, value in vals.items() if not fl[name].owner}
+    for owner in dict.fromkeys(f.owner for f in fl.values() if f.owner):
+        kwargs[owner] = hints[owner](**{n: v for n, v in vals.items() if fl[n].owner == owner})
     return fn(**kwargs)
 
 
