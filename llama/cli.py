@@ -110,9 +110,7 @@ def flags(fn) -> Dict[str, Flag]:
     helps = doc_lines(fn.__doc__, set(out))
     for name, f in out.items():
         f.help = helps.get(name, f.help)
-    for alias, target in ALIASES.items():
-        if target in out and alias not in out:
-            out[target].aliases.append(alias)
+        f.aliases = [alias for alias, to in ALIASES.items() if to == name and alias not in out]
     return out
 
 
@@ -122,10 +120,10 @@ def _convert(f: Flag, flag: str, raw: str):
         return None
     if f.choices and raw not in f.choices:
         raise LlamaError(f"{flag} {raw!r}: choose one of {', '.join(f.choices)}")
-    if f.kind == "bool" and raw.lower() not in _TRUE + _FALSE:
-        raise LlamaError(f"{flag} {raw!r} is not true or false")
     if f.kind == "bool":
-        return raw.lower() in _TRUE
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise LlamaError(f"{flag} {raw!r} is not true or false")
     for kind, cast, what in (("int", int, "an integer"), ("float", float, "a number")):
         if f.kind in (kind, "auto"):
             try:
@@ -159,7 +157,7 @@ def _spelled(argv: List[str], bools: set) -> List[str]:
     return [arg + "=true" if arg in bools else arg for arg in out]
 
 
-def _parser(fl: Dict[str, Flag], prog: str, about: str = "") -> argparse.ArgumentParser:
+def _parser(fl: Dict[str, Flag], prog: str, about: Optional[str] = None):
     """argparse for fl: each flag under each spelling, stored as (spelling, value) pairs, with one
     help row (its kind, state, meaning and aliases); `--noNAME` and `--no_NAME` turn a bool off."""
     req = [f.name.upper() if f.owner is None else f"--{f.name} {f.kind.upper()}"
@@ -188,7 +186,8 @@ def _parser(fl: Dict[str, Flag], prog: str, about: str = "") -> argparse.Argumen
             if n not in taken:
                 group.add_argument(f"--{n}", dest=f.name, action="append_const", const=(
                     f"--{n}", False), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    group.add_argument("-h", "--help", action="help", help="this help")
+    if about is not None:  # the help's own row; parse reads -h as any other unknown flag
+        group.add_argument("-h", "--help", action="help", help="this help")
     return parser
 
 
@@ -207,10 +206,9 @@ def parse(fl: Dict[str, Flag], argv: List[str], prog: str = "") -> tuple:
         raise LlamaError(f"unknown flag {arg}" +
                          (f" (did you mean --{hit[0]}?)" if hit else " (see --help)"))
     pos, given = ns.free + extra, {k: v for k, v in vars(ns).items() if k != "free"}
-    twice = [pairs[1][0] for name, pairs in given.items() if len(pairs) > 1
-             and fl[name].kind != "list"]
-    if twice:
-        raise LlamaError(f"{twice[0]} given twice")
+    for name, pairs in given.items():
+        if len(pairs) > 1 and fl[name].kind != "list":
+            raise LlamaError(f"{pairs[1][0]} given twice")
     typed = {name: pairs[-1][0] for name, pairs in given.items()}
     vals = {name: [v for _, v in pairs] if fl[name].kind == "list" else pairs[0][1]
             for name, pairs in given.items()}
@@ -222,10 +220,9 @@ def parse(fl: Dict[str, Flag], argv: List[str], prog: str = "") -> tuple:
         raise LlamaError(f"unexpected argument {pos[len(free)]!r}")
     for f, raw in zip(free, pos):
         vals[f.name], typed[f.name] = _convert(f, f.name.upper(), raw), f.name.upper()
-    missing = [f for f in fl.values() if f.required and f.name not in vals]
-    if missing:
-        f = missing[0]
-        raise LlamaError(f"missing --{f.name}" + (f" ({f.help})" if f.help else ""))
+    for f in fl.values():
+        if f.required and f.name not in vals:
+            raise LlamaError(f"missing --{f.name}" + (f" ({f.help})" if f.help else ""))
     return vals, typed
 
 
