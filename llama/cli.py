@@ -47,21 +47,20 @@ class Flag:
     owner: Optional[str] = None  # the dataclass parameter this flag is a field of
     aliases: List[str] = dataclasses.field(default_factory=list)
 
+    @property
+    def names(self) -> List[str]:
+        return [self.name] + self.aliases
+
 
 def _kind(tp, default):
-    """(kind, choices) from an annotation (or the default's type when there is none)."""
-    if tp is inspect.Parameter.empty or tp is None:
-        if isinstance(default, bool):
-            return "bool", None
-        if isinstance(default, (list, tuple)):
-            return "list", None
-        return {int: "int", float: "float", str: "str"}.get(type(default), "auto"), None
+    """(kind, choices) of an annotation (without one: of the default's type)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
         rest = [a for a in args if a is not type(None)]
-        return _kind(rest[0] if len(rest) == 1 else inspect.Parameter.empty, default)
+        return _kind(rest[0] if len(rest) == 1 else None, default)
     if origin is typing.Literal:
         return "str", tuple(str(a) for a in args)
+    tp = type(default) if tp in (None, inspect.Parameter.empty) else tp
     if origin in (list, tuple) or tp in (list, tuple):
         return "list", None
     return {int: "int", float: "float", str: "str", bool: "bool"}.get(tp, "auto"), None
@@ -88,39 +87,35 @@ def doc_lines(doc: Optional[str], names) -> Dict[str, str]:
 
 def flags(fn) -> Dict[str, Flag]:
     """{name: Flag} of fn's parameters, dataclass parameters expanded into their fields (help from
-    the docstrings of the class and its bases, a subclass's last)."""
-    hints, out = typing.get_type_hints(fn), {}
+    the docstrings of the class and its bases, a subclass's last; then from fn's docstring)."""
+    hints, params, out = typing.get_type_hints(fn), [], {}
     for p in inspect.signature(fn).parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
         tp = hints.get(p.name, p.annotation)
         if dataclasses.is_dataclass(tp):
-            fhints, fields = typing.get_type_hints(tp), dataclasses.fields(tp)
-            helps = {}
+            fields, field_hints, helps = dataclasses.fields(tp), typing.get_type_hints(tp), {}
             for base in reversed(tp.__mro__):
                 helps.update(doc_lines(base.__doc__, {f.name for f in fields}))
-            for f in fields:
-                if f.name in out:
-                    raise TypeError(f"{fn.__name__}: flag {f.name} twice")
-                default = None if f.default is dataclasses.MISSING else f.default
-                kind, choices = _kind(fhints.get(f.name), default)
-                out[f.name] = Flag(f.name, kind, default, f.default is dataclasses.MISSING,
-                                   choices, helps.get(f.name, ""), p.name)
-            continue
-        default = None if p.default is p.empty else p.default
+            params += [(f.name, field_hints.get(f.name), f.default, p.name, helps.get(f.name, ""))
+                       for f in fields]
+        elif p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            params.append((p.name, tp, p.default, None, ""))
+    for name, tp, default, owner, about in params:
+        if name in out:
+            raise TypeError(f"{fn.__name__}: flag {name} twice")
+        required = default is dataclasses.MISSING or default is inspect.Parameter.empty
+        default = None if required else default
         kind, choices = _kind(tp, default)
-        kind = "str" if kind == "auto" and p.default is p.empty else kind
-        out[p.name] = Flag(p.name, kind, default, p.default is p.empty, choices)
+        kind = "str" if kind == "auto" and required and owner is None else kind
+        out[name] = Flag(name, kind, default, required, choices, about, owner)
     helps = doc_lines(fn.__doc__, set(out))
     for name, f in out.items():
         f.help = helps.get(name, f.help)
-    for alias, target in ALIASES.items():
-        if target in out and alias not in out:
-            out[target].aliases.append(alias)
+        f.aliases = [alias for alias, to in ALIASES.items() if to == name and alias not in out]
     return out
 
 
 def _convert(f: Flag, flag: str, raw: str):
+    """raw as f's kind; a LlamaError naming the flag as typed when it is not one."""
     if f.kind != "str" and f.default is None and raw.lower() == "none":
         return None
     if f.choices and raw not in f.choices:
@@ -140,132 +135,100 @@ def _convert(f: Flag, flag: str, raw: str):
 
 
 def _is_value(arg: str) -> bool:
-    """Whether an argument after a flag is its value: a flag is not; a negative number (or a list
-    of numbers, -4,-2,0) is."""
+    """Whether an argument is a value, not a flag: a negative number (-1e-3, -4,-2,0) is one."""
     return not arg.startswith("-") or arg == "-" or re.match(r"-\.?\d", arg) is not None
 
 
-class _Set(argparse.Action):
-    """One flag as typed: converted and checked (_convert), refused when given twice, appended to
-    when it is a list; the spelling typed is kept for error messages."""
-
-    def __init__(self, option_strings, dest, flag=None, **kw):
-        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kw)
-        self.flag = flag
-
-    def __call__(self, parser, ns, raw, typed=None):
-        f = self.flag
-        value = False if self.nargs == 0 else _convert(f, typed, raw)
-        if f.kind == "list":
-            value = getattr(ns, f.name, []) + [value]
-        elif hasattr(ns, f.name):
-            raise LlamaError(f"{typed} given twice")
-        setattr(ns, f.name, value)
-        ns.typed_[f.name] = typed
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own refusals: one LlamaError, not usage and exit 2
-        message = re.sub(r"^argument (--\w+)\S*: ", r"\1 ", message)
-        message = re.sub(r" ignored explicit argument (.*)", r" takes no value (\1 given)",
-                         message)
-        raise LlamaError(message.replace(" expected one argument", " needs a value"))
-
-
-def _parser(fl: Dict[str, Flag], prog: str) -> _Parser:
-    """Each flag under its name and aliases (a bool's value joined to it by _spelled); `--noNAME`
-    and `--no_NAME` turn a bool off."""
-    parser = _Parser(prog=prog, add_help=False, allow_abbrev=False)
-    parser.add_argument("free", nargs="*")
-    taken = {n for f in fl.values() for n in [f.name] + f.aliases}
-    for f in fl.values():
-        parser.add_argument(*[f"--{n}" for n in [f.name] + f.aliases], action=_Set, flag=f)
-        off = [f"--{n}" for n in ("no" + f.name, "no_" + f.name)
-               if f.kind == "bool" and n not in taken]
-        if off:
-            parser.add_argument(*off, action=_Set, flag=f, nargs=0)
-    return parser
-
-
-def _spelled(argv: List[str], fl: Dict[str, Flag]) -> List[str]:
-    """Flag names with `_` for `-`; a value that starts with `-` (-4,-2,0), which argparse would
-    read as a flag, joined to its flag; a bool's value joined to it (`--quiet false`), or
-    `=true` when the next argument is not one (`--quiet FILE`)."""
-    bools = {n for f in fl.values() if f.kind == "bool" for n in [f.name] + f.aliases}
+def _spelled(argv: List[str], bools: set) -> List[str]:
+    """Flag names with `_` for `-`; a value starting with `-`, which argparse would read as a flag,
+    joined to its flag; a bool flag's value joined to it (`--quiet false`), else `=true`."""
     out = []
     for arg in argv:
-        last = out[-1] if out else ""
-        open_bool = last[2:] in bools and last.startswith("--")
-        if open_bool and arg.lower() in _TRUE + _FALSE:
-            out[-1] += "=" + arg
-            continue
-        if open_bool:
-            out[-1] += "=true"
         if arg.startswith("--"):
             key, eq, raw = arg.partition("=")
             arg = "--" + key[2:].replace("-", "_") + eq + raw
-        elif arg.startswith("-") and _is_value(arg) and last.startswith("--") \
-                and "=" not in last and not open_bool:
+        last = out[-1] if out else ""
+        if (last in bools and arg.lower() in _TRUE + _FALSE) or (
+                last.startswith("--") and "=" not in last and last not in bools
+                and arg.startswith("-") and _is_value(arg)):
             out[-1] += "=" + arg
-            continue
-        out.append(arg)
-    if out and out[-1].startswith("--") and out[-1][2:] in bools:
-        out[-1] += "=true"
-    return out
+        else:
+            out.append(arg)
+    return [arg + "=true" if arg in bools else arg for arg in out]
 
 
-def parse(fl: Dict[str, Flag], argv: List[str], prog: str = "") -> tuple:
-    """argv -> ({name: value} of the flags given, {name: spelling typed}). Raises LlamaError."""
-    ns, extra = _parser(fl, prog).parse_known_args(_spelled(argv, fl),
-                                                   argparse.Namespace(typed_={}))
-    for arg in extra:
-        if not _is_value(arg):
-            key = arg.partition("=")[0]
-            names = [n for f in fl.values() for n in [f.name] + f.aliases]
-            hit = difflib.get_close_matches(key.lstrip("-"), names, n=1, cutoff=0.6)
-            raise LlamaError(f"unknown flag {key}" +
-                             (f" (did you mean --{hit[0]}?)" if hit else " (see --help)"))
-    pos, typed = ns.free + extra, ns.typed_
-    vals = {k: v for k, v in vars(ns).items() if k not in ("free", "typed_")}
-    # in order, as in a call: the required ones, then the function's own optional values
-    free = [f for f in fl.values() if f.required] + [
-        f for f in fl.values()
-        if not f.required and f.owner is None and f.kind not in ("bool", "list")]
-    free = [f for f in free if f.name not in vals]
-    if len(pos) > len(free):
-        raise LlamaError(f"unexpected argument {pos[len(free)]!r}")
-    for f, raw in zip(free, pos):
-        vals[f.name], typed[f.name] = _convert(f, f.name.upper(), raw), f.name.upper()
-    missing = [f for f in fl.values() if f.required and f.name not in vals]
-    if missing:
-        f = missing[0]
-        raise LlamaError(f"missing --{f.name}" + (f" ({f.help})" if f.help else ""))
-    return vals, typed
-
-
-def usage(fn, fl: Dict[str, Flag], prog: str) -> str:
-    """-h: the usage line, the docstring's summary, then one line per flag."""
-    req = " ".join(f.name.upper() if f.owner is None else f"--{f.name} {f.kind.upper()}"
-                   for f in fl.values() if f.required)
-    lines = [f"usage: {prog} {req} [flags]".replace("  ", " ")]
-    about = doc_lines(fn.__doc__, set(fl))[""]
-    lines += ["", about] if about else []
-    rows = []
+def _parser(fl: Dict[str, Flag], prog: str, about: Optional[str] = None):
+    """argparse for fl: each flag under each spelling, stored as (spelling, value) pairs, with one
+    help row (its kind, state, meaning and aliases); `--noNAME` and `--no_NAME` turn a bool off."""
+    req = [f.name.upper() if f.owner is None else f"--{f.name} {f.kind.upper()}"
+           for f in fl.values() if f.required]
+    parser = argparse.ArgumentParser(
+        prog, " ".join(["%(prog)s", *req, "[flags]"]), about, add_help=False, allow_abbrev=False,
+        exit_on_error=False, formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+            prog, max_help_position=999, width=9999))
+    parser.add_argument("free", nargs="*", help=argparse.SUPPRESS)
+    group, taken = parser.add_argument_group("flags"), {n for f in fl.values() for n in f.names}
     for f in fl.values():
-        kind = "{" + ",".join(f.choices) + "}" if f.choices else f.kind.upper()
-        kind = {"BOOL": "", "AUTO": "VALUE", "LIST": "VALUE ..."}.get(kind, kind)
+        meta = "{" + ",".join(f.choices) + "}" if f.choices else f.kind.upper()
         state = ("required" if f.required else
                  f"on/off, default {'on' if f.default else 'off'}" if f.kind == "bool" else
                  "repeatable" if f.kind == "list" else
                  "optional" if f.default is None else f"default {f.default}")
         also = f" (also --{', --'.join(f.aliases)})" if f.aliases else ""
-        rows.append((f"--{f.name} {kind}".rstrip(),
-                     f"{state}. {f.help}{also}".rstrip(". ").rstrip()))
-    rows.append(("-h, --help", "this help"))
-    width = min(max(len(a) for a, _ in rows) + 2, 34)
-    lines += ["", "flags:"] + [f"  {a.ljust(width) if len(a) < width else a + '  '}{b}"
-                               for a, b in rows]
-    return "\n".join(lines)
+        row = f"{state}. {f.help}{also}".rstrip(". ").rstrip().replace("%", "%%")
+        for spelling in (f"--{n}" for n in f.names):
+            group.add_argument(
+                spelling, dest=f.name, action="append", default=argparse.SUPPRESS,
+                type=lambda raw, f=f, s=spelling: (s, _convert(f, s, raw)),
+                metavar={"BOOL": "", "AUTO": "VALUE", "LIST": "VALUE ..."}.get(meta, meta),
+                help=row if spelling == f"--{f.name}" else argparse.SUPPRESS)
+        for n in ("no" + f.name, "no_" + f.name) if f.kind == "bool" else ():
+            if n not in taken:
+                group.add_argument(f"--{n}", dest=f.name, action="append_const", const=(
+                    f"--{n}", False), default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    if about is not None:  # the help's own row; parse reads -h as any other unknown flag
+        group.add_argument("-h", "--help", action="help", help="this help")
+    return parser
+
+
+def parse(fl: Dict[str, Flag], argv: List[str], prog: str = "") -> tuple:
+    """argv -> ({name: value} of the flags given, {name: spelling typed}). Raises LlamaError."""
+    bools = {f"--{n}" for f in fl.values() if f.kind == "bool" for n in f.names}
+    try:
+        ns, extra = _parser(fl, prog).parse_known_args(_spelled(argv, bools))
+    except argparse.ArgumentError as e:  # argparse's own refusals, in our words
+        msg = re.sub(r"ignored explicit argument (.*)", r"takes no value (\1 given)", e.message)
+        raise LlamaError(f"{e.argument_name} " +
+                         msg.replace("expected one argument", "needs a value")) from None
+    for arg in (a.partition("=")[0] for a in extra if not _is_value(a)):
+        names = [n for f in fl.values() for n in f.names]
+        hit = difflib.get_close_matches(arg.lstrip("-"), names, n=1, cutoff=0.6)
+        raise LlamaError(f"unknown flag {arg}" +
+                         (f" (did you mean --{hit[0]}?)" if hit else " (see --help)"))
+    pos, given = ns.free + extra, {k: v for k, v in vars(ns).items() if k != "free"}
+    for name, pairs in given.items():
+        if len(pairs) > 1 and fl[name].kind != "list":
+            raise LlamaError(f"{pairs[1][0]} given twice")
+    typed = {name: pairs[-1][0] for name, pairs in given.items()}
+    vals = {name: [v for _, v in pairs] if fl[name].kind == "list" else pairs[0][1]
+            for name, pairs in given.items()}
+    # in order, as in a call: the required ones, then the function's own optional values
+    free = [f for f in fl.values() if f.required and f.name not in vals] + [
+        f for f in fl.values() if not (f.required or f.owner or f.name in vals)
+        and f.kind not in ("bool", "list")]
+    if len(pos) > len(free):
+        raise LlamaError(f"unexpected argument {pos[len(free)]!r}")
+    for f, raw in zip(free, pos):
+        vals[f.name], typed[f.name] = _convert(f, f.name.upper(), raw), f.name.upper()
+    for f in fl.values():
+        if f.required and f.name not in vals:
+            raise LlamaError(f"missing --{f.name}" + (f" ({f.help})" if f.help else ""))
+    return vals, typed
+
+
+def usage(fn, fl: Dict[str, Flag], prog: str) -> str:
+    """-h: the usage line, the docstring's summary, then one line per flag."""
+    return _parser(fl, prog, doc_lines(fn.__doc__, set(fl))[""]).format_help().rstrip()
 
 
 def _rename(msg: str, typed: Dict[str, str]) -> str:
@@ -277,16 +240,11 @@ def _rename(msg: str, typed: Dict[str, str]) -> str:
 
 
 def call(fn, vals: dict, fl: Dict[str, Flag]):
-    """fn(**vals) with dataclass parameters filled from their fields."""
-    kwargs, groups = {}, {}
-    for name, f in fl.items():
-        if f.owner:
-            groups.setdefault(f.owner, {})[name] = vals.get(name, f.default)
-        elif name in vals:
-            kwargs[name] = vals[name]
+    """fn(**vals), each dataclass parameter built from the values of its fields."""
     hints = typing.get_type_hints(fn)
-    for owner, fields in groups.items():
-        kwargs[owner] = hints[owner](**fields)
+    kwargs = {name: value for name, value in vals.items() if not fl[name].owner}
+    for owner in dict.fromkeys(f.owner for f in fl.values() if f.owner):
+        kwargs[owner] = hints[owner](**{n: v for n, v in vals.items() if fl[n].owner == owner})
     return fn(**kwargs)
 
 
