@@ -25,13 +25,17 @@ class Cached(Extraction):
 
 def main(cfg: Cached):
     """Cache the hidden states of --data's prompts in --output."""
-    from llama.dist import teardown
-    from activations.extract import run
+    import torch.distributed as tdist
 
+    from activations.extract import run
+    from llama.dist import teardown
+
+    own_group = not tdist.is_initialized()  # a caller's process group is left alone
     try:
         run(cfg)
     finally:
-        teardown()
+        if own_group:
+            teardown()
 
 
 def cli():

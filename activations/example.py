@@ -44,11 +44,14 @@ def main(cfg: Seed, temperature: float = 0.8, top_p: float = 0.95, max_gen_len: 
     max_seq_len: longest sequence the model is built for (without --data; default: the model's)
     seed: sampling seed (without --data)
     """
+    import torch.distributed as tdist
+
+    from activations.extract import run
     from llama.dist import teardown
     from llama.errors import LlamaError
-    from activations.extract import run
     from llama.generation import builtin_demo
 
+    own_group = not tdist.is_initialized()  # a caller's process group is left alone
     try:
         if cfg.data is None:
             dtype = cfg.compute_dtype or "float32"
@@ -58,7 +61,8 @@ def main(cfg: Seed, temperature: float = 0.8, top_p: float = 0.95, max_gen_len: 
             raise LlamaError("--data needs --output, the cache folder")
         run(cfg)
     finally:
-        teardown()
+        if own_group:
+            teardown()
 
 
 def cli():

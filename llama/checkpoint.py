@@ -565,8 +565,11 @@ def main(path: str, mp: int = 0, compute_dtype: str = "float32", device: str = "
     compute_dtype: of the model's weights and arithmetic: float32, float16 or bfloat16
     device: auto, cpu or cuda
     """
+    import torch.distributed as tdist
+
     from .dist import setup, teardown
 
+    own_group = not tdist.is_initialized()  # a caller's process group is left alone
     if mp:  # refuse a model-parallel size that cannot work before starting any process group
         check_parallel(open_source(path)[0].args, mp)
     proc = setup(mp, device)
@@ -578,7 +581,8 @@ def main(path: str, mp: int = 0, compute_dtype: str = "float32", device: str = "
                   f"({a.kv_heads} kv), vocab {a.vocab_size}, ffn {a.hidden_dim}, mp {proc.mp}, "
                   f"{compute_dtype}, fingerprint {m.fingerprint}, tokenizer {m.tokenizer_path}")
     finally:
-        teardown()
+        if own_group:
+            teardown()
 
 
 def cli():
