@@ -21,6 +21,15 @@ from report_fixtures import EVIL, LAYERS, make_runs, read_json_blob, script
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def steering_panels(folder) -> int:
+    """How many steering.csv columns deserve a panel, counted here from the CSV: the numeric
+    columns but the grid (layer, multiplier, n, push) and the interval bounds."""
+    st = pd.read_csv(os.path.join(folder, "steering.csv"))
+    skip = {"layer", "multiplier", "n", "push"}
+    return sum(1 for c in st.columns if c not in skip and not c.endswith(("_lo", "_hi"))
+               and pd.to_numeric(st[c], errors="coerce").notna().any())
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("report"))
@@ -51,7 +60,8 @@ def test_numbers_are_the_runs_own(runs):
         assert f"<code>{name}</code>" in page
     split = pd.read_csv(os.path.join(runs["probes"], "split.csv"))["split"].value_counts()
     assert f"train {split['train']}, test {split['test']}, val {split['val']}" in page
-    assert page.count('<figure class="plot"') == 1 + 2 + 2  # probes; cached; 2 steering metrics
+    # probes; cached; one per steering metric
+    assert page.count('<figure class="plot"') == 1 + 2 + steering_panels(runs["steering"])
     # nothing fetched: no link, no source or import, links only to fragments within the page
     assert not re.search(r"<link|<img|<iframe|@import|src=|url\((?!#)", page)
     assert not re.search(r"href=\"(?!#)", page)
@@ -98,7 +108,8 @@ def test_report_flags_write_run_pages(runs):
     from pages.build import write_run_report
 
     path = write_run_report(runs["steering"])
-    assert open(path, encoding="utf-8").read().count('data-plot="steering-') == 2
+    assert open(path, encoding="utf-8").read().count('data-plot="steering-') == \
+        steering_panels(runs["steering"])
 
 
 def test_bad_input_is_one_line(runs, tmp_path):
@@ -143,7 +154,7 @@ def test_report_in_browser(runs, tmp_path):
         driver.get("file://" + runs["page"])
         assert console_errors(driver) == []
         plots = driver.find_elements(By.CSS_SELECTOR, "figure.plot")
-        assert len(plots) == 5
+        assert len(plots) == 1 + 2 + steering_panels(runs["steering"])
         for p in plots:
             svg = p.find_element(By.TAG_NAME, "svg")
             size = svg.size
