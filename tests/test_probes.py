@@ -171,7 +171,8 @@ def test_streaming_trains_a_cache_larger_than_its_memory_limit(tmp_path):
     save_cache(path, arrays, {"labels": y.tolist(), "model": {"fingerprint": "fp"}})
     code = f"""
 import resource, sys
-import numpy as np, pandas, torch, ccs
+import numpy as np, pandas, torch
+import probes.commands as ccs
 from probes import data
 from probes.solvers import Settings
 used = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmData')][0]
