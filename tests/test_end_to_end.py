@@ -20,14 +20,17 @@ def demo(out):
     r = subprocess.run(["timeout", "600", "bash", os.path.join(ROOT, "scripts", "demo.sh")],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout + r.stderr
+    return r
 
 
 def test_demo_on_smollm2(tmp_path):
-    log = demo(tmp_path)
+    run = demo(tmp_path)
+    log = run.stdout + run.stderr
     assert "Done. Look at:" in log
     report = tmp_path / "runs" / "cities" / "report.html"  # ccs.py train --report
-    assert log.strip().splitlines()[-1].endswith(str(report)) and report.stat().st_size > 10000
+    # the last line on stdout names the report (progress bars go to stderr)
+    assert run.stdout.strip().splitlines()[-1].endswith(str(report))
+    assert report.stat().st_size > 10000
     cache = ActivationCache(str(tmp_path / "caches" / "cities"))
     assert (cache.layers == list(range(31)) and cache.num_examples == 160
             and cache.hidden_dim == 576)
@@ -52,5 +55,6 @@ def test_demo_on_smollm2(tmp_path):
         assert (tmp_path / "runs" / "cities" / png).stat().st_size > 10_000
 
     again = demo(tmp_path)
+    again = again.stdout + again.stderr
     assert "already" in again.split("== 2/4")[0]  # the converted model is reused
     assert "nothing to do" in again.split("== 3/4")[1].split("== 4/4")[0]  # and so is the cache
