@@ -154,8 +154,27 @@ def save_probes(folder: str, fitted: Fitted, layers: List[int], cache: Activatio
                 + "; direction [layer, d]: the residual-stream direction that raises the oriented "
                 "score, (g_plus - g_minus) / 2 for contrast pairs (g: the score's gradient on a "
                 "side), g for single prompts")
+            meta["conventions"] = conventions(tensors["direction"], layers, cache, info)
         with open(os.path.join(folder, f"{name}.json"), "w") as f:
             json.dump(meta, f, indent=1)
+
+
+def conventions(direction: torch.Tensor, layers: List[int], cache: ActivationCache,
+                info: dict) -> Dict[str, dict]:
+    """{layer: what a steering user needs to know of the probe's raw-space direction there}
+    (llama.vectors.describe_vector: operation, layer convention, read position, norm, source
+    data, fingerprint, which class the plus side stands for), as every vectors folder states it.
+    direction: [layer, d]. residual_norm is left empty: probes read the states, not their norms
+    (steer.py --scale residual measures it on its own prompts)."""
+    from llama.vectors import describe_vector
+
+    keep = cache.mean_keep_first if cache.token == "mean" else None
+    source = str(cache.meta.get("data", {}).get("path", ""))
+    return {str(layer): describe_vector(
+        layer, float(direction[i].double().norm()), None, cache.token, keep, source,
+        cache.fingerprint or "", str(info.get("positive_class", "")),
+        vector="the probe's raw-space direction (the oriented score's gradient)")
+        for i, layer in enumerate(layers)}
 
 
 # ---------------------------------------------------------------- plots

@@ -81,6 +81,14 @@ def test_raw_space_direction_scores_raw_activations_exactly(cache, tmp_path):
         p = load_file(str(tmp_path / "probes" / f"{name}.safetensors"))
         meta = json.load(open(tmp_path / "probes" / f"{name}.json"))
         assert "w_raw" in meta["raw_space"] and p["w_raw"].shape == (3, 2, 12)
+        for i, layer in enumerate((1, 2, 3)):  # stated as every vectors folder states them
+            conv = meta["conventions"][str(layer)]
+            assert conv["layer"] == str(layer) and "direction.{L-1}" in conv["layer_convention"]
+            assert conv["token"] == c.token and conv["operation"] == "add"
+            assert conv["fingerprint"] == (c.fingerprint or "")
+            # the norm printed with 9 significant digits
+            assert abs(float(conv["norm"]) - float(p["direction"][i].norm())) <= \
+                1e-6 * float(p["direction"][i].norm())
         m = methods.METHODS[name]
         for i, layer in enumerate((1, 2, 3)):
             x = torch.tensor(np.stack([c.array(layer, s) for s in c.sides]), dtype=torch.float64)
