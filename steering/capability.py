@@ -8,7 +8,6 @@ with). Token-weighted: total NLL over total predicted tokens, BOS not predicted.
 (written for this project: plain descriptive sentences with no sentiment, no test-taking and no
 A/B format).
 """
-import json
 from typing import Dict, List, Sequence
 
 import torch
@@ -32,25 +31,10 @@ NEUTRAL = [
 
 
 def read_texts(path: str) -> List[str]:
-    """A JSON list of strings, or one text per non-blank line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise LlamaError(f"--capability {path}: cannot read it ({e.strerror})") from None
-    if path.endswith(".json"):
-        try:
-            texts = json.loads(text)
-        except ValueError as e:
-            raise LlamaError(f"--capability {path}: not valid JSON ({e})") from None
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise LlamaError(f"--capability {path}: expected a JSON list of strings")
-    else:
-        texts = text.splitlines()
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise LlamaError(f"--capability {path}: no texts in the file")
-    return texts
+    """--capability FILE: a JSON list of strings, or one text per non-blank line."""
+    from .items import read_texts as read
+
+    return read(path, "--capability")
 
 
 def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

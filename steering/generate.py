@@ -37,24 +37,10 @@ from llama.errors import LlamaError
 
 
 def read_prompts(path: str) -> list:
-    """A JSON list of strings, or one prompt per non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith(".json"):
-        try:
-            prompts = json.loads(text)
-        except ValueError as e:
-            raise LlamaError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise LlamaError(f"{path}: expected a JSON list of strings")
-        bad = [i for i, p in enumerate(prompts) if not p.strip()]
-        if bad:
-            raise LlamaError(f"{path}: prompt {bad[0]} is empty")
-    else:
-        prompts = [line for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise LlamaError(f"{path}: no prompts in the file")
-    return prompts
+    """--prompts FILE: a JSON list of strings, or one prompt per non-blank line."""
+    from steering.items import read_texts
+
+    return read_texts(path, "--prompts", "prompt")
 
 
 def stop_strings(spec) -> tuple:

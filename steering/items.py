@@ -11,6 +11,7 @@
 
 A file holding a "prompt" key in its first row is read as word items, else as A/B items.
 """
+import json
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -66,3 +67,28 @@ def read_items(path: str, limit=None) -> List[Item]:
     if "prompt" in recs[0]:
         return word_items(path, recs)
     return ab_items(path, recs)
+
+
+def read_texts(path: str, flag: str, what: str = "text") -> List[str]:
+    """Texts from a file: a JSON list of strings (.json) or one text per non-blank line; a
+    refusal names the flag and the file (an empty JSON entry: its index)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise LlamaError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+    if path.endswith(".json"):
+        try:
+            texts = json.loads(text)
+        except ValueError as e:
+            raise LlamaError(f"{flag} {path}: not valid JSON ({e})") from None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise LlamaError(f"{flag} {path}: expected a JSON list of strings")
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise LlamaError(f"{flag} {path}: {what} {empty[0]} is empty")
+    else:
+        texts = [line for line in text.splitlines() if line.strip()]
+    if not texts:
+        raise LlamaError(f"{flag} {path}: no {what}s in the file")
+    return texts
