@@ -7,8 +7,6 @@ Every token by default, as the caching workflow's original did (its vectors and 
 statistics need them). Plain `python` when MP is 1; `-h` lists every flag.
 Same implementation as example.py: activations/extract.py.
 """
-import os
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,17 +23,9 @@ class Cached(Extraction):
 
 def main(cfg: Cached):
     """Cache the hidden states of --data's prompts in --output."""
-    import torch.distributed as tdist
+    from activations.example import main as extract
 
-    from activations.extract import run
-    from llama.dist import teardown
-
-    own_group = not tdist.is_initialized()  # a caller's process group is left alone
-    try:
-        run(cfg)
-    finally:
-        if own_group:
-            teardown()
+    extract(cfg)  # the same run (and process-group handling) as example.py with --data
 
 
 def cli():
