@@ -14,3 +14,13 @@ def test_run_all_refuses_bad_threads_and_writes_nothing():
     one_line_error(r, "--threads 0")
     assert r.returncode == 2 and "running:" not in r.stdout
     assert os.stat(results).st_mtime_ns == before
+
+
+def test_before_after_refuses_unknown_work_and_commit():
+    run = [sys.executable, "-m", "bench.before_after"]
+    r = subprocess.run(run + ["--base", "HEAD", "--only", "decod"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    one_line_error(r, "--only 'decod'", "probes, decode")
+    r = subprocess.run(run + ["--base", "no-such-commit-xyz", "--only", "decode"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    one_line_error(r, "--base no-such-commit-xyz")

@@ -69,7 +69,7 @@ def test_parse_types_aliases_positionals():
     assert vals == {"model": "m", "limit": 3, "scale": -2.0, "quiet": True,
                     "test": ["-4,-2,0", "b"], "token": "all", "layers": "-1"}
     assert typed["model"] == "--ckpt_dir"
-    assert parse(fl, ["m", "--noquiet"])[0] == {"model": "m", "quiet": False}
+    assert parse(fl, ["m", "--quiet=off"])[0] == {"model": "m", "quiet": False}
     got = parse(fl, ["m", "--quiet", "false", "--limit", "none"])[0]
     assert got == {"model": "m", "quiet": False, "limit": None}
     cfg, *rest = command(demo, ["--model", "m", "--layers", "1,2"])
@@ -233,6 +233,6 @@ def test_bool_flags_take_an_optional_value_and_leave_positionals_alone():
     fl = flags(demo)
     assert parse(fl, ["--quiet", "m"])[0] == {"quiet": True, "model": "m"}
     assert parse(fl, ["m", "--quiet", "yes", "3"])[0] == {"quiet": True, "model": "m", "limit": 3}
-    with pytest.raises(LlamaError, match="--noquiet takes no value"):
-        parse(fl, ["m", "--noquiet=1"])
+    with pytest.raises(LlamaError, match="--quiet 'maybe' is not true or false"):
+        parse(fl, ["m", "--quiet=maybe"])
     assert parse(fl, ["--ckpt-dir", "m", "--scale", "-1e-3"])[0] == {"model": "m", "scale": -1e-3}
