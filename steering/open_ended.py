@@ -8,9 +8,8 @@ far along the direction the steered text moved (the added vector itself is not i
 re-read without the steer).
 """
 import json
-import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -19,10 +18,11 @@ from .scale import Residual, push
 
 @torch.inference_mode()
 def projection(model, prompt: List[int], completion: List[int], layer: int,
-               unit: torch.Tensor) -> float:
-    """Mean h . unit over the completion's positions at `layer` (nan for an empty one)."""
+               unit: torch.Tensor) -> Optional[float]:
+    """Mean h . unit over the completion's positions at `layer`; None for an empty completion
+    (the first token ended it: there is nothing to read, and JSON has no NaN)."""
     if not completion:
-        return math.nan
+        return None
     ids = torch.tensor([list(prompt) + list(completion)])
     h = model(ids, layers=[layer])[layer][0, len(prompt):].double()
     return float((h @ unit.double().to(h.device)).mean())
@@ -77,15 +77,16 @@ def write(path: str, rows: List[dict]) -> str:
     lines = ["# Open-ended read-out", "",
              "Greedy completions per layer x multiplier; push = fraction of the residual norm "
              "added; projection = mean h . u over the completion, re-read unsteered at the layer "
-             "(the unsteered rows: read at each steered layer).", ""]
+             "(the unsteered rows: read at each steered layer; - : an empty completion).", ""]
     for prompt in dict.fromkeys(r["prompt"] for r in rows):
         lines += [f"## {cell(prompt)}", "", "| layer | multiplier | push | projection | "
                   "completion |", "| --- | --- | --- | --- | --- |"]
         for r in rows:
             if r["prompt"] == prompt:
                 where = "none (read at %s)" % r["read_at"] if r["layer"] == "none" else r["layer"]
-                lines.append(f"| {where} | {r['multiplier']:g} | {r['push']:.2f} | "
-                             f"{r['projection']:.2f} | {cell(r['completion'])} |")
+                read = "-" if r["projection"] is None else f"{r['projection']:.2f}"
+                lines.append(f"| {where} | {r['multiplier']:g} | {r['push']:.2f} | {read} | "
+                             f"{cell(r['completion'])} |")
         lines.append("")
     with open(md + ".tmp", "w", encoding="utf-8") as f:
         f.write("\n".join(lines))

@@ -62,7 +62,7 @@ def hf_tok(tmp_path_factory):
 
     specials = ["<unk>", "<s>", "</s>", "<|begin_of_text|>", "<|start_header_id|>",
                 "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>"]
-    symbols = specials + pre_tokenizers.ByteLevel.alphabet()
+    symbols = specials + sorted(pre_tokenizers.ByteLevel.alphabet())
     tok = Tokenizer(models.BPE({s: i for i, s in enumerate(symbols)}, [], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.add_special_tokens(specials)

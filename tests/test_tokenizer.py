@@ -70,7 +70,7 @@ def make_hf(d, template=None, config=None):
     tk.decoder = decoders.ByteLevel()
     tk.train_from_iterator(corpus(), trainers.BpeTrainer(
         vocab_size=500, special_tokens=specials, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())))
     if template:
         tk.post_processor = processors.TemplateProcessing(
             single=template, special_tokens=[("<|begin_of_text|>", 3)])

@@ -37,7 +37,8 @@ def make_tokenizer(path, vocab=None):
     plus filler tokens up to `vocab` entries when given. Returns the file path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    symbols = SPECIALS + pre_tokenizers.ByteLevel.alphabet()
+    # sorted: alphabet() comes in a different order in each process, and with it every token id
+    symbols = SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet())
     symbols += [f"<extra_{i}>" for i in range((vocab or 0) - len(symbols))]
     tok = Tokenizer(models.BPE({s: i for i, s in enumerate(symbols)}, [], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
