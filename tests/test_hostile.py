@@ -210,11 +210,13 @@ def test_gguf_eos_eot_eom_ids(tmp_path):
 
 
 def stop_word(gen, prompt):
-    """(completion, its tokens, a stop string: the first readable text a token after the first
-    adds that is new), or None when the tiny model's completion has none."""
+    """(completion, its tokens, a stop string: the first readable text that a token after the
+    first and before the last adds and that is new, so that the stop cuts the completion short),
+    or None when the tiny model's completion has none."""
     free = gen.text_completion([prompt], Sampling(max_gen_len=8))[0]
     texts = [gen.tokenizer.decode(free.tokens[:j]) for j in range(len(free.tokens) + 1)]
-    words = [add for j in range(1, len(free.tokens)) for add in [texts[j + 1][len(texts[j]):]]
+    words = [add for j in range(1, len(free.tokens) - 1)
+             for add in [texts[j + 1][len(texts[j]):]]
              if texts[j + 1].startswith(texts[j]) and add.strip() and "\ufffd" not in add
              and add not in texts[j]]
     return (free.completion, free.tokens, words[0]) if words else None
