@@ -125,7 +125,9 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     check_context(model, max_gen_len)  # before the weights load
     if os.path.exists(os.path.join(output, "steering.csv")) and not overwrite:
         raise LlamaError(f"{output} already holds a steering sweep (--overwrite to replace it)")
-    layers = parse_layers(layers, read_args(model).n_layers)  # the header only: no weights yet
+    head = read_args(model)  # the header only: no weights yet
+    layers = parse_layers(layers, head.n_layers)
+    load_vectors(vectors, layers, head.dim, head.n_layers)  # width and layers refused before load
     own_group = not tdist.is_initialized()
     proc = setup(1, device)
     try:
