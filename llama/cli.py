@@ -88,19 +88,19 @@ def flags(fn) -> Dict[str, Flag]:
                 docs.update(doc_lines(base.__doc__, {f.name for f in dataclasses.fields(tp)}))
         elif p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             rows.append((p.name, tp, p.default, None))
-    docs.update(doc_lines(fn.__doc__, {row[0] for row in rows}))
+    names = {row[0] for row in rows}
+    docs.update(doc_lines(fn.__doc__, names))
     out = {}
     for name, tp, default, owner in rows:
         if name in out:
             raise TypeError(f"{fn.__name__}: flag {name} twice")
-        required = default in (dataclasses.MISSING, inspect.Parameter.empty)
+        required = default is dataclasses.MISSING or default is inspect.Parameter.empty
         kind, choices = _kind(tp, None if required else default)
         kind = "str" if kind == "auto" and required and owner is None else kind
+        aliases = tuple(a for a, to in ALIASES.items() if to == name and a not in names)
         out[name] = Flag(name, kind, None if required else default, required, choices,
-                         docs.get(name, ""), owner, ())
-    return {name: f._replace(aliases=tuple(a for a, to in ALIASES.items()
-                                           if to == name and a not in out))
-            for name, f in out.items()}
+                         docs.get(name, ""), owner, aliases)
+    return out
 
 
 def _value(f: Flag, spelling: str, raw: str):
