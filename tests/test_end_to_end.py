@@ -23,6 +23,7 @@ def demo(out):
     return r
 
 
+@pytest.mark.heavy
 def test_demo_on_smollm2(tmp_path):
     run = demo(tmp_path)
     log = run.stdout + run.stderr
