@@ -6,6 +6,7 @@ import os
 import subprocess
 
 import pandas as pd
+import pytest
 
 from conftest import ROOT
 from activations.cache import ActivationCache
