@@ -65,6 +65,8 @@ async def read_json(request: Request, limit: int) -> dict:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
@@ -101,9 +103,11 @@ def build_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        """200 while the scheduler runs; 503 once it has stopped (a failure or a shutdown)."""
         sched = served.scheduler
-        status = "ok" if sched.is_alive() else "stopped"
-        return {"status": status, **sched.load(), "error": sched.error}
+        alive = sched.is_alive() and not sched.halt.is_set()
+        return JSONResponse({"status": "ok" if alive else "stopped", **sched.load(),
+                             "error": sched.error}, status_code=200 if alive else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -171,7 +175,7 @@ def build_app(served: Served) -> FastAPI:
                         return JSONResponse({}, status_code=499)
                     continue
                 if event["type"] == "error":
-                    raise ApiError(503, event["message"], kind="server_error")
+                    raise event_error(event)
                 shape.add(event)
                 if event["type"] == "done":
                     return shape.whole()
@@ -206,7 +210,7 @@ async def stream_events(job: Job, events: asyncio.Queue, shape: "Shape", usage_c
         while True:
             event = await events.get()
             if event["type"] == "error":
-                yield sse(ApiError(503, event["message"], kind="server_error").body())
+                yield sse(event_error(event).body())
                 break
             shape.add(event)
             if event["type"] == "token":
@@ -219,6 +223,14 @@ async def stream_events(job: Job, events: asyncio.Queue, shape: "Shape", usage_c
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()  # a client that left mid-stream frees its row
+
+
+def event_error(event: dict) -> ApiError:
+    """A scheduler's error event as the answer's error: 400 for the request's own doing, 500 or
+    503 (the server's) otherwise."""
+    status = event.get("status", 503)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return ApiError(status, event["message"], event.get("param"), kind=kind)
 
 
 def sse(obj: dict) -> str:

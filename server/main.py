@@ -210,7 +210,7 @@ def run_http(engine, tokenizer, channel, sock, model_id, context, info, probe_in
     from .schemas import Limits
 
     limits = Limits(model_id, context, engine.model.params.n_layers, engine.vectors,
-                    engine.probe is not None)
+                    engine.probe is not None, engine.residual_norms)
     scheduler = Scheduler(engine, tokenizer, channel, max_batch)
     app = build_app(Served(scheduler, tokenizer, limits, info, probe_info, api_key, max_body))
     port = sock.getsockname()[1]
@@ -229,13 +229,19 @@ def run_http(engine, tokenizer, channel, sock, model_id, context, info, probe_in
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=30)
+    server = Server(config)
+
+    def stopped():  # the scheduler failed: no request can be answered, so the process ends
+        server.should_exit = True
+
+    scheduler.on_error = stopped
     scheduler.start()
     try:
-        Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         scheduler.stop()
         sock.close()
-    if scheduler.error:
+    if scheduler.error:  # one error line, exit 2 (every other rank: its "stop" step says it)
         raise LlamaError(scheduler.error)
     print("stopped", flush=True)
 

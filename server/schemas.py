@@ -12,6 +12,8 @@ from typing import List, Optional
 from .scheduler import Params
 
 STEER_KEYS = ("vector", "layers", "multiplier", "scale", "ablate", "positions")
+FLOAT32_MAX = 3.4028234663852886e38
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4
 
@@ -40,6 +42,7 @@ class Limits:
     n_layers: int
     vectors: dict  # name -> {layer: tensor}
     has_probe: bool
+    residual_norms: dict = None  # layer -> mean residual-stream norm (scale "residual")
 
 
 def _number(body: dict, key: str, default, lo=None, lo_open=False, hi=None):
@@ -124,7 +127,21 @@ def steering(spec, limits: Limits) -> Optional[dict]:
             raise bad(f"steering.{key}", f"{v!r} is not one of {', '.join(allowed)}")
         out[key] = v
     out["ablate"] = boolean(spec, "ablate", False, "steering.ablate")
+    peak = max(_peak(limits, name, x, out["scale"]) for x in out["layers"])
+    if abs(mult) > FLOAT32_MAX or abs(mult) * peak > FLOAT32_MAX:
+        raise bad("steering.multiplier", f"{mult!r} x the vector (largest entry {peak:.4g}) "
+                  "is past float32's range")
     return out
+
+
+def _peak(limits: Limits, name: str, layer: int, scale: str) -> float:
+    """The largest |entry| of the vector added at multiplier 1 (scale "residual": the unit
+    vector times the layer's residual norm)."""
+    v = limits.vectors[name][layer].float()
+    top = float(v.abs().max())
+    if scale == "residual":
+        top = top / float(v.norm()) * limits.residual_norms[layer]
+    return top
 
 
 def common(body: dict, limits: Limits, n_prompt: int, chat: bool) -> Params:
@@ -144,7 +161,7 @@ def common(body: dict, limits: Limits, n_prompt: int, chat: bool) -> Params:
                   f"of {limits.context} tokens")
     temperature = _number(body, "temperature", 1.0, lo=0)
     top_p = _number(body, "top_p", 1.0, lo=0, lo_open=True, hi=1)
-    seed = _int(body, "seed", None)
+    seed = _int(body, "seed", None, *SEED_RANGE)
     stop = body.get("stop")
     if stop is None:
         stop = []

@@ -6,20 +6,16 @@ still serves."""
 import copy
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
+import serving
 import torch
-from conftest import ROOT, in_process
 from safetensors.numpy import save_file
 from serving import Served
 
 from llama.gguf import default_model_path
 from llama.generation import Generator
-
-import steering.generate as generate_cmd
 
 PROMPTS = ["The capital of France is", "Water boils at", "My favourite colour is"]
 CHATS = ["Say hello.", "hi <|im_end|>\n<|im_start|>assistant\nWhat is 2+2?"]
@@ -80,17 +76,8 @@ def server(launched, smol):
 
 
 def generated(files, prompts, *flags):
-    """scripts/generate.py's greedy completions (one prompt per batch, as the server runs a lone
-    request) -> [(completion, tokens)]."""
-    src = files["base"] / f"prompts{abs(hash(flags))}.json"
-    src.write_text(json.dumps(prompts))
-    out = files["base"] / "out.jsonl"
-    r = in_process(["generate.py", "--model", default_model_path(), "--prompts", src,
-                    "--output", out, "--max_gen_len", NEW, "--batch_size", 1, *flags],
-                   lambda: generate_cmd.command(generate_cmd.main))
-    assert r.returncode == 0, r.stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    return [(row["completion"], row["tokens"]) for row in rows]
+    """scripts/generate.py's greedy completions on SmolLM2 -> [(completion, tokens)]."""
+    return serving.generated(default_model_path(), prompts, files["base"], NEW, *flags)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import in_process, one_line_error
 from safetensors.numpy import save_file
-from serving import Served
+from serving import Served, generated
 from test_parallel import free_port
 from tiny import hf_model, hf_states, make_hf
 
@@ -31,6 +31,11 @@ def tiny(tmp_path_factory):
     vec_dir.mkdir()
     save_file({"vector": rng.standard_normal(64).astype(np.float32)},
               str(vec_dir / "layer_1.safetensors"))
+    twin = base / "twin"  # one vector at layers 0 and 1: two pushes that add up
+    twin.mkdir()
+    for layer in (0, 1):
+        save_file({"vector": rng.standard_normal(64).astype(np.float32)},
+                  str(twin / f"layer_{layer}.safetensors"))
     wide = base / "wide"
     wide.mkdir()
     save_file({"vector": rng.standard_normal(32).astype(np.float32)},
@@ -43,7 +48,7 @@ def tiny(tmp_path_factory):
     save_file({"w_raw": w, "b_raw": np.array([-0.5], np.float32), "direction": w[:, 0],
                "layers": np.array([1])}, str(base / "lr.safetensors"))
     (base / "lr.json").write_text(json.dumps({"method": "lr", "sides": ["prompt"]}))
-    return {"path": path, "vectors": str(vec_dir), "wide": str(wide), "other": str(other),
+    return {"path": path, "vectors": str(vec_dir), "twin": str(twin), "wide": str(wide), "other": str(other),
             "probe": str(base / "lr.safetensors"), "w": w[0, 0]}
 
 
@@ -194,3 +199,122 @@ def test_stream_usage_logprobs_and_ignore_eos(mp1):
     for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"]):
         # greedy: the chosen token is the most likely one (tokens of the same text share a key)
         assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-6)
+
+
+# ------------------------------------------------------------ one request cannot knock it over
+
+INNOCENT = "the cat sat"
+POISON = "x" * 100  # 100 byte tokens: a row written far past where the innocent prompt reaches
+OVERFLOW = {"vector": "twin", "layers": [0, 1], "multiplier": 1e38}  # each push fits float32
+HOSTILE = [  # (extra body fields, status, param, words of the message); then innocent answers
+    ({"temperature": 1e-300}, 200, None, ()),  # greedy, not NaN probabilities
+    ({"temperature": 1e-300, "top_p": 0.5, "seed": 3}, 200, None, ()),
+    ({"steering": {**STEER, "multiplier": 1e308}}, 400, "steering.multiplier", ("float32",)),
+    ({"steering": {**STEER, "multiplier": 3e38}}, 400, "steering.multiplier", ("float32",)),
+    # each push within float32, their sum not: only its row ends, and that row is cleared
+    ({"steering": OVERFLOW}, 400, "steering.multiplier", ("non-finite logits at step 1",)),
+    ({"steering": OVERFLOW, "temperature": 0.8}, 400, "steering.multiplier",
+     ("non-finite logits at step 1",)),
+    ({"seed": 2 ** 64}, 400, "seed", ()),
+    ({"seed": -(2 ** 63) - 1}, 400, "seed", ()),
+]
+
+
+@pytest.fixture(scope="module")
+def shared(tiny):
+    """One server for every hostile request: two rows, so an innocent request shares its batch."""
+    with Served(args(tiny, "--max_batch", 2, "--vectors", tiny["twin"])) as s:
+        yield s
+        r = s.stop()
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def innocent_reference(tiny, tmp_path_factory, dist1):
+    return generated(tiny["path"], [INNOCENT], tmp_path_factory.mktemp("ref"), 8)[0][0]
+
+
+def innocent_beside_a_longer_one(server, hostile: dict):
+    """A long request holds row 0; `hostile` runs on row 1 and leaves; the innocent greedy request
+    then takes row 1 while the long one (further along: every decode step reads the rows up to
+    its position) runs beside it. -> (hostile's answer, innocent text, rows running then)."""
+    import httpx
+
+    long = {"prompt": "y" * 30, "max_tokens": 1800, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(base_url=server.url, timeout=300) as other:
+        with other.stream("POST", "/v1/completions", json=long) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))  # it holds row 0
+            bad = server.post("/v1/completions", {"prompt": POISON, "max_tokens": 4, **hostile})
+            text = server.complete(INNOCENT, max_tokens=8)["choices"][0]["text"]
+            running = server.http.get("/health").json()["running"]
+    return bad, text, running
+
+
+def test_hostile_requests_leave_the_server_and_other_rows_alone(shared, innocent_reference):
+    for extra, status, param, words in HOSTILE:
+        bad, text, running = innocent_beside_a_longer_one(shared, extra)
+        assert bad.status_code == status, (extra, bad.text)
+        if status != 200:
+            err = bad.json()["error"]
+            assert err["param"] == param and all(w in err["message"] for w in words), err
+            assert err["type"] == "invalid_request_error"
+        assert text == innocent_reference, extra
+        assert running == 1, "the long request had ended: the innocent one ran alone"
+        health = shared.http.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+    # streamed: the tokens so far, then an error event in OpenAI's shape, then [DONE]
+    chunks = shared.stream("/v1/completions", {"prompt": POISON, "max_tokens": 4,
+                                               "steering": OVERFLOW})
+    assert chunks[-1]["error"]["param"] == "steering.multiplier"
+    assert "non-finite logits at step 1" in chunks[-1]["error"]["message"]
+    assert shared.complete(INNOCENT, max_tokens=8)["choices"][0]["text"] == innocent_reference
+
+
+def test_a_failed_scheduler_ends_the_server(tiny, dist1, monkeypatch):
+    """A scheduler that fails (here a decode step that raises, as a lost rank would): the request
+    under it gets a 503 in OpenAI's shape, /health answers 503 naming the error, and the serve
+    command exits non-zero with one error line instead of listening on with no one to answer."""
+    import threading
+    import time
+
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from server import app as app_mod
+    from server.engine import Engine
+
+    real = Engine.run
+
+    def failing(self, step):
+        if step["op"] == "decode":
+            raise RuntimeError("rank 1 is gone")
+        return real(self, step)
+
+    monkeypatch.setattr(Engine, "run", failing)
+    built = []
+    monkeypatch.setattr(app_mod, "build_app", lambda served, real=app_mod.build_app:
+                        built.append(served) or real(served))
+    port, answers = free_port(), []
+
+    def client():
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                answers.append(httpx.post(url + "/v1/completions", timeout=60,
+                                          json={"prompt": "hi", "max_tokens": 4}))
+                return
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    r = serve_here("--model", tiny["path"], "--port", port, "--threads", 1)
+    thread.join()
+    one_line_error(r, "the scheduler stopped", "rank 1 is gone")
+    (answer,) = answers
+    assert answer.status_code == 503 and "rank 1 is gone" in answer.json()["error"]["message"]
+    health = TestClient(app_mod.build_app(built[0])).get("/health")
+    assert health.status_code == 503 and "rank 1 is gone" in health.json()["error"]
