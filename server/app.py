@@ -1,9 +1,13 @@
 """The HTTP routes (FastAPI): OpenAI's /v1/models, /v1/completions, /v1/chat/completions, plus
 /v1/vectors and /health.
 
-    app = build_app(Served(...))
+    app = build_app(Served(...))   # `router`'s routes; the Served in app.state
 
-Requests are checked (server/schemas.py), turned into a Job and handed to the scheduler thread;
+The routes are module-level functions on one APIRouter, as vLLM's OpenAI entrypoint has them; a
+POST route's body is read here (size limit, JSON) and checked into its request model
+(server/schemas.py: CompletionRequest, ChatRequest) by a dependency, so a bad field is a 400
+naming it (never FastAPI's own 422). A checked request becomes a Job handed to the scheduler
+thread;
 its events come back through an asyncio queue. Streaming answers are server-sent events as
 OpenAI sends them (`data: {chunk}` ... `data: [DONE]`); a client that goes away cancels its job,
 which frees its row. Every route needs `Authorization: Bearer KEY` when the server has a key.
@@ -21,15 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from llama.errors import LlamaError
-
-from . import schemas
 from .scheduler import Job, Scheduler
-from .schemas import ApiError, Limits
+from .schemas import ApiError, ChatRequest, CompletionRequest, Limits
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -72,116 +73,136 @@ async def read_json(request: Request, limit: int) -> dict:
     return body
 
 
-def build_app(served: Served) -> FastAPI:
-    app = FastAPI(title="llama-ccs", docs_url=None, redoc_url=None, openapi_url=None)
-    limits, tok = served.limits, served.tokenizer
+router = APIRouter()
 
-    @app.exception_handler(ApiError)
-    async def api_error(request, e: ApiError):
-        return error_response(e)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: "
-                                       f"{e.detail}", kind=kind))
+def served_by(request: Request) -> Served:
+    """The Served of the app handling `request` (build_app puts it in app.state)."""
+    return request.app.state.served
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        """The API key check, and a 500 JSON error (never a traceback) if a route fails."""
-        if served.api_key is not None and request.url.path.startswith(("/v1", "/health")):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
-                return error_response(ApiError(401, "missing or wrong API key (send "
-                                               "Authorization: Bearer KEY)",
-                                               code="invalid_api_key"))
+
+async def completion_request(request: Request) -> CompletionRequest:
+    served = served_by(request)
+    body = await read_json(request, served.max_body)
+    return CompletionRequest.check(body, served.limits, served.tokenizer)
+
+
+async def chat_request(request: Request) -> ChatRequest:
+    served = served_by(request)
+    body = await read_json(request, served.max_body)
+    return ChatRequest.check(body, served.limits, served.tokenizer)
+
+
+@router.get("/health")
+async def health(request: Request):
+    """200 while the scheduler runs; 503 once it has stopped (a failure or a shutdown)."""
+    sched = served_by(request).scheduler
+    alive = sched.is_alive() and not sched.halt.is_set()
+    return JSONResponse({"status": "ok" if alive else "stopped", **sched.load(),
+                         "error": sched.error}, status_code=200 if alive else 503)
+
+
+@router.get("/v1/models")
+async def show_models(request: Request):
+    limits = served_by(request).limits
+    return {"object": "list", "data": [{"id": limits.model_id, "object": "model",
+                                        "created": 0, "owned_by": "llama-ccs",
+                                        "context": limits.context}]}
+
+
+@router.get("/v1/vectors")
+async def show_vectors(request: Request):
+    served = served_by(request)
+    return {"object": "list", "data": served.vectors_info, "probe": served.probe_info,
+            "conventions": CONVENTIONS}
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request,
+                            body: CompletionRequest = Depends(completion_request)):
+    return await answer(request, body, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: Request, body: ChatRequest = Depends(chat_request)):
+    return await answer(request, body, chat=True)
+
+
+async def answer(request: Request, body, chat: bool):
+    """Hand a checked request to the scheduler; its events become the response (whole, or
+    server-sent events when streaming)."""
+    served = served_by(request)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emit(event):
         try:
-            return await call_next(request)
-        except Exception as e:  # a bug: the client gets a JSON error, the server goes on
-            return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}",
-                                           kind="server_error"))
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:
+            pass  # the event loop is closed: the server is gone
 
-    @app.get("/health")
-    async def health():
-        """200 while the scheduler runs; 503 once it has stopped (a failure or a shutdown)."""
-        sched = served.scheduler
-        alive = sched.is_alive() and not sched.halt.is_set()
-        return JSONResponse({"status": "ok" if alive else "stopped", **sched.load(),
-                             "error": sched.error}, status_code=200 if alive else 503)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": limits.model_id, "object": "model",
-                                            "created": 0, "owned_by": "llama-ccs",
-                                            "context": limits.context}]}
-
-    @app.get("/v1/vectors")
-    async def vectors():
-        return {"object": "list", "data": served.vectors_info, "probe": served.probe_info,
-                "conventions": CONVENTIONS}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_json(request, served.max_body)
-        schemas.check_model(body, limits)
-        prompt = schemas.completion_prompt(body)
-        ids = tok.encode(tok.as_text(prompt), bos=True)  # text, as scripts/generate.py reads it
-        return await answer(request, body, ids, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_json(request, served.max_body)
-        schemas.check_model(body, limits)
-        messages = schemas.chat_messages(body)
-        if tok.chat_source == "none":
-            raise ApiError(400, "this model's tokenizer has no chat format: use /v1/completions",
-                           "messages")
-        try:  # render_chat marks the contents as text: only the template's markers are special
-            ids = tok.encode(tok.render_chat(messages), bos=True)
-        except LlamaError as e:
-            raise ApiError(400, str(e), "messages") from None
-        return await answer(request, body, ids, chat=True)
-
-    async def answer(request: Request, body: dict, ids, chat: bool):
-        params = schemas.common(body, limits, len(ids), chat)
-        stream = schemas.boolean(body, "stream")
-        usage_chunk = isinstance(body.get("stream_options"), dict) and \
-            bool(body["stream_options"].get("include_usage"))
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def emit(event):
+    job = Job(body.prompt_ids, body.params, emit)
+    if not served.scheduler.is_alive():
+        raise ApiError(503, "the server is shutting down", kind="server_error")
+    served.scheduler.submit(job)
+    shape = Shape(chat, served.limits.model_id, job, served.tokenizer)
+    if body.stream:
+        return StreamingResponse(stream_events(job, events, shape, body.include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    try:
+        while True:
             try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:
-                pass  # the event loop is closed: the server is gone
+                event = await asyncio.wait_for(events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    return JSONResponse({}, status_code=499)
+                continue
+            if event["type"] == "error":
+                raise event_error(event)
+            shape.add(event)
+            if event["type"] == "done":
+                return shape.whole()
+    finally:
+        job.cancelled.set()  # a no-op once done; frees the row if the handler was cancelled
 
-        job = Job(ids, params, emit)
-        if not served.scheduler.is_alive():
-            raise ApiError(503, "the server is shutting down", kind="server_error")
-        served.scheduler.submit(job)
-        shape = Shape(chat, limits.model_id, job, tok)
-        if stream:
-            return StreamingResponse(stream_events(job, events, shape, usage_chunk),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if event["type"] == "error":
-                    raise event_error(event)
-                shape.add(event)
-                if event["type"] == "done":
-                    return shape.whole()
-        finally:
-            job.cancelled.set()  # a no-op once done; frees the row if the handler was cancelled
 
+async def api_error(request: Request, e: ApiError):
+    return error_response(e)
+
+
+async def http_error(request: Request, e: HTTPException):
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: "
+                                   f"{e.detail}", kind=kind))
+
+
+async def guard(request: Request, call_next):
+    """The API key check, and a 500 JSON error (never a traceback) if a route fails."""
+    key = served_by(request).api_key
+    if key is not None and request.url.path.startswith(("/v1", "/health")):
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return error_response(ApiError(401, "missing or wrong API key (send "
+                                           "Authorization: Bearer KEY)",
+                                           code="invalid_api_key"))
+    try:
+        return await call_next(request)
+    except Exception as e:  # a bug: the client gets a JSON error, the server goes on
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}",
+                                       kind="server_error"))
+
+
+def build_app(served: Served) -> FastAPI:
+    """The app: `router`'s routes over `served`, OpenAI-shaped errors, the key check, and
+    server/static/ at `/` when present."""
+    app = FastAPI(title="llama-ccs", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.served = served
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.middleware("http")(guard)
+    app.include_router(router)
     if os.path.isdir(STATIC):
         from fastapi.staticfiles import StaticFiles
 

@@ -1,4 +1,5 @@
-"""Request bodies checked field by field, and OpenAI-style errors.
+"""Request bodies checked field by field into one request model per route
+(`CompletionRequest`, `ChatRequest`), and OpenAI-style errors.
 
 Every refusal is an ApiError: HTTP status, a message naming the field, its OpenAI `type` and
 `param` (dotted: `steering.multiplier`, `messages.2.content`), sent as
@@ -8,6 +9,10 @@ OpenAI-compatible servers do (clients send extras); unknown fields inside `steer
 import math
 from dataclasses import dataclass
 from typing import List, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from llama.errors import LlamaError
 
 from .scheduler import Params
 
@@ -219,3 +224,56 @@ def chat_messages(body: dict) -> List[dict]:
             raise bad(f"messages.{i}.content", "expected a string")
         out.append({"role": role, "content": content})
     return out
+
+
+def streaming(body: dict) -> dict:
+    """`stream` and `stream_options.include_usage`."""
+    options = body.get("stream_options")
+    return {"stream": boolean(body, "stream"),
+            "include_usage": isinstance(options, dict) and bool(options.get("include_usage"))}
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions, checked: the prompt as token ids (text, as scripts/generate.py
+    reads it: tokenizer.as_text) and the generation settings."""
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    prompt: str
+    prompt_ids: List[int]
+    params: Params
+    stream: bool = False
+    include_usage: bool = False
+
+    @classmethod
+    def check(cls, body: dict, limits: Limits, tok) -> "CompletionRequest":
+        """body: the parsed JSON object; ApiError on the first field that is wrong."""
+        check_model(body, limits)
+        prompt = completion_prompt(body)
+        ids = tok.encode(tok.as_text(prompt), bos=True)
+        params = common(body, limits, len(ids), chat=False)
+        return cls(prompt=prompt, prompt_ids=ids, params=params, **streaming(body))
+
+
+class ChatRequest(BaseModel):
+    """POST /v1/chat/completions, checked: the messages rendered by the model's chat template
+    (every content marked as text: Tokenizer.render_chat) as token ids, and the settings."""
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    messages: List[dict]
+    prompt_ids: List[int]
+    params: Params
+    stream: bool = False
+    include_usage: bool = False
+
+    @classmethod
+    def check(cls, body: dict, limits: Limits, tok) -> "ChatRequest":
+        """body: the parsed JSON object; ApiError on the first field that is wrong."""
+        check_model(body, limits)
+        messages = chat_messages(body)
+        if tok.chat_source == "none":
+            raise ApiError(400, "this model's tokenizer has no chat format: use /v1/completions",
+                           "messages")
+        try:  # render_chat marks the contents as text: only the template's markers are special
+            ids = tok.encode(tok.render_chat(messages), bos=True)
+        except LlamaError as e:
+            raise ApiError(400, str(e), "messages") from None
+        params = common(body, limits, len(ids), chat=True)
+        return cls(messages=messages, prompt_ids=ids, params=params, **streaming(body))
