@@ -45,6 +45,8 @@ class Served:
     probe_info: Optional[dict]
     api_key: Optional[str] = None
     max_body: int = 1 << 20  # bytes
+    read_timeout: float = 30.0  # seconds a request's body may take to arrive
+    check_host: bool = False  # loopback only, no key: the Host header must name a loopback address
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -52,16 +54,25 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, refused past `limit` bytes (413) or when not JSON (400)."""
+async def read_json(request: Request, limit: int, timeout: float = 30.0) -> dict:
+    """The body as a JSON object, refused past `limit` bytes (413), when its Content-Type is not
+    application/json (415: a web page's form or text/plain post cannot reach a route), when it
+    takes over `timeout` seconds to arrive (408) or when it is not a JSON object (400)."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > limit:
         raise ApiError(413, f"the request body is over the limit of {limit} bytes")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"Content-Type {kind or 'missing'}: send application/json")
     data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise ApiError(413, f"the request body is over the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > limit:
+                    raise ApiError(413, f"the request body is over the limit of {limit} bytes")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s") from None
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
@@ -83,13 +94,13 @@ def served_by(request: Request) -> Served:
 
 async def completion_request(request: Request) -> CompletionRequest:
     served = served_by(request)
-    body = await read_json(request, served.max_body)
+    body = await read_json(request, served.max_body, served.read_timeout)
     return CompletionRequest.check(body, served.limits, served.tokenizer)
 
 
 async def chat_request(request: Request) -> ChatRequest:
     served = served_by(request)
-    body = await read_json(request, served.max_body)
+    body = await read_json(request, served.max_body, served.read_timeout)
     return ChatRequest.check(body, served.limits, served.tokenizer)
 
 
@@ -150,22 +161,32 @@ async def answer(request: Request, body, chat: bool):
         return StreamingResponse(stream_events(job, events, shape, body.include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+    watch = asyncio.ensure_future(watch_disconnect(request, job, events))
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancelled.set()
-                    return JSONResponse({}, status_code=499)
-                continue
+            event = await events.get()
+            if event["type"] == "gone":
+                return JSONResponse({}, status_code=499)  # no one reads it
             if event["type"] == "error":
                 raise event_error(event)
             shape.add(event)
             if event["type"] == "done":
                 return shape.whole()
     finally:
+        watch.cancel()
         job.cancelled.set()  # a no-op once done; frees the row if the handler was cancelled
+
+
+async def watch_disconnect(request: Request, job: Job, events: asyncio.Queue):
+    """Cancel the job (its row is freed at the next step) when the client of a whole (not
+    streamed) answer goes away, and tell its handler ("gone"): the body is read, so the next
+    message is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancelled.set()
+            events.put_nowait({"type": "gone"})
+            return
 
 
 async def api_error(request: Request, e: ApiError):
@@ -178,9 +199,26 @@ async def http_error(request: Request, e: HTTPException):
                                    f"{e.detail}", kind=kind))
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def host_name(header: str) -> str:
+    """A Host header's name: "[::1]:8000" -> "::1", "localhost:8000" -> "localhost"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]")[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 async def guard(request: Request, call_next):
-    """The API key check, and a 500 JSON error (never a traceback) if a route fails."""
-    key = served_by(request).api_key
+    """The Host check (a keyless loopback server answers only loopback names: DNS rebinding),
+    the API key check, and a 500 JSON error (never a traceback) if a route fails."""
+    served = served_by(request)
+    if served.check_host and host_name(request.headers.get("host", "")) not in LOOPBACK:
+        return error_response(ApiError(421, f"Host {request.headers.get('host', '')!r}: this "
+                                       "server answers only loopback host names (127.0.0.1, "
+                                       "localhost, [::1])", code="misdirected_request"))
+    key = served.api_key
     if key is not None and request.url.path.startswith(("/v1", "/health")):
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
@@ -203,10 +241,22 @@ def build_app(served: Served) -> FastAPI:
     app.add_exception_handler(HTTPException, http_error)
     app.middleware("http")(guard)
     app.include_router(router)
-    if os.path.isdir(STATIC):
-        from fastapi.staticfiles import StaticFiles
+    app.router.default = static_or_404(STATIC if os.path.isdir(STATIC) else None)
+    return app
 
-        app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
+
+def static_or_404(folder: Optional[str]):
+    """What answers a path no route has: a GET of a file under `folder` (the playground), else
+    404. (A known path with another method is the router's 405.)"""
+    from fastapi.staticfiles import StaticFiles
+
+    files = StaticFiles(directory=folder, html=True) if folder else None
+
+    async def app(scope, receive, send):
+        if files is None or scope["method"] not in ("GET", "HEAD"):
+            raise HTTPException(404, "Not Found")
+        await files(scope, receive, send)
+
     return app
 
 

@@ -159,7 +159,9 @@ def common(body: dict, limits: Limits, n_prompt: int, chat: bool) -> Params:
     if room < 1:
         raise bad("messages" if chat else "prompt", f"the prompt has {n_prompt} tokens: no room "
                   f"to generate within the context of {limits.context}")
-    key = "max_completion_tokens" if chat and body.get("max_tokens") is None else "max_tokens"
+    # OpenAI's and vLLM's rule: max_completion_tokens (chat) wins over max_tokens
+    key = ("max_completion_tokens" if chat and body.get("max_completion_tokens") is not None
+           else "max_tokens")
     max_tokens = _int(body, key, room if chat else min(16, room), lo=1)
     if max_tokens > room:
         raise bad(key, f"prompt ({n_prompt} tokens) + {key} ({max_tokens}) exceeds the context "

@@ -337,3 +337,13 @@ def test_a_client_that_leaves_frees_its_row(server):
     assert h["dropped"] == before + 1 and h["running"] == 0 and h["waiting"] == 0, h
     for i in range(8):
         assert server.complete(f"Number {i} is", max_tokens=3)["choices"][0]["finish_reason"]
+
+
+def test_max_completion_tokens_wins_over_max_tokens(server):
+    """Both given: max_completion_tokens counts (OpenAI's and vLLM's rule); alone, each counts."""
+    msgs = [{"role": "user", "content": "Count from one to fifty."}]
+    for fields, n in (({"max_tokens": 2, "max_completion_tokens": 3}, 3),
+                      ({"max_tokens": 2}, 2), ({"max_completion_tokens": 4}, 4)):
+        r = server.post("/v1/chat/completions", {"messages": msgs, "temperature": 0,
+                                                 "ignore_eos": True, **fields})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == n, r.text
