@@ -78,26 +78,6 @@ def load_probe(path: str, layer: Optional[int], dim: int, n_layers: int, fingerp
     return Probe(layer, torch.from_numpy(weight.astype("float32").copy()), bias, path, kind)
 
 
-@torch.inference_mode()
-def residual_norms(model, tokenizer, layers) -> dict:
-    """{layer: mean residual-stream norm} over the positions after the first (position 0, the
-    attention sink, is far larger) of the built-in prompts: the unit of scale "residual"."""
-    from llama.generation import BUILTIN_PROMPTS
-
-    if not layers:
-        return {}
-    device = model.norm.weight.device
-    sums = {layer: 0.0 for layer in layers}
-    count = 0
-    for text in BUILTIN_PROMPTS:
-        ids = torch.tensor([tokenizer.encode(text, bos=True)], device=device)
-        out = model(ids, layers=sorted(layers))
-        for layer in layers:
-            sums[layer] += float(out[layer][0, 1:].float().norm(dim=-1).sum())
-        count += ids.shape[1] - 1
-    return {layer: s / count for layer, s in sums.items()}
-
-
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads. Its protocol is named (IPPROTO_TCP):
     asyncio sets TCP_NODELAY only on sockets that say so, and without it each answer on a reused
@@ -159,6 +139,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     from llama.dist import setup, teardown
     from llama.generation import Generator
     from llama.vectors import load_vectors
+    from steering.scale import neutral_norms
 
     from .engine import Engine, StepChannel, follow
 
@@ -200,7 +181,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                   for n, p in vector_sources(vectors or [])}
         the_probe = None if probe is None else load_probe(probe, probe_layer, a.dim, a.n_layers,
                                                           gen.fingerprint)
-        norms = residual_norms(gen.model, gen.tokenizer, {x for v in loaded.values() for x in v})
+        norms = neutral_norms(gen.model, gen.tokenizer, {x for v in loaded.values() for x in v})
         engine = Engine(gen.model, loaded, norms, the_probe, max_batch, context)
         channel = StepChannel()
         if not proc.is_main:
@@ -215,8 +196,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                  "residual_norms": {str(x): norms[x] for x in sorted(loaded[n])}}
                 for n, p in vector_sources(vectors or [])]
         probe_info = None if the_probe is None else {
-            "source": shown_path(the_probe.source), "layer": the_probe.layer, "read_out": the_probe.kind,
-            "bias": the_probe.bias}
+            "source": shown_path(the_probe.source), "layer": the_probe.layer,
+            "read_out": the_probe.kind, "bias": the_probe.bias}
         http = Http(host, api_key, max_body, shutdown_grace, read_timeout)
         run_http(engine, gen.tokenizer, channel, sock, model_id, context, info, probe_info,
                  max_batch, http)
