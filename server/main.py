@@ -136,7 +136,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     read_timeout: seconds a client has to send a request's headers (from connecting or from
         its previous answer) and its body (408); a slower connection is closed
     """
-    from llama.dist import setup, teardown
+    from llama.dist import owned_group, setup
     from llama.generation import Generator
     from llama.vectors import load_vectors
     from steering.scale import neutral_norms
@@ -163,12 +163,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         raise LlamaError(f"--threads {threads} is negative")
     if threads:
         torch.set_num_threads(threads)
-    import torch.distributed as tdist
-
-    own_group = not tdist.is_initialized()  # a caller's process group is left alone
-    with contextlib.redirect_stdout(io.StringIO()):  # fairscale's set-up lines: stdout is
-        proc = setup(0, device)  # the ready line only
-    try:
+    with owned_group():
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale's set-up lines: stdout is
+            proc = setup(0, device)  # the ready line only
         if proc.dp != 1:
             raise LlamaError(f"serve runs one model across the whole world: {proc.world} "
                              "processes "
@@ -201,9 +198,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         http = Http(host, api_key, max_body, shutdown_grace, read_timeout)
         run_http(engine, gen.tokenizer, channel, sock, model_id, context, info, probe_info,
                  max_batch, http)
-    finally:
-        if own_group:
-            teardown()
 
 
 @dataclass

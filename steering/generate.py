@@ -92,7 +92,7 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     scale: raw (multiplier x the vector) or residual (x the residual norm, unit vector)
     sweep: multipliers for the open-ended read-out, e.g. -1,0,1 (needs --output)
     """
-    from llama.dist import setup, teardown
+    from llama.dist import session
     from llama.generation import Generator, Sampling, check_context
     from llama.vectors import load_vectors
 
@@ -120,11 +120,7 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
         except ValueError:
             raise LlamaError(f"--sweep {sweep!r} is not a comma-separated list of "
                              "multipliers") from None
-    import torch.distributed as tdist
-
-    own_group = not tdist.is_initialized()  # a caller's process group is left alone
-    proc = setup(mp, device)
-    try:
+    with session(mp, device) as proc:
         gen = Generator.build(model, proc, compute_dtype, max_seq_len, tokenizer_path)
         spec = None
         gen.tokenizer.parse_special = bool(parse_special)
@@ -172,9 +168,6 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
         if proc.is_main and output is not None:
             write_jsonl(output, done)
             print(f"wrote {len(done)} completions to {output}")
-    finally:
-        if own_group:
-            teardown()
 
 
 FLAGS = {"layers": "--steer_layers", "multiplier": "--multiplier", "scale": "--scale",
