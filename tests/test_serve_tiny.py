@@ -476,3 +476,46 @@ def test_residual_scale_is_steering_scale_everywhere(shared, tiny, tmp_path, dis
         assert measured[layer].norm == pytest.approx(here[layer], rel=1e-9)
         assert printed[layer] == pytest.approx(here[layer], rel=5e-4)  # printed to 4 digits
     assert served["push"]["1"] == pytest.approx(here[1], rel=1e-6)
+
+
+@pytest.mark.heavy
+def test_64_concurrent_clients_get_their_sequential_answers(tiny):
+    """64 clients at once (mixed lengths, steering, probe, streaming) on 16 rows: each answer
+    equals the one the same request gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    bodies = []
+    for i in range(64):
+        body = {"prompt": f"{i} " + "abcdefgh"[: 1 + i % 8], "max_tokens": 3 + i % 9,
+                "temperature": 0, "probe": i % 5 == 0, "stream": i % 2 == 1}
+        if i % 3:
+            body["steering"] = {**STEER, "multiplier": 0.5 * (i % 4) - 0.5,
+                                "positions": ("all", "generated")[i % 2]}
+        bodies.append(body)
+
+    def ask(http, body):
+        if body["stream"]:
+            chunks = []
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                chunks = [json.loads(x[6:]) for x in r.iter_lines()
+                          if x.startswith("data: {")]
+            return ("".join(c["choices"][0]["text"] for c in chunks),
+                    [s for c in chunks for s in c["choices"][0].get("probe_scores", [])])
+        choice = http.post("/v1/completions", json=body).json()["choices"][0]
+        return choice["text"], choice.get("probe_scores", [])
+
+    with Served(args(tiny, "--max_batch", 16)) as s:
+        alone = [ask(s.http, b) for b in bodies]
+
+        def one(body):
+            with httpx.Client(base_url=s.url, timeout=600) as http:
+                return ask(http, body)
+
+        with ThreadPoolExecutor(64) as pool:
+            together = list(pool.map(one, bodies))
+    assert len({t for t, _ in alone}) > 32
+    for (text, probes), (want, want_probes), body in zip(together, alone, bodies):
+        assert text == want, body
+        assert probes == pytest.approx(want_probes, abs=1e-3)  # batches of other sizes
