@@ -33,7 +33,7 @@ CONFIGS = {
                  intermediate_size=160, rms_norm_eps=1e-5, rope_theta=100000.0,
                  tie_word_embeddings=True),
 }
-WINDOW = 48  # the tiny Mistral's sliding window, in tokens
+WINDOW = 96  # the tiny Mistral's sliding window, in tokens
 FAMILY_CONFIGS = {  # model_type -> config (2 layers, dim 64, 4 heads, 2 kv heads)
     "qwen2": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=160, rms_norm_eps=1e-6,
@@ -48,23 +48,25 @@ FAMILY_CONFIGS = {  # model_type -> config (2 layers, dim 64, 4 heads, 2 kv head
 FAMILIES = tuple(FAMILY_CONFIGS)
 
 
-def make_tokenizer(path, vocab=None):
+def make_tokenizer(path, vocab=None, extra=(), config=None):
     """A byte-level BPE tokenizer.json with no merges: <unk> <s> </s> and the 256 byte symbols,
-    plus filler tokens up to `vocab` entries when given. Returns the file path."""
+    then `extra` special tokens (a chat format's markers), plus filler tokens up to `vocab`
+    entries when given; `config` replaces tokenizer_config.json's content. Returns the file
+    path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     # sorted: alphabet() comes in a different order in each process, and with it every token id
-    symbols = SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()) + list(extra)
     symbols += [f"<extra_{i}>" for i in range((vocab or 0) - len(symbols))]
     tok = Tokenizer(models.BPE({s: i for i, s in enumerate(symbols)}, [], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
+    tok.add_special_tokens(SPECIALS + list(extra))
     os.makedirs(path, exist_ok=True)
     file = os.path.join(path, "tokenizer.json")
     tok.save(file)
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
+        json.dump(config or {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
     return file
 
 
