@@ -317,8 +317,9 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * hd, args.dim, bias=False,
                                     input_is_parallel=True)
         # per-head norms act on each head alone: replicated on every rank
-        per_head = (lambda: RMSNorm(hd, eps=args.norm_eps)) if args.options.qk_norm else nn.Identity
-        self.q_norm, self.k_norm = per_head(), per_head()
+        norm = args.options.qk_norm
+        self.q_norm = RMSNorm(hd, eps=args.norm_eps) if norm else nn.Identity()
+        self.k_norm = RMSNorm(hd, eps=args.norm_eps) if norm else nn.Identity()
 
     def forward(self, x, rot, mask, past: Optional[KV], cache: Optional[KV] = None,
                 slots: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, KV]:
