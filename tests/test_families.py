@@ -457,6 +457,36 @@ def test_chat_template_and_end_ids_from_the_models_files(fam, family, tmp_path, 
     assert declared_end_ids(d) == lm.end_ids
 
 
+# ---- the server's native engine ----
+
+def test_server_serves_qwen3_greedy_and_steered_as_transformers(fam, tmp_path):
+    """scripts/serve.py on the Qwen3 model (q/k norms, head size 24): greedy completions, plain
+    and with a steering vector at layer 1, are transformers' tokens (with the hook adding it)."""
+    from safetensors.numpy import save_file
+    from serving import Served
+
+    path, hf, lm = fam["qwen3"]
+    vec = np.random.default_rng(2).standard_normal(64).astype(np.float32)
+    (tmp_path / "push").mkdir()
+    save_file({"vector": vec}, str(tmp_path / "push" / "layer_1.safetensors"))
+    tok = load_tokenizer(lm.tokenizer_path)
+    hook = [(hf.model.layers[0], adding(torch.from_numpy(vec), 3.0))]
+    seen = []
+    with Served(["--model", path, "--vectors", tmp_path / "push", "--threads", "1",
+                 "--device", "cpu"]) as server:
+        for steer, hooks in ((None, ()), ({"vector": "push", "layers": [1], "multiplier": 3.0},
+                                          hook)):
+            for prompt in ("hello there", "the quick brown fox"):
+                body = {"prompt": prompt, "max_tokens": 12, "temperature": 0}
+                r = server.post("/v1/completions", {**body, "steering": steer})
+                assert r.status_code == 200, r.text
+                got = r.json()["choices"][0]
+                want = hf_greedy(hf, tok.encode(prompt, bos=True), 12, hooks)
+                assert got["token_ids"] + ([2] if got["finish_reason"] == "stop" else []) == want
+                seen.append(want)
+    assert seen[:2] != seen[2:]  # the vector changed the completions
+
+
 # ---- model parallel 2 under torchrun (gloo) ----
 
 @pytest.mark.heavy
