@@ -323,7 +323,7 @@ def gguf_tensor_name(hf_name):
     return f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
-def write_llama_cpp_gguf(path, hf_dir, name=None):
+def write_llama_cpp_gguf(path, hf_dir, name=None, metadata=None):
     """The tiny model as llama.cpp's convert_hf_to_gguf.py writes it: its tensor names; q/k rows
     permuted to interleaved pairs for the `llama` architecture (LlamaModel.permute) and left in
     HF's order for `qwen2` / `qwen3` (Qwen2Model does not permute); no output.weight when the
@@ -334,6 +334,8 @@ def write_llama_cpp_gguf(path, hf_dir, name=None):
     w = gguf.GGUFWriter(str(path), arch)
     if name:
         w.add_name(name)
+    if metadata:
+        metadata(w)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -395,6 +397,75 @@ def test_mistral_v01_gguf_gets_its_window(fam, tmp_path, dist1):
     one_line_error(r, "8192", "sliding window of 4096")
 
 
+# Qwen2's tokenizer.json pre-tokenizer, as its files write it
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+              r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_TEXTS = ["Hello world 12345 and 2024-01-01", "I'LL don't\n\n  x", "a+b=3.14\r\nok",
+              "naïve café 日本語 😀", "   spaces   3 4\t\tend", "the cat sat on the mat 42"]
+
+
+def qwen_style_tokenizer(d):
+    """A byte-level BPE trained here with Qwen2's split (merges in token-id order, as a trainer
+    appends them), then <|endoftext|> <|im_start|> <|im_end|>; saved as tokenizer.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    corpus = [t * 3 for t in QWEN_TEXTS] + ["the 12 cats, 345 dogs; don't!"] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, show_progress=False,
+        initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())))
+    tk.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    d.mkdir(exist_ok=True)
+    tk.save(str(d / "tokenizer.json"))
+    return tk
+
+
+def test_qwen_gguf_with_its_tokenizer_chat_template_and_end_ids(fam, tmp_path, dist1):
+    """A qwen2 GGUF as llama.cpp writes one with its tokenizer (pre-tokenizer `qwen2`, ChatML
+    markers as control tokens, eos <|im_end|>, no BOS): the whole load_model path (tokenizer
+    built from the GGUF) gives the HF tokenizer's ids, transformers' chat rendering and the end
+    ids, and the same states."""
+    path, hf, _ = fam["qwen2"]
+    tk = qwen_style_tokenizer(tmp_path / "tok")
+    vocab = tk.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    merges = [" ".join(m) if isinstance(m, (list, tuple)) else m
+              for m in json.loads(tk.to_str())["model"]["merges"]]
+    im_end, endoftext = vocab["<|im_end|>"], vocab["<|endoftext|>"]
+
+    def add(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+        w.add_token_merges(merges)
+        w.add_eos_token_id(im_end)
+        w.add_pad_token_id(endoftext)
+        w.add_bos_token_id(endoftext)
+        w.add_add_bos_token(False)
+        w.add_chat_template(QWEN_TEMPLATE)
+    file = write_llama_cpp_gguf(tmp_path / "qwen.gguf", path, "Qwen2.5-tiny-Instruct", add)
+    lm = load_model(file, dist1)
+    tok = load_tokenizer(lm.tokenizer_path)
+    assert lm.source == "gguf" and lm.args.family == "qwen2"
+    assert lm.end_ids == [im_end] and im_end in end_tokens(tok) and tok.bos_id is None
+    for text in QWEN_TEXTS:
+        assert tok.encode(text) == tk.encode(text).ids, text
+    conversation = [{"role": "user", "content": "Is Paris in France?"}]
+    rendered = tok.render_chat(conversation)
+    assert rendered == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a "
+                        "helpful assistant.<|im_end|>\n<|im_start|>user\nIs Paris in France?"
+                        "<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.encode(rendered) == tk.encode(rendered).ids
+    tokens_in, mask = padded_batch()
+    assert_states_match(lm.model(tokens_in, logits=True), hf_states(hf, tokens_in, mask), mask, 2)
+
+
 # ---- chat templates and end ids from the model's own files ----
 
 QWEN_TEMPLATE = (
@@ -414,16 +485,26 @@ MISTRAL_TEMPLATE = (
     "{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
     "{% endfor %}")
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}")
 CHAT = {  # family -> (extra special tokens, tokenizer_config.json, generation_config eos ids)
     "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
               {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
                "chat_template": QWEN_TEMPLATE}, [261, 259]),
+    "qwen3": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+              {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+               "chat_template": QWEN3_TEMPLATE}, [261, 259]),
     "mistral": ([], {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                      "chat_template": MISTRAL_TEMPLATE}, 2),
 }
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
 def test_chat_template_and_end_ids_from_the_models_files(fam, family, tmp_path, dist1):
     from transformers import AutoTokenizer
 
@@ -444,8 +525,9 @@ def test_chat_template_and_end_ids_from_the_models_files(fam, family, tmp_path, 
                     {"role": "user", "content": "And Rome?"}]
     want = theirs.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert tok.render_chat(conversation) == want
-    if family == "qwen2":
-        assert want.startswith("<|im_start|>system\nYou are Qwen")
+    if family.startswith("qwen"):
+        assert want.startswith("<|im_start|>system\nYou are Qwen" if family == "qwen2"
+                               else "<|im_start|>user\nIs Paris")
         im_end = tok.encode("<|im_end|>")
         assert im_end == [261] and lm.end_ids == [261, 259] and 261 in end_tokens(tok)
         ids = tok.encode(want, bos=True)
