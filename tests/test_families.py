@@ -267,6 +267,15 @@ def test_sliding_window_refusals(fam, dist1, tmp_path):
     one_line_error(r, "tokens, longer than", f"max_seq_len {WINDOW}")
 
 
+def test_states_at_the_full_window_match_transformers(fam):
+    """A context of exactly the window: transformers' windowed attention still sees every
+    position, and so does ours; the states agree to the last position."""
+    path, hf, lm = fam["mistral"]
+    tokens = torch.randint(3, 259, (1, WINDOW), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(tokens)
+    assert_states_match(lm.model(tokens, logits=True), hf_states(hf, tokens, mask), mask, 2)
+
+
 def edited(src, dst, **changes):
     """A copy of the HF dir `src` with config.json keys changed (None: removed)."""
     shutil.copytree(src, dst)
