@@ -21,7 +21,8 @@ from tiny import FAMILIES, WINDOW, hf_model, hf_states, make_hf, make_tokenizer,
 
 from activations.cache import ActivationCache
 from activations.extract import Extraction, run
-from llama.checkpoint import declared_end_ids, load_meta_state, load_model, read_args
+from llama.checkpoint import (declared_end_ids, load_meta_state, load_model, merge_shards,
+                              read_args, shard_state_dict)
 from llama.convert import convert
 from llama.errors import LlamaError
 from llama.generation import Generator, Sampling, end_tokens
@@ -145,6 +146,14 @@ def test_meta_conversion_splits_biases_and_keeps_the_family(fam, tmp_path, dist1
             assert shard["layers.0.attention.wq.weight"].shape == (48, 64)
         params = json.loads((dst / "params.json").read_text())
         assert params["family"] == family
+        args, sd = load_meta_state(path)  # mp 4 > 2 kv heads: each rank one whole kv head
+        shards = [shard_state_dict(sd, args, 4, r) for r in range(4)]
+        assert all(x["layers.1.attention.wk.weight"].shape[0] == args.head_dim for x in shards)
+        if family == "qwen2":
+            assert torch.equal(shards[1]["layers.1.attention.wk.bias"],
+                               sd["layers.1.attention.wk.bias"][: args.head_dim])
+        merged = merge_shards(shards, args)
+        assert merged.keys() == sd.keys() and all(torch.equal(merged[k], sd[k]) for k in sd)
         lm = load_model(dst, dist1)
         tokens, mask = padded_batch()
         assert lm.source == "meta" and lm.fingerprint == load_model(path, dist1).fingerprint
