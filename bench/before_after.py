@@ -9,7 +9,9 @@ Work (the same inputs for both versions, written once by this tree's benchmarks)
   (3270 pairs x 576 x 31 layers, float32);
 - probes_70b: ccs.py train on 9 layers of bench_probes_70b.py's cache shape (3270 pairs x 8192,
   bfloat16), the seed workflow's layer count;
-- decode: greedy decoding of 64 new tokens on SmolLM2 (the default model), batch 1 and 8.
+- decode: greedy decoding of 64 new tokens on SmolLM2 (the default model), batch 1 and 8;
+- extract: activations.extract.run on SmolLM2 (loaded before the clock starts), 48 contrast pairs
+  sharing a prefix, every token of all 31 layers, float32.
 Each figure is the median over rounds of wall seconds and CPU seconds (the process and its
 workers); the ratio is new / base.
 """
@@ -65,6 +67,16 @@ for batch in (1, 8):
     gen.generate(ids[:batch], Sampling(max_gen_len=64))
     out[f"batch {{batch}}, 64 tokens"] = (time.time() - t, cpu() - c)
 """,
+    "extract": """
+from activations.extract import Extraction, run
+from llama.checkpoint import load_model
+from llama.dist import setup
+from llama.gguf import default_model_path
+lm = load_model(str(default_model_path()), setup(1, "cpu"))
+t, c = time.time(), cpu()
+run(Extraction(str(default_model_path()), {cache!r}, {out!r}, token="all", overwrite=True), lm)
+out["48 pairs, all tokens, 31 layers"] = (time.time() - t, cpu() - c)
+""",
 }
 WORK["probes_70b"] = WORK["probes"].replace("fit=", "layers='0-8', fit=")
 
@@ -78,7 +90,13 @@ def inputs(tmp: str, works: list) -> dict:
     if "probes_70b" in works:
         bench_probes_70b.synthetic(big, 3270, 8192, 9)
     print(f"wrote the synthetic caches in {time.time() - t:.0f} s", flush=True)
-    return {"probes": small, "probes_70b": big, "decode": None}
+    pairs = os.path.join(tmp, "pairs.csv")
+    with open(pairs, "w") as f:
+        f.write("idx,plus_prompt,minus_prompt,label\n")
+        for i in range(48):
+            stem = f"Statement {i}: the city number {i * 7 % 31} lies in country {i % 5}."
+            f.write(f"p{i},{stem} True,{stem} False,{i % 2}\n")
+    return {"probes": small, "probes_70b": big, "decode": None, "extract": pairs}
 
 
 def timed(tree: str, work: str, cache: str, out: str, threads: int) -> dict:
@@ -101,7 +119,7 @@ def main(base: str, rounds: int = 3, threads: int = 2, only: str = "probes,probe
     base: the earlier commit (anything `git archive` takes)
     rounds: runs of each work on each version
     threads: torch threads and probe workers
-    only: which work, comma-separated: probes, probes_70b, decode
+    only: which work, comma-separated: probes, probes_70b, decode, extract
     table: also write the Markdown table to this file
     """
     works = [w.strip() for w in only.split(",")]

@@ -18,8 +18,8 @@ from typing import Callable, Dict, List, Optional, Protocol, Tuple
 import torch
 
 from .errors import LlamaError
-from .layout import DTYPES, full_shapes, rank_slice, split_dim
-from .model import ModelArgs, Transformer, check_parallel
+from .layout import DTYPES, ROTARY, full_shapes, interleave_rotary, rank_slice, split_dim
+from .model import FAMILIES, ModelArgs, Transformer, check_parallel, check_window, family_problem
 
 IGNORED = ("rope.freqs",)  # Llama 1/2 shards carry the rotary table; we compute it
 
@@ -48,7 +48,7 @@ def merge_shards(sds: List[Dict[str, torch.Tensor]], args: ModelArgs) -> Dict[st
 def meta_params(args: ModelArgs) -> dict:
     """params.json content for `args` (None values and the rope scaling details of unscaled models
     left out)."""
-    skip = {"max_batch_size"}
+    skip = {"max_batch_size"} | ({"family"} if args.family == "llama" else set())
     if not args.use_scaled_rope:
         skip |= {"rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                  "rope_original_context"}
@@ -196,7 +196,8 @@ HF_NAMES = {
     "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
     "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
     "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
+    "post_attention_layernorm": "ffn_norm", "self_attn.q_norm": "attention.q_norm",
+    "self_attn.k_norm": "attention.k_norm",
 }
 
 
@@ -207,36 +208,54 @@ def meta_name(hf: str) -> Optional[str]:
         return "norm.weight"
     if hf == "lm_head.weight":
         return "output.weight"
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf)
     if m and m.group(2) in HF_NAMES:
-        return f"layers.{m.group(1)}.{HF_NAMES[m.group(2)]}.weight"
+        return f"layers.{m.group(1)}.{HF_NAMES[m.group(2)]}.{m.group(3)}"
     return None
 
 
 def hf_args(cfg: dict, file: str) -> ModelArgs:
+    """ModelArgs from a Hugging Face config.json: the family's row of model.FAMILIES by
+    model_type, its sizes, rope and sliding window. LlamaError (one line naming the key) for a
+    family or an option this engine does not implement, never an approximation."""
     def need(key):
         if key not in cfg:
             raise LlamaError(f"{file}: missing {key!r}")
         return cfg[key]
 
-    if cfg.get("model_type", "llama") != "llama":
-        raise LlamaError(f"{file}: model_type {cfg['model_type']!r} is not llama")
-    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise LlamaError(f"{file}: only silu activations without biases are supported")
+    family = cfg.get("model_type", "llama")
+    why = family_problem(family)
+    if why:
+        raise LlamaError(f"{file}: {why}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise LlamaError(f"{file}: hidden_act {cfg['hidden_act']!r} is not supported (silu)")
+    for key in ("mlp_bias", "attention_bias", "num_experts"):
+        if cfg.get(key) and not (key == "attention_bias" and family == "qwen2"):
+            raise LlamaError(f"{file}: {key} {cfg[key]!r} is not supported for {family}")
+    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+        raise LlamaError(f"{file}: partial_rotary_factor {cfg['partial_rotary_factor']} is not "
+                         "supported (rotary on the whole head)")
+    odd = sorted(set(cfg.get("layer_types") or []) - {"full_attention", "sliding_attention"})
+    if odd:
+        raise LlamaError(f"{file}: layer type {odd[0]!r} is not supported")
     dim, heads = need("hidden_size"), need("num_attention_heads")
-    if cfg.get("head_dim") not in (None, dim // heads):
-        raise LlamaError(f"{file}: head_dim {cfg['head_dim']} "
-                         "!= hidden_size / num_attention_heads")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
         raise LlamaError(f"{file}: rope type {kind!r} is not supported (default or llama3)")
+    switch = FAMILIES[family].window
+    window = (cfg.get("sliding_window") if switch == "always"
+              else cfg.get("sliding_window") if switch and cfg.get(switch) else None)
+    context = cfg.get("max_position_embeddings", 8192)
     args = ModelArgs(
         dim=dim, n_layers=need("num_hidden_layers"), n_heads=heads,
         n_kv_heads=cfg.get("num_key_value_heads") or heads, vocab_size=need("vocab_size"),
         ffn_dim=need("intermediate_size"), norm_eps=cfg.get("rms_norm_eps", 1e-6),
         rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        max_seq_len=cfg.get("max_position_embeddings", 8192),
+        # a windowed model is exact only within its window (model.check_window)
+        max_seq_len=min(context, window) if window else context, family=family,
+        head_size=cfg.get("head_dim") if cfg.get("head_dim") not in (None, dim // heads) else None,
+        sliding_window=window,
     )
     if kind == "llama3":
         args.use_scaled_rope = True
@@ -291,14 +310,12 @@ class HFWeights:
             t = sl[:] if dim is None else sl[lo:hi] if dim == 0 else sl[:, lo:hi]
         except SafetensorError as e:
             raise LlamaError(f"{f}: cannot read {key} ({e})")
-        kind = name.split(".")[-2]
         # HF rows are permuted for rotate-half rope; back to interleaved pairs
-        if kind in ("wq", "wk"):
-            hd = self.args.head_dim
-            if t.shape[0] % hd:
-                raise LlamaError(f"{f}: {key} has {t.shape[0]} rows, not whole heads of {hd}")
-            n = t.shape[0] // hd
-            t = t.reshape(n, 2, hd // 2, -1).transpose(1, 2).reshape(n * hd, -1)
+        if name.split(".")[-2] in ROTARY:
+            try:
+                t = interleave_rotary(t, self.args.head_dim)
+            except LlamaError as e:
+                raise LlamaError(f"{f}: {key}: {e}")
         return t
 
 
@@ -495,9 +512,13 @@ def fingerprint(src, args: ModelArgs) -> str:
     if args.use_scaled_rope:
         keys += ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                  "rope_original_context")
-    h = hashlib.sha256(json.dumps({k: getattr(args, k) for k in keys}).encode())
+    values = {k: getattr(args, k) for k in keys}
+    # the other families' settings, only where they differ from LLaMA's (LLaMA's hash unchanged)
+    values.update({k: getattr(args, k) for k in ("family", "head_size", "sliding_window")
+                   if getattr(args, k) != getattr(ModelArgs, k)})
+    h = hashlib.sha256(json.dumps(values).encode())
     for name in sorted(src.shapes):
-        rows = args.head_dim if name.split(".")[-2] in ("wq", "wk") else 1
+        rows = args.head_dim if name.split(".")[-2] in ROTARY else 1  # whole heads to permute
         sample = src.read(name, 0, 0, rows)[0].reshape(-1)[:8].float()
         h.update(f"{name}{src.shapes[name]}".encode() + sample.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -525,6 +546,7 @@ def load_model(path, dist, dtype: str = "float32", max_seq_len: Optional[int] = 
     src, kind, tok_path = open_source(str(path), dt)
     args = src.args
     if max_seq_len:
+        check_window(args, max_seq_len, "--max_seq_len")
         args.max_seq_len = max_seq_len
     if args.vocab_size <= 0:
         raise LlamaError(f"{path}: vocab_size is unknown (no embedding to take it from)")

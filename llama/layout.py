@@ -3,7 +3,9 @@ the dim each weight is split on across model-parallel ranks, and which slice a r
 
 Weights are [out, in]. wq, wk, wv, w1, w3 and output split on dim 0 (column parallel); wo and w2
 on dim 1 (row parallel); norms are replicated; tok_embeddings splits on dim 1 (Llama 1/2,
-ParallelEmbedding) or dim 0 (Llama 3, VocabParallelEmbedding).
+ParallelEmbedding) or dim 0 (Llama 3, VocabParallelEmbedding). Family extras (model.FAMILIES):
+wq / wk / wv biases (Qwen2) split on dim 0 with their weights; per-head q_norm / k_norm (Qwen3)
+replicated.
 """
 from typing import Dict, Optional, Tuple
 
@@ -44,7 +46,28 @@ def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
             p + "attention_norm.weight": (d,),
             p + "ffn_norm.weight": (d,),
         })
+        if args.options.qkv_bias:
+            shapes.update({p + "attention.wq.bias": (args.n_heads * hd,),
+                           p + "attention.wk.bias": (args.kv_heads * hd,),
+                           p + "attention.wv.bias": (args.kv_heads * hd,)})
+        if args.options.qk_norm:
+            shapes.update({p + "attention.q_norm.weight": (hd,),
+                           p + "attention.k_norm.weight": (hd,)})
     return shapes
+
+
+ROTARY = ("wq", "wk", "q_norm", "k_norm")  # rows in rotary order: weights, biases, head norms
+
+
+def interleave_rotary(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows in Hugging Face's rotate-half order within each head (the first half of a head's
+    dims pairs with the second) -> Meta's interleaved pairs (2i, 2i + 1). t: q/k weights
+    [n * head_dim, in], their biases [n * head_dim] or a per-head norm's weight [head_dim], whole
+    heads only (FACTS.md: `w.view(n, 2, hd // 2, dim).transpose(1, 2)`)."""
+    if t.shape[0] % head_dim:
+        raise LlamaError(f"{t.shape[0]} rows are not whole heads of {head_dim}")
+    n = t.shape[0] // head_dim
+    return t.reshape(n, 2, head_dim // 2, -1).transpose(1, 2).reshape(t.shape)
 
 
 def rank_slice(name: str, args: ModelArgs, mp: int, rank: int) -> Tuple[Optional[int], int, int]:

@@ -1,6 +1,8 @@
-"""LLaMA (1, 2, 3.x) with fairscale tensor parallelism, returning chosen layers' hidden states.
+"""LLaMA (1, 2, 3.x), Mistral, Qwen2/2.5 and Qwen3 with fairscale tensor parallelism, returning
+chosen layers' hidden states.
 
-Written from the published architecture in the style of Meta's reference model.py. Additions:
+Written from the published architecture in the style of Meta's reference model.py. What each
+family adds to LLaMA's block is one row of FAMILIES (read from the checkpoint's config). Additions:
 - a functional KV cache with per-row start positions, so a batch of right-padded shared prefixes
   can be run once and each row's continuation run on top of it (extraction);
 - a preallocated KV cache (`KVCache`) written in place at each row's positions (generation);
@@ -27,6 +29,41 @@ from torch import nn
 from .errors import LlamaError
 
 
+@dataclass(frozen=True)
+class Family:
+    """What a model family changes in LLaMA's block (sources: transformers' Qwen2Attention,
+    Qwen3Attention, MistralConfig)."""
+    qkv_bias: bool = False  # biases on the q, k and v projections (not on o): Qwen2
+    qk_norm: bool = False  # RMSNorm (size head_dim) of each head's queries and keys before rotary
+    # how a config turns its `sliding_window` on: "" never (LLaMA ignores the key), "always" (when
+    # not null), or the name of the config key that switches it on
+    window: str = ""
+
+
+FAMILIES = {  # Hugging Face model_type -> Family
+    "llama": Family(),
+    "mistral": Family(window="always"),  # v0.1: sliding_window 4096; v0.2+: null
+    "qwen2": Family(qkv_bias=True, window="use_sliding_window"),
+    "qwen3": Family(qk_norm=True, window="use_sliding_window"),
+}
+REFUSED = {  # model_type -> what this engine does not implement
+    "qwen2_moe": "a mixture-of-experts FFN", "qwen3_moe": "a mixture-of-experts FFN",
+    "mixtral": "a mixture-of-experts FFN",
+    "gemma": "Gemma's block (GeGLU, scaled embeddings, 1 + w norms)",
+}
+
+
+def family_problem(model_type: str) -> str:
+    """Why `model_type` cannot be loaded ("" when it can)."""
+    if model_type in FAMILIES:
+        return ""
+    known = ", ".join(FAMILIES)
+    why = REFUSED.get(model_type) or (REFUSED["gemma"] if model_type.startswith("gemma") else "")
+    if why:
+        return f"model_type {model_type!r} is refused: it has {why} (supported: {known})"
+    return f"model_type {model_type!r} is not supported (supported: {known})"
+
+
 @dataclass
 class ModelArgs:
     dim: int = 4096
@@ -47,6 +84,14 @@ class ModelArgs:
     vocab_parallel_embedding: bool = False  # Llama 3 splits the embedding by vocab, 1/2 by dim
     max_batch_size: int = 32  # carried by some params.json files; unused here
     max_seq_len: int = 8192
+    family: str = "llama"  # a FAMILIES key
+    head_size: Optional[int] = None  # head size when not dim // n_heads (Qwen3)
+    sliding_window: Optional[int] = None  # each position attends to the last N (Mistral v0.1)
+
+    def __post_init__(self):
+        why = family_problem(self.family)
+        if why:
+            raise LlamaError(why)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
@@ -65,7 +110,11 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
+
+    @property
+    def options(self) -> Family:
+        return FAMILIES[self.family]
 
     @property
     def hidden_dim(self) -> int:
@@ -134,6 +183,17 @@ def apply_rotary(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """x [B, S, H, hd] with interleaved (real, imag) pairs; rot [B, S, hd // 2] complex."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(xc * rot[:, :, None, :]).flatten(3).type_as(x)
+
+
+def check_window(args: ModelArgs, context: int, asked: str = "the longest prompt"):
+    """Refuse a context longer than the model's sliding window: this engine attends to every
+    earlier position, which equals the windowed model only while the context fits the window.
+    LlamaError names the sizes and `asked` (where the context length came from)."""
+    if args.sliding_window and context > args.sliding_window:
+        raise LlamaError(
+            f"{asked} needs a context of {context} tokens, longer than this {args.family} model's "
+            f"sliding window of {args.sliding_window}: windowed attention is not implemented "
+            f"(keep prompts and --max_seq_len within {args.sliding_window})")
 
 
 class RMSNorm(nn.Module):
@@ -225,10 +285,16 @@ class Steer:
         return h + m * v
 
 
+def column(layer: ColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:
+    """fairscale's ColumnParallelLinear forward without the gather or the autograd wrapper:
+    x [..., in] -> [..., this rank's out] = x W^T + b, with the layer's bias when it has one."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
 def row_parallel(layer: RowParallelLinear, x: torch.Tensor, mp: int) -> torch.Tensor:
     """fairscale's RowParallelLinear forward (local matmul, then the sum over the model-parallel
     group) without its autograd wrapper, whose per-call cost is felt in a one-token decode step.
-    Column-parallel layers are called the same way: F.linear(x, layer.weight) (no gather)."""
+    Column-parallel layers are called the same way (`column`, no gather)."""
     out = F.linear(x, layer.weight)
     if mp > 1:
         torch.distributed.all_reduce(out, group=fs_init.get_model_parallel_group())
@@ -243,12 +309,17 @@ class Attention(nn.Module):
         self.n_local_kv_heads = kv_heads // mp
         self.head_dim = args.head_dim
         hd = self.head_dim
-        column = dict(bias=False, gather_output=False)
+        # a column-parallel bias is split with its weight's rows
+        column = dict(bias=args.options.qkv_bias, gather_output=False)
         self.wq = ColumnParallelLinear(args.dim, args.n_heads * hd, **column)
         self.wk = ColumnParallelLinear(args.dim, kv_heads * hd, **column)
         self.wv = ColumnParallelLinear(args.dim, kv_heads * hd, **column)
         self.wo = RowParallelLinear(args.n_heads * hd, args.dim, bias=False,
                                     input_is_parallel=True)
+        # per-head norms act on each head alone: replicated on every rank
+        norm = args.options.qk_norm
+        self.q_norm = RMSNorm(hd, eps=args.norm_eps) if norm else nn.Identity()
+        self.k_norm = RMSNorm(hd, eps=args.norm_eps) if norm else nn.Identity()
 
     def forward(self, x, rot, mask, past: Optional[KV], cache: Optional[KV] = None,
                 slots: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, KV]:
@@ -256,10 +327,10 @@ class Attention(nn.Module):
         flat slots [B * S] (KVCache.slots) and attention reads the first mask.shape[-1]
         positions."""
         B, S, _ = x.shape
-        q = F.linear(x, self.wq.weight).view(B, S, self.n_local_heads, self.head_dim)
-        k = F.linear(x, self.wk.weight).view(B, S, self.n_local_kv_heads, self.head_dim)
-        v = F.linear(x, self.wv.weight).view(B, S, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, rot), apply_rotary(k, rot)
+        q = column(self.wq, x).view(B, S, self.n_local_heads, self.head_dim)
+        k = column(self.wk, x).view(B, S, self.n_local_kv_heads, self.head_dim)
+        v = column(self.wv, x).view(B, S, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rotary(self.q_norm(q), rot), apply_rotary(self.k_norm(k), rot)
         if past is not None:
             k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
         if cache is not None:
@@ -284,7 +355,7 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False)
 
     def forward(self, x):
-        h = F.silu(F.linear(x, self.w1.weight)) * F.linear(x, self.w3.weight)
+        h = F.silu(column(self.w1, x)) * column(self.w3, x)
         return row_parallel(self.w2, h, self.mp)
 
 
@@ -380,6 +451,8 @@ class Transformer(nn.Module):
         if start is None:
             start = torch.zeros(B, dtype=torch.long, device=tokens.device)
         pos = start[:, None] + torch.arange(S, device=tokens.device)  # [B, S]
+        if self.params.sliding_window:
+            check_window(self.params, int(pos.max()) + 1)
         angles = pos[..., None].float() * self.freqs  # [B, S, hd // 2]
         rot = torch.polar(torch.ones_like(angles), angles)
         mask, slots = None, None

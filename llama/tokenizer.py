@@ -56,7 +56,12 @@ LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N
 # SmolLM2 splits digits singly before the GPT-2 split: whitespace before a digit stays one piece
 SMOLLM_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|"""
                   r"""\s+(?=\p{N})|\s+(?!\S)|\s+""")
-PRE_PATTERNS = {"gpt-2": GPT2_PATTERN, "llama-bpe": LLAMA3_PATTERN, "smollm": SMOLLM_PATTERN}
+# Qwen2 / Qwen2.5 / Qwen3 (their tokenizer.json; llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2): Llama 3's
+# split with single digits
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+PRE_PATTERNS = {"gpt-2": GPT2_PATTERN, "llama-bpe": LLAMA3_PATTERN, "smollm": SMOLLM_PATTERN,
+                "qwen2": QWEN2_PATTERN}
 # llama.cpp's default when a GGUF has no tokenizer.ggml.add_bos_token (src/llama-vocab.cpp, load):
 # BPE vocabularies add no BOS except with these pre-tokenizers; sentencepiece ones always add it
 BOS_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",

@@ -175,7 +175,7 @@ def test_tiny_gguf_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("kind,words", [
-    ("llama", "'llama' is not byte-level BPE"), ("qwen2", "unknown pre-tokenizer 'qwen2'"),
+    ("llama", "'llama' is not byte-level BPE"), ("deepseek", "unknown pre-tokenizer 'deepseek-llm'"),
     ("order", "merge 'Ġ t'"),
     ("garbage", "not a readable GGUF"), ("missing", "no such GGUF"),
     ("nomodel", "no tokenizer.ggml.model"),
@@ -184,8 +184,8 @@ def test_bad_gguf_tokenizers(tmp_path, kind, words):
     p = tmp_path / f"{kind}.gguf"
     if kind in ("llama", "nomodel"):
         tiny_gguf(p, model=None if kind == "nomodel" else kind)
-    elif kind == "qwen2":
-        tiny_gguf(p, pre="qwen2")
+    elif kind == "deepseek":  # qwen2 is known since the Qwen families
+        tiny_gguf(p, pre="deepseek-llm")
     elif kind == "order":
         tiny_gguf(p, merges=("h e", "Ġt he", "Ġ t"))
     elif kind == "types":

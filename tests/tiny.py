@@ -2,7 +2,10 @@
 
     hf_dir = make_hf(tmp_path / "hf", "gqa")           # "mha" (Llama-2-like), "gqa"
                                                        # (Llama-3.2-like, rope llama3 factor 32),
-                                                       # "tied" (tied embeddings)
+                                                       # "tied" (tied embeddings); other
+                                                       # families: "qwen2" (q/k/v biases, tied),
+                                                       # "qwen3" (q/k norms, head_dim 24 != 64/4),
+                                                       # "mistral" (sliding window WINDOW)
     args, sd = load_meta_state(hf_dir)                 # llama.checkpoint: Meta names, full tensors
     sd = meta_state(hf_model(hf_dir))                  # the same, written here independently
     meta_dir = make_meta(tmp_path / "meta", sd, args, shards=2, tokenizer_from=hf_dir)
@@ -30,42 +33,62 @@ CONFIGS = {
                  intermediate_size=160, rms_norm_eps=1e-5, rope_theta=100000.0,
                  tie_word_embeddings=True),
 }
+WINDOW = 96  # the tiny Mistral's sliding window, in tokens
+FAMILY_CONFIGS = {  # model_type -> config (2 layers, dim 64, 4 heads, 2 kv heads)
+    "qwen2": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=160, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen3": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=24, intermediate_size=160, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0),
+    "mistral": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=160, rms_norm_eps=1e-5,
+                    rope_theta=10000.0, sliding_window=WINDOW),
+}
+FAMILIES = tuple(FAMILY_CONFIGS)
 
 
-def make_tokenizer(path, vocab=None):
+def make_tokenizer(path, vocab=None, extra=(), config=None):
     """A byte-level BPE tokenizer.json with no merges: <unk> <s> </s> and the 256 byte symbols,
-    plus filler tokens up to `vocab` entries when given. Returns the file path."""
+    then `extra` special tokens (a chat format's markers), plus filler tokens up to `vocab`
+    entries when given; `config` replaces tokenizer_config.json's content. Returns the file
+    path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     # sorted: alphabet() comes in a different order in each process, and with it every token id
-    symbols = SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()) + list(extra)
     symbols += [f"<extra_{i}>" for i in range((vocab or 0) - len(symbols))]
     tok = Tokenizer(models.BPE({s: i for i, s in enumerate(symbols)}, [], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
+    tok.add_special_tokens(SPECIALS + list(extra))
     os.makedirs(path, exist_ok=True)
     file = os.path.join(path, "tokenizer.json")
     tok.save(file)
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
+        json.dump(config or {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
     return file
 
 
 def make_hf(path, kind="mha", seed=0, vocab=VOCAB, hub_style=False):
-    """A random transformers LlamaForCausalLM saved with safetensors and a tokenizer.json.
-    hub_style rewrites config.json the way hub Llama 3.x configs spell rope (rope_theta +
-    rope_scaling)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random transformers causal LM (LLaMA for the CONFIGS kinds, else the FAMILY_CONFIGS
+    family) saved with safetensors and a tokenizer.json. Norm weights are drawn from [0.5, 1.5]
+    and biases from [-0.5, 0.5], so a loader that drops or mixes them up cannot match. hub_style
+    rewrites config.json the way hub Llama 3.x configs spell rope (rope_theta + rope_scaling)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**{"max_position_embeddings": 4096, **CONFIGS[kind]}, vocab_size=vocab,
-                      bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).float()
-    with torch.no_grad():  # random norm weights, so a mix-up of norms cannot pass
+    family = kind if kind in FAMILY_CONFIGS else "llama"
+    settings = FAMILY_CONFIGS.get(kind) or CONFIGS[kind]
+    cfg = AutoConfig.for_model(family, **{"max_position_embeddings": 4096, **settings},
+                               vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
     path = str(path)
     model.save_pretrained(path)
     make_tokenizer(path)
@@ -82,9 +105,9 @@ def make_hf(path, kind="mha", seed=0, vocab=VOCAB, hub_style=False):
 
 
 def hf_model(path):
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 def hf_states(model, tokens, attention_mask=None):
@@ -106,25 +129,35 @@ def hf_states(model, tokens, attention_mask=None):
 
 
 def meta_state(model):
-    """A transformers LlamaForCausalLM's weights in Meta's names and interleaved rotary layout,
-    written here independently of llama.checkpoint (which the tests check against it)."""
+    """A transformers causal LM's weights (LLaMA, Qwen2, Qwen3, Mistral) in Meta's names and
+    interleaved rotary layout, written here independently of llama.checkpoint (which the tests
+    check against it): q/k weights, q/k biases and q/k norm weights all follow the rows' order."""
     c = model.config
-    hd = c.hidden_size // c.num_attention_heads
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
              "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
              "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-             "mlp.up_proj": "feed_forward.w3",
+             "mlp.up_proj": "feed_forward.w3", "self_attn.q_norm": "attention.q_norm",
+             "self_attn.k_norm": "attention.k_norm",
              "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+    rotary = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.q_norm", "self_attn.k_norm")
     sd = {"tok_embeddings.weight": model.model.embed_tokens.weight,
           "norm.weight": model.model.norm.weight, "output.weight": model.lm_head.weight}
     for i, layer in enumerate(model.model.layers):
         for hf, meta in names.items():
-            w = layer.get_submodule(hf).weight
-            # rotate-half rows back to interleaved pairs
-            if hf in ("self_attn.q_proj", "self_attn.k_proj"):
-                w = (w.reshape(-1, 2, hd // 2, c.hidden_size).transpose(1, 2)
-                     .reshape(-1, c.hidden_size))
-            sd[f"layers.{i}.{meta}.weight"] = w
+            module = layer
+            for part in hf.split("."):  # q/k norms: Qwen3 only
+                module = getattr(module, part, None)
+            if module is None:
+                continue
+            for kind in ("weight", "bias"):
+                w = getattr(module, kind, None)
+                if w is None:
+                    continue
+                if hf in rotary:  # rotate-half rows (per head) back to interleaved pairs
+                    shape = w.shape
+                    w = w.reshape(-1, 2, hd // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+                sd[f"layers.{i}.{meta}.{kind}"] = w
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
