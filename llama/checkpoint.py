@@ -407,7 +407,7 @@ def _gguf_header(path: str) -> ModelArgs:
 
 def _gguf_open(path: str, dtype: torch.dtype):
     weights = GGUFWeights(path, dtype)
-    return weights, find_tokenizer(weights.tokenizer_dir)
+    return weights, weights.tokenizer_dir and find_tokenizer(weights.tokenizer_dir)
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,7 @@ def read_tensor(t, dtype: torch.dtype) -> torch.Tensor:
 
 def read_gguf(path, dtype="float32", tokenizer: bool = True):
     """-> (ModelArgs, full state dict in Meta names, directory holding tokenizer.model and
-    tokenizer_special.json, or None without `tokenizer`)."""
+    tokenizer_special.json, or None without `tokenizer` or for a sentencepiece vocabulary)."""
     dtype = torch_dtype(dtype)
     reader = open_gguf(path)
     args = gguf_args(reader, path)
@@ -235,7 +235,10 @@ def read_gguf(path, dtype="float32", tokenizer: bool = True):
     missing = [n for n in shapes if sd.get(n) is None]
     if missing:
         raise LlamaError(f"{path}: {len(missing)} tensors missing, e.g. {missing[0]!r}")
-    return args, sd, tokenizer_dir(path, reader) if tokenizer else None
+    # a sentencepiece vocabulary (Llama 2, Mistral) is not converted: the weights load, and the
+    # commands ask for --tokenizer_path (the model's own tokenizer.model)
+    sentencepiece = field(reader, "tokenizer.ggml.model", path, "") == "llama"
+    return args, sd, tokenizer_dir(path, reader) if tokenizer and not sentencepiece else None
 
 
 def tokenizer_dir(path, reader: GGUFReader) -> Path:

@@ -403,11 +403,20 @@ def test_mistral_v01_gguf_gets_its_window(fam, tmp_path, dist1):
     path = fam["mistral"][0]
     big = edited(path, tmp_path / "long", max_position_embeddings=32768)
     old = write_llama_cpp_gguf(tmp_path / "v01.gguf", big, "Mistral-7B-Instruct-v0.1")
-    new = write_llama_cpp_gguf(tmp_path / "v03.gguf", big, "Mistral-7B-Instruct-v0.3")
+    def sentencepiece(w):  # Mistral's vocabulary type in llama.cpp's files
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "<s>", "</s>", "\u2581a"])
+    new = write_llama_cpp_gguf(tmp_path / "v03.gguf", big, "Mistral-7B-Instruct-v0.3",
+                               sentencepiece)
     a = read_args(old)
     assert (a.family, a.sliding_window, a.max_seq_len) == ("mistral", 4096, 4096)
     b = read_args(new)
     assert (b.family, b.sliding_window, b.max_seq_len) == ("llama", None, 32768)
+    lm = load_model(new, dist1)  # weights load; the sentencepiece tokenizer is --tokenizer_path's
+    assert lm.source == "gguf" and lm.tokenizer_path is None
+    tokens, mask = padded_batch()
+    assert_states_match(lm.model(tokens, logits=True), hf_states(fam["mistral"][1], tokens, mask),
+                        mask, 2)
     prompts_file = tmp_path / "p.txt"
     prompts_file.write_text("hello\n")
     r = in_process(["generate.py", "--model", old, "--prompts", prompts_file, "--max_gen_len",
