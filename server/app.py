@@ -1,9 +1,13 @@
 """The HTTP routes (FastAPI): OpenAI's /v1/models, /v1/completions, /v1/chat/completions, plus
 /v1/vectors and /health.
 
-    app = build_app(Served(...))
+    app = build_app(Served(...))   # `router`'s routes; the Served in app.state
 
-Requests are checked (server/schemas.py), turned into a Job and handed to the scheduler thread;
+The routes are module-level functions on one APIRouter, as vLLM's OpenAI entrypoint has them; a
+POST route's body is read here (size limit, JSON) and checked into its request model
+(server/schemas.py: CompletionRequest, ChatRequest) by a dependency, so a bad field is a 400
+naming it (never FastAPI's own 422). A checked request becomes a Job handed to the scheduler
+thread;
 its events come back through an asyncio queue. Streaming answers are server-sent events as
 OpenAI sends them (`data: {chunk}` ... `data: [DONE]`); a client that goes away cancels its job,
 which frees its row. Every route needs `Authorization: Bearer KEY` when the server has a key.
@@ -21,15 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from llama.errors import LlamaError
-
-from . import schemas
 from .scheduler import Job, Scheduler
-from .schemas import ApiError, Limits
+from .schemas import ApiError, ChatRequest, CompletionRequest, Limits
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -44,6 +45,8 @@ class Served:
     probe_info: Optional[dict]
     api_key: Optional[str] = None
     max_body: int = 1 << 20  # bytes
+    read_timeout: float = 30.0  # seconds a request's body may take to arrive
+    check_host: bool = False  # loopback only, no key: the Host header must name a loopback address
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -51,137 +54,209 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, refused past `limit` bytes (413) or when not JSON (400)."""
+async def read_json(request: Request, limit: int, timeout: float = 30.0) -> dict:
+    """The body as a JSON object, refused past `limit` bytes (413), when its Content-Type is not
+    application/json (415: a web page's form or text/plain post cannot reach a route), when it
+    takes over `timeout` seconds to arrive (408) or when it is not a JSON object (400)."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > limit:
         raise ApiError(413, f"the request body is over the limit of {limit} bytes")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"Content-Type {kind or 'missing'}: send application/json")
     data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise ApiError(413, f"the request body is over the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > limit:
+                    raise ApiError(413, f"the request body is over the limit of {limit} bytes")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s") from None
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
 
 
+router = APIRouter()
+
+
+def served_by(request: Request) -> Served:
+    """The Served of the app handling `request` (build_app puts it in app.state)."""
+    return request.app.state.served
+
+
+async def completion_request(request: Request) -> CompletionRequest:
+    served = served_by(request)
+    body = await read_json(request, served.max_body, served.read_timeout)
+    return CompletionRequest.check(body, served.limits, served.tokenizer)
+
+
+async def chat_request(request: Request) -> ChatRequest:
+    served = served_by(request)
+    body = await read_json(request, served.max_body, served.read_timeout)
+    return ChatRequest.check(body, served.limits, served.tokenizer)
+
+
+@router.get("/health")
+async def health(request: Request):
+    """200 while the scheduler runs; 503 once it has stopped (a failure or a shutdown)."""
+    sched = served_by(request).scheduler
+    alive = sched.is_alive() and not sched.halt.is_set()
+    return JSONResponse({"status": "ok" if alive else "stopped", **sched.load(),
+                         "error": sched.error}, status_code=200 if alive else 503)
+
+
+@router.get("/v1/models")
+async def show_models(request: Request):
+    limits = served_by(request).limits
+    return {"object": "list", "data": [{"id": limits.model_id, "object": "model",
+                                        "created": 0, "owned_by": "llama-ccs",
+                                        "context": limits.context}]}
+
+
+@router.get("/v1/vectors")
+async def show_vectors(request: Request):
+    served = served_by(request)
+    return {"object": "list", "data": served.vectors_info, "probe": served.probe_info,
+            "conventions": CONVENTIONS}
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request,
+                            body: CompletionRequest = Depends(completion_request)):
+    return await answer(request, body, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: Request, body: ChatRequest = Depends(chat_request)):
+    return await answer(request, body, chat=True)
+
+
+async def answer(request: Request, body, chat: bool):
+    """Hand a checked request to the scheduler; its events become the response (whole, or
+    server-sent events when streaming)."""
+    served = served_by(request)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emit(event):
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:
+            pass  # the event loop is closed: the server is gone
+
+    job = Job(body.prompt_ids, body.params, emit)
+    if not served.scheduler.is_alive():
+        raise ApiError(503, "the server is shutting down", kind="server_error")
+    served.scheduler.submit(job)
+    shape = Shape(chat, served.limits.model_id, job, served.tokenizer)
+    if body.stream:
+        return StreamingResponse(stream_events(job, events, shape, body.include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    watch = asyncio.ensure_future(watch_disconnect(request, job, events))
+    try:
+        while True:
+            event = await events.get()
+            if event["type"] == "gone":
+                return JSONResponse({}, status_code=499)  # no one reads it
+            if event["type"] == "error":
+                raise event_error(event)
+            shape.add(event)
+            if event["type"] == "done":
+                return shape.whole()
+    finally:
+        watch.cancel()
+        job.cancelled.set()  # a no-op once done; frees the row if the handler was cancelled
+
+
+async def watch_disconnect(request: Request, job: Job, events: asyncio.Queue):
+    """Cancel the job (its row is freed at the next step) when the client of a whole (not
+    streamed) answer goes away, and tell its handler ("gone"): the body is read, so the next
+    message is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancelled.set()
+            events.put_nowait({"type": "gone"})
+            return
+
+
+async def api_error(request: Request, e: ApiError):
+    return error_response(e)
+
+
+async def http_error(request: Request, e: HTTPException):
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: "
+                                   f"{e.detail}", kind=kind))
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def host_name(header: str) -> str:
+    """A Host header's name: "[::1]:8000" -> "::1", "localhost:8000" -> "localhost"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]")[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+async def guard(request: Request, call_next):
+    """The Host check (a keyless loopback server answers only loopback names: DNS rebinding),
+    the API key check, and a 500 JSON error (never a traceback) if a route fails."""
+    served = served_by(request)
+    if served.check_host and host_name(request.headers.get("host", "")) not in LOOPBACK:
+        return error_response(ApiError(421, f"Host {request.headers.get('host', '')!r}: this "
+                                       "server answers only loopback host names (127.0.0.1, "
+                                       "localhost, [::1])", code="misdirected_request"))
+    key = served.api_key
+    if key is not None and request.url.path.startswith(("/v1", "/health")):
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return error_response(ApiError(401, "missing or wrong API key (send "
+                                           "Authorization: Bearer KEY)",
+                                           code="invalid_api_key"))
+    try:
+        return await call_next(request)
+    except Exception as e:  # a bug: the client gets a JSON error, the server goes on
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}",
+                                       kind="server_error"))
+
+
 def build_app(served: Served) -> FastAPI:
+    """The app: `router`'s routes over `served`, OpenAI-shaped errors, the key check, and
+    server/static/ at `/` when present."""
     app = FastAPI(title="llama-ccs", docs_url=None, redoc_url=None, openapi_url=None)
-    limits, tok = served.limits, served.tokenizer
+    app.state.served = served
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.middleware("http")(guard)
+    app.include_router(router)
+    app.router.default = static_or_404(STATIC if os.path.isdir(STATIC) else None)
+    return app
 
-    @app.exception_handler(ApiError)
-    async def api_error(request, e: ApiError):
-        return error_response(e)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: "
-                                       f"{e.detail}", kind=kind))
+def static_or_404(folder: Optional[str]):
+    """What answers a path no route has: a GET of a file under `folder` (the playground), else
+    404. (A known path with another method is the router's 405.)"""
+    from fastapi.staticfiles import StaticFiles
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        """The API key check, and a 500 JSON error (never a traceback) if a route fails."""
-        if served.api_key is not None and request.url.path.startswith(("/v1", "/health")):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
-                return error_response(ApiError(401, "missing or wrong API key (send "
-                                               "Authorization: Bearer KEY)",
-                                               code="invalid_api_key"))
-        try:
-            return await call_next(request)
-        except Exception as e:  # a bug: the client gets a JSON error, the server goes on
-            return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}",
-                                           kind="server_error"))
+    files = StaticFiles(directory=folder, html=True) if folder else None
 
-    @app.get("/health")
-    async def health():
-        sched = served.scheduler
-        status = "ok" if sched.is_alive() else "stopped"
-        return {"status": status, **sched.load(), "error": sched.error}
+    async def app(scope, receive, send):
+        if files is None or scope["method"] not in ("GET", "HEAD"):
+            raise HTTPException(404, "Not Found")
+        await files(scope, receive, send)
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": limits.model_id, "object": "model",
-                                            "created": 0, "owned_by": "llama-ccs",
-                                            "context": limits.context}]}
-
-    @app.get("/v1/vectors")
-    async def vectors():
-        return {"object": "list", "data": served.vectors_info, "probe": served.probe_info,
-                "conventions": CONVENTIONS}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_json(request, served.max_body)
-        schemas.check_model(body, limits)
-        prompt = schemas.completion_prompt(body)
-        ids = tok.encode(tok.as_text(prompt), bos=True)  # text, as scripts/generate.py reads it
-        return await answer(request, body, ids, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_json(request, served.max_body)
-        schemas.check_model(body, limits)
-        messages = schemas.chat_messages(body)
-        if tok.chat_source == "none":
-            raise ApiError(400, "this model's tokenizer has no chat format: use /v1/completions",
-                           "messages")
-        try:  # render_chat marks the contents as text: only the template's markers are special
-            ids = tok.encode(tok.render_chat(messages), bos=True)
-        except LlamaError as e:
-            raise ApiError(400, str(e), "messages") from None
-        return await answer(request, body, ids, chat=True)
-
-    async def answer(request: Request, body: dict, ids, chat: bool):
-        params = schemas.common(body, limits, len(ids), chat)
-        stream = schemas.boolean(body, "stream")
-        usage_chunk = isinstance(body.get("stream_options"), dict) and \
-            bool(body["stream_options"].get("include_usage"))
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def emit(event):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:
-                pass  # the event loop is closed: the server is gone
-
-        job = Job(ids, params, emit)
-        if not served.scheduler.is_alive():
-            raise ApiError(503, "the server is shutting down", kind="server_error")
-        served.scheduler.submit(job)
-        shape = Shape(chat, limits.model_id, job, tok)
-        if stream:
-            return StreamingResponse(stream_events(job, events, shape, usage_chunk),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if event["type"] == "error":
-                    raise ApiError(503, event["message"], kind="server_error")
-                shape.add(event)
-                if event["type"] == "done":
-                    return shape.whole()
-        finally:
-            job.cancelled.set()  # a no-op once done; frees the row if the handler was cancelled
-
-    if os.path.isdir(STATIC):
-        from fastapi.staticfiles import StaticFiles
-
-        app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
     return app
 
 
@@ -206,7 +281,7 @@ async def stream_events(job: Job, events: asyncio.Queue, shape: "Shape", usage_c
         while True:
             event = await events.get()
             if event["type"] == "error":
-                yield sse(ApiError(503, event["message"], kind="server_error").body())
+                yield sse(event_error(event).body())
                 break
             shape.add(event)
             if event["type"] == "token":
@@ -219,6 +294,14 @@ async def stream_events(job: Job, events: asyncio.Queue, shape: "Shape", usage_c
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()  # a client that left mid-stream frees its row
+
+
+def event_error(event: dict) -> ApiError:
+    """A scheduler's error event as the answer's error: 400 for the request's own doing, 500 or
+    503 (the server's) otherwise."""
+    status = event.get("status", 503)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return ApiError(status, event["message"], event.get("param"), kind=kind)
 
 
 def sse(obj: dict) -> str:

@@ -6,23 +6,29 @@ the scheduler hands out, the same on every model-parallel rank.
     out = engine.run({"op": "decode", "tokens": [...], "pos": [...], "plen": [...],
                       "steer": [None, {...}]})
 
-A step is a JSON-able dict (ops: prefill, decode, move, idle, stop). Rank 0's scheduler builds each
+A step is a JSON-able dict (ops: prefill, decode, free, idle, stop). Rank 0's scheduler builds each
 one, `send_step` broadcasts it to the other ranks of a torchrun world (the other ranks loop in
 `follow`), and every rank runs it: the model's all-reduces pair up, and the rows hold the same
 keys and values everywhere. Only rank 0 reads the outputs.
 
 Rows in use are always 0..n-1 (a finished row's place is filled by moving the last row into it:
-`move`), so a decode step runs on the contiguous slice of the cache, each row at its own
-position (llama.model.KVCache semantics: row b attends to its positions 0..pos[b]).
+`free`), so a decode step runs on the contiguous slice of the cache, each row at its own
+position (llama.model.KVCache semantics: row b attends to its positions 0..pos[b]). A freed row
+is zeroed up to the positions it was written at (`filled`): a decode step reads every row's
+positions up to the longest row's, masked, and a NaN left there by an overflowing request would
+turn a masked product into NaN in the next request on that row (KVCache: masked positions must
+hold no NaN).
 """
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as tdist
 
+from llama.errors import LlamaError
 from llama.model import Steer, Transformer
+from steering.settings import SteerSettings
 
 
 class RowsView:
@@ -55,9 +61,9 @@ class Probe:
 
 
 class BatchSteer:
-    """Per-row steering for one batch: rows with the same (vector, layers, ablate, positions,
-    scale) share one llama.model.Steer whose multiplier is a [B] tensor, 0 on the other rows (a
-    0 multiplier leaves a row's residual stream bit-identical). Same interface as Steer."""
+    """Per-row steering for one batch: rows whose settings differ only in the multiplier share
+    one llama.model.Steer whose multiplier is a [B] tensor, 0 on the other rows (a 0 multiplier
+    leaves a row's residual stream bit-identical). Same interface as Steer."""
 
     def __init__(self, steers: List[Steer]):
         self.steers = steers
@@ -79,38 +85,27 @@ class Engine:
         self.residual_norms = residual_norms
         self.probe = probe
         self.cache = KVCache(model, max_batch, length)
+        self.filled = [0] * max_batch  # per row: positions written since it was last zeroed
         self.device = model.norm.weight.device
         self.last = model.params.n_layers
         self.layers = sorted({self.last} | ({probe.layer} if probe else set()))
 
-    def effective(self, spec: dict) -> Dict[int, torch.Tensor]:
-        """{layer: vector} a row's steering adds (scale "residual": the unit vector times the
-        layer's residual norm, so the multiplier is a fraction of the residual stream)."""
-        vecs = self.vectors[spec["vector"]]
-        out = {}
-        for layer in spec["layers"]:
-            v = vecs[layer]
-            if spec["scale"] == "residual":
-                v = v / v.norm() * self.residual_norms[layer]
-            out[layer] = v
-        return out
-
     def steer_for(self, specs: List[Optional[dict]]) -> Optional[BatchSteer]:
-        """specs: per row, None or {vector, layers, multiplier, scale, ablate, positions}."""
+        """specs: per row, None or steering.settings.SteerSettings.to_json() (checked)."""
         groups = {}
         for row, spec in enumerate(specs):
             if spec is None or spec["multiplier"] == 0:
                 continue
-            key = (spec["vector"], tuple(spec["layers"]), spec["ablate"], spec["positions"],
-                   spec["scale"])
-            groups.setdefault(key, []).append((row, spec))
+            s = SteerSettings.from_json(spec)
+            groups.setdefault(replace(s, multiplier=1.0), []).append((row, s.multiplier))
         steers = []
-        for (_, _, ablate, positions, _), rows in groups.items():
-            mult = torch.zeros(len(specs), dtype=torch.float32)
-            for row, spec in rows:
-                mult[row] = float(spec["multiplier"])
-            steers.append(Steer(self.effective(rows[0][1]), mult.to(self.device), ablate,
-                                positions))
+        for shared, rows in groups.items():
+            values = [0.0] * len(specs)
+            for row, multiplier in rows:
+                values[row] = multiplier
+            mult = torch.tensor(values, dtype=torch.float32)  # past float32: inf, never raises
+            one = shared.steer(self.vectors[shared.vector], self.residual_norms)
+            steers.append(replace(one, multiplier=mult.to(self.device)))
         return BatchSteer(steers) if steers else None
 
     @torch.inference_mode()
@@ -122,6 +117,8 @@ class Engine:
             row, ids = step["row"], step["ids"]
             tokens = torch.tensor([ids], device=self.device)
             plen = torch.tensor([len(ids)], device=self.device)
+            self._clear(row)  # nothing there after a free; zeroed again all the same
+            self.filled[row] = len(ids)
             out = self.model(tokens, layers=self.layers, cache=RowsView(self.cache, row, row + 1),
                              steer=self.steer_for([step["steer"]]), prompt_len=plen)
             return self._read(out, torch.tensor([len(ids) - 1], device=self.device))
@@ -130,16 +127,32 @@ class Engine:
             tokens = torch.tensor(step["tokens"], device=self.device)[:, None]
             pos = torch.tensor(step["pos"], device=self.device)
             plen = torch.tensor(step["plen"], device=self.device)
+            for row, at in enumerate(step["pos"]):
+                self.filled[row] = max(self.filled[row], at + 1)
             out = self.model(tokens, layers=self.layers, start=pos,
                              cache=RowsView(self.cache, 0, n), steer=self.steer_for(step["steer"]),
                              prompt_len=plen)
             return self._read(out, torch.zeros(n, dtype=torch.long, device=self.device))
-        if op == "move":
-            src, dst, upto = step["src"], step["dst"], step["len"]
-            for k, v in self.cache.blocks:
-                k[dst, :upto] = k[src, :upto]
-                v[dst, :upto] = v[src, :upto]
+        if op == "free":  # row zeroed, then the last row in use moved into it
+            row, last = step["row"], step["last"]
+            self._clear(row)
+            if last != row:
+                upto = self.filled[last]
+                for k, v in self.cache.blocks:
+                    k[row, :upto] = k[last, :upto]
+                    v[row, :upto] = v[last, :upto]
+                self.filled[row] = upto
+                self._clear(last)
         return None
+
+    def _clear(self, row: int):
+        """Zero a row's keys and values where they were written."""
+        upto = self.filled[row]
+        if upto:
+            for k, v in self.cache.blocks:
+                k[row, :upto] = 0
+                v[row, :upto] = 0
+        self.filled[row] = 0
 
     def _read(self, out: dict, at: torch.Tensor) -> dict:
         rows = torch.arange(len(at), device=self.device)
@@ -174,9 +187,12 @@ class StepChannel:
 
 
 def follow(engine: Engine, channel: StepChannel):
-    """The loop of every rank but 0: run each step rank 0 sends until it sends "stop"."""
+    """The loop of every rank but 0: run each step rank 0 sends until it sends "stop" (a stop
+    carrying rank 0's error raises it here too, so every rank exits non-zero)."""
     while True:
         step = channel.receive()
         if step["op"] == "stop":
+            if step.get("error"):
+                raise LlamaError(f"rank 0: {step['error']}")
             return
         engine.run(step)

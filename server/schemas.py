@@ -1,4 +1,5 @@
-"""Request bodies checked field by field, and OpenAI-style errors.
+"""Request bodies checked field by field into one request model per route
+(`CompletionRequest`, `ChatRequest`), and OpenAI-style errors.
 
 Every refusal is an ApiError: HTTP status, a message naming the field, its OpenAI `type` and
 `param` (dotted: `steering.multiplier`, `messages.2.content`), sent as
@@ -9,9 +10,16 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional
 
+from pydantic import BaseModel, ConfigDict
+
+from llama.errors import LlamaError
+
+from steering.settings import SteerError, SteerSettings
+
 from .scheduler import Params
 
 STEER_KEYS = ("vector", "layers", "multiplier", "scale", "ablate", "positions")
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4
 
@@ -40,6 +48,7 @@ class Limits:
     n_layers: int
     vectors: dict  # name -> {layer: tensor}
     has_probe: bool
+    residual_norms: dict = None  # layer -> mean residual-stream norm (scale "residual")
 
 
 def _number(body: dict, key: str, default, lo=None, lo_open=False, hi=None):
@@ -84,8 +93,9 @@ def check_model(body: dict, limits: Limits):
                        f"{limits.model_id!r}", "model", code="model_not_found")
 
 
-def steering(spec, limits: Limits) -> Optional[dict]:
-    """The `steering` field -> {vector, layers, multiplier, scale, ablate, positions} or None."""
+def steering(spec, limits: Limits) -> Optional[SteerSettings]:
+    """The `steering` field -> SteerSettings (checked: steering/settings.py) or None. JSON types
+    are checked here; what a setting may be, there (a SteerError names its field)."""
     if spec is None:
         return None
     if not isinstance(spec, dict):
@@ -99,32 +109,19 @@ def steering(spec, limits: Limits) -> Optional[dict]:
     if name not in limits.vectors:
         have = ", ".join(sorted(limits.vectors)) or "none loaded"
         raise bad("steering.vector", f"no vector named {name!r} (loaded: {have})")
-    have = sorted(limits.vectors[name])
-    layers = spec.get("layers", have)
+    layers = spec.get("layers", sorted(limits.vectors[name]))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
     if (not isinstance(layers, list) or not layers
             or any(isinstance(x, bool) or not isinstance(x, int) for x in layers)):
         raise bad("steering.layers", f"{layers!r} is not a non-empty list of layer numbers")
-    for x in layers:
-        if not 0 <= x <= limits.n_layers:
-            raise bad("steering.layers", f"layer {x} is not in the model (layers "
-                      f"0..{limits.n_layers})")
-        if x not in limits.vectors[name]:
-            raise bad("steering.layers", f"vector {name!r} has no layer {x} (it has "
-                      f"{', '.join(map(str, have))})")
-    mult = spec.get("multiplier", 1.0)
-    if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not math.isfinite(mult):
-        raise bad("steering.multiplier", f"{mult!r} is not a finite number")
-    choices = {"scale": ("raw", "residual"), "positions": ("all", "generated")}
-    out = {"vector": name, "layers": sorted(set(layers)), "multiplier": float(mult)}
-    for key, allowed in choices.items():
-        v = spec.get(key, allowed[0])
-        if v not in allowed:
-            raise bad(f"steering.{key}", f"{v!r} is not one of {', '.join(allowed)}")
-        out[key] = v
-    out["ablate"] = boolean(spec, "ablate", False, "steering.ablate")
-    return out
+    settings = SteerSettings(name, tuple(layers), spec.get("multiplier", 1.0),
+                             spec.get("scale", "raw"), spec.get("ablate", False),
+                             spec.get("positions", "all"))
+    try:
+        return settings.check(limits.n_layers, limits.vectors[name], limits.residual_norms)
+    except SteerError as e:
+        raise bad(f"steering.{e.field}", str(e)) from None
 
 
 def common(body: dict, limits: Limits, n_prompt: int, chat: bool) -> Params:
@@ -137,14 +134,16 @@ def common(body: dict, limits: Limits, n_prompt: int, chat: bool) -> Params:
     if room < 1:
         raise bad("messages" if chat else "prompt", f"the prompt has {n_prompt} tokens: no room "
                   f"to generate within the context of {limits.context}")
-    key = "max_completion_tokens" if chat and body.get("max_tokens") is None else "max_tokens"
+    # OpenAI's and vLLM's rule: max_completion_tokens (chat) wins over max_tokens
+    key = ("max_completion_tokens" if chat and body.get("max_completion_tokens") is not None
+           else "max_tokens")
     max_tokens = _int(body, key, room if chat else min(16, room), lo=1)
     if max_tokens > room:
         raise bad(key, f"prompt ({n_prompt} tokens) + {key} ({max_tokens}) exceeds the context "
                   f"of {limits.context} tokens")
     temperature = _number(body, "temperature", 1.0, lo=0)
     top_p = _number(body, "top_p", 1.0, lo=0, lo_open=True, hi=1)
-    seed = _int(body, "seed", None)
+    seed = _int(body, "seed", None, *SEED_RANGE)
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -202,3 +201,56 @@ def chat_messages(body: dict) -> List[dict]:
             raise bad(f"messages.{i}.content", "expected a string")
         out.append({"role": role, "content": content})
     return out
+
+
+def streaming(body: dict) -> dict:
+    """`stream` and `stream_options.include_usage`."""
+    options = body.get("stream_options")
+    return {"stream": boolean(body, "stream"),
+            "include_usage": isinstance(options, dict) and bool(options.get("include_usage"))}
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions, checked: the prompt as token ids (text, as scripts/generate.py
+    reads it: tokenizer.as_text) and the generation settings."""
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    prompt: str
+    prompt_ids: List[int]
+    params: Params
+    stream: bool = False
+    include_usage: bool = False
+
+    @classmethod
+    def check(cls, body: dict, limits: Limits, tok) -> "CompletionRequest":
+        """body: the parsed JSON object; ApiError on the first field that is wrong."""
+        check_model(body, limits)
+        prompt = completion_prompt(body)
+        ids = tok.encode(tok.as_text(prompt), bos=True)
+        params = common(body, limits, len(ids), chat=False)
+        return cls(prompt=prompt, prompt_ids=ids, params=params, **streaming(body))
+
+
+class ChatRequest(BaseModel):
+    """POST /v1/chat/completions, checked: the messages rendered by the model's chat template
+    (every content marked as text: Tokenizer.render_chat) as token ids, and the settings."""
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    messages: List[dict]
+    prompt_ids: List[int]
+    params: Params
+    stream: bool = False
+    include_usage: bool = False
+
+    @classmethod
+    def check(cls, body: dict, limits: Limits, tok) -> "ChatRequest":
+        """body: the parsed JSON object; ApiError on the first field that is wrong."""
+        check_model(body, limits)
+        messages = chat_messages(body)
+        if tok.chat_source == "none":
+            raise ApiError(400, "this model's tokenizer has no chat format: use /v1/completions",
+                           "messages")
+        try:  # render_chat marks the contents as text: only the template's markers are special
+            ids = tok.encode(tok.render_chat(messages), bos=True)
+        except LlamaError as e:
+            raise ApiError(400, str(e), "messages") from None
+        params = common(body, limits, len(ids), chat=True)
+        return cls(messages=messages, prompt_ids=ids, params=params, **streaming(body))
