@@ -42,8 +42,8 @@ test: setup-dev
 	$(PYTHON) -m pytest -q -m "not heavy" tests
 
 test-heavy: setup-dev setup-vllm
-	$(PYTHON) -m pytest -q -m heavy --ignore=tests/vllm tests
-	$(VLLM_VENV)/bin/python -m pytest -q -m heavy tests/vllm
+	$(PYTHON) -m pytest -q -m heavy --ignore=tests/on_vllm tests
+	$(VLLM_VENV)/bin/python -m pytest -q -m heavy tests/on_vllm
 
 bench: setup-dev
 	$(PYTHON) bench/run_all.py

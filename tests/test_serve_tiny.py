@@ -132,6 +132,12 @@ def test_refusals_at_start(tiny, dist1):
     one_line_error(r, "--api_key is empty")
     r = serve_here("--model", tiny["path"], "--shutdown_grace", -1)
     one_line_error(r, "--shutdown_grace")
+    r = serve_here("--model", tiny["path"], "--engine", "tgi")
+    one_line_error(r, "--engine", "native or vllm")
+    r = serve_here("--model", tiny["path"], "--tensor_parallel_size", 2)
+    one_line_error(r, "--tensor_parallel_size", "torchrun")
+    r = serve_here("--model", tiny["path"], "--engine", "vllm")  # this environment has no vLLM
+    one_line_error(r, "make setup-vllm")
 
 
 def rank0_pid(launcher_pid: int) -> int:

@@ -7,12 +7,10 @@ cores: a torch.compile warm-up).
 Where the two engines' texts differ, the first differing token must be a near tie in the native
 engine (logit margin < 1e-3 between the two choices); each such case is printed."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from smol import smol_hf
 
 pytestmark = pytest.mark.heavy
 
@@ -51,11 +49,7 @@ def prompts(native):
 def llm(tmp_path_factory):
     """vLLM (compiled, prefix caching on) on the GGUF converted by `llama.convert --to hf`, with
     the steering plugin wrapping LAYERS."""
-    from llama.gguf import default_model_path
-
-    hf = tmp_path_factory.mktemp("smol") / "hf"
-    subprocess.run([sys.executable, "-m", "llama.convert", str(default_model_path()), str(hf),
-                    "--to", "hf"], cwd=ROOT, check=True, capture_output=True, timeout=900)
+    hf = smol_hf()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["HF_HUB_OFFLINE"] = "1"
     from vllm import LLM
