@@ -57,12 +57,13 @@ class VllmScheduler(threading.Thread):
     def load(self) -> dict:
         return {"running": self.running, "waiting": 0, "dropped": self.dropped}
 
-    def stop(self):
+    def stop(self, timeout: Optional[float] = None):
+        """Stop the engine (its requests end); wait for the thread (at most `timeout` s)."""
         self.halt.set()
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
         if self.is_alive():
-            self.join(timeout=60)
+            self.join(timeout=60 if timeout is None else timeout)
 
     # ------------------------------------------------------------------ the engine's thread
     def run(self):
