@@ -100,3 +100,17 @@ def test_refusals_are_400_naming_the_field(served, field, value, param):
     assert r.json()["error"]["param"] == param
     ok = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_refusals_at_start_name_the_way_out(vector_dir):
+    """A GGUF (or Meta) model: the conversion command; --probe: not on this engine yet."""
+    from conftest import in_process, one_line_error
+
+    from llama.gguf import default_model_path
+    from server.main import cli
+
+    r = in_process(["serve", "--engine", "vllm", "--model", default_model_path()], cli)
+    one_line_error(r, "Hugging Face folder", "--to hf")
+    r = in_process(["serve", "--engine", "vllm", "--model", smol_hf(), "--probe", "x.safetensors",
+                    "--probe_layer", "10"], cli)
+    one_line_error(r, "--probe", "--engine native")
