@@ -2,6 +2,7 @@
 .gguf) -> Meta layout for N model-parallel ranks:
 
     python -m llama.convert SRC DST [--mp N] [--dtype float32|float16|bfloat16] [--overwrite]
+    python -m llama.convert SRC DST --to hf [--dtype ...] [--overwrite]   # llama/hf_export.py
 
 DST gets consolidated.NN.pth, params.json, the tokenizer files and convert.json, which records the
 source files (size, mtime) and settings: the same conversion again does nothing. Shards are split
@@ -47,15 +48,26 @@ def describe(rec: dict) -> str:
     return f"{rec.get('source')} at mp {rec.get('mp')}, {rec.get('dtype')}"
 
 
-def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = False):
-    """Write SRC in Meta layout with `mp` shards into DST.
+def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = False,
+            to: str = "meta"):
+    """Write SRC in Meta layout with `mp` shards into DST, or (--to hf) as a Hugging Face folder.
 
     src: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
     dst: the folder to write (consolidated.NN.pth, params.json, tokenizer files, convert.json)
     mp: model-parallel shards to write
     dtype: of the weights written to disk: float32, float16 or bfloat16
     overwrite: replace a different conversion already in DST
+    to: meta (Meta layout, consolidated.NN.pth) or hf (a Hugging Face folder that transformers and
+        vLLM load: config.json, model.safetensors, tokenizer.json)
     """
+    if to not in ("meta", "hf"):
+        raise LlamaError(f"--to must be meta or hf, not {to!r}")
+    if to == "hf":
+        if mp != 1:
+            raise LlamaError("--mp applies to --to meta only (a Hugging Face folder is unsplit)")
+        from .hf_export import export_hf
+
+        return export_hf(src, dst, dtype=dtype, overwrite=overwrite)
     if dtype not in DTYPES:
         raise LlamaError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
     if not isinstance(mp, int) or isinstance(mp, bool) or mp < 1:

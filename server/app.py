@@ -317,10 +317,12 @@ class Shape:
         self.created = int(time.time())
         self.tokens, self.logprobs, self.tops, self.probes = [], [], [], []
         self.finish = None
+        self.push = None  # {layer: steering_push} when the engine reports it (--engine vllm)
 
     def add(self, event: dict):
         if event["type"] == "done":
             self.finish = event["finish"]
+            self.push = event.get("steering_push")
         elif event["token"] is not None:
             self.tokens.append(event["token"])
             self.logprobs.append(event["logprob"])
@@ -380,6 +382,8 @@ class Shape:
         else:
             choice["text"] = text
         self._probe(choice, 0, True)
+        if self.push is not None:
+            choice["steering_push"] = self.push
         out = self._envelope([choice], False)
         out["usage"] = self.usage()
         return out
@@ -407,6 +411,8 @@ class Shape:
     def chunk_end(self) -> dict:
         choice = self._chunk("", len(self.tokens), finish=self.finish)
         choice["logprobs"] = None
+        if self.push is not None:
+            choice["steering_push"] = self.push
         return self._envelope([choice], True)
 
     def chunk_usage(self) -> dict:

@@ -17,9 +17,10 @@ from typing import List, Optional
 
 import torch
 
-from llama.errors import LlamaError
+from llama.errors import LlamaError, fail
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
+STOP_WAIT_S = 10.0  # after a scheduler failure: how long its thread may take to tell the ranks
 
 
 def vector_sources(entries: List[str]) -> List[tuple]:
@@ -103,7 +104,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
           compute_dtype: str = "float32", device: str = "auto",
           tokenizer_path: Optional[str] = None,
           name: Optional[str] = None, shutdown_grace: float = 30.0,
-          read_timeout: float = 30.0):
+          read_timeout: float = 30.0, engine: str = "native", tensor_parallel_size: int = 1):
     """Serve a model over an OpenAI-compatible HTTP API, with per-request steering and probe
     read-outs.
 
@@ -135,6 +136,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         each is ended with a 503 error (an error event and [DONE] when streaming)
     read_timeout: seconds a client has to send a request's headers (from connecting or from
         its previous answer) and its body (408); a slower connection is closed
+    engine: native (this project's engine: torchrun model parallelism, the exact float32
+        reference) or vllm (vLLM's engine with the steering plugin, server/vllm_engine.py: run
+        from the .venv-vllm/ of `make setup-vllm`; --model a Hugging Face folder)
+    tensor_parallel_size: vLLM's tensor parallelism (--engine vllm)
     """
     from llama.dist import owned_group, setup
     from llama.generation import Generator
@@ -142,6 +147,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     from steering.scale import neutral_norms
 
     from .engine import Engine, StepChannel, follow
+    from .scheduler import Scheduler
+    from .schemas import Limits
 
     if api_key_env is not None:
         api_key = os.environ.get(api_key_env)
@@ -161,6 +168,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
             raise LlamaError(f"--{flag} {v} is not a positive integer")
     if threads < 0:
         raise LlamaError(f"--threads {threads} is negative")
+    if engine not in ("native", "vllm"):
+        raise LlamaError(f"--engine {engine!r}: choose native or vllm")
+    http = Http(host, api_key, max_body, shutdown_grace, read_timeout)
+    if engine == "vllm":
+        return serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len,
+                             compute_dtype, tensor_parallel_size, name, http)
+    if tensor_parallel_size != 1:
+        raise LlamaError("--tensor_parallel_size is vLLM's (--engine vllm); the native engine "
+                         "splits the model with torchrun --nproc_per_node N")
     if threads:
         torch.set_num_threads(threads)
     with owned_group():
@@ -195,9 +211,57 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         probe_info = None if the_probe is None else {
             "source": shown_path(the_probe.source), "layer": the_probe.layer,
             "read_out": the_probe.kind, "bias": the_probe.bias}
-        http = Http(host, api_key, max_body, shutdown_grace, read_timeout)
-        run_http(engine, gen.tokenizer, channel, sock, model_id, context, info, probe_info,
-                 max_batch, http)
+        limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None, norms)
+        run_http(Scheduler(engine, gen.tokenizer, channel, max_batch), gen.tokenizer, sock,
+                 limits, info, probe_info, http)
+
+
+def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
+                  tensor_parallel_size, name, http: "Http"):
+    """serve --engine vllm: the same routes over vLLM's AsyncLLM (server/vllm_engine.py), the
+    loaded vectors' layers wrapped by the steering plugin (server/vllm_steer.py)."""
+    from llama.checkpoint import fingerprint, open_source, read_args
+    from llama.tokenizer import load_tokenizer
+    from llama.vectors import load_vectors
+
+    from .schemas import Limits
+    from .vllm_engine import VllmScheduler, engine_args
+
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise LlamaError("--engine vllm needs vLLM in this environment: run `make setup-vllm`, "
+                         "then .venv-vllm/bin/llama-ccs serve --engine vllm ...")
+    if not os.path.isfile(os.path.join(str(model), "config.json")):
+        raise LlamaError(f"--engine vllm loads a Hugging Face folder; convert {model} first: "
+                         f"python -m llama.convert {model} DIR --to hf")
+    if probe is not None:
+        raise LlamaError("--probe: probe read-outs are not on --engine vllm yet "
+                         "(serve with --engine native)")
+    if tensor_parallel_size < 1:
+        raise LlamaError(f"--tensor_parallel_size {tensor_parallel_size} is not a positive "
+                         "integer")
+    a = read_args(model)
+    weights = open_source(str(model))[0]
+    print_ = fingerprint(weights, weights.args)
+    loaded = {n: load_vectors(p, None, a.dim, a.n_layers, print_)
+              for n, p in vector_sources(vectors or [])}
+    tok = load_tokenizer(model)
+    context = min(max_seq_len, a.max_seq_len)
+    layers = sorted({x for v in loaded.values() for x in v if x > 0})
+    sock = bind(http.host, port)
+    scheduler = VllmScheduler(engine_args(str(model), context, max_batch, tensor_parallel_size,
+                                          dtype, layers), tok, loaded)
+    scheduler.start()
+    scheduler.ready.wait()
+    if scheduler.error:
+        raise LlamaError(scheduler.error)
+    model_id = name or os.path.basename(os.path.normpath(model))
+    info = [{"id": n, "object": "vector", "source": shown_path(p), "layers": sorted(loaded[n]),
+             "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())}}
+            for n, p in vector_sources(vectors or [])]
+    limits = Limits(model_id, context, a.n_layers, loaded, False, None, engine="vllm")
+    run_http(scheduler, tok, sock, limits, info, None, http)
 
 
 @dataclass
@@ -215,18 +279,16 @@ def shown_path(path: str) -> str:
     return os.path.basename(os.path.normpath(path))
 
 
-def run_http(engine, tokenizer, channel, sock, model_id, context, info, probe_info,
-             max_batch, http: Http):
+def run_http(scheduler, tokenizer, sock, limits, info, probe_info, http: Http):
+    """Serve the routes on `sock` until a signal (or the scheduler's failure). scheduler: the
+    engine behind the routes, scheduler.Scheduler (native) or vllm_engine.VllmScheduler; both
+    take Jobs by submit() and answer with their events."""
     import uvicorn
 
     from .app import Served, build_app
     from .http11 import TimedH11
-    from .scheduler import Scheduler
-    from .schemas import Limits
 
-    limits = Limits(model_id, context, engine.model.params.n_layers, engine.vectors,
-                    engine.probe is not None, engine.residual_norms)
-    scheduler = Scheduler(engine, tokenizer, channel, max_batch)
+    model_id = limits.model_id
     app = build_app(Served(scheduler, tokenizer, limits, info, probe_info, http.api_key,
                            http.max_body, http.read_timeout,
                            check_host=http.host in LOCAL and http.api_key is None))
@@ -257,14 +319,20 @@ def run_http(engine, tokenizer, channel, sock, model_id, context, info, probe_in
         server.should_exit = True
 
     scheduler.on_error = stopped
-    scheduler.start()
+    if not scheduler.is_alive():
+        scheduler.start()
     try:
         server.run(sockets=[sock])
     finally:
         grace.cancel()
-        scheduler.stop()
+        scheduler.stop(timeout=STOP_WAIT_S if scheduler.error else None)
         sock.close()
-    if scheduler.error:  # one error line, exit 2 (every other rank: its "stop" step says it)
+    if scheduler.error:  # one error line, exit 2; every other rank: its "stop" step says it,
+        if scheduler.is_alive():  # or this process's end breaks the step it is stuck in
+            try:  # stuck telling a stuck rank: no clean teardown is possible
+                fail(scheduler.error)
+            finally:
+                os._exit(2)
         raise LlamaError(scheduler.error)
     print("stopped", flush=True)
 

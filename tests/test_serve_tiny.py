@@ -132,6 +132,12 @@ def test_refusals_at_start(tiny, dist1):
     one_line_error(r, "--api_key is empty")
     r = serve_here("--model", tiny["path"], "--shutdown_grace", -1)
     one_line_error(r, "--shutdown_grace")
+    r = serve_here("--model", tiny["path"], "--engine", "tgi")
+    one_line_error(r, "--engine", "native or vllm")
+    r = serve_here("--model", tiny["path"], "--tensor_parallel_size", 2)
+    one_line_error(r, "--tensor_parallel_size", "torchrun")
+    r = serve_here("--model", tiny["path"], "--engine", "vllm")  # this environment has no vLLM
+    one_line_error(r, "make setup-vllm")
 
 
 def rank0_pid(launcher_pid: int) -> int:
@@ -519,3 +525,40 @@ def test_64_concurrent_clients_get_their_sequential_answers(tiny):
     for (text, probes), (want, want_probes), body in zip(together, alone, bodies):
         assert text == want, body
         assert probes == pytest.approx(want_probes, abs=1e-3)  # batches of other sizes
+
+
+FAULT = '''import os
+if os.environ.get("RANK") == "0":  # rank 0's engine fails inside a decode step
+    import server.engine as engine
+    real = engine.Engine.run
+
+    def run(self, step):
+        if step["op"] == "decode":
+            raise RuntimeError("rank 0 engine failed")
+        return real(self, step)
+
+    engine.Engine.run = run
+'''
+
+
+@pytest.mark.heavy
+def test_a_failed_scheduler_ends_every_torchrun_rank(tiny, tmp_path):
+    """Under torchrun (MP 2) a scheduler that fails mid-step (the fault injected into rank 0 by a
+    sitecustomize on the test's PYTHONPATH; rank 1 is then stuck in the step's collective): the
+    request gets a 503, and both ranks exit 2 with one error line each, no traceback."""
+    from conftest import ROOT
+
+    (tmp_path / "sitecustomize.py").write_text(FAULT)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + str(tmp_path)}
+    with Served(args(tiny), launcher=launcher, env=env) as s:
+        r = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 4})
+        s.proc.wait(timeout=300)
+        done = s.stop()
+    assert r.status_code == 503 and "rank 0 engine failed" in r.json()["error"]["message"]
+    assert done.returncode != 0
+    assert "error: the scheduler stopped: RuntimeError: rank 0 engine failed" in done.stderr
+    assert "rank 0 stopped serving" in done.stderr  # rank 1's line, in torchrun's summary
+    assert "[rank1]: Traceback" not in done.stderr and "[rank0]: Traceback" not in done.stderr
+    assert done.stderr.count("exitcode  : 2") == 2, done.stderr[-3000:]

@@ -1,0 +1,99 @@
+"""python -m llama.convert SRC DST --to hf: a Meta dir and the SmolLM2 GGUF -> a Hugging Face
+folder that transformers loads to our native model's hidden states, with the same tokenizer, chat
+template and end ids; bad flags."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, in_process, one_line_error
+from tiny import hf_model, hf_states, make_hf, make_meta, tokens
+
+from llama.checkpoint import load_meta_state, load_model, open_source
+from llama.convert import cli, convert
+from llama.gguf import default_model_path
+from llama.tokenizer import load_tokenizer
+
+TEXTS = ["Hello world 123", "The capital of France is", "  two  spaces\tand a tab\n",
+         "digits 1234567 and 3.14159", "café, naïve, 日本語, emoji 🙂",
+         "<|im_start|>user\nHi<|im_end|>\n", "don't won't I'M", "x" * 40]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["gqa", "tied"])
+def test_meta_dir_to_hf_loads_to_the_same_states(tmp_path, dist1, kind):
+    hf = make_hf(tmp_path / "hf", kind)
+    args, sd = load_meta_state(hf)
+    meta = make_meta(tmp_path / "meta", sd, args, shards=2, tokenizer_from=hf)
+    convert(meta, tmp_path / "out", to="hf")
+    ids = tokens()
+    native = load_model(meta, dist1).model(ids, logits=True)
+    exported = hf_states(hf_model(tmp_path / "out"), ids)
+    for layer in range(args.n_layers + 1):
+        assert rel(exported[layer], native[layer]) < 1e-5, layer
+    assert rel(exported["logits"], native["logits"]) < 1e-5
+    with open(tmp_path / "out" / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["tie_word_embeddings"] == (kind == "tied")
+    assert (cfg.get("rope_scaling") or {}).get("factor") == (32.0 if kind == "gqa" else None)
+    assert (load_tokenizer(tmp_path / "out" / "tokenizer.json").encode("Hello world")
+            == load_tokenizer(hf).encode("Hello world"))
+
+
+@pytest.fixture(scope="module")
+def smol_hf(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "hf"
+    proc = subprocess.run([sys.executable, "-m", "llama.convert", str(default_model_path()),
+                           str(out), "--to", "hf"], cwd=ROOT, text=True, capture_output=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "tied embeddings" in proc.stdout, proc.stderr
+    return out
+
+
+def test_smollm2_gguf_to_hf_matches_native(smol_hf, dist1):
+    assert sorted(os.listdir(smol_hf)) == ["config.json", "generation_config.json",
+                                          "model.safetensors", "tokenizer.json",
+                                          "tokenizer_config.json"]
+    native = load_model(default_model_path(), dist1)
+    tok = load_tokenizer(native.tokenizer_path)
+    model = hf_model(smol_hf)
+    prompt = tok.render_chat([{"role": "user", "content": "What is the capital of France?"}])
+    for text in ("The capital of France is", prompt):
+        ids = torch.tensor([tok.encode(text)])
+        ours, theirs = native.model(ids, logits=True), hf_states(model, ids)
+        for layer in range(31):
+            assert rel(theirs[layer], ours[layer]) < 1e-5, (text, layer)
+        assert rel(theirs["logits"], ours["logits"]) < 1e-5
+    with open(smol_hf / "generation_config.json") as f:
+        assert json.load(f)["eos_token_id"] in (native.end_ids, native.end_ids[0])
+
+
+def test_smollm2_hf_tokenizer_and_template_are_the_gguf_ones(smol_hf):
+    from transformers import AutoTokenizer
+
+    ours = load_tokenizer(open_source(str(default_model_path()))[2])
+    theirs = AutoTokenizer.from_pretrained(str(smol_hf))
+    for text in TEXTS:
+        assert theirs.encode(text, add_special_tokens=True) == ours.encode(text, bos=True), text
+        assert theirs.decode(ours.encode(text)) == text
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Name a colour."}]
+    assert (theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == ours.render_chat(messages[1:], system="Be brief."))
+    assert theirs.eos_token == "<|im_end|>" and theirs.bos_token == "<|im_start|>"
+
+
+def test_bad_target_and_mp_are_one_line(tmp_path):
+    hf = make_hf(tmp_path / "hf", "tied")
+    one_line_error(in_process(["convert", hf, tmp_path / "a", "--to", "onnx"], cli), "--to")
+    one_line_error(in_process(["convert", hf, tmp_path / "b", "--to", "hf", "--mp", "2"], cli),
+                   "--mp")
+    convert(hf, tmp_path / "c", to="hf")
+    one_line_error(in_process(["convert", hf, tmp_path / "c", "--to", "hf"], cli), "--overwrite")
+    convert(hf, tmp_path / "c", to="hf", overwrite=True)
+    assert os.path.isfile(tmp_path / "c" / "model.safetensors")
