@@ -48,6 +48,8 @@ class Params:
     probe: bool = False
     steer: Optional[dict] = None  # {vector, layers, multiplier, scale, ablate, positions}
     ignore_eos: bool = False  # end tokens are generated like any other (benchmarks)
+    prompt_logprobs: Optional[int] = None  # k: score the prompt's tokens, top k (echo); max_tokens
+    # may then be 0 (the prompt is scored, nothing generated)
 
 
 class Job:
@@ -66,6 +68,7 @@ class Job:
         self.sent = 0  # characters of text already in events
         self.finish: Optional[str] = None
         self.prompt_probe: Optional[float] = None
+        self.prompt_logprobs: Optional[list] = None  # Engine.score_prompt's, when asked for
         self.pending: Optional[dict] = None  # a token event waiting for its probe score
         self.done = False  # its "done" event was sent
         seed = params.seed if params.seed is not None else int(time.time_ns() % (2 ** 31))
@@ -198,11 +201,16 @@ class Scheduler(threading.Thread):
             admitted = True
             row = len(self.rows)
             out = self.step({"op": "prefill", "row": row, "ids": job.prompt_ids,
-                             "steer": job.params.steer})
+                             "steer": job.params.steer, "score": job.params.prompt_logprobs})
             if job.params.probe:
                 job.prompt_probe = self.engine.probe.score(out["states"])[0]
+            job.prompt_logprobs = out.get("prompt")
             self.rows.append(Row(job, len(job.prompt_ids), -1))
-            self._sample([(row, out["logits"][0:1])])
+            if job.params.max_tokens == 0:  # the prompt scored, nothing to generate
+                job.finish = "length"
+                self._finish(job)
+            else:
+                self._sample([(row, out["logits"][0:1])])
             self._free()
         return admitted
 

@@ -127,18 +127,22 @@ def steering(spec, limits: Limits) -> Optional[dict]:
     return out
 
 
-def common(body: dict, limits: Limits, n_prompt: int, chat: bool) -> Params:
-    """The settings both endpoints share; n_prompt: the prompt's length in tokens."""
-    if body.get("n", 1) != 1:
+def common(body: dict, limits: Limits, n_prompt: int, chat: bool, echo: bool = False) -> Params:
+    """The settings both endpoints share; n_prompt: the prompt's length in tokens. echo (a
+    completion that returns its prompt): max_tokens may be 0, and `logprobs` also scores the
+    prompt's tokens (Params.prompt_logprobs). `n` and `echo` themselves are read by the
+    completions route (server/completion.py); chat has n = 1 only."""
+    if chat and body.get("n", 1) != 1:
         raise bad("n", "only n = 1 is supported")
-    if body.get("echo"):
+    if chat and body.get("echo"):
         raise bad("echo", "echo is not supported")
+    scoring_only = echo and body.get("max_tokens") == 0
     room = limits.context - n_prompt
-    if room < 1:
+    if room < (0 if scoring_only else 1):
         raise bad("messages" if chat else "prompt", f"the prompt has {n_prompt} tokens: no room "
                   f"to generate within the context of {limits.context}")
     key = "max_completion_tokens" if chat and body.get("max_tokens") is None else "max_tokens"
-    max_tokens = _int(body, key, room if chat else min(16, room), lo=1)
+    max_tokens = _int(body, key, room if chat else min(16, room), lo=0 if echo else 1)
     if max_tokens > room:
         raise bad(key, f"prompt ({n_prompt} tokens) + {key} ({max_tokens}) exceeds the context "
                   f"of {limits.context} tokens")
@@ -168,7 +172,8 @@ def common(body: dict, limits: Limits, n_prompt: int, chat: bool) -> Params:
     return Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                   stop=stop, logprobs=logprobs, probe=probe,
                   steer=steering(body.get("steering"), limits),
-                  ignore_eos=boolean(body, "ignore_eos"))
+                  ignore_eos=boolean(body, "ignore_eos"),
+                  prompt_logprobs=logprobs if echo else None)
 
 
 def completion_prompt(body: dict) -> str:
