@@ -1,5 +1,6 @@
 """The HTTP routes (FastAPI): OpenAI's /v1/models, /v1/completions, /v1/chat/completions, plus
-/v1/vectors and /health.
+/v1/vectors and /health, and vLLM's /tokenizer_info, /tokenize and /detokenize
+(server/tokenizer_api.py).
 
     app = build_app(Served(...))
 
@@ -9,11 +10,16 @@ OpenAI sends them (`data: {chunk}` ... `data: [DONE]`); a client that goes away 
 which frees its row. Every route needs `Authorization: Bearer KEY` when the server has a key.
 `/` is left free: a `server/static/` folder, when present, is served there.
 
+`model` may name a steered alias (--alias, server/aliases.py): the request is steered as the
+alias says. /v1/completions takes every prompt form, `n` and `echo` (server/completion.py); a
+non-streaming completion is answered by `complete_many`, one job per prompt and sample.
+
 Text is text (llama.tokenizer.as_text): a completion prompt is marked as scripts/generate.py marks
 it, and Tokenizer.render_chat marks every message's content, so a `<|im_end|>` a user types is the
 tokens that spell it, and the chat template's own markers are the only special tokens.
 """
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -27,7 +33,8 @@ from starlette.exceptions import HTTPException
 
 from llama.errors import LlamaError
 
-from . import schemas
+from . import completion, schemas, tokenizer_api
+from .aliases import model_list, model_steering
 from .scheduler import Job, Scheduler
 from .schemas import ApiError, Limits
 
@@ -44,6 +51,12 @@ class Served:
     probe_info: Optional[dict]
     api_key: Optional[str] = None
     max_body: int = 1 << 20  # bytes
+    aliases: dict = dataclasses.field(default_factory=dict)  # name -> steering (aliases.py)
+
+    @property
+    def vocab(self) -> int:
+        """Token ids a request may send: those both the model and the tokenizer know."""
+        return min(self.limits.vocab, self.tokenizer.n_words)
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -87,7 +100,7 @@ def build_app(served: Served) -> FastAPI:
     @app.middleware("http")
     async def auth(request: Request, call_next):
         """The API key check, and a 500 JSON error (never a traceback) if a route fails."""
-        if served.api_key is not None and request.url.path.startswith(("/v1", "/health")):
+        if served.api_key is not None and request.url.path.startswith(API_PATHS):
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
                 return error_response(ApiError(401, "missing or wrong API key (send "
@@ -107,9 +120,23 @@ def build_app(served: Served) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": limits.model_id, "object": "model",
-                                            "created": 0, "owned_by": "llama-ccs",
-                                            "context": limits.context}]}
+        return {"object": "list", "data": model_list(limits, served.aliases)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return tokenizer_api.tokenizer_info(tok, limits)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await read_json(request, served.max_body)
+        model_steering(body, limits, served.aliases)  # a model it does not serve: 404
+        return tokenizer_api.tokenize(body, tok, limits)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await read_json(request, served.max_body)
+        model_steering(body, limits, served.aliases)
+        return tokenizer_api.detokenize(body, tok, served.vocab)
 
     @app.get("/v1/vectors")
     async def vectors():
@@ -119,15 +146,19 @@ def build_app(served: Served) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_json(request, served.max_body)
-        schemas.check_model(body, limits)
-        prompt = schemas.completion_prompt(body)
-        ids = tok.encode(tok.as_text(prompt), bos=True)  # text, as scripts/generate.py reads it
-        return await answer(request, body, ids, chat=False)
+        steer = model_steering(body, limits, served.aliases)
+        prompts = completion.read_prompts(body.get("prompt"), tok, served.vocab)
+        n = completion.choices_per_prompt(body, len(prompts))
+        stream = schemas.boolean(body, "stream")
+        echo = completion.echo_flag(body, stream, len(prompts) * n)
+        if stream:  # one prompt, n = 1, no echo
+            return await answer(request, body, prompts[0].ids, chat=False, steer=steer)
+        return await complete_many(request, served, body, prompts, n, echo, steer)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request, served.max_body)
-        schemas.check_model(body, limits)
+        steer = model_steering(body, limits, served.aliases)
         messages = schemas.chat_messages(body)
         if tok.chat_source == "none":
             raise ApiError(400, "this model's tokenizer has no chat format: use /v1/completions",
@@ -136,10 +167,12 @@ def build_app(served: Served) -> FastAPI:
             ids = tok.encode(tok.render_chat(messages), bos=True)
         except LlamaError as e:
             raise ApiError(400, str(e), "messages") from None
-        return await answer(request, body, ids, chat=True)
+        return await answer(request, body, ids, chat=True, steer=steer)
 
-    async def answer(request: Request, body: dict, ids, chat: bool):
+    async def answer(request: Request, body: dict, ids, chat: bool, steer=None):
         params = schemas.common(body, limits, len(ids), chat)
+        if steer is not None:  # a steered alias (its request carries no steering field)
+            params.steer = steer
         stream = schemas.boolean(body, "stream")
         usage_chunk = isinstance(body.get("stream_options"), dict) and \
             bool(body["stream_options"].get("include_usage"))
@@ -156,7 +189,7 @@ def build_app(served: Served) -> FastAPI:
         if not served.scheduler.is_alive():
             raise ApiError(503, "the server is shutting down", kind="server_error")
         served.scheduler.submit(job)
-        shape = Shape(chat, limits.model_id, job, tok)
+        shape = Shape(chat, body.get("model") or limits.model_id, job, tok)
         if stream:
             return StreamingResponse(stream_events(job, events, shape, usage_chunk),
                                      media_type="text/event-stream",
@@ -183,6 +216,82 @@ def build_app(served: Served) -> FastAPI:
 
         app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
     return app
+
+
+API_PATHS = ("/v1", "/health", "/tokenize", "/detokenize", "/tokenizer_info")  # behind the key
+
+
+async def complete_many(request: Request, served: Served, body: dict, prompts: list, n: int,
+                        echo: bool, steer: Optional[dict]):
+    """A non-streaming /v1/completions answer: one job per prompt and sample (choice index
+    i * n + j), each checked before any runs, all waited for (a client that leaves cancels
+    them all). With echo the prompt's text leads each choice's text and, with `logprobs`, the
+    prompt's own scores lead its `logprobs` (the first sample of each prompt scores it)."""
+    limits, tok = served.limits, served.tokenizer
+    plans = []
+    for prompt in prompts:
+        params = schemas.common(body, limits, len(prompt.ids), False, echo=echo)
+        if steer is not None:
+            params.steer = steer
+        for j in range(n):
+            seed = None if params.seed is None else params.seed + j  # n samples, n streams
+            plans.append((prompt, params if j == 0 else dataclasses.replace(
+                params, seed=seed, prompt_logprobs=None)))
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emitter(index):
+        def emit(event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (index, event))
+            except RuntimeError:
+                pass  # the event loop is closed: the server is gone
+        return emit
+
+    jobs = [Job(prompt.ids, params, emitter(k)) for k, (prompt, params) in enumerate(plans)]
+    if not served.scheduler.is_alive():
+        raise ApiError(503, "the server is shutting down", kind="server_error")
+    model = body.get("model") or limits.model_id
+    shapes = [Shape(False, model, job, tok) for job in jobs]
+    for job in jobs:
+        served.scheduler.submit(job)
+    try:
+        left = len(jobs)
+        while left:
+            try:
+                k, event = await asyncio.wait_for(events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse({}, status_code=499)
+                continue
+            if event["type"] == "error":
+                raise ApiError(503, event["message"], kind="server_error")
+            shapes[k].add(event)
+            left -= event["type"] == "done"
+    finally:
+        for job in jobs:
+            job.cancelled.set()  # a no-op once done; frees the rows of an abandoned request
+    return answer_many(shapes, plans, n, echo, tok)
+
+
+def answer_many(shapes: list, plans: list, n: int, echo: bool, tok) -> dict:
+    """The completion object of complete_many's finished jobs."""
+    choices = []
+    for k, (shape, (prompt, params)) in enumerate(zip(shapes, plans)):
+        choice = shape.whole()["choices"][0]
+        choice["index"] = k
+        if echo:
+            first = shapes[k - k % n].job  # the sample that scored this prompt
+            choice["text"] = prompt.text + choice["text"]
+            choice["logprobs"] = completion.echo_logprobs(tok, prompt, first.prompt_logprobs,
+                                                          choice["logprobs"])
+        choices.append(choice)
+    out = shapes[0]._envelope(choices, False)
+    prompt_tokens = sum(len(prompt.ids) for prompt, _ in plans[::n])
+    generated = sum(len(shape.tokens) for shape in shapes)
+    out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                    "total_tokens": prompt_tokens + generated}
+    return out
 
 
 CONVENTIONS = {

@@ -3,6 +3,7 @@
 
     python scripts/serve.py --model PATH [--host 127.0.0.1] [--port 8000] [--vectors DIR ...]
         [--probe RUN/probes/METHOD.safetensors --probe_layer L] [--max_batch 8]
+        [--alias NAME=VECTOR:LAYERS:MULTIPLIER[:residual] ...]
     torchrun --nproc_per_node MP scripts/serve.py --model PATH ...
 """
 import contextlib
@@ -116,7 +117,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
           no_auth: bool = False, max_body: int = 1 << 20, threads: int = 0,
           compute_dtype: str = "float32", device: str = "auto",
           tokenizer_path: Optional[str] = None,
-          name: Optional[str] = None):
+          name: Optional[str] = None, alias: Optional[List[str]] = None):
     """Serve a model over an OpenAI-compatible HTTP API, with per-request steering and probe
     read-outs.
 
@@ -138,12 +139,18 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     device: auto, cpu or cuda (default: auto)
     tokenizer_path: the tokenizer file, when the model's own is not found beside it
     name: the model id clients use (default: the model file or folder name)
+    alias: a steered model by name, NAME=VECTOR:LAYERS:MULTIPLIER[:SCALE] (layers
+        comma-separated, SCALE raw or residual; e.g. sent=sentiment:10,14:0.25:residual) or
+        NAME={JSON steering settings}, the flag given once per alias: /v1/models lists NAME and
+        a request for model NAME is steered so
     """
     from llama.dist import setup, teardown
     from llama.generation import Generator
     from llama.vectors import load_vectors
 
+    from .aliases import read_aliases
     from .engine import Engine, StepChannel, follow
+    from .schemas import Limits
 
     if api_key_env is not None:
         api_key = os.environ.get(api_key_env)
@@ -178,6 +185,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                   for n, p in vector_sources(vectors or [])}
         the_probe = None if probe is None else load_probe(probe, probe_layer, a.dim, a.n_layers,
                                                           gen.fingerprint)
+        model_id = name or os.path.splitext(os.path.basename(os.path.normpath(model)))[0]
+        limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None,
+                        a.vocab_size)
+        aliases = read_aliases(alias or [], limits)  # on every rank: all refuse a bad one
         norms = residual_norms(gen.model, gen.tokenizer, {x for v in loaded.values() for x in v})
         engine = Engine(gen.model, loaded, norms, the_probe, max_batch, context)
         channel = StepChannel()
@@ -186,7 +197,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                 signal.signal(sig, signal.SIG_IGN)
             follow(engine, channel)
             return
-        model_id = name or os.path.splitext(os.path.basename(os.path.normpath(model)))[0]
         info = [{"id": n, "object": "vector", "source": p, "layers": sorted(loaded[n]),
                  "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())},
                  "residual_norms": {str(x): norms[x] for x in sorted(loaded[n])}}
@@ -194,25 +204,24 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         probe_info = None if the_probe is None else {
             "source": the_probe.source, "layer": the_probe.layer, "read_out": the_probe.kind,
             "bias": the_probe.bias}
-        run_http(engine, gen.tokenizer, channel, sock, model_id, context, info, probe_info,
-                 api_key, max_batch, max_body, host)
+        run_http(engine, gen.tokenizer, channel, sock, limits, info, probe_info, api_key,
+                 max_batch, max_body, host, aliases)
     finally:
         if own_group:
             teardown()
 
 
-def run_http(engine, tokenizer, channel, sock, model_id, context, info, probe_info, api_key,
-             max_batch, max_body, host):
+def run_http(engine, tokenizer, channel, sock, limits, info, probe_info, api_key, max_batch,
+             max_body, host, aliases):
     import uvicorn
 
     from .app import Served, build_app
     from .scheduler import Scheduler
-    from .schemas import Limits
 
-    limits = Limits(model_id, context, engine.model.params.n_layers, engine.vectors,
-                    engine.probe is not None)
+    model_id = limits.model_id
     scheduler = Scheduler(engine, tokenizer, channel, max_batch)
-    app = build_app(Served(scheduler, tokenizer, limits, info, probe_info, api_key, max_body))
+    app = build_app(Served(scheduler, tokenizer, limits, info, probe_info, api_key, max_body,
+                           aliases))
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
 

@@ -40,6 +40,7 @@ class Limits:
     n_layers: int
     vectors: dict  # name -> {layer: tensor}
     has_probe: bool
+    vocab: int = 0  # the model's vocabulary size (token ids 0..vocab-1)
 
 
 def _number(body: dict, key: str, default, lo=None, lo_open=False, hi=None):
