@@ -140,6 +140,24 @@ def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(x.nan_to_num(nan=0.0), -1).float()
 
 
+def pick(logits: torch.Tensor, temperature: float, top_p: float,
+         gen: Optional[torch.Generator]) -> torch.Tensor:
+    """The one token-picking rule (Generator and the server's scheduler): logits [B, V] (CPU)
+    -> [B] token ids (int64). Temperature 0: the argmax (the lowest id among exact ties); else a
+    draw from nucleus(tempered_probs(logits, temperature), top_p) with `gen` (any temperature > 0
+    is safe: a tiny one is greedy). A row whose logits hold a NaN or an infinity gets -1 (no
+    token is picked from it; the other rows are picked as if it were not there, except that a
+    draw still consumes its share of `gen`)."""
+    finite = torch.isfinite(logits).all(-1)
+    if not bool(finite.all()):
+        logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+    if temperature == 0:
+        ids = logits.argmax(-1)
+    else:
+        ids = sample_top_p(tempered_probs(logits, temperature), top_p, gen)
+    return ids.masked_fill(~finite, -1)
+
+
 def _mp_broadcast(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The token ids [B] of the model-parallel group's first rank, on every rank of the group
     (sent from `device`: nccl sends only CUDA tensors)."""
@@ -226,19 +244,19 @@ class Generator:
         pos = plen.clone()
         for step in range(1, int(limit.max()) + 1):
             logits = logits.cpu()
-            finite = torch.isfinite(logits).all(-1)
-            if not bool(finite.all()):  # such rows stop here; the others pick from finite logits
-                logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
-            ids = self._pick(logits, cfg, gen, device)
+            ids = _mp_broadcast(pick(logits, cfg.temperature, cfg.top_p, gen).contiguous(),
+                                device)
+            finite = ids >= 0  # -1: non-finite logits; such rows stop here
             if cfg.logprobs:
-                lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, None])[:, 0]
+                lp = torch.log_softmax(logits.float(), -1).gather(-1, ids.clamp(min=0)[:, None])
+                lp = lp[:, 0]
             for b in range(B):
                 if finish[b] is not None:
                     continue
                 if not bool(finite[b]):
                     finish[b] = f"error: non-finite logits at step {step}"
                     if os.environ.get("RANK", "0") == "0":
-                            print(f"warning: prompt {b} "
+                        print(f"warning: prompt {b} "
                               f"({_snippet(self.tokenizer, prompt_tokens[b])}): non-finite "
                               f"logits at step {step}; its completion stops there",
                               file=sys.stderr, flush=True)
@@ -256,21 +274,13 @@ class Generator:
                     on_done(b, out[b], logps[b] if cfg.logprobs else None, finish[b])
             if all(f is not None for f in finish):
                 break
+            ids = ids.clamp(min=0)  # a stopped row's feed is never read
             running = torch.tensor([f is None for f in finish], device=device)
             h = model(ids[:, None].to(device), layers=[last], start=pos, cache=cache, steer=steer,
                       prompt_len=first_steered)[last]
             logits = model.logits_of(h[:, 0])
             pos = pos + running.long()  # finished rows stay put: their writes never pass the cache
         return [(o, row if cfg.logprobs else None, f) for o, row, f in zip(out, logps, finish)]
-
-    def _pick(self, logits: torch.Tensor, cfg: Sampling, gen: torch.Generator,
-              device: torch.device) -> torch.Tensor:
-        """logits [B, vocab] on the CPU -> [B] token ids, the same on every model-parallel rank."""
-        if cfg.temperature == 0:
-            ids = logits.argmax(-1)
-        else:
-            ids = sample_top_p(tempered_probs(logits, cfg.temperature), cfg.top_p, gen)
-        return _mp_broadcast(ids.contiguous(), device)
 
     def text_completion(self, prompts: List[str], cfg: Sampling, steer: Optional[Steer] = None,
                         on_done: Optional[Callable[[Completion], None]] = None,

@@ -2,8 +2,8 @@
 by SPEC, so a client that can only choose a model (lm-eval, LangChain, Inspect, chat pages)
 evaluates a steered model, log-likelihood requests included.
 
-    aliases = read_aliases(["sent=sentiment:10,14:0.25:residual"], limits)
-    steer = model_steering(body, limits, aliases)   # None: the base model; else the alias's
+    limits.aliases = read_aliases(["sent=sentiment:10,14:0.25:residual"], limits)
+    # a request for model "sent" is then steered so (server/schemas.py check_model)
 
 SPEC is `VECTOR:LAYERS:MULTIPLIER[:SCALE]` (layers comma-separated; SCALE raw, the default, or
 residual) or a JSON object of the full steering settings (the request field `steering`: vector,
@@ -13,7 +13,7 @@ layers, multiplier, scale, ablate, positions), e.g.
 `steering` is refused (400): the alias already says how the model is steered.
 """
 import json
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from llama.errors import LlamaError
 
@@ -68,27 +68,10 @@ def read_aliases(entries: List[str], limits: Limits) -> Dict[str, dict]:
     return out
 
 
-def model_steering(body: dict, limits: Limits, aliases: Dict[str, dict]) -> Optional[dict]:
-    """The request's `model`: absent or the served model -> None; an alias -> its steering
-    settings (400 when the request carries `steering` too); anything else -> 404 naming the
-    models served."""
-    model = body.get("model")
-    if model is None or model == limits.model_id:
-        return None
-    if isinstance(model, str) and model in aliases:
-        if body.get("steering") is not None:
-            raise ApiError(400, f"steering: model {model!r} is a steered alias (its steering is "
-                           f"fixed); send steering to {limits.model_id!r} instead", "steering")
-        return aliases[model]
-    served = ", ".join(repr(m) for m in [limits.model_id, *aliases])
-    raise ApiError(404, f"model {model!r} does not exist: this server serves {served}", "model",
-                   code="model_not_found")
-
-
-def model_list(limits: Limits, aliases: Dict[str, dict]) -> List[dict]:
+def model_list(limits: Limits) -> List[dict]:
     """GET /v1/models entries: the served model, then each alias with its steering settings."""
     base = {"object": "model", "created": 0, "owned_by": "llama-ccs", "context": limits.context}
     out = [{"id": limits.model_id, **base}]
-    for name, spec in aliases.items():
+    for name, spec in limits.aliases.items():
         out.append({"id": name, **base, "root": limits.model_id, "steering": spec})
     return out

@@ -2,17 +2,22 @@
 /v1/vectors and /health, and vLLM's /tokenizer_info, /tokenize and /detokenize
 (server/tokenizer_api.py).
 
-    app = build_app(Served(...))
+    app = build_app(Served(...))   # `router`'s routes; the Served in app.state
 
-Requests are checked (server/schemas.py), turned into a Job and handed to the scheduler thread;
+The routes are module-level functions on one APIRouter, as vLLM's OpenAI entrypoint has them; a
+POST route's body is read here (size limit, JSON) and checked into its request model
+(server/schemas.py: CompletionRequest, ChatRequest) by a dependency, so a bad field is a 400
+naming it (never FastAPI's own 422). A checked request becomes a Job handed to the scheduler
+thread;
 its events come back through an asyncio queue. Streaming answers are server-sent events as
 OpenAI sends them (`data: {chunk}` ... `data: [DONE]`); a client that goes away cancels its job,
 which frees its row. Every route needs `Authorization: Bearer KEY` when the server has a key.
 `/` is left free: a `server/static/` folder, when present, is served there.
 
 `model` may name a steered alias (--alias, server/aliases.py): the request is steered as the
-alias says. /v1/completions takes every prompt form, `n` and `echo` (server/completion.py); a
-non-streaming completion is answered by `complete_many`, one job per prompt and sample.
+alias says, and /v1/models lists it. /v1/completions takes every prompt form, `n` and `echo`
+(server/schemas.py); a whole (not streamed) completion is answered by `complete_many`, one job
+per prompt and sample.
 
 Text is text (llama.tokenizer.as_text): a completion prompt is marked as scripts/generate.py marks
 it, and Tokenizer.render_chat marks every message's content, so a `<|im_end|>` a user types is the
@@ -27,16 +32,14 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from llama.errors import LlamaError
-
-from . import completion, schemas, tokenizer_api
-from .aliases import model_list, model_steering
+from . import completion, tokenizer_api
+from .aliases import model_list
 from .scheduler import Job, Scheduler
-from .schemas import ApiError, Limits
+from .schemas import ApiError, ChatRequest, CompletionRequest, Limits, check_model
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -51,12 +54,8 @@ class Served:
     probe_info: Optional[dict]
     api_key: Optional[str] = None
     max_body: int = 1 << 20  # bytes
-    aliases: dict = dataclasses.field(default_factory=dict)  # name -> steering (aliases.py)
-
-    @property
-    def vocab(self) -> int:
-        """Token ids a request may send: those both the model and the tokenizer know."""
-        return min(self.limits.vocab, self.tokenizer.n_words)
+    read_timeout: float = 30.0  # seconds a request's body may take to arrive
+    check_host: bool = False  # loopback only, no key: the Host header must name a loopback address
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -64,177 +63,174 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, refused past `limit` bytes (413) or when not JSON (400)."""
+async def read_json(request: Request, limit: int, timeout: float = 30.0) -> dict:
+    """The body as a JSON object, refused past `limit` bytes (413), when its Content-Type is not
+    application/json (415: a web page's form or text/plain post cannot reach a route), when it
+    takes over `timeout` seconds to arrive (408) or when it is not a JSON object (400)."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > limit:
         raise ApiError(413, f"the request body is over the limit of {limit} bytes")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"Content-Type {kind or 'missing'}: send application/json")
     data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise ApiError(413, f"the request body is over the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > limit:
+                    raise ApiError(413, f"the request body is over the limit of {limit} bytes")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s") from None
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
 
 
-def build_app(served: Served) -> FastAPI:
-    app = FastAPI(title="llama-ccs", docs_url=None, redoc_url=None, openapi_url=None)
-    limits, tok = served.limits, served.tokenizer
+router = APIRouter()
 
-    @app.exception_handler(ApiError)
-    async def api_error(request, e: ApiError):
-        return error_response(e)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: "
-                                       f"{e.detail}", kind=kind))
+def served_by(request: Request) -> Served:
+    """The Served of the app handling `request` (build_app puts it in app.state)."""
+    return request.app.state.served
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        """The API key check, and a 500 JSON error (never a traceback) if a route fails."""
-        if served.api_key is not None and request.url.path.startswith(API_PATHS):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
-                return error_response(ApiError(401, "missing or wrong API key (send "
-                                               "Authorization: Bearer KEY)",
-                                               code="invalid_api_key"))
+
+async def completion_request(request: Request) -> CompletionRequest:
+    served = served_by(request)
+    body = await read_json(request, served.max_body, served.read_timeout)
+    return CompletionRequest.check(body, served.limits, served.tokenizer)
+
+
+async def chat_request(request: Request) -> ChatRequest:
+    served = served_by(request)
+    body = await read_json(request, served.max_body, served.read_timeout)
+    return ChatRequest.check(body, served.limits, served.tokenizer)
+
+
+@router.get("/health")
+async def health(request: Request):
+    """200 while the scheduler runs; 503 once it has stopped (a failure or a shutdown)."""
+    sched = served_by(request).scheduler
+    alive = sched.is_alive() and not sched.halt.is_set()
+    return JSONResponse({"status": "ok" if alive else "stopped", **sched.load(),
+                         "error": sched.error}, status_code=200 if alive else 503)
+
+
+@router.get("/v1/models")
+async def show_models(request: Request):
+    """The served model, then each steered alias with its steering settings."""
+    return {"object": "list", "data": model_list(served_by(request).limits)}
+
+
+@router.get("/tokenizer_info")
+async def show_tokenizer(request: Request):
+    served = served_by(request)
+    return tokenizer_api.tokenizer_info(served.tokenizer, served.limits)
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request):
+    served = served_by(request)
+    body = await read_json(request, served.max_body, served.read_timeout)
+    check_model(body, served.limits)  # a model it does not serve: 404
+    return tokenizer_api.tokenize(body, served.tokenizer, served.limits)
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request):
+    served = served_by(request)
+    body = await read_json(request, served.max_body, served.read_timeout)
+    check_model(body, served.limits)
+    return tokenizer_api.detokenize(body, served.tokenizer, served.limits.vocab)
+
+
+@router.get("/v1/vectors")
+async def show_vectors(request: Request):
+    served = served_by(request)
+    return {"object": "list", "data": served.vectors_info, "probe": served.probe_info,
+            "conventions": CONVENTIONS}
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request,
+                            body: CompletionRequest = Depends(completion_request)):
+    if body.stream:  # one prompt, n = 1, no echo
+        return await answer(request, body, chat=False)
+    return await complete_many(request, body)
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(request: Request, body: ChatRequest = Depends(chat_request)):
+    return await answer(request, body, chat=True)
+
+
+async def answer(request: Request, body, chat: bool):
+    """Hand a checked request to the scheduler; its events become the response (whole, or
+    server-sent events when streaming)."""
+    served = served_by(request)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emit(event):
         try:
-            return await call_next(request)
-        except Exception as e:  # a bug: the client gets a JSON error, the server goes on
-            return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}",
-                                           kind="server_error"))
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:
+            pass  # the event loop is closed: the server is gone
 
-    @app.get("/health")
-    async def health():
-        sched = served.scheduler
-        status = "ok" if sched.is_alive() else "stopped"
-        return {"status": status, **sched.load(), "error": sched.error}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": model_list(limits, served.aliases)}
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        return tokenizer_api.tokenizer_info(tok, limits)
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        body = await read_json(request, served.max_body)
-        model_steering(body, limits, served.aliases)  # a model it does not serve: 404
-        return tokenizer_api.tokenize(body, tok, limits)
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request):
-        body = await read_json(request, served.max_body)
-        model_steering(body, limits, served.aliases)
-        return tokenizer_api.detokenize(body, tok, served.vocab)
-
-    @app.get("/v1/vectors")
-    async def vectors():
-        return {"object": "list", "data": served.vectors_info, "probe": served.probe_info,
-                "conventions": CONVENTIONS}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_json(request, served.max_body)
-        steer = model_steering(body, limits, served.aliases)
-        prompts = completion.read_prompts(body.get("prompt"), tok, served.vocab)
-        n = completion.choices_per_prompt(body, len(prompts))
-        stream = schemas.boolean(body, "stream")
-        echo = completion.echo_flag(body, stream, len(prompts) * n)
-        if stream:  # one prompt, n = 1, no echo
-            return await answer(request, body, prompts[0].ids, chat=False, steer=steer)
-        return await complete_many(request, served, body, prompts, n, echo, steer)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_json(request, served.max_body)
-        steer = model_steering(body, limits, served.aliases)
-        messages = schemas.chat_messages(body)
-        if tok.chat_source == "none":
-            raise ApiError(400, "this model's tokenizer has no chat format: use /v1/completions",
-                           "messages")
-        try:  # render_chat marks the contents as text: only the template's markers are special
-            ids = tok.encode(tok.render_chat(messages), bos=True)
-        except LlamaError as e:
-            raise ApiError(400, str(e), "messages") from None
-        return await answer(request, body, ids, chat=True, steer=steer)
-
-    async def answer(request: Request, body: dict, ids, chat: bool, steer=None):
-        params = schemas.common(body, limits, len(ids), chat)
-        if steer is not None:  # a steered alias (its request carries no steering field)
-            params.steer = steer
-        stream = schemas.boolean(body, "stream")
-        usage_chunk = isinstance(body.get("stream_options"), dict) and \
-            bool(body["stream_options"].get("include_usage"))
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def emit(event):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:
-                pass  # the event loop is closed: the server is gone
-
-        job = Job(ids, params, emit)
-        if not served.scheduler.is_alive():
-            raise ApiError(503, "the server is shutting down", kind="server_error")
-        served.scheduler.submit(job)
-        shape = Shape(chat, body.get("model") or limits.model_id, job, tok)
-        if stream:
-            return StreamingResponse(stream_events(job, events, shape, usage_chunk),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if event["type"] == "error":
-                    raise ApiError(503, event["message"], kind="server_error")
-                shape.add(event)
-                if event["type"] == "done":
-                    return shape.whole()
-        finally:
-            job.cancelled.set()  # a no-op once done; frees the row if the handler was cancelled
-
-    if os.path.isdir(STATIC):
-        from fastapi.staticfiles import StaticFiles
-
-        app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
-    return app
+    job = Job(body.prompt_ids, body.params, emit)
+    if not served.scheduler.is_alive():
+        raise ApiError(503, "the server is shutting down", kind="server_error")
+    served.scheduler.submit(job)
+    shape = Shape(chat, body.model, job, served.tokenizer)
+    if body.stream:
+        return StreamingResponse(stream_events(job, events, shape, body.include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    watch = asyncio.ensure_future(watch_disconnect(request, job, events))
+    try:
+        while True:
+            event = await events.get()
+            if event["type"] == "gone":
+                return JSONResponse({}, status_code=499)  # no one reads it
+            if event["type"] == "error":
+                raise event_error(event)
+            shape.add(event)
+            if event["type"] == "done":
+                return shape.whole()
+    finally:
+        watch.cancel()
+        job.cancelled.set()  # a no-op once done; frees the row if the handler was cancelled
 
 
-API_PATHS = ("/v1", "/health", "/tokenize", "/detokenize", "/tokenizer_info")  # behind the key
+async def watch_disconnect(request: Request, job: Job, events: asyncio.Queue):
+    """Cancel the job (its row is freed at the next step) when the client of a whole (not
+    streamed) answer goes away, and tell its handler ("gone"): the body is read, so the next
+    message is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancelled.set()
+            events.put_nowait({"type": "gone"})
+            return
 
 
-async def complete_many(request: Request, served: Served, body: dict, prompts: list, n: int,
-                        echo: bool, steer: Optional[dict]):
-    """A non-streaming /v1/completions answer: one job per prompt and sample (choice index
-    i * n + j), each checked before any runs, all waited for (a client that leaves cancels
-    them all). With echo the prompt's text leads each choice's text and, with `logprobs`, the
-    prompt's own scores lead its `logprobs` (the first sample of each prompt scores it)."""
-    limits, tok = served.limits, served.tokenizer
+async def complete_many(request: Request, body: CompletionRequest):
+    """A whole /v1/completions answer: one job per prompt and sample (choice i * n + j), all
+    waited for; a client that leaves cancels them all. Sample j of a seeded request uses seed +
+    j (n samples, not one repeated). With echo the prompt's text leads each choice's text and,
+    with `logprobs`, the prompt's own scores lead its `logprobs` (each prompt's first sample
+    scores it, in its prefill)."""
+    served = served_by(request)
     plans = []
-    for prompt in prompts:
-        params = schemas.common(body, limits, len(prompt.ids), False, echo=echo)
-        if steer is not None:
-            params.steer = steer
-        for j in range(n):
-            seed = None if params.seed is None else params.seed + j  # n samples, n streams
+    for prompt, params in zip(body.prompts, body.settings):
+        for j in range(body.n):
+            seed = None if params.seed is None else params.seed + j
             plans.append((prompt, params if j == 0 else dataclasses.replace(
                 params, seed=seed, prompt_logprobs=None)))
     loop = asyncio.get_running_loop()
@@ -251,47 +247,128 @@ async def complete_many(request: Request, served: Served, body: dict, prompts: l
     jobs = [Job(prompt.ids, params, emitter(k)) for k, (prompt, params) in enumerate(plans)]
     if not served.scheduler.is_alive():
         raise ApiError(503, "the server is shutting down", kind="server_error")
-    model = body.get("model") or limits.model_id
-    shapes = [Shape(False, model, job, tok) for job in jobs]
+    shapes = [Shape(False, body.model, job, served.tokenizer) for job in jobs]
     for job in jobs:
         served.scheduler.submit(job)
+    watch = asyncio.ensure_future(watch_disconnect_all(request, jobs, events))
     try:
         left = len(jobs)
         while left:
-            try:
-                k, event = await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return JSONResponse({}, status_code=499)
-                continue
+            k, event = await events.get()
+            if event["type"] == "gone":
+                return JSONResponse({}, status_code=499)  # no one reads it
             if event["type"] == "error":
-                raise ApiError(503, event["message"], kind="server_error")
+                raise event_error(event)
             shapes[k].add(event)
             left -= event["type"] == "done"
     finally:
+        watch.cancel()
         for job in jobs:
             job.cancelled.set()  # a no-op once done; frees the rows of an abandoned request
-    return answer_many(shapes, plans, n, echo, tok)
+    return completion_object(shapes, plans, body, served.tokenizer)
 
 
-def answer_many(shapes: list, plans: list, n: int, echo: bool, tok) -> dict:
-    """The completion object of complete_many's finished jobs."""
+async def watch_disconnect_all(request: Request, jobs: list, events: asyncio.Queue):
+    """watch_disconnect for complete_many's jobs: all cancelled when the client goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            for job in jobs:
+                job.cancelled.set()
+            events.put_nowait((None, {"type": "gone"}))
+            return
+
+
+def completion_object(shapes: list, plans: list, body: CompletionRequest, tok) -> dict:
+    """The text_completion object of complete_many's finished jobs."""
     choices = []
-    for k, (shape, (prompt, params)) in enumerate(zip(shapes, plans)):
+    for k, (shape, (prompt, _)) in enumerate(zip(shapes, plans)):
         choice = shape.whole()["choices"][0]
         choice["index"] = k
-        if echo:
-            first = shapes[k - k % n].job  # the sample that scored this prompt
+        if body.echo:
+            first = shapes[k - k % body.n].job  # the sample that scored this prompt
             choice["text"] = prompt.text + choice["text"]
             choice["logprobs"] = completion.echo_logprobs(tok, prompt, first.prompt_logprobs,
                                                           choice["logprobs"])
         choices.append(choice)
     out = shapes[0]._envelope(choices, False)
-    prompt_tokens = sum(len(prompt.ids) for prompt, _ in plans[::n])
+    prompt_tokens = sum(len(prompt.ids) for prompt in body.prompts)
     generated = sum(len(shape.tokens) for shape in shapes)
     out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
                     "total_tokens": prompt_tokens + generated}
     return out
+
+
+async def api_error(request: Request, e: ApiError):
+    return error_response(e)
+
+
+async def http_error(request: Request, e: HTTPException):
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: "
+                                   f"{e.detail}", kind=kind))
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+API_PATHS = ("/v1", "/health", "/tokenize", "/detokenize", "/tokenizer_info")  # behind the key
+
+
+def host_name(header: str) -> str:
+    """A Host header's name: "[::1]:8000" -> "::1", "localhost:8000" -> "localhost"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]")[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+async def guard(request: Request, call_next):
+    """The Host check (a keyless loopback server answers only loopback names: DNS rebinding),
+    the API key check, and a 500 JSON error (never a traceback) if a route fails."""
+    served = served_by(request)
+    if served.check_host and host_name(request.headers.get("host", "")) not in LOOPBACK:
+        return error_response(ApiError(421, f"Host {request.headers.get('host', '')!r}: this "
+                                       "server answers only loopback host names (127.0.0.1, "
+                                       "localhost, [::1])", code="misdirected_request"))
+    key = served.api_key
+    if key is not None and request.url.path.startswith(API_PATHS):
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return error_response(ApiError(401, "missing or wrong API key (send "
+                                           "Authorization: Bearer KEY)",
+                                           code="invalid_api_key"))
+    try:
+        return await call_next(request)
+    except Exception as e:  # a bug: the client gets a JSON error, the server goes on
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}",
+                                       kind="server_error"))
+
+
+def build_app(served: Served) -> FastAPI:
+    """The app: `router`'s routes over `served`, OpenAI-shaped errors, the key check, and
+    server/static/ at `/` when present."""
+    app = FastAPI(title="llama-ccs", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.served = served
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.middleware("http")(guard)
+    app.include_router(router)
+    app.router.default = static_or_404(STATIC if os.path.isdir(STATIC) else None)
+    return app
+
+
+def static_or_404(folder: Optional[str]):
+    """What answers a path no route has: a GET of a file under `folder` (the playground), else
+    404. (A known path with another method is the router's 405.)"""
+    from fastapi.staticfiles import StaticFiles
+
+    files = StaticFiles(directory=folder, html=True) if folder else None
+
+    async def app(scope, receive, send):
+        if files is None or scope["method"] not in ("GET", "HEAD"):
+            raise HTTPException(404, "Not Found")
+        await files(scope, receive, send)
+
+    return app
 
 
 CONVENTIONS = {
@@ -315,7 +392,7 @@ async def stream_events(job: Job, events: asyncio.Queue, shape: "Shape", usage_c
         while True:
             event = await events.get()
             if event["type"] == "error":
-                yield sse(ApiError(503, event["message"], kind="server_error").body())
+                yield sse(event_error(event).body())
                 break
             shape.add(event)
             if event["type"] == "token":
@@ -328,6 +405,14 @@ async def stream_events(job: Job, events: asyncio.Queue, shape: "Shape", usage_c
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()  # a client that left mid-stream frees its row
+
+
+def event_error(event: dict) -> ApiError:
+    """A scheduler's error event as the answer's error: 400 for the request's own doing, 500 or
+    503 (the server's) otherwise."""
+    status = event.get("status", 503)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return ApiError(status, event["message"], event.get("param"), kind=kind)
 
 
 def sse(obj: dict) -> str:

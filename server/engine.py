@@ -6,14 +6,18 @@ the scheduler hands out, the same on every model-parallel rank.
     out = engine.run({"op": "decode", "tokens": [...], "pos": [...], "plen": [...],
                       "steer": [None, {...}]})
 
-A step is a JSON-able dict (ops: prefill, decode, move, idle, stop). Rank 0's scheduler builds each
+A step is a JSON-able dict (ops: prefill, decode, free, idle, stop). Rank 0's scheduler builds each
 one, `send_step` broadcasts it to the other ranks of a torchrun world (the other ranks loop in
 `follow`), and every rank runs it: the model's all-reduces pair up, and the rows hold the same
 keys and values everywhere. Only rank 0 reads the outputs.
 
 Rows in use are always 0..n-1 (a finished row's place is filled by moving the last row into it:
-`move`), so a decode step runs on the contiguous slice of the cache, each row at its own
-position (llama.model.KVCache semantics: row b attends to its positions 0..pos[b]).
+`free`), so a decode step runs on the contiguous slice of the cache, each row at its own
+position (llama.model.KVCache semantics: row b attends to its positions 0..pos[b]). A freed row
+is zeroed up to the positions it was written at (`filled`): a decode step reads every row's
+positions up to the longest row's, masked, and a NaN left there by an overflowing request would
+turn a masked product into NaN in the next request on that row (KVCache: masked positions must
+hold no NaN).
 """
 import json
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as tdist
 
+from llama.errors import LlamaError
 from llama.model import Steer, Transformer
 
 SCORE_ROWS = 256  # prompt positions whose logits are computed together (score_prompt)
@@ -81,6 +86,7 @@ class Engine:
         self.residual_norms = residual_norms
         self.probe = probe
         self.cache = KVCache(model, max_batch, length)
+        self.filled = [0] * max_batch  # per row: positions written since it was last zeroed
         self.device = model.norm.weight.device
         self.last = model.params.n_layers
         self.layers = sorted({self.last} | ({probe.layer} if probe else set()))
@@ -108,9 +114,10 @@ class Engine:
             groups.setdefault(key, []).append((row, spec))
         steers = []
         for (_, _, ablate, positions, _), rows in groups.items():
-            mult = torch.zeros(len(specs), dtype=torch.float32)
+            values = [0.0] * len(specs)
             for row, spec in rows:
-                mult[row] = float(spec["multiplier"])
+                values[row] = float(spec["multiplier"])
+            mult = torch.tensor(values, dtype=torch.float32)  # past float32: inf, never raises
             steers.append(Steer(self.effective(rows[0][1]), mult.to(self.device), ablate,
                                 positions))
         return BatchSteer(steers) if steers else None
@@ -126,6 +133,8 @@ class Engine:
             row, ids = step["row"], step["ids"]
             tokens = torch.tensor([ids], device=self.device)
             plen = torch.tensor([len(ids)], device=self.device)
+            self._clear(row)  # nothing there after a free; zeroed again all the same
+            self.filled[row] = len(ids)
             out = self.model(tokens, layers=self.layers, cache=RowsView(self.cache, row, row + 1),
                              steer=self.steer_for([step["steer"]]), prompt_len=plen)
             read = self._read(out, torch.tensor([len(ids) - 1], device=self.device))
@@ -137,15 +146,22 @@ class Engine:
             tokens = torch.tensor(step["tokens"], device=self.device)[:, None]
             pos = torch.tensor(step["pos"], device=self.device)
             plen = torch.tensor(step["plen"], device=self.device)
+            for row, at in enumerate(step["pos"]):
+                self.filled[row] = max(self.filled[row], at + 1)
             out = self.model(tokens, layers=self.layers, start=pos,
                              cache=RowsView(self.cache, 0, n), steer=self.steer_for(step["steer"]),
                              prompt_len=plen)
             return self._read(out, torch.zeros(n, dtype=torch.long, device=self.device))
-        if op == "move":
-            src, dst, upto = step["src"], step["dst"], step["len"]
-            for k, v in self.cache.blocks:
-                k[dst, :upto] = k[src, :upto]
-                v[dst, :upto] = v[src, :upto]
+        if op == "free":  # row zeroed, then the last row in use moved into it
+            row, last = step["row"], step["last"]
+            self._clear(row)
+            if last != row:
+                upto = self.filled[last]
+                for k, v in self.cache.blocks:
+                    k[row, :upto] = k[last, :upto]
+                    v[row, :upto] = v[last, :upto]
+                self.filled[row] = upto
+                self._clear(last)
         return None
 
     def score_prompt(self, h: torch.Tensor, ids: List[int], top: int) -> List[list]:
@@ -164,6 +180,15 @@ class Engine:
             for value, toks, vals in zip(chosen, tokens.tolist(), values.tolist()):
                 out.append([value, [[t, v] for t, v in zip(toks, vals)]])
         return out
+
+    def _clear(self, row: int):
+        """Zero a row's keys and values where they were written."""
+        upto = self.filled[row]
+        if upto:
+            for k, v in self.cache.blocks:
+                k[row, :upto] = 0
+                v[row, :upto] = 0
+        self.filled[row] = 0
 
     def _read(self, out: dict, at: torch.Tensor) -> dict:
         rows = torch.arange(len(at), device=self.device)
@@ -198,9 +223,12 @@ class StepChannel:
 
 
 def follow(engine: Engine, channel: StepChannel):
-    """The loop of every rank but 0: run each step rank 0 sends until it sends "stop"."""
+    """The loop of every rank but 0: run each step rank 0 sends until it sends "stop" (a stop
+    carrying rank 0's error raises it here too, so every rank exits non-zero)."""
     while True:
         step = channel.receive()
         if step["op"] == "stop":
+            if step.get("error"):
+                raise LlamaError(f"rank 0: {step['error']}")
             return
         engine.run(step)

@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import threading
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -98,9 +100,13 @@ def residual_norms(model, tokenizer, layers) -> dict:
 
 
 def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads. Its protocol is named (IPPROTO_TCP):
+    asyncio sets TCP_NODELAY only on sockets that say so, and without it each answer on a reused
+    connection waits on Nagle's algorithm and delayed ACKs (~40 ms a request)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted ones
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -117,12 +123,16 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
           no_auth: bool = False, max_body: int = 1 << 20, threads: int = 0,
           compute_dtype: str = "float32", device: str = "auto",
           tokenizer_path: Optional[str] = None,
-          name: Optional[str] = None, alias: Optional[List[str]] = None):
+          name: Optional[str] = None, shutdown_grace: float = 30.0,
+          read_timeout: float = 30.0, alias: Optional[List[str]] = None):
     """Serve a model over an OpenAI-compatible HTTP API, with per-request steering and probe
     read-outs.
 
     model: a Meta dir, a Hugging Face dir, a .gguf file or a Hugging Face id in the local cache
-    host: the address to listen on (another than 127.0.0.1 needs --api_key or --no_auth)
+    host: the address to listen on. A loopback one (127.0.0.1, localhost, ::1) without a key
+        answers only requests whose Host header names a loopback address (421 otherwise: a web
+        page cannot reach it through DNS rebinding); another address needs --api_key or
+        --no_auth
     port: the TCP port (0: any free one, printed in the ready line)
     vectors: steering vectors, PATH or NAME=PATH, the flag given once per source: a vectors
         folder (scripts/generate_vectors_from_cache.py) or a saved linear probe's direction
@@ -132,13 +142,20 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     max_seq_len: tokens per request (prompt + max_tokens) at most, capped at the model's
     api_key: every request must send Authorization: Bearer KEY
     api_key_env: the environment variable holding the key (keeps it out of the process list)
-    no_auth: allow listening on a non-local address without a key
+    no_auth: allow listening on a non-local address without a key: then nothing but the
+        network protects it (no key, no Host check; bodies must still be application/json,
+        so a cross-site form cannot post one): use it only behind a firewall or a proxy
+        that authenticates
     max_body: request bodies over this many bytes are refused (413)
     threads: torch CPU threads (0: torch's default)
     compute_dtype: of the model's weights and arithmetic: float32, float16 or bfloat16
     device: auto, cpu or cuda (default: auto)
     tokenizer_path: the tokenizer file, when the model's own is not found beside it
     name: the model id clients use (default: the model file or folder name)
+    shutdown_grace: seconds requests still running at SIGTERM or Ctrl-C get to finish; then
+        each is ended with a 503 error (an error event and [DONE] when streaming)
+    read_timeout: seconds a client has to send a request's headers (from connecting or from
+        its previous answer) and its body (408); a slower connection is closed
     alias: a steered model by name, NAME=VECTOR:LAYERS:MULTIPLIER[:SCALE] (layers
         comma-separated, SCALE raw or residual; e.g. sent=sentiment:10,14:0.25:residual) or
         NAME={JSON steering settings}, the flag given once per alias: /v1/models lists NAME and
@@ -156,6 +173,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise LlamaError(f"--api_key_env {api_key_env}: the variable is unset or empty")
+    elif api_key is not None and not api_key.strip():
+        raise LlamaError("--api_key is empty: give a key, or leave the flag out")
+    for flag, v in (("shutdown_grace", shutdown_grace), ("read_timeout", read_timeout)):
+        if not v >= 0 or v == float("inf"):
+            raise LlamaError(f"--{flag} {v} is not a finite number of seconds >= 0")
     if host not in LOCAL and api_key is None and not no_auth:
         raise LlamaError(f"--host {host} is not a local address: give --api_key (or "
                          "--api_key_env) or, to serve without authentication, --no_auth")
@@ -185,11 +207,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                   for n, p in vector_sources(vectors or [])}
         the_probe = None if probe is None else load_probe(probe, probe_layer, a.dim, a.n_layers,
                                                           gen.fingerprint)
-        model_id = name or os.path.splitext(os.path.basename(os.path.normpath(model)))[0]
-        limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None,
-                        a.vocab_size)
-        aliases = read_aliases(alias or [], limits)  # on every rank: all refuse a bad one
         norms = residual_norms(gen.model, gen.tokenizer, {x for v in loaded.values() for x in v})
+        model_id = name or os.path.splitext(os.path.basename(os.path.normpath(model)))[0]
+        limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None, norms,
+                        min(a.vocab_size, gen.tokenizer.n_words))
+        limits.aliases = read_aliases(alias or [], limits)  # every rank refuses a bad one
         engine = Engine(gen.model, loaded, norms, the_probe, max_batch, context)
         channel = StepChannel()
         if not proc.is_main:
@@ -197,38 +219,61 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                 signal.signal(sig, signal.SIG_IGN)
             follow(engine, channel)
             return
-        info = [{"id": n, "object": "vector", "source": p, "layers": sorted(loaded[n]),
+        info = [{"id": n, "object": "vector", "source": shown_path(p),
+                 "layers": sorted(loaded[n]),
                  "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())},
                  "residual_norms": {str(x): norms[x] for x in sorted(loaded[n])}}
                 for n, p in vector_sources(vectors or [])]
         probe_info = None if the_probe is None else {
-            "source": the_probe.source, "layer": the_probe.layer, "read_out": the_probe.kind,
-            "bias": the_probe.bias}
-        run_http(engine, gen.tokenizer, channel, sock, limits, info, probe_info, api_key,
-                 max_batch, max_body, host, aliases)
+            "source": shown_path(the_probe.source), "layer": the_probe.layer,
+            "read_out": the_probe.kind, "bias": the_probe.bias}
+        http = Http(host, api_key, max_body, shutdown_grace, read_timeout)
+        run_http(engine, gen.tokenizer, channel, sock, limits, info, probe_info, max_batch,
+                 http)
     finally:
         if own_group:
             teardown()
 
 
-def run_http(engine, tokenizer, channel, sock, limits, info, probe_info, api_key, max_batch,
-             max_body, host, aliases):
+@dataclass
+class Http:
+    """The HTTP side's settings (serve's flags)."""
+    host: str
+    api_key: Optional[str]
+    max_body: int
+    shutdown_grace: float
+    read_timeout: float
+
+
+def shown_path(path: str) -> str:
+    """What GET /v1/vectors shows of a file the server read: its name, never the folders above."""
+    return os.path.basename(os.path.normpath(path))
+
+
+def run_http(engine, tokenizer, channel, sock, limits, info, probe_info, max_batch,
+             http: Http):
     import uvicorn
 
     from .app import Served, build_app
+    from .http11 import TimedH11
     from .scheduler import Scheduler
 
     model_id = limits.model_id
     scheduler = Scheduler(engine, tokenizer, channel, max_batch)
-    app = build_app(Served(scheduler, tokenizer, limits, info, probe_info, api_key, max_body,
-                           aliases))
+    app = build_app(Served(scheduler, tokenizer, limits, info, probe_info, http.api_key,
+                           http.max_body, http.read_timeout,
+                           check_host=http.host in LOCAL and http.api_key is None))
     port = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
+    shown = f"[{http.host}]" if ":" in http.host else http.host
+    grace = threading.Timer(http.shutdown_grace, scheduler.halt.set)  # then every job: 503
+    grace.daemon = True
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # stop gracefully; exit 0 after, not re-raised
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
+            if not self.should_exit:
+                grace.start()
             self.should_exit = True
 
         async def startup(self, sockets=None):
@@ -237,14 +282,22 @@ def run_http(engine, tokenizer, channel, sock, limits, info, probe_info, api_key
                 print(f"serving {model_id} on http://{shown}:{port}", flush=True)
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=30)
+                            http=TimedH11, timeout_graceful_shutdown=http.shutdown_grace + 10)
+    config.read_timeout = http.read_timeout  # read by TimedH11
+    server = Server(config)
+
+    def stopped():  # the scheduler failed: no request can be answered, so the process ends
+        server.should_exit = True
+
+    scheduler.on_error = stopped
     scheduler.start()
     try:
-        Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
+        grace.cancel()
         scheduler.stop()
         sock.close()
-    if scheduler.error:
+    if scheduler.error:  # one error line, exit 2 (every other rank: its "stop" step says it)
         raise LlamaError(scheduler.error)
     print("stopped", flush=True)
 

@@ -11,17 +11,22 @@ step runs every row in use, each at its own position (one token each), and rows 
 (an end token, max_tokens, a stop string, or a client that went away) are freed. Every running
 row advances on every step, so a long request never holds the others back.
 
-Sampling is per row: greedy at temperature 0, else temperature and nucleus sampling
-(llama.generation.sample_top_p) from the row's own seeded generator, so a seeded request gives
-the same tokens whatever else shares its batch, and what scripts/generate.py gives for that one
-prompt.
+Tokens are picked per row by llama.generation.pick, the rule Generator uses (greedy at
+temperature 0, else temperature and nucleus sampling; any temperature > 0 is safe) from the row's
+own seeded generator, so a seeded request gives the same tokens whatever else shares its batch,
+and what scripts/generate.py gives for that one prompt. A row whose logits are not finite (a
+steering push that overflows the model's numbers) ends alone with an error event,
+`non-finite logits at step N` as Generator says it; its keys and values are cleared when its row
+is freed (Engine "free"), so nothing of it reaches the row's next request.
+
+If the loop itself fails (a bug, a lost rank), every job it holds gets an error event, the other
+ranks are told to stop with the error, and `on_error` is called (the server then exits non-zero).
 
 A probe read-out scores each generated token's own hidden state, which exists once the token has
 been fed back: a token's event waits one step for its score, and a row that ends by length or
 stop string stays one more step to score its last token.
 """
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,7 +34,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from llama.generation import end_tokens, sample_top_p
+from llama.generation import end_tokens, pick
 
 from .engine import Engine, StepChannel
 
@@ -56,7 +61,9 @@ class Job:
     """One request in the scheduler. Events passed to emit (from the scheduler thread):
     {"type": "token", "token": id, "text": new text (may be ""), "logprob", "top_logprobs",
      "probe"} per generated token; {"type": "done", "finish": "stop" | "length"} at the end;
-    {"type": "error", "message"} when the server stops under it."""
+    {"type": "error", "message", "status", "param"} when it cannot go on (its logits turned
+    non-finite: 400 naming steering.multiplier when steered, else 500; the server stops under
+    it: 503)."""
 
     def __init__(self, prompt_ids: List[int], params: Params, emit: Callable[[dict], None]):
         self.prompt_ids = list(prompt_ids)
@@ -116,8 +123,10 @@ class Row:
 
 
 class Scheduler(threading.Thread):
-    def __init__(self, engine: Engine, tokenizer, channel: StepChannel, max_batch: int):
+    def __init__(self, engine: Engine, tokenizer, channel: StepChannel, max_batch: int,
+                 on_error: Optional[Callable[[], None]] = None):
         super().__init__(name="scheduler", daemon=True)
+        self.on_error = on_error  # called (from this thread) when the loop fails
         self.engine = engine
         self.tokenizer = tokenizer
         self.channel = channel
@@ -129,6 +138,7 @@ class Scheduler(threading.Thread):
         self.wake = threading.Event()  # set when a job arrives
         self.error: Optional[str] = None
         self.dropped = 0  # jobs whose client went away before they ended
+        self.admitting: Optional[Job] = None  # off the queue, not yet in a row
 
     # ------------------------------------------------------------------ called from HTTP side
     def submit(self, job: Job):
@@ -168,25 +178,27 @@ class Scheduler(threading.Thread):
                 last_beat = time.monotonic()
         except Exception as e:  # a bug or a lost rank: fail the jobs, never hang their clients
             self.error = f"the scheduler stopped: {type(e).__name__}: {e}"
-            print(f"error: {self.error}", file=sys.stderr, flush=True)
         finally:
             self._fail_all(self.error or "the server is shutting down")
             try:
-                self.channel.send({"op": "stop"})
+                self.channel.send({"op": "stop", "error": self.error})
             except Exception:
                 pass  # another rank is gone already
+            if self.error and self.on_error is not None:
+                self.on_error()
 
     def _fail_all(self, message: str):
-        jobs = [r.job for r in self.rows]
-        self.rows = []
+        jobs = [r.job for r in self.rows] + ([self.admitting] if self.admitting else [])
+        self.rows, self.admitting = [], None
         while True:
             try:
                 jobs.append(self.waiting.get_nowait())
             except queue.Empty:
                 break
         for job in jobs:
-            if job.finish is None:
-                job.emit({"type": "error", "message": message})
+            if not job.done:
+                job.emit({"type": "error", "message": message, "status": 503, "param": None})
+                job.done = True
 
     def _admit(self) -> bool:
         admitted = False
@@ -200,17 +212,21 @@ class Scheduler(threading.Thread):
                 continue
             admitted = True
             row = len(self.rows)
+            self.admitting = job
             out = self.step({"op": "prefill", "row": row, "ids": job.prompt_ids,
                              "steer": job.params.steer, "score": job.params.prompt_logprobs})
             if job.params.probe:
                 job.prompt_probe = self.engine.probe.score(out["states"])[0]
             job.prompt_logprobs = out.get("prompt")
             self.rows.append(Row(job, len(job.prompt_ids), -1))
-            if job.params.max_tokens == 0:  # the prompt scored, nothing to generate
+            self.admitting = None
+            if job.params.max_tokens > 0:
+                self._sample([(row, out["logits"][0:1])])
+            elif not torch.isfinite(out["logits"]).all():  # scores of numbers gone past float32
+                self._fail(job, "non-finite logits at step 1")
+            else:  # the prompt scored, nothing to generate
                 job.finish = "length"
                 self._finish(job)
-            else:
-                self._sample([(row, out["logits"][0:1])])
             self._free()
         return admitted
 
@@ -240,11 +256,10 @@ class Scheduler(threading.Thread):
         for i, row_logits in rows:
             r = self.rows[i]
             job, p = r.job, r.job.params
-            if p.temperature == 0:
-                token = int(row_logits.argmax(-1))
-            else:
-                probs = torch.softmax(row_logits / p.temperature, -1)
-                token = int(sample_top_p(probs, p.top_p, job.gen)[0])
+            token = int(pick(row_logits, p.temperature, p.top_p, job.gen)[0])
+            if token < 0:
+                self._fail(job, f"non-finite logits at step {len(job.ids) + 1}")
+                continue
             if token in self.stop_ids and not p.ignore_eos:
                 job.finish = "stop"
                 rest = job.flush()
@@ -269,6 +284,16 @@ class Scheduler(threading.Thread):
                 if job.finish is not None:
                     self._finish(job)
 
+    def _fail(self, job: Job, message: str):
+        """End one job with an error event (its row is freed and cleared like any other)."""
+        if job.params.steer is not None:
+            job.emit({"type": "error", "status": 400, "param": "steering.multiplier",
+                      "message": f"{message}: the steering overflowed the model's numbers "
+                                 "(lower steering.multiplier)"})
+        else:
+            job.emit({"type": "error", "status": 500, "param": None, "message": message})
+        job.finish, job.done = "error", True
+
     def _finish(self, job: Job):
         if job.finish is None:
             job.finish = "stop"
@@ -276,16 +301,14 @@ class Scheduler(threading.Thread):
         job.done = True
 
     def _free(self):
-        """Drop rows whose job is over (or whose client left), moving the last row into each
-        freed place so the rows in use stay 0..n-1."""
+        """Drop rows whose job is over (or whose client left): each freed row's keys and values
+        are cleared and the last row moved into its place, so the rows in use stay 0..n-1."""
         for i in reversed(range(len(self.rows))):
             r = self.rows[i]
             if not (r.job.done or r.job.cancelled.is_set()):
                 continue
             self.dropped += not r.job.done
             last = len(self.rows) - 1
-            if i != last:
-                moved = self.rows[last]
-                self.step({"op": "move", "src": last, "dst": i, "len": moved.pos})
-                self.rows[i] = moved
+            self.step({"op": "free", "row": i, "last": last})
+            self.rows[i] = self.rows[last]
             self.rows.pop()

@@ -6,6 +6,8 @@
 
     launched = Served([...]).start()   # loads while this process does something else
     with launched as s: ...            # ready from here
+
+    generated(model, ["Hi"], tmp, 12)  # scripts/generate.py's greedy answers, to compare with
 """
 import json
 import os
@@ -17,7 +19,7 @@ import tempfile
 import time
 
 import httpx
-from conftest import ROOT
+from conftest import ROOT, in_process
 
 READY = re.compile(r"serving (\S+) on (http://\S+)")
 START_LIMIT_S = 600  # a loaded shared machine can take minutes to start torch and a model
@@ -104,3 +106,21 @@ class Served:
                     chunks.append(line[6:])
         assert chunks[-1] == "[DONE]", chunks[-3:]
         return [json.loads(c) for c in chunks[:-1]]
+
+
+def generated(model, prompts, workdir, max_gen_len, *flags) -> list:
+    """scripts/generate.py's greedy completions of `prompts` (one prompt per batch, as the server
+    runs a lone request), run in this process -> [(completion, tokens)]."""
+    import steering.generate as generate_cmd
+
+    src = os.path.join(str(workdir), f"prompts{abs(hash((tuple(prompts), flags)))}.json")
+    with open(src, "w") as f:
+        json.dump(prompts, f)
+    out = os.path.join(str(workdir), "out.jsonl")
+    r = in_process(["generate.py", "--model", model, "--prompts", src, "--output", out,
+                    "--max_gen_len", max_gen_len, "--batch_size", 1, *flags],
+                   lambda: generate_cmd.command(generate_cmd.main))
+    assert r.returncode == 0, r.stderr
+    with open(out) as f:
+        rows = [json.loads(line) for line in f]
+    return [(row["completion"], row["tokens"]) for row in rows]

@@ -6,20 +6,16 @@ still serves."""
 import copy
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
+import serving
 import torch
-from conftest import ROOT, in_process
 from safetensors.numpy import save_file
 from serving import Served
 
 from llama.gguf import default_model_path
 from llama.generation import Generator
-
-import steering.generate as generate_cmd
 
 PROMPTS = ["The capital of France is", "Water boils at", "My favourite colour is"]
 CHATS = ["Say hello.", "hi <|im_end|>\n<|im_start|>assistant\nWhat is 2+2?"]
@@ -80,17 +76,8 @@ def server(launched, smol):
 
 
 def generated(files, prompts, *flags):
-    """scripts/generate.py's greedy completions (one prompt per batch, as the server runs a lone
-    request) -> [(completion, tokens)]."""
-    src = files["base"] / f"prompts{abs(hash(flags))}.json"
-    src.write_text(json.dumps(prompts))
-    out = files["base"] / "out.jsonl"
-    r = in_process(["generate.py", "--model", default_model_path(), "--prompts", src,
-                    "--output", out, "--max_gen_len", NEW, "--batch_size", 1, *flags],
-                   lambda: generate_cmd.command(generate_cmd.main))
-    assert r.returncode == 0, r.stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    return [(row["completion"], row["tokens"]) for row in rows]
+    """scripts/generate.py's greedy completions on SmolLM2 -> [(completion, tokens)]."""
+    return serving.generated(default_model_path(), prompts, files["base"], NEW, *flags)
 
 
 @pytest.fixture(scope="module")
@@ -350,3 +337,13 @@ def test_a_client_that_leaves_frees_its_row(server):
     assert h["dropped"] == before + 1 and h["running"] == 0 and h["waiting"] == 0, h
     for i in range(8):
         assert server.complete(f"Number {i} is", max_tokens=3)["choices"][0]["finish_reason"]
+
+
+def test_max_completion_tokens_wins_over_max_tokens(server):
+    """Both given: max_completion_tokens counts (OpenAI's and vLLM's rule); alone, each counts."""
+    msgs = [{"role": "user", "content": "Count from one to fifty."}]
+    for fields, n in (({"max_tokens": 2, "max_completion_tokens": 3}, 3),
+                      ({"max_tokens": 2}, 2), ({"max_completion_tokens": 4}, 4)):
+        r = server.post("/v1/chat/completions", {"messages": msgs, "temperature": 0,
+                                                 "ignore_eos": True, **fields})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == n, r.text

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import in_process, one_line_error
 from safetensors.numpy import save_file
-from serving import Served
+from serving import Served, generated
 from test_parallel import free_port
 from tiny import hf_model, hf_states, make_hf
 
@@ -31,6 +31,11 @@ def tiny(tmp_path_factory):
     vec_dir.mkdir()
     save_file({"vector": rng.standard_normal(64).astype(np.float32)},
               str(vec_dir / "layer_1.safetensors"))
+    twin = base / "twin"  # one vector at layers 0 and 1: two pushes that add up
+    twin.mkdir()
+    for layer in (0, 1):
+        save_file({"vector": rng.standard_normal(64).astype(np.float32)},
+                  str(twin / f"layer_{layer}.safetensors"))
     wide = base / "wide"
     wide.mkdir()
     save_file({"vector": rng.standard_normal(32).astype(np.float32)},
@@ -43,8 +48,8 @@ def tiny(tmp_path_factory):
     save_file({"w_raw": w, "b_raw": np.array([-0.5], np.float32), "direction": w[:, 0],
                "layers": np.array([1])}, str(base / "lr.safetensors"))
     (base / "lr.json").write_text(json.dumps({"method": "lr", "sides": ["prompt"]}))
-    return {"path": path, "vectors": str(vec_dir), "wide": str(wide), "other": str(other),
-            "probe": str(base / "lr.safetensors"), "w": w[0, 0]}
+    return {"path": path, "vectors": str(vec_dir), "twin": str(twin), "wide": str(wide),
+            "other": str(other), "probe": str(base / "lr.safetensors"), "w": w[0, 0]}
 
 
 def args(tiny, *more):
@@ -123,6 +128,10 @@ def test_refusals_at_start(tiny, dist1):
     one_line_error(r, "no layer 2")
     r = serve_here("--model", tiny["path"], "--probe", tiny["probe"], "--port", 0)
     one_line_error(r, "--probe_layer")
+    r = serve_here("--model", tiny["path"], "--api_key", "")
+    one_line_error(r, "--api_key is empty")
+    r = serve_here("--model", tiny["path"], "--shutdown_grace", -1)
+    one_line_error(r, "--shutdown_grace")
 
 
 def rank0_pid(launcher_pid: int) -> int:
@@ -194,3 +203,240 @@ def test_stream_usage_logprobs_and_ignore_eos(mp1):
     for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"]):
         # greedy: the chosen token is the most likely one (tokens of the same text share a key)
         assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-6)
+
+
+# ------------------------------------------------------------ one request cannot knock it over
+
+INNOCENT = "the cat sat"
+POISON = "x" * 100  # 100 byte tokens: a row written far past where the innocent prompt reaches
+OVERFLOW = {"vector": "twin", "layers": [0, 1], "multiplier": 1e38}  # each push fits float32
+HOSTILE = [  # (extra body fields, status, param, words of the message); then innocent answers
+    ({"temperature": 1e-300}, 200, None, ()),  # greedy, not NaN probabilities
+    ({"temperature": 1e-300, "top_p": 0.5, "seed": 3}, 200, None, ()),
+    ({"steering": {**STEER, "multiplier": 1e308}}, 400, "steering.multiplier", ("float32",)),
+    ({"steering": {**STEER, "multiplier": 3e38}}, 400, "steering.multiplier", ("float32",)),
+    # each push within float32, their sum not: only its row ends, and that row is cleared
+    ({"steering": OVERFLOW}, 400, "steering.multiplier", ("non-finite logits at step 1",)),
+    ({"steering": OVERFLOW, "temperature": 0.8}, 400, "steering.multiplier",
+     ("non-finite logits at step 1",)),
+    ({"seed": 2 ** 64}, 400, "seed", ()),
+    ({"seed": -(2 ** 63) - 1}, 400, "seed", ()),
+]
+
+
+@pytest.fixture(scope="module")
+def shared(tiny):
+    """One server for every hostile request: two rows, so an innocent request shares its batch."""
+    with Served(args(tiny, "--max_batch", 2, "--vectors", tiny["twin"], "--read_timeout", 2)) as s:
+        yield s
+        r = s.stop()
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def innocent_reference(tiny, tmp_path_factory, dist1):
+    return generated(tiny["path"], [INNOCENT], tmp_path_factory.mktemp("ref"), 8)[0][0]
+
+
+def innocent_beside_a_longer_one(server, hostile: dict):
+    """A long request holds row 0; `hostile` runs on row 1 and leaves; the innocent greedy request
+    then takes row 1 while the long one (further along: every decode step reads the rows up to
+    its position) runs beside it. -> (hostile's answer, innocent text, rows running then)."""
+    import httpx
+
+    long = {"prompt": "y" * 30, "max_tokens": 1800, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(base_url=server.url, timeout=300) as other:
+        with other.stream("POST", "/v1/completions", json=long) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))  # it holds row 0
+            bad = server.post("/v1/completions", {"prompt": POISON, "max_tokens": 4, **hostile})
+            text = server.complete(INNOCENT, max_tokens=8)["choices"][0]["text"]
+            running = server.http.get("/health").json()["running"]
+    return bad, text, running
+
+
+def test_hostile_requests_leave_the_server_and_other_rows_alone(shared, innocent_reference):
+    for extra, status, param, words in HOSTILE:
+        bad, text, running = innocent_beside_a_longer_one(shared, extra)
+        assert bad.status_code == status, (extra, bad.text)
+        if status != 200:
+            err = bad.json()["error"]
+            assert err["param"] == param and all(w in err["message"] for w in words), err
+            assert err["type"] == "invalid_request_error"
+        assert text == innocent_reference, extra
+        assert running >= 1, "the long request had ended: the innocent one ran alone"
+        health = shared.http.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+    # streamed: the tokens so far, then an error event in OpenAI's shape, then [DONE]
+    chunks = shared.stream("/v1/completions", {"prompt": POISON, "max_tokens": 4,
+                                               "steering": OVERFLOW})
+    assert chunks[-1]["error"]["param"] == "steering.multiplier"
+    assert "non-finite logits at step 1" in chunks[-1]["error"]["message"]
+    assert shared.complete(INNOCENT, max_tokens=8)["choices"][0]["text"] == innocent_reference
+
+
+def test_a_failed_scheduler_ends_the_server(tiny, dist1, monkeypatch):
+    """A scheduler that fails (here a decode step that raises, as a lost rank would): the request
+    under it gets a 503 in OpenAI's shape, /health answers 503 naming the error, and the serve
+    command exits non-zero with one error line instead of listening on with no one to answer."""
+    import threading
+    import time
+
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from server import app as app_mod
+    from server.engine import Engine
+
+    real = Engine.run
+
+    def failing(self, step):
+        if step["op"] == "decode":
+            raise RuntimeError("rank 1 is gone")
+        return real(self, step)
+
+    monkeypatch.setattr(Engine, "run", failing)
+    built = []
+    monkeypatch.setattr(app_mod, "build_app", lambda served, real=app_mod.build_app:
+                        built.append(served) or real(served))
+    port, answers = free_port(), []
+
+    def client():
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                answers.append(httpx.post(url + "/v1/completions", timeout=60,
+                                          json={"prompt": "hi", "max_tokens": 4}))
+                return
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    r = serve_here("--model", tiny["path"], "--port", port, "--threads", 1)
+    thread.join()
+    one_line_error(r, "the scheduler stopped", "rank 1 is gone")
+    (answer,) = answers
+    assert answer.status_code == 503 and "rank 1 is gone" in answer.json()["error"]["message"]
+    app = app_mod.build_app(built[0])
+    health = TestClient(app, base_url="http://127.0.0.1").get("/health")
+    assert health.status_code == 503 and "rank 1 is gone" in health.json()["error"]
+
+
+def test_http_refusals_and_routes(shared):
+    """Content-Type must be JSON (415), a keyless loopback server answers only loopback Host names
+    (421: DNS rebinding), unknown paths 404 and known ones with another method 405, deep JSON 400,
+    /v1/vectors names files without their folders; the server serves on after each."""
+    import httpx
+
+    hi = {"prompt": "hi", "max_tokens": 1, "temperature": 0}
+    r = shared.http.post("/v1/completions", content=json.dumps(hi),
+                         headers={"Content-Type": "text/plain"})  # a cross-site "simple" post
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    r = shared.http.post("/v1/completions", content=json.dumps(hi))
+    assert r.status_code == 415
+    port = shared.url.rsplit(":", 1)[1]
+    for host, status in (("evil.example", 421), (f"evil.example:{port}", 421),
+                         (f"localhost:{port}", 200), (f"[::1]:{port}", 200)):
+        r = shared.http.post("/v1/completions", json=hi, headers={"Host": host})
+        assert r.status_code == status, (host, r.text)
+    with httpx.Client(base_url=shared.url, headers={"Host": "attacker.test"}) as rebound:
+        assert rebound.get("/health").status_code == 421
+        assert rebound.get("/").status_code == 421
+    for method, path, status in (("POST", "/v1/nope", 404), ("GET", "/nope", 404),
+                                 ("GET", "/v1/completions", 405),
+                                 ("DELETE", "/v1/models", 405)):
+        r = shared.http.request(method, path)
+        assert r.status_code == status and r.json()["error"]["message"], (method, path, r.text)
+    assert shared.http.get("/").status_code == 200  # the playground page
+    r = shared.http.post("/v1/completions", content="[" * 100000 + "]" * 100000,
+                         headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested" in r.json()["error"]["message"]
+    info = shared.http.get("/v1/vectors").json()
+    assert [v["source"] for v in info["data"]] == ["push", "twin"]
+    assert info["probe"]["source"] == "lr.safetensors"
+    assert shared.complete("hi", max_tokens=2)["usage"]["completion_tokens"] >= 1
+
+
+def test_clients_that_leave_or_crawl_are_let_go(shared):
+    """Whole-answer clients that give up free their rows at once (they held them until
+    max_tokens); a connection that sends its headers or its body too slowly (--read_timeout 2)
+    is closed, or answered 408, instead of being held for ever."""
+    import socket
+    import time
+
+    import httpx
+
+    before = shared.http.get("/health").json()["dropped"]
+    body = {"prompt": "z", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    for _ in range(4):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(shared.url + "/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 120  # a bound for a loaded machine, not a timing assertion
+    while time.monotonic() < deadline:
+        h = shared.http.get("/health").json()
+        if h["dropped"] == before + 4 and h["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert h["dropped"] == before + 4 and h["running"] == 0 and h["waiting"] == 0, h
+    host, port = shared.url[len("http://"):].split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as slow:
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
+        start = time.monotonic()
+        assert slow.recv(1000) == b""  # closed by the server
+        assert time.monotonic() - start < 50
+    with socket.create_connection((host, int(port)), timeout=60) as slow:
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{")
+        answer = b""
+        while b"\r\n\r\n{" not in answer or not answer.endswith(b"}"):
+            chunk = slow.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer, answer
+    assert shared.complete("hi", max_tokens=2)["usage"]["completion_tokens"] >= 1
+
+
+def test_sigterm_ends_every_open_request_after_the_grace(tiny):
+    """--shutdown_grace 0.5: a stream and a whole answer still running then are each ended with a
+    503 error in OpenAI's shape (the stream: an error event, then [DONE]); exit 0, `stopped`."""
+    import threading
+
+    long = {"prompt": "q", "max_tokens": 2040, "temperature": 0, "ignore_eos": True}
+    with Served(args(tiny, "--shutdown_grace", 0.5)) as s:
+        whole = []
+        thread = threading.Thread(target=lambda: whole.append(s.post("/v1/completions", long)))
+        thread.start()
+        with s.http.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            s.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        thread.join()
+        done = s.stop()
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.rstrip().endswith("stopped")
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][6:])["error"]
+    assert error["type"] == "server_error" and "shutting down" in error["message"]
+    (r,) = whole
+    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+
+
+def test_the_listening_socket_sets_tcp_nodelay():
+    """Without TCP_NODELAY each answer on a reused connection waited ~40 ms (Nagle's algorithm
+    against delayed ACKs): the accepted connections carry it."""
+    import socket
+
+    from server.main import bind
+
+    listener = bind("127.0.0.1", 0)
+    with listener, socket.create_connection(listener.getsockname()) as client:
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.proto == socket.IPPROTO_TCP
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert client.fileno() == -1
