@@ -40,11 +40,14 @@ def hf_copy(out: str) -> str:
     float32) but will not save it, so its weights go into a fresh LlamaForCausalLM. The
     tokenizer keeps SmolLM2's own pre-tokenizer (digits split singly, then GPT-2's byte-level
     split), which transformers' GGUF reader leaves out."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
+                              LlamaForCausalLM)
 
     folder, name = os.path.split(str(default_model_path()))
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    fresh = LlamaForCausalLM(loaded.config)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config")  # the weights saved are plain float32
+    fresh = LlamaForCausalLM(LlamaConfig.from_dict(config))
     fresh.load_state_dict(loaded.state_dict())
     fresh.save_pretrained(out)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
