@@ -57,8 +57,9 @@ def run_lm_eval(model: str, model_args: str, tasks: List[str], out_dir: str,
                          f"{lines[-1] if lines else 'no output'}")
     out = {}
     for task in tasks:
-        files = sorted(glob.glob(os.path.join(out_dir, "**", f"samples_{task}_*.jsonl"),
-                                 recursive=True))
+        own = re.compile(rf"samples_{re.escape(task)}_\d{{4}}-.*\.jsonl")  # not TASK_gen's
+        files = sorted(f for f in glob.glob(os.path.join(out_dir, "**", "samples_*.jsonl"),
+                                            recursive=True) if own.fullmatch(os.path.basename(f)))
         if not files:
             raise LlamaError(f"lm-eval wrote no samples for {task} under {out_dir}")
         with open(files[-1]) as f:
