@@ -8,17 +8,16 @@ statistics need them). Plain `python` when MP is 1; `-h` lists every flag.
 Same implementation as example.py: activations/extract.py.
 """
 from dataclasses import dataclass
-from typing import Literal
 
-
-from llama.cli import command
 from activations.extract import Extraction
+from activations.readout import Token
+from llama.cli import command
 
 
 @dataclass
 class Cached(Extraction):
     """token: all (every token of every prompt; default), last or mean"""
-    token: Literal["last", "mean", "all"] = "all"
+    token: Token = "all"
 
 
 def main(cfg: Cached):

@@ -44,15 +44,12 @@ def main(cfg: Seed, temperature: float = 0.8, top_p: float = 0.95, max_gen_len: 
     max_seq_len: longest sequence the model is built for (without --data; default: the model's)
     seed: sampling seed (without --data)
     """
-    import torch.distributed as tdist
-
     from activations.extract import run
-    from llama.dist import teardown
+    from llama.dist import owned_group
     from llama.errors import LlamaError
     from llama.generation import builtin_demo
 
-    own_group = not tdist.is_initialized()  # a caller's process group is left alone
-    try:
+    with owned_group():
         if cfg.data is None:
             dtype = cfg.compute_dtype or "float32"
             return builtin_demo(cfg.model, cfg.tokenizer_path, temperature, top_p, max_gen_len,
@@ -60,9 +57,6 @@ def main(cfg: Seed, temperature: float = 0.8, top_p: float = 0.95, max_gen_len: 
         if cfg.output is None:
             raise LlamaError("--data needs --output, the cache folder")
         run(cfg)
-    finally:
-        if own_group:
-            teardown()
 
 
 def cli():

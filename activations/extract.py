@@ -29,7 +29,7 @@ from .cache import parse_layers
 from .cache_folder import _unlock, finish, precheck, prepare, size_of, stamp_of
 from llama.errors import LlamaError
 from .promptfile import SIDES, Prompts, find_data, read_prompts  # noqa: F401
-from .readout import TOKEN_MODES, per_token
+from .readout import TOKEN_MODES, Token, per_token
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -71,7 +71,7 @@ class Extraction:
     output: str = field(metadata=_HOW)
     tokenizer_path: Optional[str] = field(default=None, metadata=_HOW)
     layers: str = "all"
-    token: Literal["last", "mean", "all"] = "last"
+    token: Token = "last"
     dtype: Dtype = "float32"
     compute_dtype: Optional[Dtype] = None
     max_batch_tokens: int = 2048

@@ -3,18 +3,19 @@
 A token mode names, for each prompt, the positions whose residual-stream states are read, and
 whether they are kept one row per token or averaged into one row per prompt (as steering-vectors
 makes the read position a parameter). Extraction, the cache layout and the scripts that average a
-token "all" cache ask this module; a new mode is one entry of `positions` and `TOKEN_MODES`.
+token "all" cache ask this module; a new mode is one entry of `Token` and of `positions`.
 
 Positions are absolute (0: the BOS token). Extraction runs a contrast pair's shared prefix once
 and each side's own tokens (its suffix) on top: `split` cuts a mask of absolute positions into the
 prefix's frame and the suffix's, and `read` takes the states of both.
 """
-from typing import Tuple
+from typing import Literal, Tuple, get_args
 
 import numpy as np
 
+Token = Literal["last", "mean", "all"]  # the read-position modes: every --token flag's type
 # mode -> whether its rows are per token (True) or one per prompt (False, the positions averaged)
-TOKEN_MODES = {"last": False, "mean": False, "all": True}
+TOKEN_MODES = {mode: mode == "all" for mode in get_args(Token)}
 
 
 def per_token(token: str) -> bool:

@@ -565,24 +565,17 @@ def main(path: str, mp: int = 0, compute_dtype: str = "float32", device: str = "
     compute_dtype: of the model's weights and arithmetic: float32, float16 or bfloat16
     device: auto, cpu or cuda
     """
-    import torch.distributed as tdist
+    from .dist import session
 
-    from .dist import setup, teardown
-
-    own_group = not tdist.is_initialized()  # a caller's process group is left alone
     if mp:  # refuse a model-parallel size that cannot work before starting any process group
         check_parallel(open_source(path)[0].args, mp)
-    proc = setup(mp, device)
-    try:
+    with session(mp, device) as proc:
         m = load_model(path, proc, compute_dtype)
         a = m.args
         if proc.is_main:
             print(f"{m.source} {path}: {a.n_layers} layers, dim {a.dim}, {a.n_heads} heads "
                   f"({a.kv_heads} kv), vocab {a.vocab_size}, ffn {a.hidden_dim}, mp {proc.mp}, "
                   f"{compute_dtype}, fingerprint {m.fingerprint}, tokenizer {m.tokenizer_path}")
-    finally:
-        if own_group:
-            teardown()
 
 
 def cli():

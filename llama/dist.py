@@ -1,7 +1,9 @@
 """Process groups: torchrun's environment (or a single process), gloo on CPU, nccl on CUDA."""
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -69,3 +71,23 @@ def teardown():
         fs_init.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def owned_group() -> Iterator[None]:
+    """Around a command's work: a process group that does not exist when it starts is torn down
+    when it ends (even on an error); a caller's (the notebook API, a test, another command) is
+    left alone. The one place every command's set-up and teardown go through."""
+    own = not dist.is_initialized()
+    try:
+        yield
+    finally:
+        if own:
+            teardown()
+
+
+@contextmanager
+def session(mp: int = 0, device: str = "auto") -> Iterator[Dist]:
+    """`with session(mp, device) as proc:` setup() inside owned_group()."""
+    with owned_group():
+        yield setup(mp, device)

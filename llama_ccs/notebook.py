@@ -116,15 +116,17 @@ def generate(model: Model, prompts: List[str], max_gen_len: int = 64, temperatur
     import torch
 
     from llama.generation import Sampling
-    from llama.model import Steer
+    from steering.settings import SteerSettings
 
     cfg = Sampling(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, seed=seed)
     spec = None
+    gen = model.generator
     if steer:
         vectors = {int(layer): torch.as_tensor(np.asarray(v, dtype=np.float32))
                    for layer, v in steer.items()}
-        spec = Steer(vectors, float(multiplier), bool(ablate), positions)
-    gen = model.generator
+        settings = SteerSettings("steer", tuple(vectors), multiplier, "raw", bool(ablate),
+                                 positions).check(gen.model.params.n_layers, vectors)
+        spec = settings.steer(vectors)
     done = gen.chat_completion(prompts, cfg, steer=spec) if chat else \
         gen.text_completion(prompts, cfg, steer=spec)
     return [c.completion for c in done]

@@ -17,6 +17,8 @@ from typing import Dict, List
 
 from llama.errors import LlamaError
 
+from steering.settings import SteerSettings
+
 from .schemas import ApiError, Limits, steering
 
 
@@ -49,7 +51,7 @@ def _spec(text: str, entry: str) -> dict:
     return spec
 
 
-def read_aliases(entries: List[str], limits: Limits) -> Dict[str, dict]:
+def read_aliases(entries: List[str], limits: Limits) -> Dict[str, SteerSettings]:
     """--alias entries -> {name: checked steering settings}, in the order given. LlamaError
     (one line naming the entry) for a bad entry, a name used twice or the served model's own."""
     out = {}
@@ -73,5 +75,5 @@ def model_list(limits: Limits) -> List[dict]:
     base = {"object": "model", "created": 0, "owned_by": "llama-ccs", "context": limits.context}
     out = [{"id": limits.model_id, **base}]
     for name, spec in limits.aliases.items():
-        out.append({"id": name, **base, "root": limits.model_id, "steering": spec})
+        out.append({"id": name, **base, "root": limits.model_id, "steering": spec.to_json()})
     return out

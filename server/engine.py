@@ -20,7 +20,7 @@ turn a masked product into NaN in the next request on that row (KVCache: masked 
 hold no NaN).
 """
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 import torch
@@ -28,6 +28,7 @@ import torch.distributed as tdist
 
 from llama.errors import LlamaError
 from llama.model import Steer, Transformer
+from steering.settings import SteerSettings
 
 SCORE_ROWS = 256  # prompt positions whose logits are computed together (score_prompt)
 
@@ -62,9 +63,9 @@ class Probe:
 
 
 class BatchSteer:
-    """Per-row steering for one batch: rows with the same (vector, layers, ablate, positions,
-    scale) share one llama.model.Steer whose multiplier is a [B] tensor, 0 on the other rows (a
-    0 multiplier leaves a row's residual stream bit-identical). Same interface as Steer."""
+    """Per-row steering for one batch: rows whose settings differ only in the multiplier share
+    one llama.model.Steer whose multiplier is a [B] tensor, 0 on the other rows (a 0 multiplier
+    leaves a row's residual stream bit-identical). Same interface as Steer."""
 
     def __init__(self, steers: List[Steer]):
         self.steers = steers
@@ -91,35 +92,22 @@ class Engine:
         self.last = model.params.n_layers
         self.layers = sorted({self.last} | ({probe.layer} if probe else set()))
 
-    def effective(self, spec: dict) -> Dict[int, torch.Tensor]:
-        """{layer: vector} a row's steering adds (scale "residual": the unit vector times the
-        layer's residual norm, so the multiplier is a fraction of the residual stream)."""
-        vecs = self.vectors[spec["vector"]]
-        out = {}
-        for layer in spec["layers"]:
-            v = vecs[layer]
-            if spec["scale"] == "residual":
-                v = v / v.norm() * self.residual_norms[layer]
-            out[layer] = v
-        return out
-
     def steer_for(self, specs: List[Optional[dict]]) -> Optional[BatchSteer]:
-        """specs: per row, None or {vector, layers, multiplier, scale, ablate, positions}."""
+        """specs: per row, None or steering.settings.SteerSettings.to_json() (checked)."""
         groups = {}
         for row, spec in enumerate(specs):
             if spec is None or spec["multiplier"] == 0:
                 continue
-            key = (spec["vector"], tuple(spec["layers"]), spec["ablate"], spec["positions"],
-                   spec["scale"])
-            groups.setdefault(key, []).append((row, spec))
+            s = SteerSettings.from_json(spec)
+            groups.setdefault(replace(s, multiplier=1.0), []).append((row, s.multiplier))
         steers = []
-        for (_, _, ablate, positions, _), rows in groups.items():
+        for shared, rows in groups.items():
             values = [0.0] * len(specs)
-            for row, spec in rows:
-                values[row] = float(spec["multiplier"])
+            for row, multiplier in rows:
+                values[row] = multiplier
             mult = torch.tensor(values, dtype=torch.float32)  # past float32: inf, never raises
-            steers.append(Steer(self.effective(rows[0][1]), mult.to(self.device), ablate,
-                                positions))
+            one = shared.steer(self.vectors[shared.vector], self.residual_norms)
+            steers.append(replace(one, multiplier=mult.to(self.device)))
         return BatchSteer(steers) if steers else None
 
     @torch.inference_mode()

@@ -79,26 +79,6 @@ def load_probe(path: str, layer: Optional[int], dim: int, n_layers: int, fingerp
     return Probe(layer, torch.from_numpy(weight.astype("float32").copy()), bias, path, kind)
 
 
-@torch.inference_mode()
-def residual_norms(model, tokenizer, layers) -> dict:
-    """{layer: mean residual-stream norm} over the positions after the first (position 0, the
-    attention sink, is far larger) of the built-in prompts: the unit of scale "residual"."""
-    from llama.generation import BUILTIN_PROMPTS
-
-    if not layers:
-        return {}
-    device = model.norm.weight.device
-    sums = {layer: 0.0 for layer in layers}
-    count = 0
-    for text in BUILTIN_PROMPTS:
-        ids = torch.tensor([tokenizer.encode(text, bos=True)], device=device)
-        out = model(ids, layers=sorted(layers))
-        for layer in layers:
-            sums[layer] += float(out[layer][0, 1:].float().norm(dim=-1).sum())
-        count += ids.shape[1] - 1
-    return {layer: s / count for layer, s in sums.items()}
-
-
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads. Its protocol is named (IPPROTO_TCP):
     asyncio sets TCP_NODELAY only on sockets that say so, and without it each answer on a reused
@@ -161,9 +141,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         NAME={JSON steering settings}, the flag given once per alias: /v1/models lists NAME and
         a request for model NAME is steered so
     """
-    from llama.dist import setup, teardown
+    from llama.dist import owned_group, setup
     from llama.generation import Generator
     from llama.vectors import load_vectors
+    from steering.scale import neutral_norms
 
     from .aliases import read_aliases
     from .engine import Engine, StepChannel, follow
@@ -189,12 +170,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         raise LlamaError(f"--threads {threads} is negative")
     if threads:
         torch.set_num_threads(threads)
-    import torch.distributed as tdist
-
-    own_group = not tdist.is_initialized()  # a caller's process group is left alone
-    with contextlib.redirect_stdout(io.StringIO()):  # fairscale's set-up lines: stdout is
-        proc = setup(0, device)  # the ready line only
-    try:
+    with owned_group():
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale's set-up lines: stdout is
+            proc = setup(0, device)  # the ready line only
         if proc.dp != 1:
             raise LlamaError(f"serve runs one model across the whole world: {proc.world} "
                              "processes "
@@ -207,7 +185,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                   for n, p in vector_sources(vectors or [])}
         the_probe = None if probe is None else load_probe(probe, probe_layer, a.dim, a.n_layers,
                                                           gen.fingerprint)
-        norms = residual_norms(gen.model, gen.tokenizer, {x for v in loaded.values() for x in v})
+        norms = neutral_norms(gen.model, gen.tokenizer, {x for v in loaded.values() for x in v})
         model_id = name or os.path.splitext(os.path.basename(os.path.normpath(model)))[0]
         limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None, norms,
                         min(a.vocab_size, gen.tokenizer.n_words))
@@ -230,9 +208,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         http = Http(host, api_key, max_body, shutdown_grace, read_timeout)
         run_http(engine, gen.tokenizer, channel, sock, limits, info, probe_info, max_batch,
                  http)
-    finally:
-        if own_group:
-            teardown()
 
 
 @dataclass

@@ -36,9 +36,16 @@ import torch
 
 from llama.generation import end_tokens, pick
 
+from steering.settings import SteerSettings
+
 from .engine import Engine, StepChannel
 
 IDLE_BEAT_S = 30.0  # an idle rank 0 tells the other ranks it is alive this often
+
+
+def steer_json(settings: Optional[SteerSettings]) -> Optional[dict]:
+    """A row's steering as a step carries it to every rank."""
+    return None if settings is None else settings.to_json()
 
 
 @dataclass
@@ -51,7 +58,7 @@ class Params:
     stop: List[str] = field(default_factory=list)
     logprobs: Optional[int] = None  # None: no log-probabilities; k: the chosen token's and top k
     probe: bool = False
-    steer: Optional[dict] = None  # {vector, layers, multiplier, scale, ablate, positions}
+    steer: Optional[SteerSettings] = None  # checked (steering/settings.py)
     ignore_eos: bool = False  # end tokens are generated like any other (benchmarks)
     prompt_logprobs: Optional[int] = None  # k: score the prompt's tokens, top k (echo); max_tokens
     # may then be 0 (the prompt is scored, nothing generated)
@@ -214,7 +221,8 @@ class Scheduler(threading.Thread):
             row = len(self.rows)
             self.admitting = job
             out = self.step({"op": "prefill", "row": row, "ids": job.prompt_ids,
-                             "steer": job.params.steer, "score": job.params.prompt_logprobs})
+                             "steer": steer_json(job.params.steer),
+                             "score": job.params.prompt_logprobs})
             if job.params.probe:
                 job.prompt_probe = self.engine.probe.score(out["states"])[0]
             job.prompt_logprobs = out.get("prompt")
@@ -235,7 +243,7 @@ class Scheduler(threading.Thread):
         out = self.step({"op": "decode", "tokens": [r.token for r in rows],
                          "pos": [r.pos for r in rows],
                          "plen": [len(r.job.prompt_ids) for r in rows],
-                         "steer": [r.job.params.steer for r in rows]})
+                         "steer": [steer_json(r.job.params.steer) for r in rows]})
         scores = self.engine.probe.score(out["states"]) if out["states"] is not None else None
         live = []
         for i, r in enumerate(rows):

@@ -21,10 +21,11 @@ from pydantic import BaseModel, ConfigDict
 
 from llama.errors import LlamaError
 
+from steering.settings import SteerError, SteerSettings
+
 from .scheduler import Params
 
 STEER_KEYS = ("vector", "layers", "multiplier", "scale", "ablate", "positions")
-FLOAT32_MAX = 3.4028234663852886e38
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4
@@ -113,8 +114,9 @@ def check_model(body: dict, limits: Limits) -> Optional[dict]:
                    code="model_not_found")
 
 
-def steering(spec, limits: Limits) -> Optional[dict]:
-    """The `steering` field -> {vector, layers, multiplier, scale, ablate, positions} or None."""
+def steering(spec, limits: Limits) -> Optional[SteerSettings]:
+    """The `steering` field -> SteerSettings (checked: steering/settings.py) or None. JSON types
+    are checked here; what a setting may be, there (a SteerError names its field)."""
     if spec is None:
         return None
     if not isinstance(spec, dict):
@@ -128,46 +130,19 @@ def steering(spec, limits: Limits) -> Optional[dict]:
     if name not in limits.vectors:
         have = ", ".join(sorted(limits.vectors)) or "none loaded"
         raise bad("steering.vector", f"no vector named {name!r} (loaded: {have})")
-    have = sorted(limits.vectors[name])
-    layers = spec.get("layers", have)
+    layers = spec.get("layers", sorted(limits.vectors[name]))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
     if (not isinstance(layers, list) or not layers
             or any(isinstance(x, bool) or not isinstance(x, int) for x in layers)):
         raise bad("steering.layers", f"{layers!r} is not a non-empty list of layer numbers")
-    for x in layers:
-        if not 0 <= x <= limits.n_layers:
-            raise bad("steering.layers", f"layer {x} is not in the model (layers "
-                      f"0..{limits.n_layers})")
-        if x not in limits.vectors[name]:
-            raise bad("steering.layers", f"vector {name!r} has no layer {x} (it has "
-                      f"{', '.join(map(str, have))})")
-    mult = spec.get("multiplier", 1.0)
-    if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not math.isfinite(mult):
-        raise bad("steering.multiplier", f"{mult!r} is not a finite number")
-    choices = {"scale": ("raw", "residual"), "positions": ("all", "generated")}
-    out = {"vector": name, "layers": sorted(set(layers)), "multiplier": float(mult)}
-    for key, allowed in choices.items():
-        v = spec.get(key, allowed[0])
-        if v not in allowed:
-            raise bad(f"steering.{key}", f"{v!r} is not one of {', '.join(allowed)}")
-        out[key] = v
-    out["ablate"] = boolean(spec, "ablate", False, "steering.ablate")
-    peak = max(_peak(limits, name, x, out["scale"]) for x in out["layers"])
-    if abs(mult) > FLOAT32_MAX or abs(mult) * peak > FLOAT32_MAX:
-        raise bad("steering.multiplier", f"{mult!r} x the vector (largest entry {peak:.4g}) "
-                  "is past float32's range")
-    return out
-
-
-def _peak(limits: Limits, name: str, layer: int, scale: str) -> float:
-    """The largest |entry| of the vector added at multiplier 1 (scale "residual": the unit
-    vector times the layer's residual norm)."""
-    v = limits.vectors[name][layer].float()
-    top = float(v.abs().max())
-    if scale == "residual":
-        top = top / float(v.norm()) * limits.residual_norms[layer]
-    return top
+    settings = SteerSettings(name, tuple(layers), spec.get("multiplier", 1.0),
+                             spec.get("scale", "raw"), spec.get("ablate", False),
+                             spec.get("positions", "all"))
+    try:
+        return settings.check(limits.n_layers, limits.vectors[name], limits.residual_norms)
+    except SteerError as e:
+        raise bad(f"steering.{e.field}", str(e)) from None
 
 
 def common(body: dict, limits: Limits, n_prompt: int, chat: bool, echo: bool = False) -> Params:

@@ -14,12 +14,13 @@ from typing import Literal, Optional
 
 
 from steering.analyze import analyze, no_vectors
+from activations.readout import Token
 from llama.cli import command
 from llama.errors import LlamaError
 
 
 def main(model: str, vectors: str, data: str, output: str = "probe_results",
-         layers: Optional[str] = None, token: Literal["all", "last", "mean"] = "all",
+         layers: Optional[str] = None, token: Token = "all",
          dtype: Literal["float32", "float16", "bfloat16"] = "float32", cache: Optional[str] = None,
          visualize: bool = False):
     """Extract the vectors' layers of --data's prompts, then write per-question probe statistics.

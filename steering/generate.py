@@ -92,9 +92,8 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
     scale: raw (multiplier x the vector) or residual (x the residual norm, unit vector)
     sweep: multipliers for the open-ended read-out, e.g. -1,0,1 (needs --output)
     """
-    from llama.dist import setup, teardown
+    from llama.dist import session
     from llama.generation import Generator, Sampling, check_context
-    from llama.model import Steer
     from llama.vectors import load_vectors
 
     if not os.path.isfile(prompts):
@@ -121,11 +120,7 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
         except ValueError:
             raise LlamaError(f"--sweep {sweep!r} is not a comma-separated list of "
                              "multipliers") from None
-    import torch.distributed as tdist
-
-    own_group = not tdist.is_initialized()  # a caller's process group is left alone
-    proc = setup(mp, device)
-    try:
+    with session(mp, device) as proc:
         gen = Generator.build(model, proc, compute_dtype, max_seq_len, tokenizer_path)
         spec = None
         gen.tokenizer.parse_special = bool(parse_special)
@@ -146,6 +141,8 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
             vecs = load_vectors(steer, parse_layers(steer_layers, a.n_layers), a.dim, a.n_layers,
                                 gen.fingerprint)
             resid = measure(gen.model, tokens, [0] * len(tokens), vecs)
+            settings = checked_settings(steer, vecs, resid, a.n_layers, float(multiplier),
+                                        scale, ablate, positions, mults)
             stored, vecs = vecs, applied(vecs, resid, scale)
             if proc.is_main:
                 for line in describe(vecs, stored, resid, scale, bool(ablate),
@@ -158,7 +155,7 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
                     md = open_ended.write(output, rows)
                     print(f"wrote {len(rows)} completions to {output} and {md}")
                 return
-            spec = Steer(vecs, float(multiplier), bool(ablate), positions)
+            spec = settings.steer(stored, {l: r.norm for l, r in resid.items()})
 
         def show(c):
             if proc.is_main and output is None:
@@ -171,9 +168,29 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
         if proc.is_main and output is not None:
             write_jsonl(output, done)
             print(f"wrote {len(done)} completions to {output}")
-    finally:
-        if own_group:
-            teardown()
+
+
+FLAGS = {"layers": "--steer_layers", "multiplier": "--multiplier", "scale": "--scale",
+         "ablate": "--ablate", "positions": "--positions"}
+
+
+def checked_settings(source, vectors, resid, n_layers, multiplier, scale, ablate, positions,
+                     sweep=None):
+    """The steering flags as one steering.settings.SteerSettings, checked (every --sweep
+    multiplier too); a wrong one is refused naming its flag."""
+    from dataclasses import replace
+
+    from steering.settings import SteerError, SteerSettings
+
+    settings = SteerSettings(str(source), tuple(vectors), multiplier, scale, bool(ablate),
+                             positions)
+    norms = {l: r.norm for l, r in resid.items()}
+    try:
+        for m in sweep or []:
+            replace(settings, multiplier=m).check(n_layers, vectors, norms)
+        return settings.check(n_layers, vectors, norms)
+    except SteerError as e:
+        raise LlamaError(f"{FLAGS.get(e.field, '--steer')}: {e}") from None
 
 
 def write_jsonl(path: str, done):

@@ -11,11 +11,12 @@ from typing import Literal, Optional
 
 
 from steering.mean_diff import generate
+from activations.readout import Token
 from llama.cli import command
 
 
 def main(model: str, data: str, output: str, layers: str = "all",
-         token: Literal["all", "last", "mean"] = "all",
+         token: Token = "all",
          dtype: Literal["float32", "float16", "bfloat16"] = "float32",
          cache: Optional[str] = None):
     """Extract --layers of --data's prompts, then write the class-mean difference vectors.

@@ -55,7 +55,7 @@ def measure(model, prompts: Sequence[List[int]], starts: Sequence[int],
     units = {l: (v / v.norm()).double() for l, v in vectors.items()}
     sums = {l: [0.0, 0.0, 0] for l in layers}
     for ids, start in zip(prompts, starts):
-        out = model(torch.tensor([ids]), layers=layers)
+        out = model(torch.tensor([ids], device=model.norm.weight.device), layers=layers)
         span = steered_positions(len(ids), start)
         for l in layers:
             h = out[l][0, span].double()
@@ -68,9 +68,31 @@ def measure(model, prompts: Sequence[List[int]], starts: Sequence[int],
 def applied(vectors: Dict[int, torch.Tensor], residual: Dict[int, Residual],
             scale: str) -> Dict[int, torch.Tensor]:
     """The vectors as added at multiplier 1: as stored (raw), or unit x residual norm."""
+    return applied_norms(vectors, {l: r.norm for l, r in residual.items()}, scale)
+
+
+def applied_norms(vectors: Dict[int, torch.Tensor], norms: Dict[int, float],
+                  scale: str) -> Dict[int, torch.Tensor]:
+    """applied() with the residual norms as {layer: mean |h|} (the server's, a vector's
+    recorded ones)."""
     if check_scale(scale) == "raw":
         return dict(vectors)
-    return {l: (v / v.norm() * residual[l].norm).float() for l, v in vectors.items()}
+    return {l: (v / v.norm() * norms[l]).float() for l, v in vectors.items()}
+
+
+@torch.inference_mode()
+def neutral_norms(model, tokenizer, layers) -> Dict[int, float]:
+    """{layer: mean residual-stream norm} of the unsteered model on the neutral built-in prompts
+    (llama.generation.BUILTIN_PROMPTS, BOS first, position 0 left out): measure()'s rule on one
+    named prompt set, the server's unit for scale "residual"."""
+    from llama.generation import BUILTIN_PROMPTS
+
+    if not layers:
+        return {}
+    prompts = [tokenizer.encode(text, bos=True) for text in BUILTIN_PROMPTS]
+    dim = model.params.dim
+    probe = {l: torch.ones(dim) for l in layers}  # measure() also wants a direction: unused here
+    return {l: r.norm for l, r in measure(model, prompts, [0] * len(prompts), probe).items()}
 
 
 def push(multiplier: float, vector: torch.Tensor, residual: Residual, ablate: bool) -> float:

@@ -98,11 +98,9 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     overwrite: replace an existing steering.csv in --output
     html_report: also write OUTPUT/report.html (scripts/report.py's page of this run)
     """
-    import torch.distributed as tdist
-
     from activations.cache import parse_layers
     from llama.checkpoint import read_args
-    from llama.dist import setup, teardown
+    from llama.dist import session
     from llama.generation import Generator, Sampling, check_context
     from llama.vectors import load_vectors
     from steering import report
@@ -128,9 +126,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     head = read_args(model)  # the header only: no weights yet
     layers = parse_layers(layers, head.n_layers)
     load_vectors(vectors, layers, head.dim, head.n_layers)  # width and layers refused before load
-    own_group = not tdist.is_initialized()
-    proc = setup(1, device)
-    try:
+    with session(1, device) as proc:
         gen = Generator.build(model, proc, compute_dtype, tokenizer_path=tokenizer_path)
         a = gen.model.params
         vecs = load_vectors(vectors, layers, a.dim, a.n_layers, gen.fingerprint)
@@ -149,9 +145,6 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
               + (", steering.png" if visualize else ""))
         if html_report:
             write_run_report(output)
-    finally:
-        if own_group:
-            teardown()
 
 
 def cli():

@@ -618,3 +618,40 @@ def test_zero_shot_logprobs_of_non_finite_logits_are_nan(tiny, tmp_path, capsys)
     assert torch.isnan(bad).all()
     warned = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert len(warned) == 4 and "example 0" in warned[0] and "NaN" in warned[0]
+
+
+# ---------------------------------------------------------------- one steering vocabulary
+
+def test_steer_settings_checked_once_and_json(tiny, tmp_path):
+    """steering/settings.py: frozen, a JSON round trip, every refusal naming its field (the
+    server's `param`, generate.py's flag), a push past float32 refused before any forward."""
+    import dataclasses
+
+    from steering.settings import SteerError, SteerSettings
+
+    vec = {1: torch.full((64,), 2.0), 2: torch.ones(64)}
+    s = SteerSettings("v", (2, 1, 2), 3.0, "residual", True, "generated")
+    done = s.check(3, vec, {1: 10.0, 2: 5.0})
+    assert done.layers == (1, 2)
+    assert SteerSettings.from_json(json.loads(json.dumps(done.to_json()))) == done
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        done.multiplier = 2.0
+    steer = done.steer(vec, {1: 10.0, 2: 5.0})  # residual: unit vector x the layer's norm
+    assert float(steer.vectors[1].norm()) == pytest.approx(10.0, rel=1e-6)
+    bad = [(dict(layers=(4,)), "layers"), (dict(layers=(0,)), "layers"),
+           (dict(layers=()), "layers"), (dict(scale="big"), "scale"),
+           (dict(positions="prompt"), "positions"), (dict(ablate="yes"), "ablate"),
+           (dict(multiplier=float("nan")), "multiplier"), (dict(multiplier=1e308), "multiplier"),
+           (dict(multiplier=3e38), "multiplier")]  # 3e38 x 10 / 8 (the unit vector x 10)
+    assert dataclasses.replace(s, multiplier=2.5e38).check(3, vec, {1: 10.0, 2: 5.0})
+    for change, field in bad:
+        with pytest.raises(SteerError) as e:
+            dataclasses.replace(s, **change).check(3, vec, {1: 10.0, 2: 5.0})
+        assert e.value.field == field, change
+    path, _ = tiny
+    np.save(tmp_path / "v.npy", np.ones(64, np.float32))
+    (tmp_path / "p.json").write_text(json.dumps(["Hello"]))
+    r = run_generate("--model", path, "--prompts", tmp_path / "p.json", "--steer",
+                     tmp_path / "v.npy", "--steer_layers", 2, "--multiplier", 1e39)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --multiplier")

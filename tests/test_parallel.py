@@ -56,3 +56,27 @@ def test_torchrun_matches_mp1(ckpts, dist1, tmp_path, n, mp):
             err = np.linalg.norm(got[0] - want.numpy()) / np.linalg.norm(want.numpy())
             assert err < 1e-5, (path, key, err)
             assert all(np.array_equal(g, got[0]) for g in got[1:]), (path, key)
+
+
+def test_session_tears_down_only_its_own_group(dist1):
+    """llama.dist.session / owned_group, the one set-up and teardown around every command: a
+    group it starts is ended when the work ends, on an error too; a caller's is left alone."""
+    import torch.distributed as tdist
+
+    from llama.dist import session
+
+    with session(1, "cpu") as proc:  # dist1's group exists: reused, then left alone
+        assert proc.world == 1
+    assert tdist.is_initialized()
+    code = ("import torch.distributed as d\n"
+            "from llama.dist import session\n"
+            "try:\n"
+            "    with session(1, 'cpu'):\n"
+            "        assert d.is_initialized()\n"
+            "        raise ValueError('work failed')\n"
+            "except ValueError:\n"
+            "    pass\n"
+            "print('after', d.is_initialized())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("after False"), r.stderr

@@ -106,3 +106,21 @@ def test_rows_of_a_run_or_of_scattered_positions():
     assert torch.equal(readout._rows(x, np.array([0, 1, 1, 0, 0], bool)), x[1:3])
     assert torch.equal(readout._rows(x, np.array([1, 0, 1, 0, 0], bool)), x[[0, 2]])
     assert readout._rows(x, np.zeros(5, bool)).shape == (0, 2)
+
+
+def test_the_read_position_modes_are_one_list():
+    """Every command's --token is typed by activations.readout.Token, and TOKEN_MODES holds the
+    same modes: a new mode is added in one place."""
+    import dataclasses
+    import inspect
+    from typing import get_args
+
+    from activations import cache_activations, extract
+    from steering import analyze_model, mean_diff_model
+
+    assert tuple(readout.TOKEN_MODES) == get_args(readout.Token)
+    for fn in (mean_diff_model.main, analyze_model.main):
+        assert inspect.signature(fn).parameters["token"].annotation is readout.Token
+    for cls in (extract.Extraction, cache_activations.Cached):
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        assert fields["token"] is readout.Token

@@ -440,3 +440,39 @@ def test_the_listening_socket_sets_tcp_nodelay():
             assert conn.proto == socket.IPPROTO_TCP
             assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     assert client.fileno() == -1
+
+
+def test_residual_scale_is_steering_scale_everywhere(shared, tiny, tmp_path, dist1):
+    """The server's residual norms (GET /v1/vectors) are steering/scale.py's measure() on the
+    built-in prompts (neutral_norms), and scripts/generate.py --scale residual given those prompts
+    reports the same norms: one rule, so one multiplier pushes the same in both."""
+    import re
+
+    from conftest import in_process
+
+    import steering.generate as generate_cmd
+    from llama.generation import BUILTIN_PROMPTS, Generator
+    from llama.vectors import load_vectors
+    from steering.scale import measure, neutral_norms
+
+    served = {v["id"]: v["residual_norms"] for v in shared.http.get("/v1/vectors").json()["data"]}
+    gen = Generator.build(tiny["path"], dist1)
+    here = neutral_norms(gen.model, gen.tokenizer, [0, 1])
+    vecs = load_vectors(tiny["twin"], [0, 1], 64, 2)
+    ids = [gen.tokenizer.encode(t, bos=True) for t in BUILTIN_PROMPTS]
+    measured = measure(gen.model, ids, [0] * len(ids), vecs)
+    src = tmp_path / "builtin.json"
+    src.write_text(json.dumps(BUILTIN_PROMPTS))
+    r = in_process(["generate.py", "--model", tiny["path"], "--prompts", src, "--max_gen_len", 1,
+                    "--steer", tiny["twin"], "--steer_layers", "0,1", "--scale", "residual",
+                    "--output", tmp_path / "out.jsonl"],
+                   lambda: generate_cmd.command(generate_cmd.main))
+    assert r.returncode == 0, r.stderr
+    printed = {int(m[0]): float(m[1]) for m in
+               re.findall(r"layer +(\d+) .*?residual norm ([0-9.e+-]+)", r.stderr)}
+    for layer in (0, 1):
+        # the server sums in float64 as here (same positions, same prompts): float32 forwards
+        assert served["twin"][str(layer)] == pytest.approx(here[layer], rel=1e-6)
+        assert measured[layer].norm == pytest.approx(here[layer], rel=1e-9)
+        assert printed[layer] == pytest.approx(here[layer], rel=5e-4)  # printed to 4 digits
+    assert served["push"]["1"] == pytest.approx(here[1], rel=1e-6)
