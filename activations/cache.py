@@ -89,8 +89,30 @@ def parse_layers(spec, available, where: str = "this model") -> List[int]:
     return sorted(layers)
 
 
+META = "metadata.json"
+LOGPROBS = "logprobs.npy"
+
+
 def layer_dir(root: str, layer: int) -> str:
+    """The cache's file names, built here only: layer_LL/, layer_LL/SIDE.npy, offsets_SIDE.npy,
+    metadata.json, logprobs.npy (root "": the name relative to the cache folder)."""
     return os.path.join(root, f"layer_{layer:02d}")
+
+
+def side_file(root: str, layer: int, side: str) -> str:
+    return os.path.join(layer_dir(root, layer), f"{side}.npy")
+
+
+def offsets_file(root: str, side: str) -> str:
+    return os.path.join(root, f"offsets_{side}.npy")
+
+
+def meta_file(root: str) -> str:
+    return os.path.join(root, META)
+
+
+def logprobs_file(root: str) -> str:
+    return os.path.join(root, LOGPROBS)
 
 
 def storage_dtype(dtype: str):
@@ -142,7 +164,7 @@ class ActivationCache:
         if not os.path.isdir(path):
             raise LlamaError(f"no activation cache at {path}")
         info_path = os.path.join(path, "layer_info.json")
-        meta_path = os.path.join(path, "metadata.json")
+        meta_path = meta_file(path)
         if not os.path.exists(info_path):
             if os.path.exists(meta_path):
                 raise LlamaError(f"cache {path} is incomplete (extraction did not finish): "
@@ -169,7 +191,7 @@ class ActivationCache:
         self.sides: List[str] = list(self.info["sides"])
         for layer in self.layers:
             for side in self.sides:
-                f = os.path.join(layer_dir(path, layer), f"{side}.npy")
+                f = side_file(path, layer, side)
                 if not os.path.exists(f):
                     raise LlamaError(f"cache {path} is missing {f}")
 
@@ -215,7 +237,7 @@ class ActivationCache:
     def raw(self, layer: int, side: str) -> np.ndarray:
         """The stored array, memory-mapped (uint16 bit patterns for bfloat16)."""
         self._check(layer, side)
-        return np.load(os.path.join(layer_dir(self.path, layer), f"{side}.npy"), mmap_mode="r")
+        return np.load(side_file(self.path, layer, side), mmap_mode="r")
 
     def rows(self, layer: int, side: str) -> "Rows":
         """One layer and side read as float32 a slice of rows at a time (a layer larger than
@@ -243,11 +265,11 @@ class ActivationCache:
         if not per_token(self.token):
             raise LlamaError(f"cache {self.path} holds one vector per example "
                              f"(token {self.token!r}), not all tokens")
-        return np.load(os.path.join(self.path, f"offsets_{side}.npy"))
+        return np.load(offsets_file(self.path, side))
 
     @property
     def logprobs(self) -> Optional[np.ndarray]:
-        f = os.path.join(self.path, "logprobs.npy")
+        f = logprobs_file(self.path)
         return np.load(f) if os.path.exists(f) else None
 
 
@@ -298,14 +320,14 @@ def save_cache(
                 a = torch.from_numpy(np.ascontiguousarray(a)).bfloat16().view(torch.uint16).numpy()
             else:
                 a = a.astype(dtype)
-            np.save(os.path.join(layer_dir(path, layer), f"{side}.npy"), a)
+            np.save(side_file(path, layer, side), a)
     for side, off in (offsets or {}).items():
-        np.save(os.path.join(path, f"offsets_{side}.npy"), np.asarray(off, dtype=np.int64))
+        np.save(offsets_file(path, side), np.asarray(off, dtype=np.int64))
     if logprobs is not None:
-        np.save(os.path.join(path, "logprobs.npy"), np.asarray(logprobs, dtype=np.float32))
+        np.save(logprobs_file(path), np.asarray(logprobs, dtype=np.float32))
     meta = {"format": FORMAT, **meta, "token": token, "dtype": dtype, "complete": True}
     meta.setdefault("ids", list(range(n)))
-    write_json(os.path.join(path, "metadata.json"), meta)
+    write_json(meta_file(path), meta)
     info = {"layers": layers, "num_examples": n, "hidden_dim": int(first.shape[1]), "dtype": dtype,
             **encoding(dtype), "token": token, "sides": sides}
     write_json(os.path.join(path, "layer_info.json"), info)

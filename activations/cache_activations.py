@@ -22,9 +22,11 @@ class Cached(Extraction):
 
 def main(cfg: Cached):
     """Cache the hidden states of --data's prompts in --output."""
-    from activations.example import main as extract
+    from activations.extract import run
+    from llama.dist import owned_group
 
-    extract(cfg)  # the same run (and process-group handling) as example.py with --data
+    with owned_group():  # the same run as example.py with --data, without going through it
+        run(cfg)
 
 
 def cli():

@@ -24,7 +24,7 @@ def _old_meta(output: str) -> Optional[dict]:
     """metadata.json of the cache in `output`; None when the folder holds no cache files at all.
     Refuses a folder whose cache-like files (metadata.json, layer_XX/) are not a cache's."""
     try:
-        with open(os.path.join(output, "metadata.json")) as f:
+        with open(cache_files.meta_file(output)) as f:
             meta = json.load(f)
     except FileNotFoundError:
         meta = None
@@ -79,8 +79,8 @@ def _clear(path: str) -> None:
     """Remove a cache's own files (no other file in its folder): its completion marker and
     progress first (a kill half-way leaves something that cannot look complete), metadata last."""
     first = ["layer_info.json", cache_files.PROGRESS]
-    rest = set(cache_files.own_entries(path)) - set(first) - {"metadata.json", cache_files.LOCK}
-    for name in first + sorted(rest) + ["metadata.json"]:
+    rest = set(cache_files.own_entries(path)) - set(first) - {cache_files.META, cache_files.LOCK}
+    for name in first + sorted(rest) + [cache_files.META]:
         f = os.path.join(path, name)
         if os.path.isdir(f):
             shutil.rmtree(f)
@@ -149,11 +149,11 @@ def prepare(output: str, meta: dict, specs: dict, offsets: dict, overwrite: bool
     if cache_files.is_allocated(output):
         return cache_files.read_done(output)
     try:
-        cache_files.write_json(os.path.join(output, "metadata.json"), meta)
+        cache_files.write_json(cache_files.meta_file(output), meta)
         for name, (shape, dt) in specs.items():
             cache_files.allocate(output, name, shape, dt)
         for s, off in offsets.items():
-            np.save(os.path.join(output, f"offsets_{s}.npy"), off)
+            np.save(cache_files.offsets_file(output, s), off)
         cache_files.mark_allocated(output)
     except OSError:  # a half-made cache is worth nothing: leave the folder as it was
         locks.remove(fd)
@@ -186,5 +186,5 @@ def finish(output: str, meta: dict, n_batches: int, info: dict) -> None:
     if missing:
         raise LlamaError(f"{output}: {len(missing)} batches were not written; "
                          "run the same command again")
-    cache_files.write_json(os.path.join(output, "metadata.json"), {**meta, "complete": True})
+    cache_files.write_json(cache_files.meta_file(output), {**meta, "complete": True})
     cache_files.write_json(os.path.join(output, "layer_info.json"), info)

@@ -132,7 +132,7 @@ def _bits(x: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def array_name(layer: int, side: str) -> str:
-    return os.path.join(cache_files.layer_dir("", layer), f"{side}.npy")
+    return cache_files.side_file("", layer, side)
 
 
 @dataclass
@@ -161,7 +161,7 @@ class Job:
                 rows = int(lengths[:, j].sum()) if per_token(cfg.token) else len(lengths)
                 out[array_name(layer, s)] = ((rows, self.dim), stored)
         if cfg.zero_shot:
-            out["logprobs.npy"] = ((len(lengths), len(self.sides)), np.dtype(np.float32))
+            out[cache_files.LOGPROBS] = ((len(lengths), len(self.sides)), np.dtype(np.float32))
         return out
 
     def prompts_in(self, batches) -> int:
@@ -249,7 +249,7 @@ def put_rows(writer, res, logp, idx, job: Job) -> None:
                     writer.put(name, int(i), rows[bi])
     if logp is not None:
         for bi, i in enumerate(idx):
-            writer.put("logprobs.npy", int(i), logp[bi].numpy())
+            writer.put(cache_files.LOGPROBS, int(i), logp[bi].numpy())
 
 
 def _versions() -> dict:

@@ -214,9 +214,15 @@ def follow(engine: Engine, channel: StepChannel):
     """The loop of every rank but 0: run each step rank 0 sends until it sends "stop" (a stop
     carrying rank 0's error raises it here too, so every rank exits non-zero)."""
     while True:
-        step = channel.receive()
-        if step["op"] == "stop":
-            if step.get("error"):
-                raise LlamaError(f"rank 0: {step['error']}")
-            return
-        engine.run(step)
+        try:
+            step = channel.receive()
+            if step["op"] == "stop":
+                if step.get("error"):
+                    raise LlamaError(f"rank 0: {step['error']}")
+                return
+            engine.run(step)
+        except LlamaError:
+            raise
+        except Exception as e:  # rank 0 failed inside a step, or is gone: this rank ends too
+            raise LlamaError(f"rank 0 stopped serving ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -18,9 +18,10 @@ from typing import List, Optional
 
 import torch
 
-from llama.errors import LlamaError
+from llama.errors import LlamaError, fail
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
+STOP_WAIT_S = 10.0  # after a scheduler failure: how long its thread may take to tell the ranks
 
 
 def vector_sources(entries: List[str]) -> List[tuple]:
@@ -270,9 +271,14 @@ def run_http(engine, tokenizer, channel, sock, limits, info, probe_info, max_bat
         server.run(sockets=[sock])
     finally:
         grace.cancel()
-        scheduler.stop()
+        scheduler.stop(timeout=STOP_WAIT_S if scheduler.error else None)
         sock.close()
-    if scheduler.error:  # one error line, exit 2 (every other rank: its "stop" step says it)
+    if scheduler.error:  # one error line, exit 2; every other rank: its "stop" step says it,
+        if scheduler.is_alive():  # or this process's end breaks the step it is stuck in
+            try:  # stuck telling a stuck rank: no clean teardown is possible
+                fail(scheduler.error)
+            finally:
+                os._exit(2)
         raise LlamaError(scheduler.error)
     print("stopped", flush=True)
 

@@ -156,12 +156,13 @@ class Scheduler(threading.Thread):
         return {"running": len(self.rows), "waiting": self.waiting.qsize(),
                 "dropped": self.dropped}
 
-    def stop(self):
+    def stop(self, timeout: Optional[float] = None):
         """Stop after the current step; jobs still running or waiting get an error event; the
-        other ranks are told to stop."""
+        other ranks are told to stop. timeout: seconds to wait for the loop (after a failure it
+        may be stuck telling a rank that is itself stuck)."""
         self.halt.set()
         if self.is_alive():
-            self.join()
+            self.join(timeout)
 
     # ------------------------------------------------------------------ the loop
     def step(self, step: dict) -> Optional[dict]:
@@ -187,12 +188,12 @@ class Scheduler(threading.Thread):
             self.error = f"the scheduler stopped: {type(e).__name__}: {e}"
         finally:
             self._fail_all(self.error or "the server is shutting down")
+            if self.error and self.on_error is not None:
+                self.on_error()  # first: telling the other ranks can block (one may be stuck)
             try:
                 self.channel.send({"op": "stop", "error": self.error})
             except Exception:
                 pass  # another rank is gone already
-            if self.error and self.on_error is not None:
-                self.on_error()
 
     def _fail_all(self, message: str):
         jobs = [r.job for r in self.rows] + ([self.admitting] if self.admitting else [])

@@ -29,7 +29,7 @@ class Served:
     def __init__(self, args, launcher=None, env=None, api_key=None):
         self.args = list(args)
         self.launcher = launcher or [sys.executable]
-        self.env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+        self.env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
         self.api_key = api_key
 
     def start(self) -> "Served":

@@ -476,3 +476,83 @@ def test_residual_scale_is_steering_scale_everywhere(shared, tiny, tmp_path, dis
         assert measured[layer].norm == pytest.approx(here[layer], rel=1e-9)
         assert printed[layer] == pytest.approx(here[layer], rel=5e-4)  # printed to 4 digits
     assert served["push"]["1"] == pytest.approx(here[1], rel=1e-6)
+
+
+@pytest.mark.heavy
+def test_64_concurrent_clients_get_their_sequential_answers(tiny):
+    """64 clients at once (mixed lengths, steering, probe, streaming) on 16 rows: each answer
+    equals the one the same request gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    bodies = []
+    for i in range(64):
+        body = {"prompt": f"{i} " + "abcdefgh"[: 1 + i % 8], "max_tokens": 3 + i % 9,
+                "temperature": 0, "probe": i % 5 == 0, "stream": i % 2 == 1}
+        if i % 3:
+            body["steering"] = {**STEER, "multiplier": 0.5 * (i % 4) - 0.5,
+                                "positions": ("all", "generated")[i % 2]}
+        bodies.append(body)
+
+    def ask(http, body):
+        if body["stream"]:
+            chunks = []
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                chunks = [json.loads(x[6:]) for x in r.iter_lines()
+                          if x.startswith("data: {")]
+            return ("".join(c["choices"][0]["text"] for c in chunks),
+                    [s for c in chunks for s in c["choices"][0].get("probe_scores", [])])
+        choice = http.post("/v1/completions", json=body).json()["choices"][0]
+        return choice["text"], choice.get("probe_scores", [])
+
+    with Served(args(tiny, "--max_batch", 16)) as s:
+        alone = [ask(s.http, b) for b in bodies]
+
+        def one(body):
+            with httpx.Client(base_url=s.url, timeout=600) as http:
+                return ask(http, body)
+
+        with ThreadPoolExecutor(64) as pool:
+            together = list(pool.map(one, bodies))
+    assert len({t for t, _ in alone}) > 32
+    for (text, probes), (want, want_probes), body in zip(together, alone, bodies):
+        assert text == want, body
+        assert probes == pytest.approx(want_probes, abs=1e-3)  # batches of other sizes
+
+
+FAULT = '''import os
+if os.environ.get("RANK") == "0":  # rank 0's engine fails inside a decode step
+    import server.engine as engine
+    real = engine.Engine.run
+
+    def run(self, step):
+        if step["op"] == "decode":
+            raise RuntimeError("rank 0 engine failed")
+        return real(self, step)
+
+    engine.Engine.run = run
+'''
+
+
+@pytest.mark.heavy
+def test_a_failed_scheduler_ends_every_torchrun_rank(tiny, tmp_path):
+    """Under torchrun (MP 2) a scheduler that fails mid-step (the fault injected into rank 0 by a
+    sitecustomize on the test's PYTHONPATH; rank 1 is then stuck in the step's collective): the
+    request gets a 503, and both ranks exit 2 with one error line each, no traceback."""
+    from conftest import ROOT
+
+    (tmp_path / "sitecustomize.py").write_text(FAULT)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + str(tmp_path)}
+    with Served(args(tiny), launcher=launcher, env=env) as s:
+        r = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 4})
+        s.proc.wait(timeout=300)
+        done = s.stop()
+    assert r.status_code == 503 and "rank 0 engine failed" in r.json()["error"]["message"]
+    assert done.returncode != 0
+    assert "error: the scheduler stopped: RuntimeError: rank 0 engine failed" in done.stderr
+    assert "rank 0 stopped serving" in done.stderr  # rank 1's line, in torchrun's summary
+    assert "[rank1]: Traceback" not in done.stderr and "[rank0]: Traceback" not in done.stderr
+    assert done.stderr.count("exitcode  : 2") == 2, done.stderr[-3000:]
