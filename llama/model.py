@@ -243,6 +243,9 @@ class KVCache:
         return (self.rows * self.length + pos).reshape(-1)
 
 
+STEER_POSITIONS = ("all", "generated")  # where a Steer applies: every position, generated ones
+
+
 @dataclass
 class Steer:
     """An intervention on the residual stream at chosen layers (the cache's numbering: 0 is the
@@ -260,7 +263,7 @@ class Steer:
     positions: str = "all"
 
     def __post_init__(self):
-        if self.positions not in ("all", "generated"):
+        if self.positions not in STEER_POSITIONS:
             raise LlamaError(f"steering positions {self.positions!r}: expected all or generated")
 
     @property

@@ -1,5 +1,6 @@
 """The HTTP routes (FastAPI): OpenAI's /v1/models, /v1/completions, /v1/chat/completions, plus
-/v1/vectors and /health.
+/v1/vectors and /health, and vLLM's /tokenizer_info, /tokenize and /detokenize
+(server/tokenizer_api.py).
 
     app = build_app(Served(...))   # `router`'s routes; the Served in app.state
 
@@ -13,11 +14,17 @@ OpenAI sends them (`data: {chunk}` ... `data: [DONE]`); a client that goes away 
 which frees its row. Every route needs `Authorization: Bearer KEY` when the server has a key.
 `/` is left free: a `server/static/` folder, when present, is served there.
 
+`model` may name a steered alias (--alias, server/aliases.py): the request is steered as the
+alias says, and /v1/models lists it. /v1/completions takes every prompt form, `n` and `echo`
+(server/schemas.py); a whole (not streamed) completion is answered by `complete_many`, one job
+per prompt and sample.
+
 Text is text (llama.tokenizer.as_text): a completion prompt is marked as scripts/generate.py marks
 it, and Tokenizer.render_chat marks every message's content, so a `<|im_end|>` a user types is the
 tokens that spell it, and the chat template's own markers are the only special tokens.
 """
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -29,8 +36,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from . import completion, tokenizer_api
+from .aliases import model_list
 from .scheduler import Job, Scheduler
-from .schemas import ApiError, ChatRequest, CompletionRequest, Limits
+from .schemas import ApiError, ChatRequest, CompletionRequest, Limits, check_model
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -115,10 +124,30 @@ async def health(request: Request):
 
 @router.get("/v1/models")
 async def show_models(request: Request):
-    limits = served_by(request).limits
-    return {"object": "list", "data": [{"id": limits.model_id, "object": "model",
-                                        "created": 0, "owned_by": "llama-ccs",
-                                        "context": limits.context}]}
+    """The served model, then each steered alias with its steering settings."""
+    return {"object": "list", "data": model_list(served_by(request).limits)}
+
+
+@router.get("/tokenizer_info")
+async def show_tokenizer(request: Request):
+    served = served_by(request)
+    return tokenizer_api.tokenizer_info(served.tokenizer, served.limits)
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request):
+    served = served_by(request)
+    body = await read_json(request, served.max_body, served.read_timeout)
+    check_model(body, served.limits)  # a model it does not serve: 404
+    return tokenizer_api.tokenize(body, served.tokenizer, served.limits)
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request):
+    served = served_by(request)
+    body = await read_json(request, served.max_body, served.read_timeout)
+    check_model(body, served.limits)
+    return tokenizer_api.detokenize(body, served.tokenizer, served.limits.vocab)
 
 
 @router.get("/v1/vectors")
@@ -131,7 +160,9 @@ async def show_vectors(request: Request):
 @router.post("/v1/completions")
 async def create_completion(request: Request,
                             body: CompletionRequest = Depends(completion_request)):
-    return await answer(request, body, chat=False)
+    if body.stream:  # one prompt, n = 1, no echo
+        return await answer(request, body, chat=False)
+    return await complete_many(request, body)
 
 
 @router.post("/v1/chat/completions")
@@ -156,7 +187,7 @@ async def answer(request: Request, body, chat: bool):
     if not served.scheduler.is_alive():
         raise ApiError(503, "the server is shutting down", kind="server_error")
     served.scheduler.submit(job)
-    shape = Shape(chat, served.limits.model_id, job, served.tokenizer)
+    shape = Shape(chat, body.model, job, served.tokenizer)
     if body.stream:
         return StreamingResponse(stream_events(job, events, shape, body.include_usage),
                                  media_type="text/event-stream",
@@ -189,6 +220,85 @@ async def watch_disconnect(request: Request, job: Job, events: asyncio.Queue):
             return
 
 
+async def complete_many(request: Request, body: CompletionRequest):
+    """A whole /v1/completions answer: one job per prompt and sample (choice i * n + j), all
+    waited for; a client that leaves cancels them all. Sample j of a seeded request uses seed +
+    j (n samples, not one repeated). With echo the prompt's text leads each choice's text and,
+    with `logprobs`, the prompt's own scores lead its `logprobs` (each prompt's first sample
+    scores it, in its prefill)."""
+    served = served_by(request)
+    plans = []
+    for prompt, params in zip(body.prompts, body.settings):
+        for j in range(body.n):
+            seed = None if params.seed is None else params.seed + j
+            plans.append((prompt, params if j == 0 else dataclasses.replace(
+                params, seed=seed, prompt_logprobs=None)))
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emitter(index):
+        def emit(event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (index, event))
+            except RuntimeError:
+                pass  # the event loop is closed: the server is gone
+        return emit
+
+    jobs = [Job(prompt.ids, params, emitter(k)) for k, (prompt, params) in enumerate(plans)]
+    if not served.scheduler.is_alive():
+        raise ApiError(503, "the server is shutting down", kind="server_error")
+    shapes = [Shape(False, body.model, job, served.tokenizer) for job in jobs]
+    for job in jobs:
+        served.scheduler.submit(job)
+    watch = asyncio.ensure_future(watch_disconnect_all(request, jobs, events))
+    try:
+        left = len(jobs)
+        while left:
+            k, event = await events.get()
+            if event["type"] == "gone":
+                return JSONResponse({}, status_code=499)  # no one reads it
+            if event["type"] == "error":
+                raise event_error(event)
+            shapes[k].add(event)
+            left -= event["type"] == "done"
+    finally:
+        watch.cancel()
+        for job in jobs:
+            job.cancelled.set()  # a no-op once done; frees the rows of an abandoned request
+    return completion_object(shapes, plans, body, served.tokenizer)
+
+
+async def watch_disconnect_all(request: Request, jobs: list, events: asyncio.Queue):
+    """watch_disconnect for complete_many's jobs: all cancelled when the client goes away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            for job in jobs:
+                job.cancelled.set()
+            events.put_nowait((None, {"type": "gone"}))
+            return
+
+
+def completion_object(shapes: list, plans: list, body: CompletionRequest, tok) -> dict:
+    """The text_completion object of complete_many's finished jobs."""
+    choices = []
+    for k, (shape, (prompt, _)) in enumerate(zip(shapes, plans)):
+        choice = shape.whole()["choices"][0]
+        choice["index"] = k
+        if body.echo:
+            first = shapes[k - k % body.n].job  # the sample that scored this prompt
+            choice["text"] = prompt.text + choice["text"]
+            choice["logprobs"] = completion.echo_logprobs(tok, prompt, first.prompt_logprobs,
+                                                          choice["logprobs"])
+        choices.append(choice)
+    out = shapes[0]._envelope(choices, False)
+    prompt_tokens = sum(len(prompt.ids) for prompt in body.prompts)
+    generated = sum(len(shape.tokens) for shape in shapes)
+    out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                    "total_tokens": prompt_tokens + generated}
+    return out
+
+
 async def api_error(request: Request, e: ApiError):
     return error_response(e)
 
@@ -200,6 +310,7 @@ async def http_error(request: Request, e: HTTPException):
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+API_PATHS = ("/v1", "/health", "/tokenize", "/detokenize", "/tokenizer_info")  # behind the key
 
 
 def host_name(header: str) -> str:
@@ -219,7 +330,7 @@ async def guard(request: Request, call_next):
                                        "server answers only loopback host names (127.0.0.1, "
                                        "localhost, [::1])", code="misdirected_request"))
     key = served.api_key
-    if key is not None and request.url.path.startswith(("/v1", "/health")):
+    if key is not None and request.url.path.startswith(API_PATHS):
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
             return error_response(ApiError(401, "missing or wrong API key (send "

@@ -2,7 +2,7 @@
 the scheduler hands out, the same on every model-parallel rank.
 
     engine = Engine(model, vectors, probe, max_batch=8, length=2048)
-    out = engine.run({"op": "prefill", "row": 0, "ids": [...], "steer": None})
+    out = engine.run({"op": "prefill", "row": 0, "ids": [...], "steer": None, "score": None})
     out = engine.run({"op": "decode", "tokens": [...], "pos": [...], "plen": [...],
                       "steer": [None, {...}]})
 
@@ -29,6 +29,8 @@ import torch.distributed as tdist
 from llama.errors import LlamaError
 from llama.model import Steer, Transformer
 from steering.settings import SteerSettings
+
+SCORE_ROWS = 256  # prompt positions whose logits are computed together (score_prompt)
 
 
 class RowsView:
@@ -111,7 +113,9 @@ class Engine:
     @torch.inference_mode()
     def run(self, step: dict) -> Optional[dict]:
         """Run one step; returns {"logits": [n, vocab] float32 (CPU), "states": [n, dim] at the
-        probe layer or None} for prefill and decode (the prefill's: its last prompt position)."""
+        probe layer or None} for prefill and decode (the prefill's: its last prompt position).
+        A prefill with "score": k (an int) also returns "prompt": the prompt's log-probabilities
+        with the top k per position (score_prompt), from the same forward pass."""
         op = step["op"]
         if op == "prefill":
             row, ids = step["row"], step["ids"]
@@ -121,7 +125,10 @@ class Engine:
             self.filled[row] = len(ids)
             out = self.model(tokens, layers=self.layers, cache=RowsView(self.cache, row, row + 1),
                              steer=self.steer_for([step["steer"]]), prompt_len=plen)
-            return self._read(out, torch.tensor([len(ids) - 1], device=self.device))
+            read = self._read(out, torch.tensor([len(ids) - 1], device=self.device))
+            if step.get("score") is not None:  # the prompt's own log-probabilities, same pass
+                read["prompt"] = self.score_prompt(out[self.last][0], ids, step["score"])
+            return read
         if op == "decode":
             n = len(step["tokens"])
             tokens = torch.tensor(step["tokens"], device=self.device)[:, None]
@@ -144,6 +151,23 @@ class Engine:
                 self.filled[row] = upto
                 self._clear(last)
         return None
+
+    def score_prompt(self, h: torch.Tensor, ids: List[int], top: int) -> List[list]:
+        """h [S, dim]: the prefill's last-block states of the prompt `ids` (S tokens) -> for
+        positions 1..S-1, [log p(ids[i] | ids[:i]), [[token, logprob], ...] the `top` most
+        likely tokens (at least 1), most likely first] (natural log, log_softmax of the logits).
+        The logits are taken SCORE_ROWS positions at a time: [S, vocab] float32 at once is large
+        for a long prompt."""
+        targets = torch.tensor(ids[1:], device=self.device)
+        out = []
+        for lo in range(0, len(ids) - 1, SCORE_ROWS):
+            hi = min(lo + SCORE_ROWS, len(ids) - 1)
+            logprobs = torch.log_softmax(self.model.logits_of(h[lo:hi]), -1)  # [n, vocab]
+            chosen = logprobs.gather(1, targets[lo:hi, None])[:, 0].tolist()
+            values, tokens = logprobs.topk(max(top, 1), -1)
+            for value, toks, vals in zip(chosen, tokens.tolist(), values.tolist()):
+                out.append([value, [[t, v] for t, v in zip(toks, vals)]])
+        return out
 
     def _clear(self, row: int):
         """Zero a row's keys and values where they were written."""

@@ -3,6 +3,7 @@
 
     python scripts/serve.py --model PATH [--host 127.0.0.1] [--port 8000] [--vectors DIR ...]
         [--probe RUN/probes/METHOD.safetensors --probe_layer L] [--max_batch 8]
+        [--alias NAME=VECTOR:LAYERS:MULTIPLIER[:residual] ...]
     torchrun --nproc_per_node MP scripts/serve.py --model PATH ...
 """
 import contextlib
@@ -104,7 +105,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
           compute_dtype: str = "float32", device: str = "auto",
           tokenizer_path: Optional[str] = None,
           name: Optional[str] = None, shutdown_grace: float = 30.0,
-          read_timeout: float = 30.0, engine: str = "native", tensor_parallel_size: int = 1):
+          read_timeout: float = 30.0, engine: str = "native", tensor_parallel_size: int = 1,
+          alias: Optional[List[str]] = None):
     """Serve a model over an OpenAI-compatible HTTP API, with per-request steering and probe
     read-outs.
 
@@ -140,12 +142,17 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         reference) or vllm (vLLM's engine with the steering plugin, server/vllm_engine.py: run
         from the .venv-vllm/ of `make setup-vllm`; --model a Hugging Face folder)
     tensor_parallel_size: vLLM's tensor parallelism (--engine vllm)
+    alias: a steered model by name, NAME=VECTOR:LAYERS:MULTIPLIER[:SCALE] (layers
+        comma-separated, SCALE raw or residual; e.g. sent=sentiment:10,14:0.25:residual) or
+        NAME={JSON steering settings}, the flag given once per alias: /v1/models lists NAME and
+        a request for model NAME is steered so (--engine native)
     """
     from llama.dist import owned_group, setup
     from llama.generation import Generator
     from llama.vectors import load_vectors
     from steering.scale import neutral_norms
 
+    from .aliases import read_aliases
     from .engine import Engine, StepChannel, follow
     from .scheduler import Scheduler
     from .schemas import Limits
@@ -172,6 +179,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         raise LlamaError(f"--engine {engine!r}: choose native or vllm")
     http = Http(host, api_key, max_body, shutdown_grace, read_timeout)
     if engine == "vllm":
+        if alias:
+            raise LlamaError("--alias: steered aliases are not on --engine vllm yet (serve "
+                             "with --engine native)")
         return serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len,
                              compute_dtype, tensor_parallel_size, name, http)
     if tensor_parallel_size != 1:
@@ -195,6 +205,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         the_probe = None if probe is None else load_probe(probe, probe_layer, a.dim, a.n_layers,
                                                           gen.fingerprint)
         norms = neutral_norms(gen.model, gen.tokenizer, {x for v in loaded.values() for x in v})
+        model_id = name or os.path.splitext(os.path.basename(os.path.normpath(model)))[0]
+        limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None, norms,
+                        min(a.vocab_size, gen.tokenizer.n_words))
+        limits.aliases = read_aliases(alias or [], limits)  # every rank refuses a bad one
         engine = Engine(gen.model, loaded, norms, the_probe, max_batch, context)
         channel = StepChannel()
         if not proc.is_main:
@@ -202,7 +216,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                 signal.signal(sig, signal.SIG_IGN)
             follow(engine, channel)
             return
-        model_id = name or os.path.splitext(os.path.basename(os.path.normpath(model)))[0]
         info = [{"id": n, "object": "vector", "source": shown_path(p),
                  "layers": sorted(loaded[n]),
                  "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())},
@@ -211,7 +224,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         probe_info = None if the_probe is None else {
             "source": shown_path(the_probe.source), "layer": the_probe.layer,
             "read_out": the_probe.kind, "bias": the_probe.bias}
-        limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None, norms)
         run_http(Scheduler(engine, gen.tokenizer, channel, max_batch), gen.tokenizer, sock,
                  limits, info, probe_info, http)
 

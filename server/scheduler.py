@@ -60,6 +60,8 @@ class Params:
     probe: bool = False
     steer: Optional[SteerSettings] = None  # checked (steering/settings.py)
     ignore_eos: bool = False  # end tokens are generated like any other (benchmarks)
+    prompt_logprobs: Optional[int] = None  # k: score the prompt's tokens, top k (echo); max_tokens
+    # may then be 0 (the prompt is scored, nothing generated)
 
 
 class Job:
@@ -80,6 +82,7 @@ class Job:
         self.sent = 0  # characters of text already in events
         self.finish: Optional[str] = None
         self.prompt_probe: Optional[float] = None
+        self.prompt_logprobs: Optional[list] = None  # Engine.score_prompt's, when asked for
         self.pending: Optional[dict] = None  # a token event waiting for its probe score
         self.done = False  # its "done" event was sent
         seed = params.seed if params.seed is not None else int(time.time_ns() % (2 ** 31))
@@ -219,12 +222,20 @@ class Scheduler(threading.Thread):
             row = len(self.rows)
             self.admitting = job
             out = self.step({"op": "prefill", "row": row, "ids": job.prompt_ids,
-                             "steer": steer_json(job.params.steer)})
+                             "steer": steer_json(job.params.steer),
+                             "score": job.params.prompt_logprobs})
             if job.params.probe:
                 job.prompt_probe = self.engine.probe.score(out["states"])[0]
+            job.prompt_logprobs = out.get("prompt")
             self.rows.append(Row(job, len(job.prompt_ids), -1))
             self.admitting = None
-            self._sample([(row, out["logits"][0:1])])
+            if job.params.max_tokens > 0:
+                self._sample([(row, out["logits"][0:1])])
+            elif not torch.isfinite(out["logits"]).all():  # scores of numbers gone past float32
+                self._fail(job, "non-finite logits at step 1")
+            else:  # the prompt scored, nothing to generate
+                job.finish = "length"
+                self._finish(job)
             self._free()
         return admitted
 

@@ -1,13 +1,20 @@
 """Request bodies checked field by field into one request model per route
 (`CompletionRequest`, `ChatRequest`), and OpenAI-style errors.
 
+A completion's `prompt` is a string, a list of strings, a list of token ids or a list of lists of
+token ids (`read_prompts`): text is read as scripts/generate.py reads it (marked as text, BOS
+added when the model adds one), token ids are used verbatim (no BOS added), as a client that
+tokenized for itself (lm-eval's `local-completions`) means them. `n` samples per prompt; `echo`
+returns the prompt before the completion and lets max_tokens be 0 (the prompt scored, nothing
+generated). `model` names the served model or a steered alias (--alias, server/aliases.py).
+
 Every refusal is an ApiError: HTTP status, a message naming the field, its OpenAI `type` and
 `param` (dotted: `steering.multiplier`, `messages.2.content`), sent as
 {"error": {"message", "type", "param", "code"}}. Unknown top-level fields are ignored, as
 OpenAI-compatible servers do (clients send extras); unknown fields inside `steering` are refused.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import List, Optional
 
 from pydantic import BaseModel, ConfigDict
@@ -22,6 +29,8 @@ STEER_KEYS = ("vector", "layers", "multiplier", "scale", "ablate", "positions")
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4
+MAX_N = 16  # samples per prompt
+MAX_CHOICES = 256  # prompts x n in one request
 
 
 class ApiError(Exception):
@@ -50,6 +59,8 @@ class Limits:
     has_probe: bool
     residual_norms: dict = None  # layer -> mean residual-stream norm (scale "residual")
     engine: str = "native"  # or "vllm" (server/vllm_engine.py): no layer 0, no scale residual
+    vocab: int = 0  # token ids a request may send: 0..vocab-1 (the model's and tokenizer's)
+    aliases: dict = field(default_factory=dict)  # steered alias name -> its steering settings
 
 
 def _number(body: dict, key: str, default, lo=None, lo_open=False, hi=None):
@@ -87,11 +98,21 @@ def boolean(body: dict, key: str, default=False, param=None):
     return v
 
 
-def check_model(body: dict, limits: Limits):
+def check_model(body: dict, limits: Limits) -> Optional[dict]:
+    """The request's `model`: absent or the served model -> None; a steered alias -> its
+    steering settings (400 when the request carries `steering` too: the alias fixes it);
+    anything else -> 404 naming the models served."""
     model = body.get("model")
-    if model is not None and model != limits.model_id:
-        raise ApiError(404, f"model {model!r} does not exist: this server serves "
-                       f"{limits.model_id!r}", "model", code="model_not_found")
+    if model is None or model == limits.model_id:
+        return None
+    if isinstance(model, str) and model in limits.aliases:
+        if body.get("steering") is not None:
+            raise ApiError(400, f"steering: model {model!r} is a steered alias (its steering is "
+                           f"fixed); send steering to {limits.model_id!r} instead", "steering")
+        return limits.aliases[model]
+    served = ", ".join(repr(m) for m in [limits.model_id, *limits.aliases])
+    raise ApiError(404, f"model {model!r} does not exist: this server serves {served}", "model",
+                   code="model_not_found")
 
 
 def steering(spec, limits: Limits) -> Optional[SteerSettings]:
@@ -131,20 +152,23 @@ def steering(spec, limits: Limits) -> Optional[SteerSettings]:
         raise bad(f"steering.{e.field}", str(e)) from None
 
 
-def common(body: dict, limits: Limits, n_prompt: int, chat: bool) -> Params:
-    """The settings both endpoints share; n_prompt: the prompt's length in tokens."""
-    if body.get("n", 1) != 1:
+def common(body: dict, limits: Limits, n_prompt: int, chat: bool, echo: bool = False) -> Params:
+    """The settings both endpoints share; n_prompt: the prompt's length in tokens. echo (a
+    completion that returns its prompt): max_tokens may be 0, and `logprobs` also scores the
+    prompt's tokens (Params.prompt_logprobs). Chat has n = 1 and no echo."""
+    if chat and body.get("n", 1) != 1:
         raise bad("n", "only n = 1 is supported")
-    if body.get("echo"):
+    if chat and body.get("echo"):
         raise bad("echo", "echo is not supported")
+    scoring_only = echo and body.get("max_tokens") == 0
     room = limits.context - n_prompt
-    if room < 1:
+    if room < (0 if scoring_only else 1):
         raise bad("messages" if chat else "prompt", f"the prompt has {n_prompt} tokens: no room "
                   f"to generate within the context of {limits.context}")
     # OpenAI's and vLLM's rule: max_completion_tokens (chat) wins over max_tokens
     key = ("max_completion_tokens" if chat and body.get("max_completion_tokens") is not None
            else "max_tokens")
-    max_tokens = _int(body, key, room if chat else min(16, room), lo=1)
+    max_tokens = _int(body, key, room if chat else min(16, room), lo=0 if echo else 1)
     if max_tokens > room:
         raise bad(key, f"prompt ({n_prompt} tokens) + {key} ({max_tokens}) exceeds the context "
                   f"of {limits.context} tokens")
@@ -174,18 +198,93 @@ def common(body: dict, limits: Limits, n_prompt: int, chat: bool) -> Params:
     return Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                   stop=stop, logprobs=logprobs, probe=probe,
                   steer=steering(body.get("steering"), limits),
-                  ignore_eos=boolean(body, "ignore_eos"))
+                  ignore_eos=boolean(body, "ignore_eos"),
+                  prompt_logprobs=logprobs if echo else None)
 
 
-def completion_prompt(body: dict) -> str:
+@dataclass
+class Prompt:
+    text: str  # what echo returns: the prompt as given, or its token ids decoded
+    ids: List[int]  # what the model reads
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _token_prompt(ids: List[int], param: str, tok, vocab: int) -> Prompt:
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab:
+            raise bad(param, f"token {i} is {t}: not in the vocabulary (0..{vocab - 1})")
+    return Prompt(tok.decode(ids), list(ids))
+
+
+def _text_prompt(text: str, param: str, tok) -> Prompt:
+    if not text:
+        raise bad(param, "the prompt is empty")
+    return Prompt(text, tok.encode(tok.as_text(text), bos=True))
+
+
+def read_prompts(prompt, tok, vocab: int) -> List[Prompt]:
+    """`prompt` in any of its four forms -> one Prompt per prompt. vocab: token ids must lie in
+    0..vocab-1. ApiError 400 naming `prompt` or `prompt.I` when a form is wrong or empty."""
+    if isinstance(prompt, str):
+        return [_text_prompt(prompt, "prompt", tok)]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad("prompt", "expected a string, a list of strings, a list of token ids or a "
+                  "list of lists of token ids")
+    if _is_ids(prompt):
+        return [_token_prompt(prompt, "prompt", tok, vocab)]
+    if len(prompt) > MAX_CHOICES:
+        raise bad("prompt", f"{len(prompt)} prompts: at most {MAX_CHOICES} in one request")
+    out = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            out.append(_text_prompt(p, f"prompt.{i}", tok))
+        elif _is_ids(p):
+            out.append(_token_prompt(p, f"prompt.{i}", tok, vocab))
+        else:
+            raise bad(f"prompt.{i}", "expected a non-empty string or a non-empty list of token "
+                      "ids")
+    return out
+
+
+def refuse_scoring(body: dict, engine: str):
+    """The completions fields an engine other than the native one does not serve yet (echo,
+    n > 1, a list or token-id prompt): a 400 naming the field, never silently ignored."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise bad("prompt", "expected a string (one prompt per request)")
-    if not prompt:
-        raise bad("prompt", "the prompt is empty")
-    return prompt
+    if isinstance(prompt, list):
+        raise bad("prompt", f"a list or token-id prompt is not served on --engine {engine} yet: "
+                  "send one string")
+    if body.get("n") not in (None, 1):
+        raise bad("n", f"n > 1 is not served on --engine {engine} yet")
+    if body.get("echo"):
+        raise bad("echo", f"echo is not served on --engine {engine} yet")
+
+
+def choices_per_prompt(body: dict, n_prompts: int) -> int:
+    """`n`: samples per prompt (1..MAX_N; prompts x n at most MAX_CHOICES)."""
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise bad("n", f"{n!r} is not an integer from 1 to {MAX_N}")
+    if n * n_prompts > MAX_CHOICES:
+        raise bad("n", f"{n_prompts} prompts x n {n} = {n * n_prompts} choices: at most "
+                  f"{MAX_CHOICES} in one request")
+    return n
+
+
+def echo_flag(body: dict, stream: bool, n_choices: int) -> bool:
+    """`echo`; streaming is refused with echo or with several choices (one choice per stream)."""
+    echo = boolean(body, "echo")
+    if stream and echo:
+        raise ApiError(400, "stream: not supported with echo (send stream: false)", "stream")
+    if stream and n_choices > 1:
+        raise ApiError(400, "stream: one prompt and n = 1 only (send several prompts or n > 1 "
+                       "with stream: false)", "stream")
+    return echo
 
 
 def chat_messages(body: dict) -> List[dict]:
@@ -218,23 +317,38 @@ def streaming(body: dict) -> dict:
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions, checked: the prompt as token ids (text, as scripts/generate.py
-    reads it: tokenizer.as_text) and the generation settings."""
+    """POST /v1/completions, checked: each prompt as token ids (read_prompts) with its
+    generation settings (`settings`, one per prompt: the context room depends on its length),
+    `n` samples of each, `echo`; `prompt_ids` and `params` are the first prompt's (a stream has
+    one prompt). `model`: the name asked for (the served model's or an alias's)."""
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
     prompt: str
     prompt_ids: List[int]
     params: Params
+    prompts: List[Prompt]
+    settings: List[Params]
+    model: str
+    n: int = 1
+    echo: bool = False
     stream: bool = False
     include_usage: bool = False
 
     @classmethod
     def check(cls, body: dict, limits: Limits, tok) -> "CompletionRequest":
         """body: the parsed JSON object; ApiError on the first field that is wrong."""
-        check_model(body, limits)
-        prompt = completion_prompt(body)
-        ids = tok.encode(tok.as_text(prompt), bos=True)
-        params = common(body, limits, len(ids), chat=False)
-        return cls(prompt=prompt, prompt_ids=ids, params=params, **streaming(body))
+        steer = check_model(body, limits)
+        if limits.engine != "native":
+            refuse_scoring(body, limits.engine)
+        prompts = read_prompts(body.get("prompt"), tok, limits.vocab)
+        n = choices_per_prompt(body, len(prompts))
+        flow = streaming(body)
+        echo = echo_flag(body, flow["stream"], n * len(prompts))
+        settings = [common(body, limits, len(p.ids), chat=False, echo=echo) for p in prompts]
+        if steer is not None:  # a steered alias (the request carries no steering field)
+            settings = [replace(p, steer=steer) for p in settings]
+        return cls(prompt=prompts[0].text, prompt_ids=prompts[0].ids, params=settings[0],
+                   prompts=prompts, settings=settings, model=body.get("model") or
+                   limits.model_id, n=n, echo=echo, **flow)
 
 
 class ChatRequest(BaseModel):
@@ -244,13 +358,14 @@ class ChatRequest(BaseModel):
     messages: List[dict]
     prompt_ids: List[int]
     params: Params
+    model: str
     stream: bool = False
     include_usage: bool = False
 
     @classmethod
     def check(cls, body: dict, limits: Limits, tok) -> "ChatRequest":
         """body: the parsed JSON object; ApiError on the first field that is wrong."""
-        check_model(body, limits)
+        steer = check_model(body, limits)
         messages = chat_messages(body)
         if tok.chat_source == "none":
             raise ApiError(400, "this model's tokenizer has no chat format: use /v1/completions",
@@ -260,4 +375,7 @@ class ChatRequest(BaseModel):
         except LlamaError as e:
             raise ApiError(400, str(e), "messages") from None
         params = common(body, limits, len(ids), chat=True)
-        return cls(messages=messages, prompt_ids=ids, params=params, **streaming(body))
+        if steer is not None:
+            params = replace(params, steer=steer)
+        return cls(messages=messages, prompt_ids=ids, params=params,
+                   model=body.get("model") or limits.model_id, **streaming(body))

@@ -19,11 +19,11 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from llama.errors import LlamaError
+from llama.model import STEER_POSITIONS as POSITIONS
 from llama.model import Steer
 
 from .scale import SCALES, applied_norms as applied
 
-POSITIONS = ("all", "generated")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 

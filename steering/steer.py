@@ -102,12 +102,13 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     from llama.checkpoint import read_args
     from llama.dist import session
     from llama.generation import Generator, Sampling, check_context
+    from llama.model import STEER_POSITIONS
     from llama.vectors import load_vectors
     from steering import report
     from steering.scale import check_scale
     from steering.sweep import Settings, Sweep, run
 
-    if positions not in ("all", "generated"):
+    if positions not in STEER_POSITIONS:
         raise LlamaError(f"--positions {positions!r}: choose all or generated")
     check_scale(scale)
     mults = numbers("1" if multipliers is None and ablate else

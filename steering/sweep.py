@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from llama.errors import LlamaError
+from llama.model import STEER_POSITIONS as POSITIONS
 
 from . import scale as scale_mod
 from .items import Item
@@ -43,7 +44,7 @@ class Sweep:
     def __init__(self, gen, vectors: Dict[int, torch.Tensor], cfg: Settings):
         from prompts.rows import resolve_chat
 
-        if cfg.positions not in ("all", "generated"):
+        if cfg.positions not in POSITIONS:
             raise LlamaError(f"--positions {cfg.positions!r}: choose all or generated")
         scale_mod.check_scale(cfg.scale)
         self.gen, self.model, self.cfg = gen, gen.model, cfg
