@@ -170,3 +170,22 @@ def test_family_without_an_architecture_is_one_line(tmp_path, monkeypatch):
     r = in_process(["convert", hf, tmp_path / "out", "--to", "hf"], cli)
     one_line_error(r, "family 'qwen3' cannot be written", "llama, mistral, qwen2")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_windowed_qwen_keeps_its_window(tmp_path):
+    """A Qwen3 with use_sliding_window: --to hf writes the switch and the window, every layer
+    windowed as the loader reads it, and loads to the original's states within the window."""
+    hf = make_hf(tmp_path / "hf", "qwen3")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.update(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0)
+    cfg.pop("layer_types", None)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    convert(hf, tmp_path / "out", to="hf")
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (out["use_sliding_window"], out["sliding_window"]) == (True, WINDOW)
+    assert out["max_position_embeddings"] == WINDOW
+    original, model = hf_model(hf), hf_model(tmp_path / "out")
+    assert model.config.layer_types == ["sliding_attention"] * 2 == original.config.layer_types
+    ids = tokens(n_rows=1, length=WINDOW)
+    ref, got = hf_states(original, ids), hf_states(model, ids)
+    assert all(rel(got[k], ref[k]) < 1e-5 for k in [0, 1, 2, "logits"])
