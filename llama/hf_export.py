@@ -3,12 +3,17 @@ Face folder that transformers and vLLM load:
 
     python -m llama.convert SRC DST --to hf [--dtype float32|float16|bfloat16] [--overwrite]
 
-DST gets config.json (LlamaForCausalLM), model.safetensors, generation_config.json (the end ids),
-and the tokenizer: tokenizer.json + tokenizer_config.json (with the chat template). A GGUF's
-byte-level BPE vocabulary, merges and pre-tokenizer pattern become a `tokenizers` BPE; a source dir
-with a tokenizer.json has it copied. Weights go from Meta's interleaved rotary layout to Hugging
-Face's rotate-half rows (q and k; ../shared/FACTS.md "Hugging Face layout"); tied embeddings
-(equal tok_embeddings and output) write no lm_head.
+DST gets config.json, model.safetensors, generation_config.json (the end ids), and the tokenizer:
+tokenizer.json + tokenizer_config.json (with the chat template). Every family the loader reads
+(model.FAMILIES) is written as its own architecture (ARCHITECTURES): LlamaForCausalLM,
+Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q/k norms, head_dim), MistralForCausalLM
+(sliding_window), with rope theta, llama3 rope scaling and the family's window keys; a family
+without a row is refused in one line (LlamaError). A GGUF's byte-level BPE vocabulary, merges and
+pre-tokenizer pattern become a `tokenizers` BPE; a source dir with a tokenizer.json has it copied.
+q/k weights, q/k biases and q/k norm weights go from Meta's interleaved rotary layout to Hugging
+Face's rotate-half rows (layout.rotate_half_rotary; ../shared/FACTS.md "Hugging Face layout");
+tied embeddings (equal tok_embeddings and output) write no lm_head. A windowed model's
+max_position_embeddings is the window (the context the loader serves exactly, model.check_window).
 """
 import json
 import os
@@ -17,52 +22,70 @@ import tempfile
 
 import torch
 
-from .checkpoint import check_weights, declared_end_ids, open_source
+from .checkpoint import HF_NAMES, check_weights, declared_end_ids, open_source
 from .errors import LlamaError
-from .layout import DTYPES
+from .layout import DTYPES, ROTARY, rotate_half_rotary
 from .model import ModelArgs
 
-HF_OF_META = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
+HF_OF_META = {meta: hf for hf, meta in HF_NAMES.items()}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def rotate_half_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[n_heads * head_dim, dim] q or k rows, Meta's interleaved pairs -> Hugging Face's
-    rotate-half halves (transformers' convert_llama_weights_to_hf permutation)."""
-    dim = w.shape[1]
-    head_dim = w.shape[0] // n_heads
-    return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(n_heads * head_dim, dim)
+ARCHITECTURES = {  # model.FAMILIES key (= Hugging Face model_type) -> transformers class
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def hf_name(meta: str) -> str:
-    """A Meta weight name -> its Hugging Face name."""
+    """A Meta weight or bias name -> its Hugging Face name."""
     top = {"tok_embeddings.weight": "model.embed_tokens.weight",
            "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
     if meta in top:
         return top[meta]
     _, layer, rest = meta.split(".", 2)
-    return f"model.layers.{layer}.{HF_OF_META[rest[:-len('.weight')]]}.weight"
+    module, kind = rest.rsplit(".", 1)
+    return f"model.layers.{layer}.{HF_OF_META[module]}.{kind}"
+
+
+def architecture(args: ModelArgs) -> str:
+    """The transformers class that builds args' family; LlamaError for one this exporter cannot
+    write."""
+    if args.family not in ARCHITECTURES:
+        raise LlamaError(f"family {args.family!r} cannot be written as a Hugging Face folder "
+                         f"(--to hf writes {', '.join(ARCHITECTURES)})")
+    return ARCHITECTURES[args.family]
+
+
+def window_config(args: ModelArgs) -> dict:
+    """The family's sliding-window keys, read back by checkpoint.hf_args as args.sliding_window:
+    Mistral's sliding_window (null: none); Qwen's use_sliding_window switch, with every layer
+    windowed (max_window_layers 0) as the loader reads it."""
+    switch = args.options.window
+    if not switch:
+        return {}
+    if switch == "always":
+        return {"sliding_window": args.sliding_window}
+    on = args.sliding_window is not None
+    return {switch: on, "sliding_window": args.sliding_window,
+            "max_window_layers": 0 if on else args.n_layers}
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype, tied: bool, bos, eos) -> dict:
-    """config.json of a LlamaForCausalLM, rope spelled as hub Llama 3.x configs spell it."""
+    """config.json of args' family (ARCHITECTURES), rope spelled as hub Llama 3.x configs spell
+    it. LlamaError: a family without a transformers class here."""
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [architecture(args)], "model_type": args.family,
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "tie_word_embeddings": tied, "torch_dtype": DTYPE_NAMES[dtype],
-        "bos_token_id": bos, "eos_token_id": eos,
+        "hidden_act": "silu", "tie_word_embeddings": tied, "torch_dtype": DTYPE_NAMES[dtype],
+        "bos_token_id": bos, "eos_token_id": eos, **window_config(args),
     }
+    if args.family in ("llama", "qwen3"):  # Qwen2 always has q/k/v biases, Mistral never
+        cfg.update(attention_bias=False)
+    if args.family == "llama":
+        cfg.update(mlp_bias=False)
     if args.use_scaled_rope:
         cfg["rope_scaling"] = {
             "rope_type": "llama3", "factor": args.rope_scale_factor,
@@ -132,10 +155,11 @@ def copy_tokenizer(src_dir: str, out_dir: str) -> dict:
 
 
 def export_hf(src, dst, dtype: str = "float32", overwrite: bool = False):
-    """Write SRC as a Hugging Face LlamaForCausalLM folder DST (see the module docstring).
+    """Write SRC as a Hugging Face folder DST of its family's architecture (see the module
+    docstring).
 
     Raises LlamaError: an unknown dtype, DST inside SRC, DST holding something else without
-    `overwrite`, or a source the checkpoint loader refuses.
+    `overwrite`, a source the checkpoint loader refuses, or a family with no architecture here.
     """
     from safetensors.torch import save_file
 
@@ -153,14 +177,13 @@ def export_hf(src, dst, dtype: str = "float32", overwrite: bool = False):
         if not overwrite:
             raise LlamaError(f"{dst} holds another model; pass --overwrite to replace it")
     args = weights.args
+    arch = architecture(args)
     check_weights(weights, args, kind)
     sd = {}
     for name in sorted(weights.shapes):
         w = weights.read(name).to(DTYPES[dtype])
-        if name.endswith("attention.wq.weight"):
-            w = rotate_half_rows(w, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            w = rotate_half_rows(w, args.kv_heads)
+        if name.split(".")[-2] in ROTARY:  # q/k weights, q/k biases, q/k norm weights
+            w = rotate_half_rotary(w, args.head_dim)
         sd[hf_name(name)] = w.contiguous().clone()
     tok_dirs = [d for d in (path if os.path.isdir(path) else None,
                             os.path.dirname(tok_path) if tok_path else None) if d]
@@ -201,5 +224,5 @@ def export_hf(src, dst, dtype: str = "float32", overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"{dst}: {kind} {src} -> Hugging Face LlamaForCausalLM, {dtype}"
+    print(f"{dst}: {kind} {src} -> Hugging Face {arch}, {dtype}"
           + (", tied embeddings" if tied else ""))

@@ -70,6 +70,16 @@ def interleave_rotary(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     return t.reshape(n, 2, head_dim // 2, -1).transpose(1, 2).reshape(t.shape)
 
 
+def rotate_half_rotary(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of interleave_rotary: rows in Meta's interleaved pairs (2i, 2i + 1) -> Hugging
+    Face's rotate-half order (pair i at rows i and i + head_dim / 2 of its head). Same shapes
+    and LlamaError (transformers' convert_llama_weights_to_hf `permute`)."""
+    if t.shape[0] % head_dim:
+        raise LlamaError(f"{t.shape[0]} rows are not whole heads of {head_dim}")
+    n = t.shape[0] // head_dim
+    return t.reshape(n, head_dim // 2, 2, -1).transpose(1, 2).reshape(t.shape)
+
+
 def rank_slice(name: str, args: ModelArgs, mp: int, rank: int) -> Tuple[Optional[int], int, int]:
     """(dim, lo, hi): the part of the unsplit weight that model-parallel rank `rank` of `mp`
     holds."""
