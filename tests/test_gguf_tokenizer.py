@@ -175,7 +175,8 @@ def test_tiny_gguf_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("kind,words", [
-    ("llama", "'llama' is not byte-level BPE"), ("deepseek", "unknown pre-tokenizer 'deepseek-llm'"),
+    ("llama", "'llama' is not byte-level BPE"),
+    ("deepseek", "unknown pre-tokenizer 'deepseek-llm'"),
     ("order", "merge 'Ġ t'"),
     ("garbage", "not a readable GGUF"), ("missing", "no such GGUF"),
     ("nomodel", "no tokenizer.ggml.model"),
