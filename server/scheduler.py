@@ -66,6 +66,7 @@ class Job:
         self.sent = 0  # characters of text already in events
         self.finish: Optional[str] = None
         self.prompt_probe: Optional[float] = None
+        self.probe_threshold = 0.0  # the probe's decision threshold (engine.Probe.threshold)
         self.pending: Optional[dict] = None  # a token event waiting for its probe score
         self.done = False  # its "done" event was sent
         seed = params.seed if params.seed is not None else int(time.time_ns() % (2 ** 31))
@@ -94,6 +95,11 @@ class Job:
         self.sent = max(self.sent, ready)
         return {"type": "token", "token": token, "text": new, "logprob": logprob,
                 "top_logprobs": top, "probe": None}
+
+    def margins(self, scores: List[Optional[float]]) -> List[Optional[float]]:
+        """Probe scores relative to the probe's decision threshold: score - threshold (> 0: the
+        probe's positive class), the calibrated read-out the playground and the report colour."""
+        return [None if s is None else s - self.probe_threshold for s in scores]
 
     def flush(self) -> Optional[dict]:
         """The text still held back when the job ends at an end token."""
@@ -201,6 +207,7 @@ class Scheduler(threading.Thread):
                              "steer": job.params.steer})
             if job.params.probe:
                 job.prompt_probe = self.engine.probe.score(out["states"])[0]
+                job.probe_threshold = self.engine.probe.threshold
             self.rows.append(Row(job, len(job.prompt_ids), -1))
             self._sample([(row, out["logits"][0:1])])
             self._free()

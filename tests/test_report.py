@@ -78,12 +78,14 @@ def test_heatmap_tokens_and_scores_are_the_caches(runs):
     assert len(shown) == 5 and [c for _, c in heads].count("testing") >= 2
     cache = ActivationCache(runs["cache"])
     off = cache.offsets("prompt")
-    direction = load_file(runs["probe"])["direction"]
+    probe = load_file(runs["probe"])  # a single-prompt probe: its own score x . w_raw + b_raw
+    assert blob["calibrated"] and all(blob["centre"][str(l)] == 0.0 for l in LAYERS)
     for (pid, _), n in zip(heads, shown):
         i = int(pid[1:])
         assert n == runs["lengths"][i] == off[i + 1] - off[i]
         for j, layer in enumerate(LAYERS):
-            want = cache.array(layer, "prompt")[off[i]:off[i + 1]] @ direction[j]
+            want = (cache.array(layer, "prompt")[off[i]:off[i + 1]] @ probe["w_raw"][j, 0]
+                    + probe["b_raw"][j])
             got = np.array(blob["scores"][str(layer)][heads.index((pid, _))])
             # float32 states, rounded to 5 decimals in the page: 1e-3 relative is ample
             assert np.allclose(got, want, rtol=1e-3, atol=1e-3)
@@ -129,6 +131,56 @@ def test_bad_input_is_one_line(runs, tmp_path):
     shutil.copytree(runs["steering"], bad)
     (bad / "steering.csv").write_text("multiplier,p\n1,2\n")
     one_line_error(script("report.py", str(bad)), "steering.csv", "'layer'")
+
+
+def test_a_zero_layer_nobody_asked_for_does_not_stop_the_report(runs, tmp_path):
+    """A probe trained on every layer of contrast pairs has a zero layer 0 (both sides end in the
+    same token): a report about another layer goes on without it, the server's vector reader
+    leaves it out, and asking for that very layer is refused in one line."""
+    from safetensors.numpy import save_file
+
+    from llama.errors import LlamaError
+    from llama.vectors import load_vectors
+
+    folder = tmp_path / "probes"
+    folder.mkdir()
+    t = load_file(runs["probe"])
+    for k in ("w", "w_raw", "direction"):
+        t[k][0] = 0.0  # LAYERS[0] learnt nothing
+    zero = str(folder / "lr.safetensors")
+    save_file(t, zero)
+    shutil.copy(runs["probe"][:-len(".safetensors")] + ".json", folder / "lr.json")
+    page = str(tmp_path / "r.html")
+    for asked in ([], ["--layer", str(LAYERS[1])]):
+        r = script("report.py", runs["probes"], "--tokens", runs["cache"], "--direction", zero,
+                   *asked, "--output", page)
+        assert r.returncode == 0, r.stderr
+        assert read_json_blob(open(page, encoding="utf-8").read())["layers"] == [LAYERS[1]]
+    assert sorted(load_vectors(zero, None, 16, 2)) == [LAYERS[1]]
+    with pytest.raises(LlamaError, match=f"layer {LAYERS[0]} vector is zero"):
+        load_vectors(zero, [LAYERS[0]], 16, 2)
+    r = script("report.py", runs["probes"], "--tokens", runs["cache"], "--direction", zero,
+               "--layer", str(LAYERS[0]), "--output", page)
+    one_line_error(r, f"layer {LAYERS[0]} vector is zero")
+
+
+def test_server_and_heatmap_read_a_probe_alike(runs):
+    """One reader of saved probes (llama.vectors.read_probe): the server's read-out of a state
+    and the heat-map's score of the same token agree, and so do their thresholds."""
+    import torch
+
+    from pages.heatmap import token_map
+    from server.main import load_probe
+
+    tm = token_map(runs["cache"], runs["probe"], examples=2)
+    cache = ActivationCache(runs["cache"])
+    off = cache.offsets("prompt")
+    first = int(tm.prompts[0][0][1:])
+    for layer in tm.layers:
+        probe = load_probe(runs["probe"], layer, 16, 2, "fp-report")
+        states = torch.tensor(cache.array(layer, "prompt")[off[first]:off[first + 1]])
+        assert np.allclose(probe.score(states), tm.scores[layer][0], rtol=1e-5, atol=1e-4)
+        assert probe.threshold == pytest.approx(tm.thresholds[layer], abs=1e-9)
 
 
 def test_changed_prompt_file_is_refused(runs, tmp_path):
