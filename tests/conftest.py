@@ -55,3 +55,35 @@ def one_line_error(r, *words):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     for w in words:
         assert w in lines[0], lines[0]
+
+
+def table_rows(markdown: str) -> list:
+    """The body rows of every Markdown table in `markdown` (not the header rows), as lists of
+    stripped cell texts (an escaped \\| stays inside its cell)."""
+    import re
+
+    def rule(line):
+        return re.fullmatch(r"\|[|\s:-]+\|", line) is not None
+
+    lines = [x.strip() for x in markdown.splitlines()] + [""]
+    rows = []
+    for line, after in zip(lines, lines[1:]):
+        if line.startswith("|") and line.endswith("|") and not rule(line) and not rule(after):
+            rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line[1:-1])])
+    return rows
+
+
+def shown_numbers(text: str) -> list:
+    """Every decimal number written in `text` (a page's cells, a table), as floats: compare
+    them with a tolerance of half the last shown place, never as formatted strings."""
+    import re
+
+    return [float(x) for x in re.findall(r"(?<![\w.])-?\d+\.\d+(?:e[-+]?\d+)?", text)]
+
+
+def shown(values, text: str, places: int) -> bool:
+    """Whether every value appears among the numbers of `text` written to `places` decimals
+    (within half a unit of the last place)."""
+    numbers = shown_numbers(text)
+    tol = 0.5 * 10 ** -places + 1e-9
+    return all(any(abs(x - float(v)) <= tol for x in numbers) for v in values)

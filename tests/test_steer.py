@@ -170,7 +170,8 @@ def test_steer_end_to_end_on_smollm2(smol_vectors, tmp_path, dist1):
             # multiplier 0 and the unsteered baseline run in batches of other shapes (M rows vs
             # 1), so BLAS sums in another order: equal to ~1e-6, not to the printed digits
             assert float(x["p_positive"]) == pytest.approx(float(base["p_positive"]), abs=1e-5)
-    assert {x["p_positive"] for x in rows if x["layer"] == "8"} != {base["p_positive"]}
+    assert max(abs(float(x["p_positive"]) - float(base["p_positive"])) for x in rows
+               if x["layer"] == "8") > 1e-4
     items = read_csv(out / "items.csv")
     assert len(items) == 4 + 4 * 2 * 3
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
