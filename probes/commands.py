@@ -122,7 +122,8 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
                 val_frac=float(val_frac), seed=fit.seed, positive_class=positive_name(act_cache),
                 trained_on="all rows (after the folds measured them)" if folds
                 else "the training split")
-    report.save_probes(os.path.join(output, "probes"), fitted[-1], layers, act_cache, info)
+    report.save_probes(os.path.join(output, "probes"), fitted[-1], layers, act_cache, info,
+                       report.chosen_layers(df))
     if visualize:
         report.plot(output, df, sm, selected, yt, act_cache, positive_name(act_cache))
     report.print_table(df, sm, positive_name(act_cache))
