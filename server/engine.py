@@ -51,6 +51,7 @@ class Probe:
     kind: str  # "w_raw" or "direction"
     threshold: float = 0.0
     text: str = ""  # what the probe was trained on
+    positive: str = ""  # what a score above the threshold stands for (its positive class)
 
     def score(self, h: torch.Tensor) -> List[float]:
         """h [n, dim] -> n scores."""

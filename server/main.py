@@ -51,7 +51,7 @@ def load_probe(path: str, layer: Optional[int], dim: int, n_layers: int, fingerp
         raise LlamaError(f"--probe_layer {layer} is not in the model (layers 0..{n_layers})")
     weight, bias, threshold = saved.at(layer)
     return Probe(layer, torch.from_numpy(weight.astype("float32").copy()), bias, path,
-                 saved.kind, threshold, saved.text)
+                 saved.kind, threshold, saved.text, str(saved.info.get("positive_class", "")))
 
 
 def summary_layer(path: str) -> str:
@@ -190,7 +190,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                 for n, p in vector_sources(vectors or [])]
         probe_info = None if the_probe is None else {
             "source": the_probe.source, "layer": the_probe.layer, "read_out": the_probe.kind,
-            "bias": the_probe.bias, "threshold": the_probe.threshold, "text": the_probe.text}
+            "bias": the_probe.bias, "threshold": the_probe.threshold, "text": the_probe.text,
+            "positive": the_probe.positive}
         run_http(engine, gen.tokenizer, channel, sock, model_id, context, info, probe_info,
                  api_key, max_batch, max_body, host)
     finally:

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from browser import Browser, available, console_errors
-from conftest import ROOT, in_process, one_line_error, shown
+from conftest import ROOT, in_process, one_line_error, shown, shown_numbers
 from activations.cache import ActivationCache
 from pages.build import Tokens, build
 from report_fixtures import EVIL, LAYERS, make_runs, read_json_blob, script
@@ -223,6 +223,17 @@ def test_report_in_browser(runs, tmp_path):
         evil = [b for b in boxes if "alert(1)" in b.text]
         assert len(evil) == 1 and evil[0].text == EVIL
         assert len(driver.find_elements(By.TAG_NAME, "script")) == 2  # the page's own two
+        # the colour key: from -scale to +scale of the layer shown, the probe's threshold, and
+        # what the probe was trained on
+        blob = read_json_blob(runs["html"])
+        layer = driver.find_element(By.CSS_SELECTOR, ".heat-layer-shown").text
+        key = driver.find_element(By.CSS_SELECTOR, ".heat-key")
+        scale = blob["scale"][layer]
+        assert key.is_displayed() and shown_numbers(key.text) == pytest.approx(
+            [-scale, scale], rel=5e-3)
+        assert "above the threshold" in driver.find_element(By.CSS_SELECTOR, ".legend").text
+        text = driver.find_element(By.CSS_SELECTOR, ".heat-text").text
+        assert text.startswith("The probe was trained on: ") and "prompts.csv, single prompts" in text
         first = driver.find_element(By.CSS_SELECTOR, ".heatmap .tok").get_attribute("title")
         pick = Select(driver.find_element(By.CSS_SELECTOR, "select.heat-layer"))
         other = [o.text for o in pick.options if not o.is_selected()][0]
