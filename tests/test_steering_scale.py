@@ -305,11 +305,17 @@ def test_one_label_contrast_cache_equals_the_swapped_pairs(tmp_path):
     swapped_minus = np.where(odd[None, :, None], plus, minus)
     one = contrast_cache(tmp_path / "one", plus, minus, np.ones(n))
     two = contrast_cache(tmp_path / "two", swapped_plus, swapped_minus, (~odd).astype(int))
+    said = {}
     for cache, name in ((one, "a"), (two, "b")):
         r = run_script("generate_vectors_from_cache.py", "--cache", cache, "--output",
                        tmp_path / name)
         assert r.returncode == 0, r.stderr
+        said[name] = r.stdout
+    # a steering set's plus side is the behaviour, not "the true side"
+    assert "plus - minus" in said["a"] and "true side" not in said["a"]
+    assert "true side - false side" in said["b"]
     got = read_vectors_folder(os.path.join(vectors_of(str(tmp_path / "a")), "vectors"))
+    assert {m["plus_class"] for _, m in got.values()} == {"behaviour"}
     want = read_vectors_folder(os.path.join(vectors_of(str(tmp_path / "b")), "vectors"))
     for layer in (0, 1):
         # the same float64 sums in another order, stored as float32
