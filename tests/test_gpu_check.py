@@ -111,6 +111,18 @@ def test_cuda_without_a_gpu_is_refused(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_without_transformers_it_names_the_set_up(tmp_path):
+    """On a machine set up by `make demo` only (no transformers): one line naming the set-up
+    it needs, before any work."""
+    hide = ("import runpy, sys; sys.modules['transformers'] = None; "
+            f"sys.argv = [{SCRIPT!r}, '--device', 'cpu', '--out', {str(tmp_path / 'o')!r}]; "
+            f"runpy.run_path({SCRIPT!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, env=ENV,
+                       cwd=os.path.join(ROOT, "bench"), timeout=120)
+    one_line_error(r, "transformers", "pip install -r requirements-dev.txt")
+    assert not (tmp_path / "o").exists()
+
+
 def test_peak_table():
     """Device names as torch.cuda.get_device_name spells them; the most specific entry wins
     (approx: TB/s x 1e12 is not exact in binary floating point)."""
