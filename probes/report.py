@@ -22,6 +22,7 @@ COLUMNS = ["layer", "method", "split", "n", *INTERVALS, "calibrated_accuracy", "
            "val_accuracy", "val_auroc", "chosen", "train_loss", "orientation"]
 SUMMARY = ["method", "layer", "split", "n", "val_accuracy", *INTERVALS, "calibrated_accuracy",
            "orientation"]
+NO_LAYER = "-"  # summary.csv's layer of a method without layers (zero_shot, majority), everywhere
 AUROC_NOTE = "AUROC oriented like accuracy (an unsigned method's max(acc, 1-acc) row flips both)"
 
 
@@ -74,7 +75,8 @@ def tables(fitted: List[Fitted], parts: List[Part], y: np.ndarray, layers: List[
                        unsigned=METHODS[m].unsigned and r == m)
         selected[r] = 2 * thr - sel if one["flipped"][0] else sel  # oriented like its metrics
         picked = sorted({layers[c] for c in chosen})
-        summary.append(dict(method=r, layer=",".join(map(str, picked)), split=split, n=len(yt),
+        layer = ",".join(map(str, picked)) if METHODS[m].layered else NO_LAYER
+        summary.append(dict(method=r, layer=layer, split=split, n=len(yt),
                             val_accuracy=float(np.mean([v[r]["accuracy"][c]
                                                         for v, c in zip(vals, chosen)])),
                             **{k: float(one[k][0]) for k in INTERVALS + ["calibrated_accuracy"]
@@ -111,7 +113,7 @@ def print_table(df: pd.DataFrame, summary: pd.DataFrame, positive: str) -> None:
         def ci(k):
             return f"{r[k]:.3f} [{r.get(k + '_lo', np.nan):.3f}, {r.get(k + '_hi', np.nan):.3f}]"
 
-        layer = r.layer if base(r.method).layered else "-"  # the same at every layer
+        layer = str(r.layer)  # NO_LAYER for a method that is the same at every layer
         print(f"{r.method:<16}{layer:>8}  {r.val_accuracy:>7.3f}  {ci('accuracy'):<24}"
               f"{ci('auroc'):<24}")
 

@@ -75,5 +75,6 @@ def test_demo_on_smollm2(tmp_path):
 
     again = demo(tmp_path)
     again = again.stdout + again.stderr
-    assert "already" in again.split("== 2/4")[0]  # the converted model is reused
-    assert "nothing to do" in again.split("== 3/4")[1].split("== 4/4")[0]  # and so is the cache
+    assert "already" in again.split("== 2/5")[0]  # the converted model is reused
+    assert "nothing to do" in again.split("== 3/5")[1].split("== 4/5")[0]  # and so is the cache
+    assert "already made: " in again.split("== 5/5")[1]  # and the sentiment vector
