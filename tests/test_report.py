@@ -275,3 +275,18 @@ def test_transfer_matrix(runs, tmp_path):
     at = tr[(tr.chosen > 0) & (tr.test == other)]
     # each cell is written on the matrix (SVG text), to 3 decimals
     assert shown(at.auroc, " ".join(re.findall(r">([^<>]*)<", page)), 3)
+
+
+def test_bands_of_the_methods_that_matter():
+    """Ten methods' 95% bands merge into one grey block: the report draws those of the methods,
+    not of the baselines, the methods without layers or the _signed twins."""
+    from pages.plots import banded, probe_layers
+
+    assert all(banded(m) for m in ("ccs", "lr", "lr_concat", "mean_diff", "crc_tpc"))
+    assert not any(banded(m) for m in ("ccs_signed", "random", "majority", "zero_shot"))
+    rows = [dict(layer=layer, method=m, accuracy=0.7, accuracy_lo=0.6, accuracy_hi=0.8,
+                 auroc=0.7, auroc_lo=0.6, auroc_hi=0.8, chosen=int(layer == 1))
+            for m in ("lr", "random") for layer in (0, 1, 2)]
+    svg = probe_layers(pd.DataFrame(rows), "t")
+    # one band (a filled PolyCollection) per panel: lr's, not random's
+    assert svg.count('id="FillBetweenPolyCollection_') == 2
