@@ -156,8 +156,8 @@ def _parser(fl: Dict[str, Flag], prog: str, about: Optional[str] = None):
                  f"on/off, default {'on' if f.default else 'off'}" if f.kind == "bool" else
                  "optional" if f.default is None else f"default {f.default}")
         # a seed's spelling is named where that seed's command has it: --save_activations_path
-        # with a command that reads prompts (--data), not a run folder's --output
-        shown = [a for a in f.aliases if a != "save_activations_path" or "data" in fl]
+        # with a command that caches activations (--token), not a run folder's --output
+        shown = [a for a in f.aliases if a != "save_activations_path" or "token" in fl]
         also = f" (also --{', --'.join(shown)})" if shown else ""
         meta = "{" + ",".join(f.choices) + "}" if f.choices else f.kind.upper()
         for i, name in enumerate((f.name,) + f.aliases):  # values kept as (spelling, value)

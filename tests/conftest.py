@@ -30,6 +30,38 @@ def dist1():
     return setup(mp=1, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def smollm2(dist1):
+    """SmolLM2-135M-Instruct, the default model, loaded once for the whole session in float32 at
+    model-parallel size 1 (llama.checkpoint.load_model -> Loaded): the real-model tests that
+    read it in this process share the copy."""
+    from llama.checkpoint import load_model
+    from llama.gguf import default_model_path
+
+    return load_model(str(default_model_path()), dist1, "float32")
+
+
+@pytest.fixture
+def shared_smollm2(smollm2, monkeypatch):
+    """While a test runs, a command run in this process (steer.py, generate.py, extraction)
+    that loads the default model in float32 at its own context gets the session's copy
+    (llama.checkpoint.load_model answers with it; Generator.build and extraction call that);
+    any other model or setting loads as usual. -> the shared Loaded."""
+    import llama.checkpoint as checkpoint
+    from llama.gguf import default_model_path
+
+    real, path = checkpoint.load_model, str(default_model_path())
+
+    def load(where, dist, dtype="float32", max_seq_len=None, *more, **kw):
+        if (os.fspath(where) == path and dtype == "float32" and max_seq_len is None
+                and not more and not kw and dist.mp == 1):
+            return smollm2
+        return real(where, dist, dtype, max_seq_len, *more, **kw)
+
+    monkeypatch.setattr(checkpoint, "load_model", load)
+    return smollm2
+
+
 def in_process(argv, main):
     """A CLI run in this process, as `python ARGV` would run it (llama.cli.command included,
     without a new interpreter's start-up time) -> CompletedProcess with its exit code and

@@ -499,7 +499,7 @@ def smol_sentiment(tmp_path_factory):
     return model, vectors_of(str(base / "sent")), base
 
 
-def test_sentiment_control_steers_smollm2_both_ways(smol_sentiment, tmp_path, dist1):
+def test_sentiment_control_steers_smollm2_both_ways(smol_sentiment, tmp_path, shared_smollm2):
     """At push 0.5 (residual scale, layer 6) the sentiment vector raises p(" good") over
     p(" bad") after neutral openings and its negative lowers it; push and nll_delta equal a
     direct steered forward's."""
@@ -519,12 +519,11 @@ def test_sentiment_control_steers_smollm2_both_ways(smol_sentiment, tmp_path, di
     assert neg < base_p - 0.05 and pos > base_p + 0.02  # measured: 0.52 / 0.86 / 0.94 on 8 items
     assert zero == pytest.approx(base_p, abs=1e-4)  # other batch shapes: BLAS rounding only
 
-    from llama.checkpoint import load_model
     from llama.model import Steer
     from llama.vectors import load_vectors
     from llama.tokenizer import load_tokenizer
 
-    lm = load_model(model, dist1)
+    lm = shared_smollm2  # the model steer.py ran on, loaded once for the session
     tok = load_tokenizer(lm.tokenizer_path)
     prompts = [tok.encode(x["prompt"], bos=True) for x in items]
     with torch.no_grad():
