@@ -233,7 +233,8 @@ def test_report_in_browser(runs, tmp_path):
             [-scale, scale], rel=5e-3)
         assert "above the threshold" in driver.find_element(By.CSS_SELECTOR, ".legend").text
         text = driver.find_element(By.CSS_SELECTOR, ".heat-text").text
-        assert text.startswith("The probe was trained on: ") and "prompts.csv, single prompts" in text
+        assert text.startswith("The probe was trained on: ")
+        assert "prompts.csv, single prompts" in text
         first = driver.find_element(By.CSS_SELECTOR, ".heatmap .tok").get_attribute("title")
         pick = Select(driver.find_element(By.CSS_SELECTOR, "select.heat-layer"))
         other = [o.text for o in pick.options if not o.is_selected()][0]

@@ -228,8 +228,9 @@ def test_non_finite_logits_warn_per_item_and_leave_the_means(tiny, tmp_path):
     rows = {(x["layer"], float(x["multiplier"])): x for x in read_csv(out / "steering.csv")}
     bad = rows["2", 1e39]
     assert int(bad["n"]) == 0 and bad["answer_matches_positive"] == ""
-    assert all(np.isnan(float(bad[k])) for k in ("p_positive", "p_positive_lo", "p_positive_hi", "p_a",
-                                         "p_positive_when_a", "p_positive_when_b"))
+    assert all(np.isnan(float(bad[k])) for k in ("p_positive", "p_positive_lo", "p_positive_hi",
+                                                  "p_a", "p_positive_when_a",
+                                                  "p_positive_when_b"))
     zero = [float(x["p_positive"]) for x in items
             if x["layer"] == "2" and float(x["multiplier"]) == 0.0]
     assert int(rows["2", 0.0]["n"]) == 4 and int(rows["none", 0.0]["n"]) == 4
