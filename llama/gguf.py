@@ -8,6 +8,7 @@ HF's order and are interleaved here, with their biases and per-head norms. A GGU
 sliding window: a `llama` file named Mistral v0.1 gets that model's 4096 (MISTRAL_V01_WINDOW).
 GGUF lists shapes innermost first; the gguf package hands out arrays in numpy order ([out, in]).
 """
+import functools
 import hashlib
 import importlib.util
 import os
@@ -70,10 +71,20 @@ def default_model_path() -> Path:
 
 
 def open_gguf(path) -> GGUFReader:
+    """The file's GGUFReader (metadata parsed, tensors memory-mapped), checked: a llama model
+    whose every tensor dequantizes. Parsing the metadata takes seconds (SmolLM2's 49152-token
+    vocabulary), and a command reads the header before it loads (checks) and again to load: one
+    reader per file version (path, modification time, size) is kept for the process."""
     if not os.path.isfile(path):
         raise LlamaError(f"{path}: no such GGUF file")
+    stat = os.stat(path)
+    return _reader(os.path.abspath(path), str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(where: str, path: str, mtime_ns: int, size: int) -> GGUFReader:
     try:
-        reader = GGUFReader(path)
+        reader = GGUFReader(where)
     # the gguf package's way of saying truncated/corrupt
     except (ValueError, IndexError, KeyError) as e:
         raise LlamaError(f"{path}: not a complete GGUF file, truncated or corrupt ({e})") from None

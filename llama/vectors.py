@@ -27,6 +27,7 @@ import glob
 import json
 import os
 import re
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
 
 import numpy as np
@@ -121,20 +122,40 @@ def _file(path: str) -> np.ndarray:
         raise LlamaError(f"{path}: not a safetensors file ({e})") from None
 
 
-def probe_directions(path: str) -> tuple:
-    """({layer: raw-space direction [dim]}, metadata) of a saved linear probe (module
-    docstring)."""
-    from safetensors.numpy import load_file
+def is_probe(path) -> bool:
+    """A saved ccs.py probe: METHOD.safetensors with METHOD.json beside it."""
+    path = os.fspath(path)
+    return path.endswith(".safetensors") and os.path.isfile(os.path.splitext(path)[0] + ".json")
+
+
+def _probe_files(path: str) -> tuple:
+    """(tensors {name: np.ndarray}, METHOD.json, safetensors metadata) of a saved probe."""
+    from safetensors import SafetensorError, safe_open
 
     info_path = os.path.splitext(path)[0] + ".json"
-    if not os.path.exists(info_path):
-        raise LlamaError(f"{path}: no {os.path.basename(info_path)} beside the probe")
-    with open(info_path) as f:
-        info = json.load(f)
-    t = load_file(path)
-    layers = [int(x) for x in t["layers"]]
+    if not os.path.isfile(path) or not os.path.isfile(info_path):
+        raise LlamaError(f"{path}: no such probe (METHOD.safetensors with METHOD.json beside it)")
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LlamaError(f"{info_path}: not a probe description ({e})") from None
+    try:
+        with safe_open(path, "np") as st:
+            tensors = {k: st.get_tensor(k) for k in st.keys()}
+            meta = st.metadata() or {}
+    except SafetensorError as e:
+        raise LlamaError(f"{path}: not a safetensors file ({e})") from None
+    if "layers" not in tensors:
+        raise LlamaError(f"{path}: no 'layers' tensor (not a ccs.py probe)")
+    return tensors, info, meta
+
+
+def _direction(t: dict, info: dict, path: str) -> np.ndarray:
+    """[L, dim] raw-space direction: the saved one, else mapped back from w / std (module
+    docstring)."""
     if "direction" in t:
-        return {l: t["direction"][i] for i, l in enumerate(layers)}, info
+        return t["direction"]
     if "w" not in t or t["w"].ndim != 2:
         raise LlamaError(f"{path}: probe {info.get('method')!r} has no linear weight w [layers, "
                          "dim] (an MLP probe has no single direction)")
@@ -145,8 +166,104 @@ def probe_directions(path: str) -> tuple:
         raw = (w[:, :dim] / std[:, 0] - w[:, dim:] / std[:, -1]) / 2
     else:
         raw = (w[:, None, :] / std).mean(1)
-    raw = sign * raw
-    return {l: raw[i].astype(np.float32) for i, l in enumerate(layers)}, info
+    return (sign * raw).astype(np.float32)
+
+
+def probe_directions(path: str) -> tuple:
+    """({layer: raw-space direction [dim]}, metadata) of a saved linear probe (module
+    docstring)."""
+    t, info, _ = _probe_files(path)
+    direction = _direction(t, info, path)
+    return {int(l): direction[i] for i, l in enumerate(t["layers"])}, info
+
+
+def read_out(t: dict, threshold: float, path: str = "probe", info: Optional[dict] = None):
+    """How one hidden state h [dim] is scored by a probe's tensors t (probes/report.py's
+    save_probes): (weight [L, dim] float32, bias [L], threshold [L], kind); score = h . weight +
+    bias, the probe's positive class above threshold (raw score units).
+    kind "w_raw" (a single-prompt probe: its own oriented score x . w_raw + b_raw, whose decision
+    threshold is the method's, `threshold`: 0 for a linear probe); kind "direction" (a contrast
+    pair probe reads a pair, not one state: its raw-space direction, bias 0, and as threshold the
+    midpoint of the two classes' mean scores on the training rows, direction . (mean_plus +
+    mean_minus) / 2: each pair gives one true and one false statement, so that midpoint is the
+    direction's value at the training states' mean)."""
+    n = len(t["layers"])
+    if "w_raw" in t and t["w_raw"].ndim == 3 and t["w_raw"].shape[1] == 1:
+        weight = t["w_raw"][:, 0].astype(np.float32)
+        bias = t["b_raw"].reshape(n, -1)[:, 0].astype(np.float64)
+        return weight, bias, np.full(n, float(threshold)), "w_raw"
+    weight = _direction(t, info or {}, path).astype(np.float32)
+    if "mean" not in t:
+        raise LlamaError(f"{path}: no training mean: the probe's threshold cannot be found")
+    centre = t["mean"].astype(np.float64).mean(1)  # [L, dim]: the sides' training means averaged
+    return weight, np.zeros(n), np.einsum("ld,ld->l", weight.astype(np.float64), centre), \
+        "direction"
+
+
+@dataclass
+class SavedProbe:
+    """A saved ccs.py probe as one hidden state h [dim] at a layer reads it (read_out): score =
+    h . weight[i] + bias[i] for layers[i]; above threshold[i] the probe says its positive class
+    (`info["positive_class"]`), and margin = score - threshold is the calibrated read-out.
+    chosen_layer: the layer ccs.py chose on validation rows (None for a probe saved before it was
+    recorded); text: what the probe was trained on (info["text"], "" when not recorded)."""
+    path: str
+    info: dict
+    layers: List[int]
+    weight: np.ndarray  # [L, dim] float32
+    bias: np.ndarray  # [L]
+    threshold: np.ndarray  # [L]
+    kind: str  # "w_raw" or "direction"
+    chosen_layer: Optional[int]
+
+    @property
+    def text(self) -> str:
+        return str(self.info.get("text") or "")
+
+    def usable(self) -> List[int]:
+        """The layers whose weight is not zero (a layer where the probe learnt nothing, e.g. layer
+        0 of a contrast probe whose pairs end in the same token, is left out)."""
+        return [l for i, l in enumerate(self.layers) if np.any(self.weight[i])]
+
+    def at(self, layer: int) -> tuple:
+        """(weight [dim] float32, bias, threshold) at `layer`; LlamaError when the probe lacks it
+        or its weight there is zero."""
+        if layer not in self.layers:
+            raise LlamaError(f"{self.path}: the probe has no layer {layer} (it has "
+                             f"{', '.join(map(str, self.layers))})")
+        i = self.layers.index(layer)
+        if not np.any(self.weight[i]):
+            raise LlamaError(f"{self.path}: layer {layer} vector is zero (the probe learnt "
+                             f"nothing there; its layers with a direction: "
+                             f"{', '.join(map(str, self.usable())) or 'none'})")
+        return self.weight[i], float(self.bias[i]), float(self.threshold[i])
+
+
+def read_probe(path, dim: Optional[int] = None, fingerprint: Optional[str] = None) -> SavedProbe:
+    """The one reader of a saved probe's read-out (the server and the report's heat-map):
+    -> SavedProbe. Refused in one line: no such file or METHOD.json, not safetensors, another
+    model's fingerprint, a width other than `dim`, no linear read-out (an MLP probe)."""
+    path = os.fspath(path)
+    t, info, meta = _probe_files(path)
+    have = info.get("fingerprint")
+    if fingerprint and have and have != fingerprint:
+        raise LlamaError(f"{path}: a probe of another model (fingerprint {have}, this model "
+                         f"{fingerprint})")
+    if "w_raw" not in t and "direction" not in t and ("w" not in t or t["w"].ndim != 2):
+        raise LlamaError(f"{path}: no raw-space w_raw or direction (an MLP probe has no linear "
+                         "read-out)")
+    if "w_raw" not in t and "direction" not in t and "std" not in t:
+        raise LlamaError(f"{path}: no raw-space w_raw or direction, and no std to map w back")
+    weight, bias, thr, kind = read_out(t, float(info.get("threshold", 0.0)), path, info)
+    if "read_threshold" in t:
+        thr = t["read_threshold"].astype(np.float64).reshape(-1)
+    if dim is not None and weight.shape[-1] != dim:
+        raise LlamaError(f"{path}: probe width {weight.shape[-1]}, the model's residual stream "
+                         f"{dim}")
+    chosen = info.get("chosen_layer", meta.get("chosen_layer"))
+    chosen = int(chosen) if chosen not in (None, "", "None") else None
+    return SavedProbe(path, info, [int(x) for x in t["layers"]], weight, bias, thr, kind,
+                      chosen)
 
 
 def load_vectors(source: str, layers: Optional[Iterable[int]], dim: int, n_layers: int,
@@ -163,7 +280,7 @@ def load_vectors(source: str, layers: Optional[Iterable[int]], dim: int, n_layer
         table = {l: v for l, (v, _) in found.items()}
         fps = {m.get("fingerprint") for _, m in found.values()} - {None, ""}
         have_fp = fps.pop() if len(fps) == 1 else None
-    elif source.endswith(".safetensors") and os.path.exists(os.path.splitext(source)[0] + ".json"):
+    elif is_probe(source):
         table, info = probe_directions(source)
         have_fp = info.get("fingerprint")
     else:
@@ -181,6 +298,7 @@ def load_vectors(source: str, layers: Optional[Iterable[int]], dim: int, n_layer
     if fingerprint and have_fp and have_fp != fingerprint:
         raise LlamaError(f"{source}: vectors of another model (fingerprint {have_fp}, this model "
                          f"{fingerprint})")
+    asked = layers is not None
     layers = _check_layers(table if layers is None else layers, n_layers, source)
     missing = [l for l in layers if l not in table]
     if missing:
@@ -197,6 +315,10 @@ def load_vectors(source: str, layers: Optional[Iterable[int]], dim: int, n_layer
             raise LlamaError(f"{source}: layer {l} vector holds a NaN or an infinity (element "
                              f"{int(bad[0])} is {v[bad[0]]}, {len(bad)} such)")
         if not np.any(v):
-            raise LlamaError(f"{source}: layer {l} vector is zero")
+            if asked:
+                raise LlamaError(f"{source}: layer {l} vector is zero")
+            continue  # a layer nobody asked for (a probe's layer 0, say) is left out
         out[l] = torch.from_numpy(v.copy())
+    if not out:
+        raise LlamaError(f"{source}: every vector is zero")
     return out

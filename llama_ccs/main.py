@@ -7,8 +7,13 @@
 Each subcommand takes exactly the flags of the script it names (`llama-ccs COMMAND -h`); the
 scripts stay as they are, thin doors over the same functions.
 """
+import ast
 import difflib
 import importlib
+import importlib.metadata
+import importlib.util
+import os
+import re
 import sys
 
 # subcommand -> (module whose cli() runs it, extra leading argument, the script it mirrors)
@@ -35,17 +40,46 @@ COMMANDS = {
 }
 
 
+def describe(module: str, lead) -> str:
+    """The first line of what a subcommand does: its function's docstring (a lead such as
+    train) or its module's, read from the source (nothing imported: -h stays quick)."""
+    top, _, rest = module.partition(".")
+    spec = importlib.util.find_spec(top)
+    path = os.path.join(spec.submodule_search_locations[0], *rest.split(".")) + ".py"
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    node = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == lead),
+                tree)
+    first = " ".join((ast.get_docstring(node) or "").strip().split("\n\n")[0].split())
+    sentence = re.split(r"(?<=[.;])\s", first)[0].rstrip(".;")
+    return sentence if len(sentence) <= 76 else sentence[:73].rsplit(" ", 1)[0] + " ..."
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("llama-ccs")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -r requirements.txt)"
+
+
 def usage() -> str:
-    lines = ["usage: llama-ccs COMMAND [flags]    (llama-ccs COMMAND -h: its flags)", ""]
-    lines += [f"  {name:<20}= {script}" for name, (_, _, script) in COMMANDS.items()]
+    lines = ["usage: llama-ccs COMMAND [flags]    (llama-ccs COMMAND -h: its flags; "
+             "--version)", ""]
+    for name, (module, lead, script) in COMMANDS.items():
+        lines += [f"  {name:<20}{describe(module, lead)}", f"  {'':<20}(= {script})"]
     return "\n".join(lines)
 
 
 def main(argv=None):
     """Run the subcommand argv[0] with the rest of argv as its flags; exit 2 on an unknown one."""
+    from llama.cli import say
+
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--version":
+        say(f"llama-ccs {version()}")
+        raise SystemExit(0)
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+        say(usage())
         raise SystemExit(0 if argv else 2)
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

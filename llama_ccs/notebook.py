@@ -86,8 +86,10 @@ def hidden_states(model: Model, prompts: List[str], layers: Union[str, Sequence[
         data = os.path.join(tmp, "prompts.csv")
         with open(data, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(["idx", "prompt"])
-            writer.writerows([i, text] for i, text in enumerate(prompts))
+            # label: a placeholder nobody reads (only the states are returned), so that
+            # extraction does not warn that probes would need labels
+            writer.writerow(["idx", "prompt", "label"])
+            writer.writerows([i, text, 0] for i, text in enumerate(prompts))
         cache = ActivationCache(extract(model, data, os.path.join(tmp, "cache"), layers, token,
                                         **settings))
         return {layer: np.array(cache.array(layer, "prompt")) for layer in cache.layers}
@@ -96,13 +98,20 @@ def hidden_states(model: Model, prompts: List[str], layers: Union[str, Sequence[
 def train_probes(cache: str, output: str, **settings):
     """ccs.py train on a cache: CCS and the baselines on every layer, the layer chosen on
     validation rows, scored on test rows; settings: its flags (layers, methods, bootstrap, ...).
-    -> summary.csv as a pandas DataFrame (each method at its chosen layer)."""
+    -> summary.csv as a pandas DataFrame (each method at its chosen layer; "-" for a method
+    without layers), holding the methods asked for (with `methods`; RUN/summary.csv also has
+    the baselines ccs.py always runs, random and majority)."""
     import pandas as pd
 
-    from probes.commands import train
+    from probes.commands import parse_methods, train
 
     train(str(cache), str(output), **settings)
-    return pd.read_csv(os.path.join(output, "summary.csv"))
+    summary = pd.read_csv(os.path.join(output, "summary.csv"), dtype={"layer": str})
+    asked = parse_methods(settings.get("methods"))
+    if asked:
+        keep = summary.method.str.removesuffix("_signed").isin(asked)
+        summary = summary[keep].reset_index(drop=True)
+    return summary
 
 
 def generate(model: Model, prompts: List[str], max_gen_len: int = 64, temperature: float = 0.0,

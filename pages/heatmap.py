@@ -1,14 +1,15 @@
-"""Per-token heat-maps: each token of a few prompts of a token "all" cache coloured by the
-projection of its hidden state on a direction (a saved probe's raw-space `direction`, or a
-steering / vectors-folder vector: llama.vectors.load_vectors), one layer at a time.
+"""Per-token heat-maps: each token of a few prompts of a token "all" cache coloured by its
+score at one layer: a saved probe's read-out (llama.vectors.read_probe, the reader the server
+uses: score = x_t . weight + bias, coloured by its margin over the probe's recorded decision
+threshold, as the playground colours probe_margins), or the projection on a steering /
+vectors-folder vector (llama.vectors.load_vectors: x_t . vector, coloured around the median over
+the shown tokens at positions >= 1, position 0 being the attention sink).
 
 The tokens are the model's own: the cache's prompt file re-read and re-tokenised with the cache's
 tokenizer exactly as extraction does (activations.extract.read_prompts, encode with BOS),
-checked against
-the cache (data sha256, every prompt's token count against offsets_SIDE.npy), each token decoded
-on its own. The projection is x_t . direction for the stored state x_t [d] of token t (no
-normalisation; the page's colours centre on the median over the shown tokens at positions >= 1,
-position 0 being the attention sink)."""
+checked against the cache (data sha256, every prompt's token count against offsets_SIDE.npy),
+each token decoded on its own. A layer where a probe's weight is zero (it learnt nothing there,
+e.g. layer 0 of a contrast probe) is left out unless asked for with `layer`."""
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -21,7 +22,9 @@ from llama.errors import LlamaError
 
 @dataclass
 class TokenMap:
-    """prompts: [(id, class, [token text])]; scores {layer: [per prompt float32 [tokens]]}."""
+    """prompts: [(id, class, [token text])]; scores {layer: [per prompt float32 [tokens]]};
+    thresholds {layer: a probe's decision threshold} (empty for a vector: centred on the median);
+    positive: the probe's positive class; text: what the probe was trained on."""
     cache: str
     direction: str
     side: str
@@ -29,6 +32,27 @@ class TokenMap:
     prompts: List[tuple] = field(default_factory=list)
     scores: Dict[int, List[np.ndarray]] = field(default_factory=dict)
     default_layer: int = 0
+    thresholds: Dict[int, float] = field(default_factory=dict)
+    positive: str = ""
+    text: str = ""
+
+
+def read_outs(direction: str, cache: ActivationCache, layer: Optional[int]) -> tuple:
+    """({layer: (weight [d], bias, threshold or None)}, the probe or None) of a saved probe or
+    a vectors source, at the layers with a non-zero weight (and `layer` itself, refused when
+    zero)."""
+    from llama.vectors import is_probe, load_vectors, read_probe
+
+    if is_probe(direction):
+        saved = read_probe(direction, cache.hidden_dim, cache.fingerprint)
+        keep = set(saved.usable())
+        if layer is not None and layer in saved.layers:
+            keep.add(layer)
+        return {l: saved.at(l) for l in sorted(keep)}, saved
+    n_layers = ((cache.meta.get("model") or {}).get("params") or {}).get("n_layers")
+    vectors = load_vectors(direction, None, cache.hidden_dim, n_layers or max(cache.layers),
+                           cache.fingerprint)
+    return {l: (v.numpy(), 0.0, None) for l, v in vectors.items()}, None
 
 
 def pick(classes: List[str], n: int) -> List[int]:
@@ -86,8 +110,6 @@ def token_map(cache_path: str, direction: str, side: Optional[str] = None, examp
               layer: Optional[int] = None) -> TokenMap:
     """Scores of every token of `examples` prompts (classes in turn) at every layer both the
     cache and the direction have."""
-    from llama.vectors import load_vectors
-
     cache = ActivationCache(cache_path)
     if cache.token != "all":
         raise LlamaError(f"cache {cache_path} holds one vector per prompt "
@@ -96,13 +118,11 @@ def token_map(cache_path: str, direction: str, side: Optional[str] = None, examp
     if side not in cache.sides:
         raise LlamaError(f"side {side!r} not in cache {cache_path} (sides: "
                          f"{', '.join(cache.sides)})")
-    n_layers = ((cache.meta.get("model") or {}).get("params") or {}).get("n_layers")
-    vectors = load_vectors(direction, None, cache.hidden_dim, n_layers or max(cache.layers),
-                           cache.fingerprint)
-    layers = sorted(set(vectors) & set(cache.layers))
+    reads, saved = read_outs(direction, cache, layer)
+    layers = sorted(set(reads) & set(cache.layers))
     if not layers:
         raise LlamaError(f"{direction} has no layer of cache {cache_path} (it has "
-                         f"{', '.join(map(str, sorted(vectors)))}; the cache "
+                         f"{', '.join(map(str, sorted(reads)))}; the cache "
                          f"{', '.join(map(str, cache.layers))})")
     if layer is not None and layer not in layers:
         raise LlamaError(f"--layer {layer}: not among the heat-map's layers "
@@ -114,10 +134,13 @@ def token_map(cache_path: str, direction: str, side: Optional[str] = None, examp
     off = cache.offsets(side)
     out = TokenMap(os.path.abspath(cache_path), os.path.abspath(direction), side, layers,
                    default_layer=layer if layer is not None else layers[len(layers) // 2])
+    if saved is not None:
+        out.thresholds = {l: reads[l][2] for l in layers}
+        out.positive, out.text = str(saved.info.get("positive_class", "")), saved.text
     out.prompts = [(str(cache.ids[i]), str(classes[i]), t) for i, t in zip(rows, texts)]
     for l in layers:
         states = cache.rows(l, side)
-        v = vectors[l].numpy().astype(np.float64)
-        out.scores[l] = [(states[int(off[i]):int(off[i + 1])].astype(np.float64) @ v)
+        weight, bias = reads[l][0].astype(np.float64), reads[l][1]
+        out.scores[l] = [(states[int(off[i]):int(off[i + 1])].astype(np.float64) @ weight + bias)
                          .astype(np.float32) for i in rows]
     return out

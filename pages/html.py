@@ -25,6 +25,10 @@ figcaption, .files { color: #666; font-size: 12px; }
           border: 1px solid #eee; padding: 6px; margin: 6px 0; line-height: 1.9; }
 .tok { border-radius: 2px; }
 .legend { font-size: 12px; color: #444; }
+.heat-key { display: inline-flex; align-items: center; gap: 6px; font-size: 12px; margin: 4px 0; }
+.heat-bar { display: inline-block; width: 220px; height: 12px; border: 1px solid #ccc;
+            background: linear-gradient(to right, rgba(31, 119, 180, 0.9),
+              rgba(31, 119, 180, 0.08) 50%, rgba(214, 39, 40, 0.08) 50%, rgba(214, 39, 40, 0.9)); }
 """
 
 SCRIPT = """
@@ -37,14 +41,19 @@ SCRIPT = """
   function paint(box, data, layer) {
     var scores = data.scores[String(layer)];
     var centre = data.centre[String(layer)], scale = data.scale[String(layer)];
+    var what = data.calibrated ? 'margin' : 'minus the median';
     box.querySelectorAll('.prompt').forEach(function (p, j) {
       p.querySelectorAll('.tok').forEach(function (t, k) {
         var s = scores[j][k];
         t.style.backgroundColor = colour((s - centre) / scale);
-        t.title = 'layer ' + layer + ', token ' + k + ': ' + s.toFixed(4);
+        t.title = 'layer ' + layer + ', token ' + k + ': score ' + s.toFixed(4) + ' (' + what +
+          ' ' + (s - centre).toFixed(4) + ')';
       });
     });
     box.querySelector('.heat-layer-shown').textContent = layer;
+    box.querySelector('.heat-lo').textContent = (-scale).toPrecision(3);
+    box.querySelector('.heat-hi').textContent = '+' + scale.toPrecision(3);
+    box.querySelector('.heat-centre').textContent = centre.toPrecision(4);
   }
   document.querySelectorAll('.heatmap').forEach(function (box) {
     var data = JSON.parse(box.querySelector('script.heat-data').textContent);
@@ -101,17 +110,21 @@ def files_note(run_path: str, files: List[str]) -> str:
 
 
 def heatmap(tm, index: int) -> str:
-    """The heat-map of a report.heatmap.TokenMap: a layer selector, one <span class="tok"> per
-    token (escaped text), scores as JSON."""
+    """The heat-map of a pages.heatmap.TokenMap: a layer selector, a colour key, one
+    <span class="tok"> per token (escaped text), scores as JSON. A probe's tokens are coloured by
+    their margin over its decision threshold (as the playground colours probe_margins), a
+    vector's around the median of the shown tokens; the colour's strength is the distance from
+    that centre over the largest such distance among the shown tokens at positions >= 1."""
     import numpy as np
 
+    calibrated = bool(tm.thresholds)
     centre, scale = {}, {}
     for l, per in tm.scores.items():
         body = np.concatenate([s[1:] if len(s) > 1 else s for s in per]).astype(np.float64)
-        c = float(np.median(body))
+        c = float(tm.thresholds[l]) if calibrated else float(np.median(body))
         spread = float(np.max(np.abs(body - c))) if body.size else 0.0
         centre[str(l)], scale[str(l)] = c, spread if spread > 0 else 1.0
-    data = {"layers": tm.layers, "centre": centre, "scale": scale,
+    data = {"layers": tm.layers, "centre": centre, "scale": scale, "calibrated": calibrated,
             "scores": {str(l): [[round(float(x), 5) for x in s] for s in per]
                        for l, per in tm.scores.items()}}
     blob = json.dumps(data).replace("</", "<\\/")
@@ -122,14 +135,31 @@ def heatmap(tm, index: int) -> str:
         spans = "".join(f'<span class="tok">{esc(t)}</span>' for t in toks)
         prompts.append(f'<h3>prompt {esc(pid)} ({esc(cls)}), {len(toks)} tokens</h3>'
                        f'<div class="prompt" data-tokens="{len(toks)}">{spans}</div>')
+    if calibrated:
+        meaning = ("Each token coloured by the probe's margin at that layer: its score (x . "
+                   "weight + bias, the server's probe_scores) minus the probe's decision "
+                   "threshold <span class=\"heat-centre\"></span> (the server's probe_margins). "
+                   f"Red: above the threshold, the probe's positive side ({esc(tm.positive)}); "
+                   "blue: below.")
+        trained = (f'<p class="legend heat-text">The probe was trained on: {esc(tm.text)}. It '
+                   "reads text of that form; other text (a bare statement without the chat "
+                   "template, say) can score on either side.</p>" if tm.text else "")
+    else:
+        meaning = ("Each token coloured by x . direction at that layer around the median of the "
+                   "shown tokens (<span class=\"heat-centre\"></span>): red above, blue below "
+                   "(a vector has no decision threshold).")
+        trained = ""
+    key = ('<span class="heat-key">colour key: <span class="heat-lo"></span>'
+           '<span class="heat-bar" title="margin, from most negative to most positive"></span>'
+           '<span class="heat-hi"></span></span>')
     return (f'<div class="heatmap" id="heatmap-{index}">'
             f'<script type="application/json" class="heat-data">{blob}</script>'
             f'<p class="legend">layer <select class="heat-layer">{options}</select> '
-            f'(shown: <span class="heat-layer-shown"></span>). Each token coloured by x . '
-            f'direction at that layer: red above, blue below the median of the shown tokens '
-            f'(position 0, the attention sink, left out of the median and the scale); hover a '
-            f'token for its score. Cache {esc(tm.cache)}, side {esc(tm.side)}; direction '
-            f'{esc(tm.direction)}.</p>{"".join(prompts)}</div>')
+            f'(shown: <span class="heat-layer-shown"></span>). {meaning} Strength: the distance '
+            f'from the centre over the largest among the shown tokens (position 0, the attention '
+            f'sink, left out of the scale); hover a token for its score. Cache {esc(tm.cache)}, '
+            f'side {esc(tm.side)}; direction {esc(tm.direction)}.</p>{key}{trained}'
+            f'{"".join(prompts)}</div>')
 
 
 def page(title: str, sections: List[tuple]) -> str:

@@ -66,13 +66,23 @@ def _gaps(layers, *cols):
     return [np.insert(np.asarray(c, dtype=float), cut, np.nan) for c in (layers, *cols)]
 
 
+def banded(method: str) -> bool:
+    """Whether a method's 95% band is drawn: not for the baselines, the methods without layers
+    nor the _signed twins (ten overlapping bands merge into one grey block)."""
+    from probes.methods import METHODS
+
+    m = METHODS.get(method.removesuffix("_signed"))
+    return m is None or not (m.baseline or not m.layered or method.endswith("_signed"))
+
+
 def probe_layers(ev: pd.DataFrame, title: str) -> str:
-    """Test accuracy and AUROC by layer for every method of eval.csv, 95% bands (*_lo, *_hi),
-    the validation-chosen layer starred (column `chosen` > 0)."""
+    """Test accuracy and AUROC by layer for every method of eval.csv, 95% bands (*_lo, *_hi) of
+    the methods that are neither baselines nor _signed twins (`banded`), the validation-chosen
+    layer starred (column `chosen` > 0)."""
     plt = _plt()
     methods = list(dict.fromkeys(ev["method"]))
     look = style(methods)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, key in zip(axes, ("accuracy", "auroc")):
         for m in methods:
             g = ev[ev.method == m].sort_values("layer")
@@ -80,15 +90,16 @@ def probe_layers(ev: pd.DataFrame, title: str) -> str:
             hi = g[key + "_hi"] if key + "_hi" in g else g[key]
             xs, ys, ls, hs = _gaps(g.layer, g[key], lo, hi)
             ax.plot(xs, ys, marker=".", label=m, **look[m])
-            ax.fill_between(xs, ls, hs, color=look[m]["color"], alpha=0.12, lw=0)
+            if banded(m):
+                ax.fill_between(xs, ls, hs, color=look[m]["color"], alpha=0.10, lw=0)
             at = g[g.chosen > 0]
             ax.plot(at.layer, at[key], "*", ms=12, color=look[m]["color"])
         ax.axhline(0.5, color="lightgray", lw=0.8)
         ax.set(xlabel="layer", ylabel=f"test {key}")
         _integer_x(ax)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(title + "\n* = layer chosen on validation rows; bands: 95% bootstrap interval",
-                 fontsize=9)
+    axes[1].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.suptitle(title + "\n* = layer chosen on validation rows; bands: 95% bootstrap interval "
+                 "(not drawn for the baselines and _signed rows)", fontsize=10)
     fig.tight_layout()
     return svg(fig)
 

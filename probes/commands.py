@@ -122,7 +122,8 @@ def train(cache: str, output: str, layers: str = "all", methods: str = "all",
                 val_frac=float(val_frac), seed=fit.seed, positive_class=positive_name(act_cache),
                 trained_on="all rows (after the folds measured them)" if folds
                 else "the training split")
-    report.save_probes(os.path.join(output, "probes"), fitted[-1], layers, act_cache, info)
+    report.save_probes(os.path.join(output, "probes"), fitted[-1], layers, act_cache, info,
+                       report.chosen_layers(df))
     if visualize:
         report.plot(output, df, sm, selected, yt, act_cache, positive_name(act_cache))
     report.print_table(df, sm, positive_name(act_cache))
@@ -200,14 +201,17 @@ def transfer(train: str, test: List[str], output: str = "runs/transfer", layers:
                                         fit.seed, fit.workers())
     for r in rows:
         r.update(train=train, test=train)
-    chosen = {s["method"]: int(s["layer"]) for s in summary}
+    # a method without layers is read at the first (its rows are the same at every layer)
+    chosen = {s["method"]: None if s["layer"] == report.NO_LAYER else int(s["layer"])
+              for s in summary}
+    at = {m: layers[0] if layer is None else layer for m, layer in chosen.items()}
     pos_rate = float(y[parts[0].fit].mean())
     for t, yt, scores in zip(targets, ys, fitted.other):
         ev = report.evaluate_all(scores, yt, pos_rate, int(bootstrap), fit.seed, fit.workers())
         for r, e in ev.items():
             for i, layer in enumerate(layers):
                 row = dict(train=train, test=t.path, layer=layer, method=r, split="all", n=len(yt),
-                           chosen=int(chosen[r] == layer), orientation=report.orientation(r))
+                           chosen=int(at[r] == layer), orientation=report.orientation(r))
                 row.update({k: float(e[k][i]) for k in report.INTERVALS + ["calibrated_accuracy"]
                             if k in e})
                 rows.append(row)
@@ -223,9 +227,10 @@ def transfer(train: str, test: List[str], output: str = "runs/transfer", layers:
     for m, layer in chosen.items():
         cells = []
         for n in names:
-            r = df[(df.test == n) & (df.method == m) & (df.layer == layer)]
+            r = df[(df.test == n) & (df.method == m) & (df.layer == at[m])]
             cells.append(f"{r.accuracy.iloc[0]:.3f} / {r.auroc.iloc[0]:.3f}" if len(r) else "-")
-        print(f"{m:<16}{layer:>6}" + "".join(f"  {c:>17}" for c in cells))
+        shown = report.NO_LAYER if layer is None else layer
+        print(f"{m:<16}{shown:>6}" + "".join(f"  {c:>17}" for c in cells))
     print(f"wrote {output}/transfer.csv (every layer; first column: {train}'s own test split)")
     if html_report:
         write_run_report(output)

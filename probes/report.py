@@ -4,7 +4,7 @@ plots."""
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ COLUMNS = ["layer", "method", "split", "n", *INTERVALS, "calibrated_accuracy", "
            "val_accuracy", "val_auroc", "chosen", "train_loss", "orientation"]
 SUMMARY = ["method", "layer", "split", "n", "val_accuracy", *INTERVALS, "calibrated_accuracy",
            "orientation"]
+NO_LAYER = "-"  # summary.csv's layer of a method without layers (zero_shot, majority), everywhere
 AUROC_NOTE = "AUROC oriented like accuracy (an unsigned method's max(acc, 1-acc) row flips both)"
 
 
@@ -74,7 +75,8 @@ def tables(fitted: List[Fitted], parts: List[Part], y: np.ndarray, layers: List[
                        unsigned=METHODS[m].unsigned and r == m)
         selected[r] = 2 * thr - sel if one["flipped"][0] else sel  # oriented like its metrics
         picked = sorted({layers[c] for c in chosen})
-        summary.append(dict(method=r, layer=",".join(map(str, picked)), split=split, n=len(yt),
+        layer = ",".join(map(str, picked)) if METHODS[m].layered else NO_LAYER
+        summary.append(dict(method=r, layer=layer, split=split, n=len(yt),
                             val_accuracy=float(np.mean([v[r]["accuracy"][c]
                                                         for v, c in zip(vals, chosen)])),
                             **{k: float(one[k][0]) for k in INTERVALS + ["calibrated_accuracy"]
@@ -111,7 +113,7 @@ def print_table(df: pd.DataFrame, summary: pd.DataFrame, positive: str) -> None:
         def ci(k):
             return f"{r[k]:.3f} [{r.get(k + '_lo', np.nan):.3f}, {r.get(k + '_hi', np.nan):.3f}]"
 
-        layer = r.layer if base(r.method).layered else "-"  # the same at every layer
+        layer = str(r.layer)  # NO_LAYER for a method that is the same at every layer
         print(f"{r.method:<16}{layer:>8}  {r.val_accuracy:>7.3f}  {ci('accuracy'):<24}"
               f"{ci('auroc'):<24}")
 
@@ -123,12 +125,51 @@ def write_split(path: str, cache: ActivationCache, names: np.ndarray) -> None:
 # ---------------------------------------------------------------- saved probes
 
 
+def chosen_layers(df: pd.DataFrame) -> Dict[str, int]:
+    """{method: the layer chosen on validation rows} from eval.csv's rows (with folds: the layer
+    most folds chose); an unsigned method's from its _signed row, the orientation its saved probe
+    carries; methods without layers (zero_shot, majority) left out."""
+    out = {}
+    for name, m in METHODS.items():
+        rows = df[df.method == (name + "_signed" if m.unsigned else name)]
+        if m.layered and len(rows) and rows.chosen.max() > 0:
+            out[name] = int(rows.layer.iloc[int(np.argmax(rows.chosen.to_numpy()))])
+    return out
+
+
+def trained_text(cache: ActivationCache) -> str:
+    """What a probe on this cache was trained on, for a reader of its scores: the prompt file,
+    which states, and the first prompt as written (chat template and all)."""
+    data = cache.meta.get("data", {})
+    path = data.get("path", "") if isinstance(data, dict) else str(data or "")
+    kind = "contrast pairs (plus and minus prompts)" if cache.is_contrast else "single prompts"
+    where = {"last": "each prompt's last token", "mean": "the mean over each prompt's tokens",
+             "all": "every token"}.get(cache.token, f"token {cache.token}")
+    text = f"{short_name(path)}, {kind}, the state at {where}"
+    try:
+        first = pd.read_csv(path, nrows=1, keep_default_na=False)
+        column = "plus_prompt" if "plus_prompt" in first else "prompt"
+        example = str(first[column].iloc[0])
+    except (OSError, ValueError, KeyError, IndexError):
+        return text
+    cut = example if len(example) <= 240 else "..." + example[-237:]
+    return f"{text}; its first prompt: {cut!r}"
+
+
 def save_probes(folder: str, fitted: Fitted, layers: List[int], cache: ActivationCache,
-                info: dict) -> None:
-    """RUN/probes/METHOD.safetensors (+ METHOD.json describing every tensor)."""
+                info: dict, chosen: Optional[Dict[str, int]] = None) -> None:
+    """RUN/probes/METHOD.safetensors (+ METHOD.json describing every tensor). Each records the
+    layer chosen on validation rows (`chosen`: {method: layer}; METHOD.json "chosen_layer" and
+    the safetensors metadata) and, per layer, the decision threshold of one state's read-out
+    (tensor read_threshold [L], llama.vectors.read_out: 0 for a single-prompt probe's own score,
+    the midpoint of the training classes' mean scores on a contrast probe's direction)."""
     from safetensors.torch import save_file
 
+    from llama.vectors import read_out
+
     os.makedirs(folder, exist_ok=True)
+    chosen = chosen or {}
+    text = trained_text(cache)
     for name, p in fitted.params.items():
         m = METHODS[name]
         tensors = {k: v.contiguous() for k, v in p.items()}
@@ -137,9 +178,14 @@ def save_probes(folder: str, fitted: Fitted, layers: List[int], cache: Activatio
         has_raw = m.raw_space is not None and "w" in p
         if has_raw:
             tensors.update(m.raw_space(m, p, fitted.mean, fitted.std, cache.is_contrast))
-        save_file(tensors, os.path.join(folder, f"{name}.safetensors"))
+            numpy = {k: v.numpy() for k, v in tensors.items()}
+            tensors["read_threshold"] = torch.from_numpy(read_out(numpy, m.threshold)[2])
+        layer = chosen.get(name)
+        save_file(tensors, os.path.join(folder, f"{name}.safetensors"),
+                  metadata={"method": name, "chosen_layer": "" if layer is None else str(layer)})
         meta = dict(
             info, method=name, input=input_name(m, cache.is_contrast), layers=layers,
+            chosen_layer=layer, text=text,
             sides=cache.sides, hidden_dim=cache.hidden_dim, fingerprint=cache.fingerprint,
             cache=os.path.abspath(cache.path),
             normalisation="z = (x - mean[layer, side]) / std[layer, side], statistics of the "
@@ -155,6 +201,13 @@ def save_probes(folder: str, fitted: Fitted, layers: List[int], cache: Activatio
                 "score, (g_plus - g_minus) / 2 for contrast pairs (g: the score's gradient on a "
                 "side), g for single prompts")
             meta["conventions"] = conventions(tensors["direction"], layers, cache, info)
+            meta["read_out"] = (
+                "one hidden state h [d] at layer L (the server's probe read-out, the report's "
+                "heat-map): score = h . w_raw[L, 0] + b_raw[L] for a single-prompt probe, "
+                "h . direction[L] for a contrast probe; the probe's positive class when score > "
+                "read_threshold[L] (0 for a single-prompt probe's own score; for a contrast "
+                "probe the midpoint of the training classes' mean scores, direction . (mean_plus "
+                "+ mean_minus) / 2); margin = score - read_threshold")
         with open(os.path.join(folder, f"{name}.json"), "w") as f:
             json.dump(meta, f, indent=1)
 

@@ -39,6 +39,18 @@ def seed_input(out):
                      f"{'|'.join(BUILTIN)} for a built-in set")
 
 
+def missing_hint(path: str, flag: str = "--input") -> str:
+    """What to do when a README example's dataset path is absent: the examples read the
+    project's shared datasets from ../shared/datasets/ beside the clone, which a fresh clone
+    lacks."""
+    if "shared/datasets" not in str(path).replace(os.sep, "/"):
+        return ""
+    builtin = ", or a built-in set that needs no file: --format cities" \
+        if flag == "--input" else ""
+    return (" (the README's examples read ../shared/datasets/ beside the clone: put the "
+            f"dataset file there, or give your own with {flag}{builtin})")
+
+
 def check_args(format, mode, on_long, limit, max_seq_len, tokenizer_path):
     if format is not None and format not in FORMATS:
         raise LlamaError(f"unknown --format {format!r}: choose one of {', '.join(FORMATS)}")
@@ -142,7 +154,7 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
     if input is None and format is None:
         input = seed_input(out)
     elif input is not None and not os.path.isfile(input):
-        raise LlamaError(f"--input {input}: no such file")
+        raise LlamaError(f"--input {input}: no such file{missing_hint(input)}")
     fmt, examples = load(input, format, seed)
     if mode == "statement" and fmt not in ("statements",) + BUILTIN:
         raise LlamaError(f"--mode statement needs statements (a statement,label CSV, cities or "
@@ -273,7 +285,7 @@ def build_validation(out, testing, deployment, n=100, seed=0, max_tokens=None,
     rows, dropped, longest = [], 0, 0
     for flag, path in (("--testing", testing), ("--deployment", deployment)):
         if not os.path.isfile(path):
-            raise LlamaError(f"{flag} {path}: no such file")
+            raise LlamaError(f"{flag} {path}: no such file{missing_hint(path, flag)}")
     for path, t in ((testing, "testing"), (deployment, "deployment")):
         qs = questions(path, t)
         if max_tokens is None:

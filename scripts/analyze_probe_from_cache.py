@@ -2,7 +2,11 @@
 
 A door: the code, and what each flag means, are in `steering.analyze`; `-h` lists the flags.
 """
-from steering.analyze import cli
+try:
+    from steering.analyze import cli
+except ImportError as e:  # the project or a dependency is not installed: what to run
+    raise SystemExit(f"error: {e}: run `pip install -r requirements.txt` in the llama-ccs "
+                     "clone's root folder") from None
 
 if __name__ == "__main__":
     cli()

@@ -5,7 +5,11 @@ read-outs (the work is in server/; see server/main.py and the README's "Serve" s
         [--probe RUN/probes/METHOD.safetensors --probe_layer L] [--max_batch 8]
     torchrun --nproc_per_node MP scripts/serve.py --model PATH ...   # rank 0 serves HTTP
 """
-from server.main import cli
+try:
+    from server.main import cli
+except ImportError as e:  # the project or a dependency is not installed: what to run
+    raise SystemExit(f"error: {e}: run `pip install -r requirements.txt` in the llama-ccs "
+                     "clone's root folder") from None
 
 if __name__ == "__main__":
     cli()

@@ -381,7 +381,9 @@ CONVENTIONS = {
     "positions": {"all": "every position, the prompt included",
                   "generated": "the generated tokens only"},
     "probe": "score = h . weight + bias at probe.layer, for the prompt's last token "
-             "(probe_prompt_score) and every generated token (probe_scores)",
+             "(probe_prompt_score) and every generated token (probe_scores); margin = score - "
+             "probe.threshold, > 0: the probe's positive class (probe_margins, "
+             "probe_prompt_margin)",
 }
 
 
@@ -470,8 +472,10 @@ class Shape:
     def _probe(self, choice: dict, start: int, whole: bool):
         if self.job.params.probe:
             choice["probe_scores"] = self.probes[start:]
+            choice["probe_margins"] = self.job.margins(self.probes[start:])
             if whole or start == 0:
                 choice["probe_prompt_score"] = self.job.prompt_probe
+                choice["probe_prompt_margin"] = self.job.margins([self.job.prompt_probe])[0]
 
     def usage(self) -> dict:
         n = len(self.job.prompt_ids)

@@ -48,14 +48,18 @@ class RowsView:
 
 @dataclass
 class Probe:
-    """A saved linear probe read at one layer: score(h) = h . weight + bias (float32, raw
-    activation space: w_raw and b_raw of probes/report.py for a single-prompt probe, the
-    raw-space direction with no offset for a contrast-pair probe)."""
+    """A saved linear probe read at one layer (llama.vectors.read_probe): score(h) = h . weight +
+    bias (float32, raw activation space: w_raw and b_raw of probes/report.py for a single-prompt
+    probe, the raw-space direction with no offset for a contrast-pair probe); the probe's
+    positive class above `threshold` (its margin: score - threshold)."""
     layer: int
     weight: torch.Tensor  # [dim] float32
     bias: float
     source: str
     kind: str  # "w_raw" or "direction"
+    threshold: float = 0.0
+    text: str = ""  # what the probe was trained on
+    positive: str = ""  # what a score above the threshold stands for (its positive class)
 
     def score(self, h: torch.Tensor) -> List[float]:
         """h [n, dim] -> n scores."""

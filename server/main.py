@@ -2,13 +2,12 @@
 (uvicorn) and runs the scheduler while the other ranks follow its steps.
 
     python scripts/serve.py --model PATH [--host 127.0.0.1] [--port 8000] [--vectors DIR ...]
-        [--probe RUN/probes/METHOD.safetensors --probe_layer L] [--max_batch 8]
+        [--probe RUN/probes/METHOD.safetensors [--probe_layer L]] [--max_batch 8]
         [--alias NAME=VECTOR:LAYERS:MULTIPLIER[:residual] ...]
     torchrun --nproc_per_node MP scripts/serve.py --model PATH ...
 """
 import contextlib
 import io
-import json
 import os
 import signal
 import socket
@@ -38,46 +37,42 @@ def vector_sources(entries: List[str]) -> List[tuple]:
 
 
 def load_probe(path: str, layer: Optional[int], dim: int, n_layers: int, fingerprint):
-    """A saved ccs.py probe (METHOD.safetensors + METHOD.json) read at `layer` (engine.Probe)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """A saved ccs.py probe read at `layer` (engine.Probe), through llama.vectors.read_probe (the
+    reader the report's heat-map uses too); layer None: the layer ccs.py chose on validation rows,
+    recorded in the probe."""
+    from llama.vectors import read_probe
 
     from .engine import Probe
 
+    saved = read_probe(path, dim, fingerprint)
     if layer is None:
-        raise LlamaError("--probe needs --probe_layer L (a layer the probe was trained at)")
-    info_path = os.path.splitext(path)[0] + ".json"
-    if not os.path.isfile(path) or not os.path.isfile(info_path):
-        raise LlamaError(f"{path}: no such probe (METHOD.safetensors with METHOD.json beside it)")
-    with open(info_path) as f:
-        info = json.load(f)
-    try:
-        t = load_file(path)
-    except SafetensorError as e:
-        raise LlamaError(f"{path}: not a safetensors file ({e})") from None
-    have = info.get("fingerprint")
-    if fingerprint and have and have != fingerprint:
-        raise LlamaError(f"{path}: a probe of another model (fingerprint {have}, this model "
-                         f"{fingerprint})")
+        layer = saved.chosen_layer
+    if layer is None:
+        raise LlamaError(f"--probe {path} records no chosen layer (saved by an older ccs.py): "
+                         f"give --probe_layer L{summary_layer(path)}")
     if not 0 <= layer <= n_layers:
         raise LlamaError(f"--probe_layer {layer} is not in the model (layers 0..{n_layers})")
-    layers = [int(x) for x in t.get("layers", [])]
-    if layer not in layers:
-        raise LlamaError(f"{path}: the probe has no layer {layer} (it has "
-                         f"{', '.join(map(str, layers))})")
-    i = layers.index(layer)
-    if "w_raw" in t and t["w_raw"].shape[1] == 1:  # single prompts: oriented score w . x + b
-        weight, bias, kind = t["w_raw"][i, 0], float(t["b_raw"].reshape(len(layers), -1)[i, 0]), \
-            "w_raw"
-    elif "direction" in t:
-        weight, bias, kind = t["direction"][i], 0.0, "direction"
-    else:
-        raise LlamaError(f"{path}: no raw-space w_raw or direction (an MLP probe has no linear "
-                         "read-out)")
-    if weight.shape[-1] != dim:
-        raise LlamaError(f"{path}: probe width {weight.shape[-1]}, the model's residual stream "
-                         f"{dim}")
-    return Probe(layer, torch.from_numpy(weight.astype("float32").copy()), bias, path, kind)
+    weight, bias, threshold = saved.at(layer)
+    return Probe(layer, torch.from_numpy(weight.astype("float32").copy()), bias, path,
+                 saved.kind, threshold, saved.text, str(saved.info.get("positive_class", "")))
+
+
+def summary_layer(path: str) -> str:
+    """", e.g. --probe_layer 22 (the layer RUN/summary.csv chose for lr)" for a probe in
+    RUN/probes/, or "" when that table is not found."""
+    import csv
+
+    method = os.path.splitext(os.path.basename(path))[0]
+    summary = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "summary.csv")
+    try:
+        with open(summary, newline="") as f:
+            rows = {r.get("method"): r.get("layer") for r in csv.DictReader(f)}
+    except OSError:
+        return ""
+    layer = rows.get(method + "_signed") or rows.get(method)
+    if not layer or not layer.split(",")[0].isdigit():
+        return ""
+    return f", e.g. --probe_layer {layer.split(',')[0]} (the layer {summary} chose for {method})"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -119,7 +114,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     vectors: steering vectors, PATH or NAME=PATH, the flag given once per source: a vectors
         folder (scripts/generate_vectors_from_cache.py) or a saved linear probe's direction
     probe: a saved ccs.py probe, RUN/probes/METHOD.safetensors, for "probe": true read-outs
-    probe_layer: the layer the probe reads
+    probe_layer: the layer the probe reads (default: the layer ccs.py chose on validation
+        rows, recorded in the probe)
     max_batch: requests decoded together at most (rows of the KV cache)
     max_seq_len: tokens per request (prompt + max_tokens) at most, capped at the model's
     api_key: every request must send Authorization: Bearer KEY
@@ -223,7 +219,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                 for n, p in vector_sources(vectors or [])]
         probe_info = None if the_probe is None else {
             "source": shown_path(the_probe.source), "layer": the_probe.layer,
-            "read_out": the_probe.kind, "bias": the_probe.bias}
+            "read_out": the_probe.kind, "bias": the_probe.bias,
+            "threshold": the_probe.threshold, "text": the_probe.text,
+            "positive": the_probe.positive}
         run_http(Scheduler(engine, gen.tokenizer, channel, max_batch), gen.tokenizer, sock,
                  limits, info, probe_info, http)
 

@@ -83,6 +83,7 @@ class Job:
         self.finish: Optional[str] = None
         self.prompt_probe: Optional[float] = None
         self.prompt_logprobs: Optional[list] = None  # Engine.score_prompt's, when asked for
+        self.probe_threshold = 0.0  # the probe's decision threshold (engine.Probe.threshold)
         self.pending: Optional[dict] = None  # a token event waiting for its probe score
         self.done = False  # its "done" event was sent
         seed = params.seed if params.seed is not None else int(time.time_ns() % (2 ** 31))
@@ -111,6 +112,11 @@ class Job:
         self.sent = max(self.sent, ready)
         return {"type": "token", "token": token, "text": new, "logprob": logprob,
                 "top_logprobs": top, "probe": None}
+
+    def margins(self, scores: List[Optional[float]]) -> List[Optional[float]]:
+        """Probe scores relative to the probe's decision threshold: score - threshold (> 0: the
+        probe's positive class), the calibrated read-out the playground and the report colour."""
+        return [None if s is None else s - self.probe_threshold for s in scores]
 
     def flush(self) -> Optional[dict]:
         """The text still held back when the job ends at an end token."""
@@ -227,6 +233,7 @@ class Scheduler(threading.Thread):
             if job.params.probe:
                 job.prompt_probe = self.engine.probe.score(out["states"])[0]
             job.prompt_logprobs = out.get("prompt")
+                job.probe_threshold = self.engine.probe.threshold
             self.rows.append(Row(job, len(job.prompt_ids), -1))
             self.admitting = None
             if job.params.max_tokens > 0:

@@ -193,8 +193,8 @@ def common(body: dict, limits: Limits, n_prompt: int, chat: bool, echo: bool = F
         logprobs = _int(body, "logprobs", None, lo=0, hi=5)
     probe = boolean(body, "probe")
     if probe and not limits.has_probe:
-        raise bad("probe", "no probe is loaded (start the server with --probe and "
-                  "--probe_layer)")
+        raise bad("probe", "no probe is loaded (start the server with --probe "
+                  "RUN/probes/METHOD.safetensors)")
     return Params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                   stop=stop, logprobs=logprobs, probe=probe,
                   steer=steering(body.get("steering"), limits),

@@ -53,7 +53,8 @@ def vector_labels(cache: ActivationCache) -> np.ndarray:
 def plus_class(cache: ActivationCache) -> tuple:
     """(class name, description) of what the vector's plus side stands for, from the data's own
     keys: "testing" (validation sets, label 1), "positive" (A/B sets: the "positive"/"test"
-    option), "true" (other contrast sets: the true side), "label 1"."""
+    option), "behaviour" (a steering set: every pair's label 1, its plus side the behaviour),
+    "true" (other contrast sets: the true side), "label 1"."""
     if cache.types:
         return "testing", "type 'testing' (the vector is mean(testing) - mean(deployment))"
     if not cache.is_contrast:
@@ -67,7 +68,17 @@ def plus_class(cache: ActivationCache) -> tuple:
     if "swapped" in header.strip().split(","):
         return "positive", ("the A/B set's 'positive' ('test') option of each pair (the "
                             "evaluation-awareness sets: the testing answer)")
+    if steering_set(cache):
+        return "behaviour", ("the plus prompt of every pair (a steering set: every label is 1, "
+                             "the plus side is the behaviour to steer towards)")
     return "true", "the true side of each pair (label 1: the plus prompt's answer)"
+
+
+def steering_set(cache: ActivationCache) -> bool:
+    """A contrast cache whose every label is 1: the plus side is always the behaviour (e.g. the
+    sentiment set's loving side), not the true one of a true/false pair."""
+    return bool(cache.is_contrast and cache.labels is not None and len(cache.labels)
+                and (np.asarray(cache.labels) == 1).all())
 
 
 def per_example(cache: ActivationCache, layer: int, side: str,
@@ -127,7 +138,9 @@ def generate(cache: str, output: str, layers=None, mean_keep_first: bool = False
     run = f"{output}_{time.strftime('%Y%m%d_%H%M%S')}"
     for sub in ("vectors", "normalized_vectors"):
         os.makedirs(os.path.join(run, sub), exist_ok=True)
-    kind = ("mean(true side - false side) over pairs" if act_cache.is_contrast
+    kind = ("mean(plus - minus) over pairs (the plus side: the behaviour)"
+            if steering_set(act_cache)
+            else "mean(true side - false side) over pairs" if act_cache.is_contrast
             else "mean(testing) - mean(deployment)" if act_cache.types
             else "mean(label 1) - mean(label 0)")
     plus, plus_text = plus_class(act_cache)

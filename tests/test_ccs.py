@@ -117,6 +117,37 @@ def test_probes_point_along_the_truth_not_the_distractor(contrast):
         assert d @ t / np.linalg.norm(d) > 0.85, (m, d @ t / np.linalg.norm(d))
 
 
+def test_saved_probes_record_their_layer_and_threshold(contrast):
+    """Each saved probe records the layer summary.csv chose (an unsigned method's _signed row:
+    the sign the probe carries) and its read-out's decision threshold: for a contrast probe's
+    direction (bias 0), midway between the training classes' mean scores, computed here from
+    the training rows of split.csv (true statements: label 1's plus side, label 0's minus side).
+    The server's reader (llama.vectors.read_probe) reads both back."""
+    from llama.vectors import read_probe
+
+    path, out, _, (plus, minus, y, t, u) = contrast
+    summary = pd.read_csv(out / "summary.csv").set_index("method")
+    train = (pd.read_csv(out / "split.csv").split == "train").to_numpy()
+    true = np.concatenate([plus[train & (y == 1)], minus[train & (y == 0)]])
+    false = np.concatenate([minus[train & (y == 1)], plus[train & (y == 0)]])
+    for m in ("lr", "mean_diff", "ccs", "lr_concat"):
+        meta = json.load(open(out / "probes" / f"{m}.json"))
+        row = m + "_signed" if m == "ccs" else m
+        assert meta["chosen_layer"] == int(summary.loc[row, "layer"]) == 3
+        p = load_file(str(out / "probes" / f"{m}.safetensors"))
+        d = p["direction"][0].double().numpy()  # layer 3
+        hi, lo = (true @ d).mean(), (false @ d).mean()
+        # float32 training means of states ~24000 in one dimension: 1e-5 of the score's size
+        tol = 1e-5 * np.abs(true @ d).mean()
+        assert float(p["read_threshold"][0]) == pytest.approx((hi + lo) / 2, abs=tol), m
+        assert hi > float(p["read_threshold"][0]) > lo, m  # true statements above it
+        saved = read_probe(str(out / "probes" / f"{m}.safetensors"))
+        assert saved.chosen_layer == 3 and saved.kind == "direction"
+        assert saved.threshold == pytest.approx(p["read_threshold"].double().numpy(), abs=1e-9)
+        assert "contrast pairs" in saved.text
+    assert json.load(open(out / "probes" / "majority.json"))["chosen_layer"] is None
+
+
 def test_normalisation_uses_training_rows_only(tmp_path):
     plus, minus, y, t, u = planted(seed=3)
     c = ActivationCache(write(tmp_path / "c", {2: (plus, minus)}, y))

@@ -56,7 +56,25 @@ def test_demo_on_smollm2(tmp_path):
     for png in ("layers.png", "roc.png", "hist.png"):
         assert (tmp_path / "runs" / "cities" / png).stat().st_size > 10_000
 
+    # the sentiment vector and the probe are ready, and the printed serve command uses both
+    lines = run.stdout.splitlines()
+    command = lines[lines.index("Serve the model with the vector (as 'sentiment') and the lr "
+                                "probe (at the layer it chose):") + 1].split()
+    assert command[1] == "scripts/serve.py"
+    from serving import Served
+
+    with Served(command[2:] + ["--max_batch", "2", "--threads", "2"]) as server:
+        info = server.http.get("/v1/vectors").json()
+        assert info["data"][0]["id"] == "sentiment" and info["data"][0]["layers"] == [6, 10, 14]
+        assert info["probe"]["layer"] == int(pd.read_csv(
+            tmp_path / "runs" / "cities" / "summary.csv").set_index("method").layer["lr"])
+        answer = server.complete("The weather today is", max_tokens=6, probe=True, steering={
+            "vector": "sentiment", "layers": [10], "multiplier": 0.5, "scale": "residual"})
+        choice = answer["choices"][0]
+        assert len(choice["probe_margins"]) == len(choice["token_ids"]) > 0
+
     again = demo(tmp_path)
     again = again.stdout + again.stderr
-    assert "already" in again.split("== 2/4")[0]  # the converted model is reused
-    assert "nothing to do" in again.split("== 3/4")[1].split("== 4/4")[0]  # and so is the cache
+    assert "already" in again.split("== 2/5")[0]  # the converted model is reused
+    assert "nothing to do" in again.split("== 3/5")[1].split("== 4/5")[0]  # and so is the cache
+    assert "already made: " in again.split("== 5/5")[1]  # and the sentiment vector

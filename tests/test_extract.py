@@ -610,8 +610,7 @@ def test_zero_shot_needs_pairs(hf, tmp_path):
 
 # ---- the real default model, on real prompts
 
-def test_smollm2_cities_end_to_end(dist1, tmp_path):
-    from llama.checkpoint import load_model
+def test_smollm2_cities_end_to_end(smollm2, tmp_path):
     from llama.gguf import default_model_path
     from llama.tokenizer import load_tokenizer
 
@@ -622,7 +621,7 @@ def test_smollm2_cities_end_to_end(dist1, tmp_path):
               "minus_prompt": q.format(r["statement"], "No"), "label": r["label"]}
              for i, r in enumerate(rows)]
     data = write_csv(tmp_path / "cities.csv", pairs)
-    lm = load_model(str(default_model_path()), dist1, "float32")
+    lm = smollm2  # float32, loaded once for the session
     tok = load_tokenizer(lm.tokenizer_path)
     out = extract(default_model_path(), data, tmp_path / "c", lm=lm, layers="0,12,30",
                   zero_shot=True)

@@ -474,3 +474,16 @@ def test_seed_command_reads_boolq_beside_the_output(tmp_path, smol):
     assert len(rows) == len(src) and all(
         r["label"] == str(int(src[int(r["idx"])]["answer"])) for r in rows)
     assert {"idx", "plus_prompt", "minus_prompt", "label", "plus_tokens"} <= set(rows[0])
+
+
+def test_a_missing_shared_dataset_says_what_to_do(tmp_path):
+    """The README's examples read ../shared/datasets/, which a fresh clone lacks: the one error
+    line says where they are looked for and what else works."""
+    from conftest import one_line_error
+
+    r = cli(str(tmp_path / "p.csv"), "--input", "../shared/datasets/boolq/validation.json",
+            cwd=tmp_path)
+    one_line_error(r, "no such file", "../shared/datasets/ beside the clone", "--format cities")
+    r = cli("build_validation", str(tmp_path / "v.json"), "--testing",
+            "../shared/datasets/gsm8k/test.jsonl", "--deployment", "d.json", cwd=tmp_path)
+    one_line_error(r, "--testing", "give your own with --testing")

@@ -587,8 +587,8 @@ def test_steer_non_finite_logits_warn_and_leave_the_means(tmp_path, capsys):
                         {2: [0.0, 1.0]}, {2: 1.0}, {2: 1.0})
     report.write_outputs(str(tmp_path), res, 50, 0)
     with open(tmp_path / "steering.csv", newline="") as f:
-        rows = {(r["layer"], r["multiplier"]): r for r in csv.DictReader(f)}
-    assert rows["2", "0.0"]["n"] == "2" and rows["2", "70000.0"]["n"] == "0"
+        rows = {(r["layer"], float(r["multiplier"])): r for r in csv.DictReader(f)}
+    assert int(rows["2", 0.0]["n"]) == 2 and int(rows["2", 70000.0]["n"]) == 0
 
 
 def test_zero_shot_logprobs_of_non_finite_logits_are_nan(tiny, tmp_path, capsys):

@@ -41,8 +41,35 @@ def test_the_command_mirrors_the_scripts(tmp_path):
         body = [line for line in ours.stdout.splitlines() if line.strip().startswith("--")]
         assert body and body == [line for line in theirs.stdout.splitlines()
                                  if line.strip().startswith("--")], name
+        # the usage line names the command as typed: llama-ccs train, ccs.py train
+        assert ours.stdout.startswith(f"usage: llama-ccs {name} "), ours.stdout[:80]
+        assert theirs.stdout.startswith(f"usage: {' '.join(script[1:])} "), theirs.stdout[:80]
+        # the seed's --save_activations_path is named where prompts are read
+        assert ("--save_activations_path" in ours.stdout) == (name == "extract"), name
     for name, (module, _, _) in COMMANDS.items():
         assert callable(getattr(__import__(module, fromlist=["cli"]), "cli")), name
+
+
+def test_the_command_describes_itself(tmp_path):
+    """`llama-ccs -h` says what each command does, `--version` the installed version, and
+    `-h | head` ends quietly (test_the_command_mirrors_the_scripts checks the usage lines)."""
+    import tomllib
+
+    from llama_ccs.main import COMMANDS
+
+    r = run(["llama-ccs", "-h"], cwd=tmp_path)
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in r.stdout.splitlines()[2::2]}
+    assert r.returncode == 0 and set(rows) == set(COMMANDS), r.stdout
+    assert rows["train"] == "Train and score every method on every cached layer"
+    assert all(len(text) > 10 for text in rows.values()), rows
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        want = tomllib.load(f)["project"]["version"]
+    r = run(["llama-ccs", "--version"], cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"llama-ccs {want}"
+    for cmd in ("llama-ccs steer -h | head -2",):
+        r = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=tmp_path,
+                           timeout=120)
+        assert r.stdout.startswith("usage: llama-ccs") and r.stderr == "", r.stderr
 
 
 def test_the_command_refuses_in_one_line(tmp_path):
@@ -62,7 +89,7 @@ def tiny_model(tmp_path_factory):
     return lc.load(str(path)), hf_model(path)
 
 
-def test_hidden_states_equal_transformers(tiny_model):
+def test_hidden_states_equal_transformers(tiny_model, capsys):
     import llama_ccs as lc
 
     model, oracle = tiny_model
@@ -81,6 +108,7 @@ def test_hidden_states_equal_transformers(tiny_model):
     lengths = [len(tok.encode(p, bos=True)) for p in prompts]
     assert every.shape == (sum(lengths), 64)
     assert np.allclose(every[lengths[0] - 1], states[2][0], atol=1e-5)
+    assert "label" not in capsys.readouterr().err  # its own temporary file needs none
 
 
 def test_generate_and_steer_equal_the_generator(tiny_model):
@@ -116,8 +144,14 @@ def test_train_probes_returns_the_summary(tmp_path):
                {"labels": [int(v) for v in labels], "model": {"fingerprint": "fp"}})
     summary = lc.train_probes(str(tmp_path / "c"), str(tmp_path / "run"), methods="lr",
                               bootstrap=0)
+    assert summary.method.tolist() == ["lr"]  # the methods asked for, not the baselines
     row = summary.set_index("method").loc["lr"]
     assert row["accuracy"] > 0.9 and (tmp_path / "run" / "eval.csv").exists()
+    assert row["layer"] == "3"
+    # a method without layers shows "-", in the DataFrame as in summary.csv and on the page
+    everything = lc.train_probes(str(tmp_path / "c"), str(tmp_path / "all"), methods="lr,majority",
+                                 bootstrap=0).set_index("method")
+    assert everything.layer.to_dict() == {"lr": "3", "majority": "-"}
 
 
 def test_readme_notebook_snippet_runs_on_smollm2(tmp_path):

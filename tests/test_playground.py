@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 from browser import Browser, available, console_errors
-from conftest import ROOT
+from conftest import ROOT, shown_numbers
 from safetensors.numpy import save_file
 from serving import Served
 
@@ -37,15 +37,21 @@ def server(tmp_path_factory):
         v = rng.standard_normal(576).astype(np.float32)
         save_file({"vector": v / np.linalg.norm(v) * 40},
                   str(vectors / f"layer_{layer}.safetensors"))
-    w = (rng.standard_normal((1, 1, 576)) / 100).astype(np.float32)
-    probe = base / "lr.safetensors"
-    save_file({"w_raw": w, "b_raw": np.array([0.25], np.float32), "direction": w[:, 0],
-               "layers": np.array([PROBE_LAYER])}, str(probe))
-    (base / "lr.json").write_text(json.dumps({"method": "lr", "hidden_dim": 576,
-                                              "sides": ["prompt"]}))
+    # a contrast probe: a direction (bias 0) and its sides' training means, which set its
+    # decision threshold; it records its chosen layer, so no --probe_layer
+    direction = (rng.standard_normal((1, 576)) / 100).astype(np.float32)
+    mean = rng.standard_normal((1, 2, 576)).astype(np.float32) * 4
+    probe = base / "ccs.safetensors"
+    save_file({"direction": direction, "mean": mean, "layers": np.array([PROBE_LAYER])},
+              str(probe))
+    (base / "ccs.json").write_text(json.dumps({
+        "method": "ccs", "hidden_dim": 576, "sides": ["plus", "minus"],
+        "chosen_layer": PROBE_LAYER, "text": "cities.csv, contrast pairs, in the chat template",
+        "positive_class": "label 1 = the plus side is the true one"}))
     args = ["--model", default_model_path(), "--vectors", vectors, "--probe", probe,
-            "--probe_layer", PROBE_LAYER, "--max_batch", 2, "--threads", 1]
+            "--max_batch", 2, "--threads", 1]
     with Served(map(str, args)) as s:
+        s.threshold = float(direction[0].astype(np.float64) @ mean[0].astype(np.float64).mean(0))
         yield s
 
 
@@ -98,6 +104,9 @@ def shown(driver, panel) -> dict:
     toks = box.find_elements(By.CSS_SELECTOR, ".tok")
     return {"pieces": [t.get_attribute("textContent") for t in toks],
             "titles": [t.get_attribute("title") for t in toks],
+            "scores": [t.get_attribute("data-score") for t in toks],
+            "margins": [t.get_attribute("data-margin") for t in toks],
+            "title": driver.find_element(By.CSS_SELECTOR, f"#{panel} h2").text,
             "colours": [t.value_of_css_property("background-color") for t in toks],
             "text": box.get_attribute("textContent"),
             "meta": driver.find_element(By.CSS_SELECTOR, f"#{panel} .meta").text}
@@ -115,12 +124,16 @@ def api_answer(server, body, chat) -> dict:
     else:
         pieces, text = choice["logprobs"]["tokens"], choice["text"]
     return {"pieces": pieces, "text": text, "scores": choice.get("probe_scores"),
-            "prompt_score": choice.get("probe_prompt_score")}
+            "margins": choice.get("probe_margins"),
+            "prompt_score": choice.get("probe_prompt_score"),
+            "prompt_margin": choice.get("probe_prompt_margin")}
 
 
 def test_chat_compare_with_probe_equals_the_api(server, driver, tmp_path):
     """Chat mode, the multiplier moved to 2, compare and probe on: both panels stream the API's
-    tokens for the same settings, each coloured and titled with its probe score."""
+    tokens for the same settings, each coloured by its probe margin (score minus the probe's
+    decision threshold: red above, blue below) under a colour key, titled with its score and
+    margin; the page says what the probe was trained on and which panel is steered."""
     from selenium.webdriver.common.by import By
 
     open_page(driver, server)
@@ -155,10 +168,27 @@ def test_chat_compare_with_probe_equals_the_api(server, driver, tmp_path):
         api = want[panel]
         assert got["pieces"] == api["pieces"] and got["text"] == api["text"], panel
         assert len(api["scores"]) == len(api["pieces"]) == 16
-        # the page rounds the score to 4 places in the title: the API's floats, formatted alike
-        assert got["titles"] == [f"probe score {s:.4f}" for s in api["scores"]]
-        assert all(c.startswith("rgba(") for c in got["colours"]), got["colours"]
-        assert got["meta"].endswith(f"{api['prompt_score']:.4f}")
+        # the streamed panels ran side by side (a batch of 2), the API alone: the same forward
+        # in another batch shape sums in another order, so scores agree to ~1e-4, not bitwise
+        assert [float(x) for x in got["scores"]] == pytest.approx(api["scores"], abs=2e-3)
+        titled = [shown_numbers(t) for t in got["titles"]]  # 4 places in the hover title
+        assert all(t[0] == pytest.approx(a, abs=2e-3) for t, a in zip(titled, api["scores"]))
+        assert api["margins"] == pytest.approx([x - server.threshold for x in api["scores"]])
+        assert [float(x) for x in got["margins"]] == pytest.approx(api["margins"], abs=2e-3)
+        assert all(t[1] == pytest.approx(a, abs=2e-3) for t, a in zip(titled, api["margins"]))
+        for c, m in zip(got["colours"], api["margins"]):  # red above the threshold, blue below
+            if abs(m) > 2e-3:
+                assert c.startswith("rgba(214, 39, 40" if m > 0 else "rgba(31, 119, 180"), c
+        meta = shown_numbers(got["meta"])  # margin, then score, of the prompt's last token
+        assert meta == pytest.approx([api["prompt_margin"], api["prompt_score"]], abs=2e-3)
+    assert page["out-steered"]["title"] == "steered: push, layer 12, multiplier 2 (raw)"
+    assert page["out-plain"]["title"] == "unsteered"
+    key = driver.find_element(By.ID, "probe-key")
+    biggest = max(abs(float(x)) for p in page.values() for x in p["margins"])
+    assert key.is_displayed() and shown_numbers(key.text)[-2:] == pytest.approx(
+        [-biggest, biggest], rel=5e-3)
+    assert "trained on cities.csv, contrast pairs" in driver.find_element(By.ID,
+                                                                          "probe-text").text
 
 
 def test_plain_mode_shows_model_text_as_text(server, driver):
@@ -190,6 +220,26 @@ def test_plain_mode_shows_model_text_as_text(server, driver):
     assert set(got["colours"]) == {"rgba(0, 0, 0, 0)"}  # no probe: no colour
     assert got["meta"] == ""
     assert driver.find_element(By.ID, "out-plain").get_attribute("hidden")
+
+
+def test_switching_the_scale_converts_the_multiplier(server, driver):
+    """Raw 8 at layer 12 pushes 8 x |vector| / residual norm there: switching to residual shows
+    that push (to the slider's steps, within its range), and a note says so."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    open_page(driver, server)
+    assert move_multiplier(driver, 16) == 8.0
+    info = server.http.get("/v1/vectors").json()["data"][0]
+    want = 8 * info["norms"]["12"] / info["residual_norms"]["12"]
+    Select(driver.find_element(By.ID, "scale")).select_by_value("residual")
+    shown_now = float(driver.find_element(By.ID, "multiplier-value").text)
+    assert shown_now == pytest.approx(min(2.0, max(-2.0, want)), abs=0.025 + 1e-9)
+    note = driver.find_element(By.ID, "scale-note").text
+    assert shown_numbers(note)[0] == pytest.approx(want, rel=5e-3) and "layer 12" in note
+    Select(driver.find_element(By.ID, "scale")).select_by_value("raw")
+    back = float(driver.find_element(By.ID, "multiplier-value").text)
+    assert back == pytest.approx(shown_now / want * 8, abs=0.25 + 1e-9)  # the push kept
 
 
 def test_a_refused_request_shows_the_servers_error(server, driver):

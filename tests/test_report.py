@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from browser import Browser, available, console_errors
-from conftest import ROOT, in_process, one_line_error
+from conftest import ROOT, in_process, one_line_error, shown, shown_numbers
 from activations.cache import ActivationCache
 from pages.build import Tokens, build
 from report_fixtures import EVIL, LAYERS, make_runs, read_json_blob, script
@@ -50,11 +50,12 @@ def test_numbers_are_the_runs_own(runs):
     page = runs["html"]
     summary = pd.read_csv(os.path.join(runs["probes"], "summary.csv"))
     for _, r in summary.iterrows():  # the page shows each CSV value to 3 decimals
-        assert re.search(rf"<td class=\"text\">{r.method}</td>.*?<td class=\"\">"
-                         rf"{r.accuracy:.3f}</td>", page)
+        row = re.search(rf"<tr><td class=\"text\">{r.method}</td>(.*?)</tr>", page).group(1)
+        cells = dict(zip(["layer", "n", "val_accuracy", "accuracy"],
+                         re.findall(r"<td[^>]*>(.*?)</td>", row)))
+        assert float(cells["accuracy"]) == pytest.approx(r.accuracy, abs=5e-4 + 1e-9)
     steering = pd.read_csv(os.path.join(runs["steering"], "steering.csv"))
-    for v in steering.p_positive_hi.head(5):
-        assert f">{v:.3f}<" in page
+    assert shown(steering.p_positive_hi.head(5), page, 3)
     for name in ("eval.csv", "summary.csv", "split.csv", "probe_stats_layer1.csv",
                  "steering.csv", "samples.jsonl"):
         assert f"<code>{name}</code>" in page
@@ -78,12 +79,14 @@ def test_heatmap_tokens_and_scores_are_the_caches(runs):
     assert len(shown) == 5 and [c for _, c in heads].count("testing") >= 2
     cache = ActivationCache(runs["cache"])
     off = cache.offsets("prompt")
-    direction = load_file(runs["probe"])["direction"]
+    probe = load_file(runs["probe"])  # a single-prompt probe: its own score x . w_raw + b_raw
+    assert blob["calibrated"] and all(blob["centre"][str(l)] == 0.0 for l in LAYERS)
     for (pid, _), n in zip(heads, shown):
         i = int(pid[1:])
         assert n == runs["lengths"][i] == off[i + 1] - off[i]
         for j, layer in enumerate(LAYERS):
-            want = cache.array(layer, "prompt")[off[i]:off[i + 1]] @ direction[j]
+            want = (cache.array(layer, "prompt")[off[i]:off[i + 1]] @ probe["w_raw"][j, 0]
+                    + probe["b_raw"][j])
             got = np.array(blob["scores"][str(layer)][heads.index((pid, _))])
             # float32 states, rounded to 5 decimals in the page: 1e-3 relative is ample
             assert np.allclose(got, want, rtol=1e-3, atol=1e-3)
@@ -131,6 +134,56 @@ def test_bad_input_is_one_line(runs, tmp_path):
     one_line_error(script("report.py", str(bad)), "steering.csv", "'layer'")
 
 
+def test_a_zero_layer_nobody_asked_for_does_not_stop_the_report(runs, tmp_path):
+    """A probe trained on every layer of contrast pairs has a zero layer 0 (both sides end in the
+    same token): a report about another layer goes on without it, the server's vector reader
+    leaves it out, and asking for that very layer is refused in one line."""
+    from safetensors.numpy import save_file
+
+    from llama.errors import LlamaError
+    from llama.vectors import load_vectors
+
+    folder = tmp_path / "probes"
+    folder.mkdir()
+    t = load_file(runs["probe"])
+    for k in ("w", "w_raw", "direction"):
+        t[k][0] = 0.0  # LAYERS[0] learnt nothing
+    zero = str(folder / "lr.safetensors")
+    save_file(t, zero)
+    shutil.copy(runs["probe"][:-len(".safetensors")] + ".json", folder / "lr.json")
+    page = str(tmp_path / "r.html")
+    for asked in ([], ["--layer", str(LAYERS[1])]):
+        r = script("report.py", runs["probes"], "--tokens", runs["cache"], "--direction", zero,
+                   *asked, "--output", page)
+        assert r.returncode == 0, r.stderr
+        assert read_json_blob(open(page, encoding="utf-8").read())["layers"] == [LAYERS[1]]
+    assert sorted(load_vectors(zero, None, 16, 2)) == [LAYERS[1]]
+    with pytest.raises(LlamaError, match=f"layer {LAYERS[0]} vector is zero"):
+        load_vectors(zero, [LAYERS[0]], 16, 2)
+    r = script("report.py", runs["probes"], "--tokens", runs["cache"], "--direction", zero,
+               "--layer", str(LAYERS[0]), "--output", page)
+    one_line_error(r, f"layer {LAYERS[0]} vector is zero")
+
+
+def test_server_and_heatmap_read_a_probe_alike(runs):
+    """One reader of saved probes (llama.vectors.read_probe): the server's read-out of a state
+    and the heat-map's score of the same token agree, and so do their thresholds."""
+    import torch
+
+    from pages.heatmap import token_map
+    from server.main import load_probe
+
+    tm = token_map(runs["cache"], runs["probe"], examples=2)
+    cache = ActivationCache(runs["cache"])
+    off = cache.offsets("prompt")
+    first = int(tm.prompts[0][0][1:])
+    for layer in tm.layers:
+        probe = load_probe(runs["probe"], layer, 16, 2, "fp-report")
+        states = torch.tensor(cache.array(layer, "prompt")[off[first]:off[first + 1]])
+        assert np.allclose(probe.score(states), tm.scores[layer][0], rtol=1e-5, atol=1e-4)
+        assert probe.threshold == pytest.approx(tm.thresholds[layer], abs=1e-9)
+
+
 def test_changed_prompt_file_is_refused(runs, tmp_path):
     from llama.errors import LlamaError
 
@@ -170,6 +223,18 @@ def test_report_in_browser(runs, tmp_path):
         evil = [b for b in boxes if "alert(1)" in b.text]
         assert len(evil) == 1 and evil[0].text == EVIL
         assert len(driver.find_elements(By.TAG_NAME, "script")) == 2  # the page's own two
+        # the colour key: from -scale to +scale of the layer shown, the probe's threshold, and
+        # what the probe was trained on
+        blob = read_json_blob(runs["html"])
+        layer = driver.find_element(By.CSS_SELECTOR, ".heat-layer-shown").text
+        key = driver.find_element(By.CSS_SELECTOR, ".heat-key")
+        scale = blob["scale"][layer]
+        assert key.is_displayed() and shown_numbers(key.text) == pytest.approx(
+            [-scale, scale], rel=5e-3)
+        assert "above the threshold" in driver.find_element(By.CSS_SELECTOR, ".legend").text
+        text = driver.find_element(By.CSS_SELECTOR, ".heat-text").text
+        assert text.startswith("The probe was trained on: ")
+        assert "prompts.csv, single prompts" in text
         first = driver.find_element(By.CSS_SELECTOR, ".heatmap .tok").get_attribute("title")
         pick = Select(driver.find_element(By.CSS_SELECTOR, "select.heat-layer"))
         other = [o.text for o in pick.options if not o.is_selected()][0]
@@ -209,5 +274,20 @@ def test_transfer_matrix(runs, tmp_path):
     assert 'data-plot="transfer-auroc"' in page and 'data-plot="transfer-accuracy"' in page
     tr = pd.read_csv(os.path.join(out, "transfer.csv"))
     at = tr[(tr.chosen > 0) & (tr.test == other)]
-    for v in at.auroc:  # each cell is written on the matrix (SVG text)
-        assert f">{v:.3f}<" in page
+    # each cell is written on the matrix (SVG text), to 3 decimals
+    assert shown(at.auroc, " ".join(re.findall(r">([^<>]*)<", page)), 3)
+
+
+def test_bands_of_the_methods_that_matter():
+    """Ten methods' 95% bands merge into one grey block: the report draws those of the methods,
+    not of the baselines, the methods without layers or the _signed twins."""
+    from pages.plots import banded, probe_layers
+
+    assert all(banded(m) for m in ("ccs", "lr", "lr_concat", "mean_diff", "crc_tpc"))
+    assert not any(banded(m) for m in ("ccs_signed", "random", "majority", "zero_shot"))
+    rows = [dict(layer=layer, method=m, accuracy=0.7, accuracy_lo=0.6, accuracy_hi=0.8,
+                 auroc=0.7, auroc_lo=0.6, auroc_hi=0.8, chosen=int(layer == 1))
+            for m in ("lr", "random") for layer in (0, 1, 2)]
+    svg = probe_layers(pd.DataFrame(rows), "t")
+    # one band (a filled PolyCollection) per panel: lr's, not random's
+    assert svg.count('id="FillBetweenPolyCollection_') == 2

@@ -59,10 +59,13 @@ def launched(files):
 
 
 @pytest.fixture(scope="module")
-def smol(dist1, one_thread, launched):
-    """SmolLM2 loaded once in this process, for scripts/generate.py's reference runs and the probe
-    check (the server loads its own copy meanwhile)."""
-    return Generator.build(str(default_model_path()), dist1)
+def smol(smollm2, one_thread, launched):
+    """SmolLM2 in this process (the session's copy), for scripts/generate.py's reference runs and
+    the probe check (the server loads its own copy meanwhile)."""
+    from llama.tokenizer import load_tokenizer
+
+    return Generator(smollm2.model, load_tokenizer(smollm2.tokenizer_path), smollm2.fingerprint,
+                     getattr(smollm2, "end_ids", None))
 
 
 @pytest.fixture(scope="module")

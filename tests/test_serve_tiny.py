@@ -44,17 +44,37 @@ def tiny(tmp_path_factory):
     other.mkdir()
     save_file({"vector": rng.standard_normal(64).astype(np.float32)},
               str(other / "layer_1.safetensors"), metadata={"fingerprint": "0123456789abcdef"})
+    # a single-prompt probe saved before probes recorded their chosen layer, in a run folder
+    # whose summary.csv chose layer 1
+    probes = base / "run" / "probes"
+    probes.mkdir(parents=True)
     w = rng.standard_normal((1, 1, 64)).astype(np.float32)
     save_file({"w_raw": w, "b_raw": np.array([-0.5], np.float32), "direction": w[:, 0],
-               "layers": np.array([1])}, str(base / "lr.safetensors"))
-    (base / "lr.json").write_text(json.dumps({"method": "lr", "sides": ["prompt"]}))
+               "layers": np.array([1])}, str(probes / "lr.safetensors"))
+    (probes / "lr.json").write_text(json.dumps({"method": "lr", "sides": ["prompt"]}))
+    (base / "run" / "summary.csv").write_text("method,layer,split\nlr,1,test\n")
+    # a contrast probe (a direction, bias 0, its sides' training means) that chose layer 1
+    direction = rng.standard_normal((2, 64)).astype(np.float32)
+    mean = rng.standard_normal((2, 2, 64)).astype(np.float32)
+    save_file({"direction": direction, "mean": mean, "layers": np.array([0, 1])},
+              str(base / "ccs.safetensors"))
+    (base / "ccs.json").write_text(json.dumps({
+        "method": "ccs", "sides": ["plus", "minus"], "chosen_layer": 1,
+        "text": "cities.csv, contrast pairs"}))
+    # the decision threshold: midway between the training classes' mean scores (each pair
+    # gives one true and one false state, so the sides' means averaged)
+    threshold = float(direction[1].astype(np.float64) @ mean[1].astype(np.float64).mean(0))
     return {"path": path, "vectors": str(vec_dir), "twin": str(twin), "wide": str(wide),
-            "other": str(other), "probe": str(base / "lr.safetensors"), "w": w[0, 0]}
+            "other": str(other),
+            "probe": str(probes / "lr.safetensors"), "w": w[0, 0],
+            "contrast": str(base / "ccs.safetensors"), "direction": direction[1],
+            "threshold": threshold}
 
 
 def args(tiny, *more):
-    return ["--model", tiny["path"], "--vectors", tiny["vectors"], "--probe", tiny["probe"],
-            "--probe_layer", "1", "--threads", "1", "--device", "cpu", *map(str, more)]
+    """The contrast probe without --probe_layer: the layer it records."""
+    return ["--model", tiny["path"], "--vectors", tiny["vectors"], "--probe", tiny["contrast"],
+            "--threads", "1", "--device", "cpu", *map(str, more)]
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +124,24 @@ def test_probe_scores_equal_a_transformers_forward(mp1, tiny):
         full, n = ids + choice["token_ids"], len(ids)
         assert len(choice["probe_scores"]) == len(choice["token_ids"]) > 0
         h = hf_states(hf, torch.tensor([full]))[1][0].double()
-        want = (h @ torch.from_numpy(tiny["w"]).double() - 0.5).tolist()
+        want = (h @ torch.from_numpy(tiny["direction"]).double()).tolist()
         # the KV-cached decode vs transformers' full forward: float32 rounding on scores ~1-10
         assert choice["probe_prompt_score"] == pytest.approx(want[n - 1], abs=1e-3)
         assert choice["probe_scores"] == pytest.approx(want[n:], abs=1e-3)
+        margins = [x - tiny["threshold"] for x in choice["probe_scores"]]
+        assert choice["probe_margins"] == pytest.approx(margins, abs=1e-9)
+        assert choice["probe_prompt_margin"] == pytest.approx(
+            choice["probe_prompt_score"] - tiny["threshold"], abs=1e-9)
+    probe = mp1.http.get("/v1/vectors").json()["probe"]
+    assert probe["layer"] == 1 and probe["read_out"] == "direction"  # recorded, no flag
+    assert probe["threshold"] == pytest.approx(tiny["threshold"], rel=1e-9)
+    assert probe["text"] == "cities.csv, contrast pairs"
+    chunks = mp1.stream("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 4,
+                                            "temperature": 0, "probe": True})
+    streamed = [c["choices"][0] for c in chunks if c["choices"][0].get("probe_scores")]
+    assert streamed and all(
+        c["probe_margins"] == pytest.approx([x - tiny["threshold"] for x in c["probe_scores"]])
+        for c in streamed)
 
 
 def serve_here(*argv):
@@ -127,7 +161,7 @@ def test_refusals_at_start(tiny, dist1):
                    "--port", 0)
     one_line_error(r, "no layer 2")
     r = serve_here("--model", tiny["path"], "--probe", tiny["probe"], "--port", 0)
-    one_line_error(r, "--probe_layer")
+    one_line_error(r, "records no chosen layer", "--probe_layer 1", "summary.csv")
     r = serve_here("--model", tiny["path"], "--api_key", "")
     one_line_error(r, "--api_key is empty")
     r = serve_here("--model", tiny["path"], "--shutdown_grace", -1)

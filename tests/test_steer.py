@@ -150,7 +150,8 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_steer_end_to_end_on_smollm2(smol_vectors, tmp_path, dist1):
+@pytest.mark.heavy  # the whole sweep on the real model, capability pass included: make test-heavy
+def test_steer_end_to_end_on_smollm2(smol_vectors, tmp_path, shared_smollm2):
     model, run, heldout = smol_vectors
     out = tmp_path / "sweep"
     r = run_script("steer.py", "--model", model, "--data", heldout, "--vectors", run,
@@ -170,7 +171,8 @@ def test_steer_end_to_end_on_smollm2(smol_vectors, tmp_path, dist1):
             # multiplier 0 and the unsteered baseline run in batches of other shapes (M rows vs
             # 1), so BLAS sums in another order: equal to ~1e-6, not to the printed digits
             assert float(x["p_positive"]) == pytest.approx(float(base["p_positive"]), abs=1e-5)
-    assert {x["p_positive"] for x in rows if x["layer"] == "8"} != {base["p_positive"]}
+    assert max(abs(float(x["p_positive"]) - float(base["p_positive"])) for x in rows
+               if x["layer"] == "8") > 1e-4
     items = read_csv(out / "items.csv")
     assert len(items) == 4 + 4 * 2 * 3
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
@@ -178,12 +180,11 @@ def test_steer_end_to_end_on_smollm2(smol_vectors, tmp_path, dist1):
     assert (out / "steering.png").stat().st_size > 1000
 
     # the shared prefix is exact: item 0 at layer 14, multiplier 4, recomputed in one full forward
-    from llama.checkpoint import load_model
     from llama.model import Steer
     from llama.vectors import load_vectors
     from llama.tokenizer import format_chat, load_tokenizer
 
-    lm = load_model(model, dist1)
+    lm = shared_smollm2  # the model steer.py ran on, loaded once for the session
     tok = load_tokenizer(lm.tokenizer_path)
     item = json.load(open(heldout))[0]
     ids = torch.tensor([tok.encode(format_chat("chatml", item["question"], answer="("))])
@@ -225,8 +226,15 @@ def after_bars(r):
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout, last)
 
 
-def test_steer_refuses_bad_input(smol_vectors, tmp_path):
-    model, run, heldout = smol_vectors
+def test_steer_refuses_bad_input(shared_smollm2, tmp_path):
+    """Each refusal in one line, nothing written; vectors of SmolLM2's width and fingerprint
+    (made up: the refusals do not depend on their values) on held-out contrast items."""
+    from llama.gguf import default_model_path
+
+    model = str(default_model_path())
+    run = vectors_folder(tmp_path / "run", [8, 14], 576, fingerprint=shared_smollm2.fingerprint)
+    heldout = tmp_path / "heldout.json"
+    heldout.write_text(json.dumps(json.load(open(CONTRAST))[-4:]))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"question": "q", "positive": "(A)"}]))
     wrong = tmp_path / "wrong"

@@ -9,7 +9,7 @@ import runpy
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, in_process
+from conftest import ROOT, in_process, table_rows
 from safetensors.numpy import save_file
 from tiny import hf_model, make_hf
 
@@ -223,15 +223,17 @@ def test_non_finite_logits_warn_per_item_and_leave_the_means(tiny, tmp_path):
     assert "unsteered" not in r.stderr
     items = read_csv(out / "items.csv")
     huge = [x for x in items if x["layer"] == "2" and float(x["multiplier"]) > 1]
-    assert len(huge) == 4 and all(x["p_positive"] == x["p_a"] == "nan" for x in huge)
+    assert len(huge) == 4 and all(np.isnan(float(x["p_positive"])) and np.isnan(float(x["p_a"]))
+                                  for x in huge)
     rows = {(x["layer"], float(x["multiplier"])): x for x in read_csv(out / "steering.csv")}
     bad = rows["2", 1e39]
-    assert bad["n"] == "0" and bad["answer_matches_positive"] == ""
-    assert all(bad[k] == "nan" for k in ("p_positive", "p_positive_lo", "p_positive_hi", "p_a",
-                                         "p_positive_when_a", "p_positive_when_b"))
+    assert int(bad["n"]) == 0 and bad["answer_matches_positive"] == ""
+    assert all(np.isnan(float(bad[k])) for k in ("p_positive", "p_positive_lo", "p_positive_hi",
+                                                  "p_a", "p_positive_when_a",
+                                                  "p_positive_when_b"))
     zero = [float(x["p_positive"]) for x in items
-            if x["layer"] == "2" and x["multiplier"] == "0.0"]
-    assert rows["2", 0.0]["n"] == "4" and rows["none", 0.0]["n"] == "4"
+            if x["layer"] == "2" and float(x["multiplier"]) == 0.0]
+    assert int(rows["2", 0.0]["n"]) == 4 and int(rows["none", 0.0]["n"]) == 4
     assert float(rows["2", 0.0]["p_positive"]) == pytest.approx(np.mean(zero), abs=1e-6)
 
 
@@ -304,11 +306,17 @@ def test_one_label_contrast_cache_equals_the_swapped_pairs(tmp_path):
     swapped_minus = np.where(odd[None, :, None], plus, minus)
     one = contrast_cache(tmp_path / "one", plus, minus, np.ones(n))
     two = contrast_cache(tmp_path / "two", swapped_plus, swapped_minus, (~odd).astype(int))
+    said = {}
     for cache, name in ((one, "a"), (two, "b")):
         r = run_script("generate_vectors_from_cache.py", "--cache", cache, "--output",
                        tmp_path / name)
         assert r.returncode == 0, r.stderr
+        said[name] = r.stdout
+    # a steering set's plus side is the behaviour, not "the true side"
+    assert "plus - minus" in said["a"] and "true side" not in said["a"]
+    assert "true side - false side" in said["b"]
     got = read_vectors_folder(os.path.join(vectors_of(str(tmp_path / "a")), "vectors"))
+    assert {m["plus_class"] for _, m in got.values()} == {"behaviour"}
     want = read_vectors_folder(os.path.join(vectors_of(str(tmp_path / "b")), "vectors"))
     for layer in (0, 1):
         # the same float64 sums in another order, stored as float32
@@ -354,7 +362,8 @@ def test_vector_metadata_round_trip(tmp_path):
     resid = np.concatenate([np.linalg.norm(plus[2], axis=1), np.linalg.norm(minus[2], axis=1)])
     assert float(m["residual_norm"]) == pytest.approx(resid.mean(), rel=1e-6)
     unit = vector_conventions(os.path.join(run, "normalized_vectors"))[2]
-    assert unit["norm"] == "1" and unit["raw_norm"] == m["norm"]
+    assert float(unit["norm"]) == pytest.approx(1, abs=1e-6)
+    assert float(unit["raw_norm"]) == pytest.approx(float(m["norm"]), rel=1e-6)
 
     model = make_hf(tmp_path / "m", "gqa")  # 3 blocks, dim 64
     out = tmp_path / "cv.gguf"
@@ -456,7 +465,9 @@ def test_generate_sweep_open_ended_read_out(tiny, tmp_path):
         want = float((h[len(ids) - len(x["tokens"]):].double() @ unit).mean())
         assert x["projection"] == pytest.approx(want, abs=1e-3)
     md = (tmp_path / "sweep.md").read_text()
-    assert "| 2 | -1 | 1.00 |" in md and "## the sky is" in md
+    assert "## the sky is" in md  # layer 2, multiplier -1: push 1.00 (2 places)
+    assert any(c[0] == "2" and float(c[1]) == -1 and float(c[2]) == pytest.approx(1, abs=5e-3)
+               for c in table_rows(md))
     assert "push 1 of the residual norm" in r.stderr
     r = run_script("generate.py", "--model", model, "--prompts", prompts, "--steer", base / "run",
                    "--steer_layers", "2", "--sweep=-1,1")
@@ -489,7 +500,7 @@ def smol_sentiment(tmp_path_factory):
     return model, vectors_of(str(base / "sent")), base
 
 
-def test_sentiment_control_steers_smollm2_both_ways(smol_sentiment, tmp_path, dist1):
+def test_sentiment_control_steers_smollm2_both_ways(smol_sentiment, tmp_path, shared_smollm2):
     """At push 0.5 (residual scale, layer 6) the sentiment vector raises p(" good") over
     p(" bad") after neutral openings and its negative lowers it; push and nll_delta equal a
     direct steered forward's."""
@@ -509,12 +520,11 @@ def test_sentiment_control_steers_smollm2_both_ways(smol_sentiment, tmp_path, di
     assert neg < base_p - 0.05 and pos > base_p + 0.02  # measured: 0.52 / 0.86 / 0.94 on 8 items
     assert zero == pytest.approx(base_p, abs=1e-4)  # other batch shapes: BLAS rounding only
 
-    from llama.checkpoint import load_model
     from llama.model import Steer
     from llama.vectors import load_vectors
     from llama.tokenizer import load_tokenizer
 
-    lm = load_model(model, dist1)
+    lm = shared_smollm2  # the model steer.py ran on, loaded once for the session
     tok = load_tokenizer(lm.tokenizer_path)
     prompts = [tok.encode(x["prompt"], bos=True) for x in items]
     with torch.no_grad():
@@ -557,4 +567,6 @@ def test_open_ended_empty_completion_is_null_not_nan(tmp_path):
 
     line = (tmp_path / "o.jsonl").read_text().strip()
     assert json.loads(line, parse_constant=refuse)["projection"] is None
-    assert "| 2 | 1 | 0.50 | - |  |" in open(md).read()
+    (row,) = table_rows(open(md).read())
+    assert row[0] == "2" and float(row[1]) == 1 and float(row[2]) == pytest.approx(0.5, abs=5e-3)
+    assert row[3:] == ["-", ""]

@@ -54,10 +54,33 @@
     });
   }
 
-  function setScale() {
-    var m = $('multiplier');
-    if ($('scale').value === 'residual') { m.min = -2; m.max = 2; m.step = 0.05; }
+  var scaleShown = 'raw';
+
+  function pushPerUnit() {  // {per: |vector| / residual norm, layer} at the first ticked layer
+    var v = vectors[$('vector').value];
+    var box = document.querySelector('#layers input.layer:checked');
+    if (!v || !box || !v.norms || !v.residual_norms) { return null; }
+    var norm = Number(v.norms[box.value]), resid = Number(v.residual_norms[box.value]);
+    return norm > 0 && resid > 0 ? { per: norm / resid, layer: box.value } : null;
+  }
+
+  function setScale() {  // the same push in the other unit, and a note saying so
+    var m = $('multiplier'), to = $('scale').value, old = Number(m.value);
+    var unit = pushPerUnit(), note = '';
+    if (to === 'residual') { m.min = -2; m.max = 2; m.step = 0.05; }
     else { m.min = -20; m.max = 20; m.step = 0.5; }
+    if (to !== scaleShown && unit !== null) {
+      var want = to === 'residual' ? old * unit.per : old / unit.per;
+      m.value = String(want);  // the slider keeps it in its range, on its steps
+      note = 'multiplier ' + old + ' (' + scaleShown + ') = ' + want.toPrecision(3) + ' (' + to +
+        ') at layer ' + unit.layer + (Math.abs(Number(m.value) - want) > 1e-9 ? '; set to ' +
+        m.value + ' (the ' + to + ' slider: ' + m.min + ' to ' + m.max + ' in steps of ' +
+        m.step + ')' : '');
+    } else if (to !== scaleShown) {
+      note = 'multiplier ' + old + ' kept as it was: no vector norms to convert it with';
+    }
+    scaleShown = to;
+    $('scale-note').textContent = note;
     $('multiplier-value').textContent = m.value;
   }
 
@@ -78,7 +101,12 @@
       fillLayers();
       if (body.probe) {
         $('probe').disabled = false;
-        $('probe-label').textContent = 'probe read-out (layer ' + body.probe.layer + ')';
+        $('probe-label').textContent = 'probe read-out (layer ' + body.probe.layer +
+          ', decision threshold ' + Number(body.probe.threshold || 0).toPrecision(4) + ')';
+        $('probe-text').textContent = body.probe.text ? 'The probe was trained on ' +
+          body.probe.text + '. It reads text of that form (a chat turn in the same template); ' +
+          'other text can score on either side.' : '';
+        $('key-positive').textContent = body.probe.positive || 'its positive class';
       }
     }).catch(function (e) { showError(String(e.message || e)); });
   }
@@ -103,29 +131,34 @@
     return { path: chat ? '/v1/chat/completions' : '/v1/completions', body: body, chat: chat };
   }
 
-  function colour(score, scale) {
-    var a = Math.min(1, Math.abs(score) / (scale || 1));
-    return score >= 0 ? 'rgba(214, 39, 40, ' + (0.1 + 0.8 * a).toFixed(3) + ')'
-                      : 'rgba(31, 119, 180, ' + (0.1 + 0.8 * a).toFixed(3) + ')';
+  // the report's heat-map colours alike (pages/html.py): red above the probe's threshold
+  function colour(margin, scale) {
+    var a = Math.min(1, Math.abs(margin) / (scale || 1));
+    return margin >= 0 ? 'rgba(214, 39, 40, ' + (0.08 + 0.82 * a).toFixed(3) + ')'
+                       : 'rgba(31, 119, 180, ' + (0.08 + 0.82 * a).toFixed(3) + ')';
   }
 
-  function recolour() {  // one scale for every shown token: the largest |score|
-    var toks = document.querySelectorAll('#outputs .tok[data-score]');
+  function recolour() {  // one scale for every shown token: the largest |margin|
+    var toks = document.querySelectorAll('#outputs .tok[data-margin]');
     var scale = 0;
-    toks.forEach(function (t) { scale = Math.max(scale, Math.abs(Number(t.dataset.score))); });
+    toks.forEach(function (t) { scale = Math.max(scale, Math.abs(Number(t.dataset.margin))); });
     toks.forEach(function (t) {
-      t.style.backgroundColor = colour(Number(t.dataset.score), scale);
+      t.style.backgroundColor = colour(Number(t.dataset.margin), scale);
     });
+    $('probe-key').hidden = toks.length === 0;
+    $('key-lo').textContent = (-(scale || 1)).toPrecision(3);
+    $('key-hi').textContent = '+' + (scale || 1).toPrecision(3);
   }
 
-  function addToken(panel, piece, scores) {
+  function addToken(panel, piece, scores, margins) {
     var span = document.createElement('span');
     span.className = 'tok';
     span.textContent = piece;
-    if (scores && scores.length) {
-      var s = scores[scores.length - 1];
+    if (scores && scores.length && margins && margins.length) {
+      var s = scores[scores.length - 1], m = margins[margins.length - 1];
       span.dataset.score = String(s);
-      span.title = 'probe score ' + Number(s).toFixed(4);
+      span.dataset.margin = String(m);
+      span.title = 'probe score ' + Number(s).toFixed(4) + ', margin ' + Number(m).toFixed(4);
     }
     panel.querySelector('.text').appendChild(span);
   }
@@ -137,10 +170,12 @@
     var piece = req.chat ? (choice.delta && choice.delta.content) : choice.text;
     if (choice.probe_prompt_score !== undefined && choice.probe_prompt_score !== null) {
       panel.querySelector('.meta').textContent =
-        'probe score of the prompt\'s last token: ' + Number(choice.probe_prompt_score).toFixed(4);
+        'probe at the prompt\'s last token: margin ' +
+        Number(choice.probe_prompt_margin).toFixed(4) + ', score ' +
+        Number(choice.probe_prompt_score).toFixed(4);
     }
     if (piece) {
-      addToken(panel, piece, choice.probe_scores);
+      addToken(panel, piece, choice.probe_scores, choice.probe_margins);
       recolour();
     }
   }
@@ -188,7 +223,14 @@
     $('stop').disabled = false;
     var compare = $('compare').checked;
     $('out-plain').hidden = !compare;
-    var jobs = [stream($('out-steered'), request(true), controller.signal)];
+    var first = request(true), steer = first.body.steering;
+    $('out-steered').querySelector('h2').textContent = steer && steer.layers.length &&
+      (steer.multiplier !== 0 || steer.ablate) ? 'steered: ' + steer.vector + ', layer' +
+      (steer.layers.length > 1 ? 's ' : ' ') + steer.layers.join(', ') + ', ' +
+      (steer.ablate ? 'ablated x ' : 'multiplier ') + steer.multiplier + ' (' + steer.scale +
+      ')' : 'unsteered';
+    $('probe-key').hidden = true;
+    var jobs = [stream($('out-steered'), first, controller.signal)];
     if (compare) { jobs.push(stream($('out-plain'), request(false), controller.signal)); }
     Promise.all(jobs).catch(function (e) {
       if (e.name !== 'AbortError') { showError(String(e.message || e)); }
