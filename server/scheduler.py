@@ -232,8 +232,8 @@ class Scheduler(threading.Thread):
                              "score": job.params.prompt_logprobs})
             if job.params.probe:
                 job.prompt_probe = self.engine.probe.score(out["states"])[0]
-            job.prompt_logprobs = out.get("prompt")
                 job.probe_threshold = self.engine.probe.threshold
+            job.prompt_logprobs = out.get("prompt")
             self.rows.append(Row(job, len(job.prompt_ids), -1))
             self.admitting = None
             if job.params.max_tokens > 0:
