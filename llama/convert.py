@@ -11,7 +11,6 @@ exactly as the loader splits them, written under a temporary name and renamed wh
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from tqdm import tqdm
@@ -20,6 +19,7 @@ from .checkpoint import check_weights, checkpoint_format, meta_params, open_sour
 from .errors import LlamaError
 from .layout import DTYPES, rank_slice
 from .model import check_parallel
+from .staging import staged
 
 RECORD = "convert.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_special.json", "tokenizer.json",
@@ -98,11 +98,7 @@ def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = Fal
     check_parallel(args, mp)
     if args.vocab_parallel_embedding and args.vocab_size % mp:  # the loader falls back likewise
         args.vocab_parallel_embedding = False
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would become the model dir's mode
+    with staged(dst) as tmp:
         names = sorted(weights.shapes)
         with tqdm(total=mp * len(names), desc=f"writing {mp} shard(s)", unit="tensor") as bar:
             for r in range(mp):
@@ -121,16 +117,6 @@ def convert(src, dst, mp: int = 1, dtype: str = "float32", overwrite: bool = Fal
         done = dict(want, kind=kind)
         with open(os.path.join(tmp, RECORD), "w") as f:
             json.dump(done, f, indent=1)
-        if os.path.exists(dst):  # replaced only now that the new one is complete
-            old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=parent)
-            os.rename(dst, os.path.join(old, "model"))
-            os.rename(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"{dst}: {kind} {src} -> {mp} shard(s), {dtype}"
           + ("" if tok else " (no tokenizer found beside the source)"))
 

@@ -18,7 +18,6 @@ max_position_embeddings is the window (the context the loader serves exactly, mo
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 
@@ -26,6 +25,7 @@ from .checkpoint import HF_NAMES, check_weights, declared_end_ids, open_source
 from .errors import LlamaError
 from .layout import DTYPES, ROTARY, rotate_half_rotary
 from .model import ModelArgs
+from .staging import staged
 
 HF_OF_META = {meta: hf for hf, meta in HF_NAMES.items()}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -190,11 +190,7 @@ def export_hf(src, dst, dtype: str = "float32", overwrite: bool = False):
     tied = torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"])
     if tied:
         del sd["lm_head.weight"]
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)
+    with staged(dst) as tmp:
         save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         os.chmod(os.path.join(tmp, "model.safetensors"), 0o644)
         if kind == "gguf":
@@ -214,15 +210,5 @@ def export_hf(src, dst, dtype: str = "float32", overwrite: bool = False):
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": tok["bos_id"],
                        "eos_token_id": ends if len(ends) != 1 else ends[0]}, f, indent=2)
-        if os.path.exists(dst):  # replaced only now that the new one is complete
-            old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=parent)
-            os.rename(dst, os.path.join(old, "model"))
-            os.rename(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"{dst}: {kind} {src} -> Hugging Face {arch}, {dtype}"
           + (", tied embeddings" if tied else ""))
