@@ -203,7 +203,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         norms = neutral_norms(gen.model, gen.tokenizer, {x for v in loaded.values() for x in v})
         model_id = name or os.path.splitext(os.path.basename(os.path.normpath(model)))[0]
         limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None, norms,
-                        min(a.vocab_size, gen.tokenizer.n_words))
+                        vocab=min(a.vocab_size, gen.tokenizer.n_words))
         limits.aliases = read_aliases(alias or [], limits)  # every rank refuses a bad one
         engine = Engine(gen.model, loaded, norms, the_probe, max_batch, context)
         channel = StepChannel()
