@@ -396,7 +396,7 @@ def test_http_refusals_and_routes(shared):
     assert r.status_code == 400 and "nested" in r.json()["error"]["message"]
     info = shared.http.get("/v1/vectors").json()
     assert [v["source"] for v in info["data"]] == ["push", "twin"]
-    assert info["probe"]["source"] == "lr.safetensors"
+    assert info["probe"]["source"] == "ccs.safetensors"  # the file name only, no folders
     assert shared.complete("hi", max_tokens=2)["usage"]["completion_tokens"] >= 1
 
 
