@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import ROOT, in_process, one_line_error
 from test_extract import pair_rows, write_csv
+from test_generation import hf_greedy, prompts
 from tiny import FAMILIES, WINDOW, hf_model, hf_states, make_hf, make_tokenizer, meta_state
 
 from activations.cache import ActivationCache
@@ -190,23 +191,6 @@ def test_cache_of_contrast_pairs_matches_transformers(fam, family, tmp_path):
 
 
 # ---- generation and steering ----
-
-def prompts(lengths=(5, 9, 3), seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 259, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(hf, prompt, n, hooks=()):
-    handles = [module.register_forward_hook(fn) for module, fn in hooks]
-    try:
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                                                                            dtype=torch.long),
-                          do_sample=False, max_new_tokens=n)
-    finally:
-        for h in handles:
-            h.remove()
-    return out[0, len(prompt):].tolist()
-
 
 def ours(row, stop_id=2):
     """Our (ids, logprobs, finish) as transformers' tokens (which end with the stop token)."""
