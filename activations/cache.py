@@ -90,12 +90,14 @@ def parse_layers(spec, available, where: str = "this model") -> List[int]:
 
 
 META = "metadata.json"
+INFO = "layer_info.json"
 LOGPROBS = "logprobs.npy"
 
 
 def layer_dir(root: str, layer: int) -> str:
     """The cache's file names, built here only: layer_LL/, layer_LL/SIDE.npy, offsets_SIDE.npy,
-    metadata.json, logprobs.npy (root "": the name relative to the cache folder)."""
+    metadata.json, layer_info.json, logprobs.npy (root "": the name relative to the cache
+    folder)."""
     return os.path.join(root, f"layer_{layer:02d}")
 
 
@@ -109,6 +111,10 @@ def offsets_file(root: str, side: str) -> str:
 
 def meta_file(root: str) -> str:
     return os.path.join(root, META)
+
+
+def info_file(root: str) -> str:
+    return os.path.join(root, INFO)
 
 
 def logprobs_file(root: str) -> str:
@@ -163,7 +169,7 @@ class ActivationCache:
         self.path = path
         if not os.path.isdir(path):
             raise LlamaError(f"no activation cache at {path}")
-        info_path = os.path.join(path, "layer_info.json")
+        info_path = info_file(path)
         meta_path = meta_file(path)
         if not os.path.exists(info_path):
             if os.path.exists(meta_path):
@@ -330,7 +336,7 @@ def save_cache(
     write_json(meta_file(path), meta)
     info = {"layers": layers, "num_examples": n, "hidden_dim": int(first.shape[1]), "dtype": dtype,
             **encoding(dtype), "token": token, "sides": sides}
-    write_json(os.path.join(path, "layer_info.json"), info)
+    write_json(info_file(path), info)
 
 
 PROGRESS = "progress"  # folder of progress files; it exists only once every array is allocated

@@ -70,7 +70,7 @@ def precheck(output: str, settings: dict, stamps: Optional[dict], n_layers: int,
     why = _conflict(output, old.get("settings", {}), settings)
     if why and not overwrite:
         raise LlamaError(why)
-    complete = os.path.exists(os.path.join(output, "layer_info.json"))
+    complete = os.path.exists(cache_files.info_file(output))
     same_files = stamps is not None and old.get("stamps") == stamps
     return not why and not overwrite and complete and same_files
 
@@ -78,7 +78,7 @@ def precheck(output: str, settings: dict, stamps: Optional[dict], n_layers: int,
 def _clear(path: str) -> None:
     """Remove a cache's own files (no other file in its folder): its completion marker and
     progress first (a kill half-way leaves something that cannot look complete), metadata last."""
-    first = ["layer_info.json", cache_files.PROGRESS]
+    first = [cache_files.INFO, cache_files.PROGRESS]
     rest = set(cache_files.own_entries(path)) - set(first) - {cache_files.META, cache_files.LOCK}
     for name in first + sorted(rest) + [cache_files.META]:
         f = os.path.join(path, name)
@@ -138,7 +138,7 @@ def prepare(output: str, meta: dict, specs: dict, offsets: dict, overwrite: bool
                 raise LlamaError(why)
             if overwrite:
                 _clear(output)
-            elif os.path.exists(os.path.join(output, "layer_info.json")):
+            elif os.path.exists(cache_files.info_file(output)):
                 return None
     except LlamaError:
         locks.remove(fd)
@@ -187,4 +187,4 @@ def finish(output: str, meta: dict, n_batches: int, info: dict) -> None:
         raise LlamaError(f"{output}: {len(missing)} batches were not written; "
                          "run the same command again")
     cache_files.write_json(cache_files.meta_file(output), {**meta, "complete": True})
-    cache_files.write_json(os.path.join(output, "layer_info.json"), info)
+    cache_files.write_json(cache_files.info_file(output), info)

@@ -23,7 +23,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from activations.cache import FORMAT, layer_dir, write_json
+from activations.cache import FORMAT, info_file, layer_dir, meta_file, side_file, write_json
 from llama.cli import command
 from llama.errors import LlamaError
 
@@ -61,13 +61,13 @@ def synthetic(path: str, n: int, dim: int, layers: int, seed: int = 0) -> None:
         os.makedirs(layer_dir(path, layer), exist_ok=True)
         for side, s in (("plus", 1.0), ("minus", -1.0)):
             noise = 0.5 * rng.standard_normal((n, dim), dtype=np.float32)
-            np.save(os.path.join(layer_dir(path, layer), f"{side}.npy"),
+            np.save(side_file(path, layer, side),
                     bf16(common + noise + s * strength * sgn * t))
     meta = {"format": FORMAT, "labels": y.tolist(), "ids": list(range(n)), "token": "last",
             "dtype": "bfloat16", "complete": True,
             "model": {"fingerprint": "synthetic-70b", "path": "synthetic-70B-shape"}}
-    write_json(os.path.join(path, "metadata.json"), meta)
-    write_json(os.path.join(path, "layer_info.json"),
+    write_json(meta_file(path), meta)
+    write_json(info_file(path),
                {"layers": list(range(layers)), "num_examples": n, "hidden_dim": dim,
                 "dtype": "bfloat16", "token": "last", "sides": ["plus", "minus"]})
 

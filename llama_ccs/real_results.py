@@ -30,6 +30,7 @@ from typing import Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import prompts.dataset as gd
+from activations.cache import info_file, meta_file
 from llama.errors import LlamaError
 
 METHODS = ("ccs", "lr", "mean_diff", "crc_tpc", "random", "zero_shot", "majority")
@@ -119,7 +120,7 @@ def extract(lm, model_path, data, cache, zero_shot):
     cache of other prompts is replaced. Returns the equivalent command line."""
     from activations.extract import Extraction, run
 
-    old = read_json(os.path.join(cache, "metadata.json"))
+    old = read_json(meta_file(cache))
     stale = old is not None and old.get("settings", {}).get("data_sha256") != sha256(data)
     if stale:
         print(f"{cache} holds a cache of other prompts: replacing it", flush=True)
@@ -139,7 +140,7 @@ def train(cache, run):
     """ccs.py train with every method and the plots, unless a run newer than the cache is there."""
     import probes.commands as ccs
 
-    if fresh(os.path.join(run, "summary.csv"), os.path.join(cache, "layer_info.json")) and \
+    if fresh(os.path.join(run, "summary.csv"), info_file(cache)) and \
             os.path.exists(os.path.join(run, "layers.png")):
         print(f"{run}: trained after its cache was made, kept", flush=True)
     else:
@@ -165,7 +166,7 @@ def validation(lm, model_path, tok_path, shared, folder, n, max_len, steps):
     cache = os.path.join(folder, "cache")
     steps.append(extract(lm, model_path, data, cache, zero_shot=False))
     contrast = os.path.join(os.path.dirname(folder), "cache")
-    done = os.path.join(contrast, "layer_info.json")
+    done = info_file(contrast)
     runs = sorted(r for r in glob.glob(os.path.join(os.path.dirname(folder), "vectors_*"))
                   if fresh(r, done))
     vectors = (runs[-1] if runs
@@ -198,7 +199,7 @@ def auroc_table(analysis):
 
 
 def timing(cache):
-    t = (read_json(os.path.join(cache, "metadata.json")) or {}).get("timings")
+    t = (read_json(meta_file(cache)) or {}).get("timings")
     if not t:
         return "reused from an earlier run"
     return (f"{t['extract_s']:.0f} s, {t['tokens_per_s']:.0f} tokens/s (every side's full length "

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import pandas as pd
 
+from activations.cache import meta_file
 from llama.errors import LlamaError
 
 KINDS = ("probes", "transfer", "cached", "steering")
@@ -75,8 +76,8 @@ def read_probes(run: Run) -> None:
         run.info.setdefault("probe_files", []).append(
             os.path.splitext(os.path.relpath(f, run.path))[0] + ".safetensors")
     cache = run.info.get("cache")
-    if cache and os.path.exists(os.path.join(cache, "metadata.json")):
-        with open(os.path.join(cache, "metadata.json")) as fh:
+    if cache and os.path.exists(meta_file(cache)):
+        with open(meta_file(cache)) as fh:
             meta = json.load(fh)
         run.info["model"] = (meta.get("model") or {}).get("path")
         data = meta.get("data")
