@@ -24,6 +24,7 @@ from llama.generation import Generator
 from llama.gguf import default_model_path
 from steering.capability import NEUTRAL
 from steering.items import read_items
+from steering.scale import unit_norms
 from steering.sweep import Settings, Sweep, run
 
 
@@ -36,8 +37,9 @@ def main(n_items, threads, repeats, json_path):
     g = torch.Generator().manual_seed(0)
     vecs = {l: torch.randn(gen.model.params.dim, generator=g) for l in layers}
     times = {"without": [], "capability": []}
+    units = unit_norms(gen.model, gen.tokenizer, "", layers)  # no file: the neutral prompts'
     for _ in range(repeats):  # alternated: both parts see the same machine load
-        sweep = Sweep(gen, vecs, Settings(layers, mults, scale="residual"))
+        sweep = Sweep(gen, vecs, Settings(layers, mults, scale="residual"), units=units)
         t0 = time.perf_counter()
         run(sweep, items, log=lambda line: None)
         t1 = time.perf_counter()

@@ -203,8 +203,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        """x [..., dim] -> x / rms(x) x weight. A mean square past float32 (entries of ~1e19 and
+        more: a steering push that overflows inside the model) is NaN, not the silent zero row
+        rsqrt(inf) would give, so it ends as non-finite logits; finite rows are unchanged."""
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        square = xf.pow(2).mean(-1, keepdim=True)
+        square = torch.where(torch.isinf(square), float("nan"), square)
+        xf = xf * torch.rsqrt(square + self.eps)
         return xf.type_as(x) * self.weight
 
 
@@ -256,11 +261,17 @@ class Steer:
     removes the component along u, leaving h orthogonal to it. multiplier: a float, or a [B]
     tensor (one per batch row). Multiplier 0 leaves the forward untouched (bit-identical).
     positions: "all" (every position, as CAA), or "generated" (positions at or past the row's
-    `prompt_len` given to forward, as the evaluation-awareness notebooks did)."""
+    `prompt_len` given to forward, as the evaluation-awareness notebooks did).
+    seen: None (nothing measured), or a dict that apply() fills, per steered layer, with [B, 3]
+    float64 sums over each row's steered positions of the residual stream met there (before this
+    layer's steering): |h|, |h . u| and the count of positions, position 0 (the attention sink)
+    left out of a forward over more than one position: steering/scale.py's push measured in the
+    forward (server/engine.py reports it as steering_push)."""
     vectors: Dict[int, torch.Tensor]  # layer -> [dim]
     multiplier: Union[float, torch.Tensor] = 1.0
     ablate: bool = False
     positions: str = "all"
+    seen: Optional[Dict[int, torch.Tensor]] = None
 
     def __post_init__(self):
         if self.positions not in STEER_POSITIONS:
@@ -278,14 +289,31 @@ class Steer:
             return h
         v = self.vectors[layer].to(h)
         m = torch.as_tensor(self.multiplier, dtype=h.dtype, device=h.device).reshape(-1, 1, 1)
+        where = None
         if self.positions == "generated":
             if prompt_len is None:
                 raise LlamaError("steering only generated positions needs the prompt lengths")
-            m = m * (pos >= prompt_len[:, None])[..., None].to(h.dtype)
+            where = pos >= prompt_len[:, None]
+            m = m * where[..., None].to(h.dtype)
+        if self.seen is not None:
+            self.measure(layer, h, pos, where, v)
         if self.ablate:
             u = v / v.norm()
             return h - m * (h @ u)[..., None] * u
         return h + m * v
+
+    def measure(self, layer: int, h: torch.Tensor, pos: torch.Tensor,
+                where: Optional[torch.Tensor], v: torch.Tensor):
+        """Add h [B, S, dim]'s sums at its steered positions (where [B, S], None: all) to
+        seen[layer] (the class docstring)."""
+        keep = torch.ones_like(pos, dtype=torch.bool) if where is None else where
+        if pos.shape[1] > 1:
+            keep = keep & (pos != 0)
+        keep = keep.to(torch.float64)
+        norms = torch.linalg.vector_norm(h, dim=-1, dtype=torch.float64)
+        along = (h @ (v / v.norm())).abs().double() if self.ablate else torch.zeros_like(norms)
+        sums = torch.stack([(norms * keep).sum(1), (along * keep).sum(1), keep.sum(1)], -1)
+        self.seen[layer] = self.seen[layer] + sums if layer in self.seen else sums
 
 
 def column(layer: ColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:

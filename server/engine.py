@@ -69,21 +69,33 @@ class Probe:
 class BatchSteer:
     """Per-row steering for one batch: rows whose settings differ only in the multiplier share
     one llama.model.Steer whose multiplier is a [B] tensor, 0 on the other rows (a 0 multiplier
-    leaves a row's residual stream bit-identical). Same interface as Steer."""
+    leaves a row's residual stream bit-identical). Same interface as Steer. Each Steer measures
+    the residual stream it meets (Steer.seen); `sums` reads each row's from its own Steer."""
 
-    def __init__(self, steers: List[Steer]):
+    def __init__(self, steers: List[Steer], rows: List[List[int]]):
         self.steers = steers
+        self.rows = rows  # per steer: the rows it steers
 
     def apply(self, layer, h, pos, prompt_len):
         for s in self.steers:
             h = s.apply(layer, h, pos, prompt_len)
         return h
 
+    def sums(self, n: int) -> List[Optional[dict]]:
+        """Per row of n: None (not steered) or {layer: [sum |h|, sum |h . u|, positions]} of this
+        forward's steered positions."""
+        out: List[Optional[dict]] = [None] * n
+        for steer, rows in zip(self.steers, self.rows):
+            table = {layer: t.tolist() for layer, t in steer.seen.items()}
+            for row in rows:
+                out[row] = {layer: t[row] for layer, t in table.items()}
+        return out
+
 
 class Engine:
     def __init__(self, model: Transformer, vectors: Dict[str, Dict[int, torch.Tensor]],
-                 residual_norms: Dict[int, float], probe: Optional[Probe], max_batch: int,
-                 length: int):
+                 residual_norms: Dict[str, Dict[int, float]], probe: Optional[Probe],
+                 max_batch: int, length: int):
         from llama.model import KVCache
 
         self.model = model
@@ -104,20 +116,37 @@ class Engine:
                 continue
             s = SteerSettings.from_json(spec)
             groups.setdefault(replace(s, multiplier=1.0), []).append((row, s.multiplier))
-        steers = []
+        steers, owned = [], []
         for shared, rows in groups.items():
             values = [0.0] * len(specs)
             for row, multiplier in rows:
                 values[row] = multiplier
             mult = torch.tensor(values, dtype=torch.float32)  # past float32: inf, never raises
-            one = shared.steer(self.vectors[shared.vector], self.residual_norms)
-            steers.append(replace(one, multiplier=mult.to(self.device)))
-        return BatchSteer(steers) if steers else None
+            one = shared.steer(self.vectors[shared.vector],
+                               self.residual_norms.get(shared.vector))
+            steers.append(replace(one, multiplier=mult.to(self.device), seen={}))
+            owned.append([row for row, _ in rows])
+        return BatchSteer(steers, owned) if steers else None
+
+    def push(self, spec: dict, sums: Dict[int, list]) -> Dict[str, float]:
+        """steering_push of a request: {str(layer): push} from its steering (SteerSettings JSON)
+        and its sums over every forward that steered it ({layer: [sum |h|, sum |h . u|,
+        positions]}, BatchSteer.sums added up): steering.scale.push with the residual norm as
+        measured there, |multiplier| x |vector as applied| / mean |h| (ablation: |multiplier| x
+        mean |h . u| / mean |h|). A layer with no steered position is left out."""
+        from steering.scale import Residual, push
+
+        s = SteerSettings.from_json(spec)
+        added = s.steer(self.vectors[s.vector], self.residual_norms.get(s.vector)).vectors
+        return {str(layer): push(s.multiplier, added[layer],
+                                 Residual(norm / count, along / count, int(count)), s.ablate)
+                for layer, (norm, along, count) in sorted(sums.items()) if count > 0}
 
     @torch.inference_mode()
     def run(self, step: dict) -> Optional[dict]:
         """Run one step; returns {"logits": [n, vocab] float32 (CPU), "states": [n, dim] at the
-        probe layer or None} for prefill and decode (the prefill's: its last prompt position).
+        probe layer or None, "steered": per row None or its BatchSteer.sums} for prefill and
+        decode (the prefill's: its last prompt position).
         A prefill with "score": k (an int) also returns "prompt": the prompt's log-probabilities
         with the top k per position (score_prompt), from the same forward pass."""
         op = step["op"]
@@ -127,9 +156,10 @@ class Engine:
             plen = torch.tensor([len(ids)], device=self.device)
             self._clear(row)  # nothing there after a free; zeroed again all the same
             self.filled[row] = len(ids)
+            steer = self.steer_for([step["steer"]])
             out = self.model(tokens, layers=self.layers, cache=RowsView(self.cache, row, row + 1),
-                             steer=self.steer_for([step["steer"]]), prompt_len=plen)
-            read = self._read(out, torch.tensor([len(ids) - 1], device=self.device))
+                             steer=steer, prompt_len=plen)
+            read = self._read(out, torch.tensor([len(ids) - 1], device=self.device), steer)
             if step.get("score") is not None:  # the prompt's own log-probabilities, same pass
                 read["prompt"] = self.score_prompt(out[self.last][0], ids, step["score"])
             return read
@@ -140,10 +170,10 @@ class Engine:
             plen = torch.tensor(step["plen"], device=self.device)
             for row, at in enumerate(step["pos"]):
                 self.filled[row] = max(self.filled[row], at + 1)
+            steer = self.steer_for(step["steer"])
             out = self.model(tokens, layers=self.layers, start=pos,
-                             cache=RowsView(self.cache, 0, n), steer=self.steer_for(step["steer"]),
-                             prompt_len=plen)
-            return self._read(out, torch.zeros(n, dtype=torch.long, device=self.device))
+                             cache=RowsView(self.cache, 0, n), steer=steer, prompt_len=plen)
+            return self._read(out, torch.zeros(n, dtype=torch.long, device=self.device), steer)
         if op == "free":  # row zeroed, then the last row in use moved into it
             row, last = step["row"], step["last"]
             self._clear(row)
@@ -182,12 +212,13 @@ class Engine:
                 v[row, :upto] = 0
         self.filled[row] = 0
 
-    def _read(self, out: dict, at: torch.Tensor) -> dict:
+    def _read(self, out: dict, at: torch.Tensor, steer: Optional[BatchSteer]) -> dict:
         rows = torch.arange(len(at), device=self.device)
         h = out[self.last][rows, at]
         logits = self.model.logits_of(h).cpu()
         states = out[self.probe.layer][rows, at] if self.probe else None
-        return {"logits": logits, "states": states}
+        sums = steer.sums(len(at)) if steer is not None else [None] * len(at)
+        return {"logits": logits, "states": states, "steered": sums}
 
 
 class StepChannel:

@@ -146,7 +146,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     from llama.dist import owned_group, setup
     from llama.generation import Generator
     from llama.vectors import load_vectors
-    from steering.scale import neutral_norms
+    from steering.scale import unit_norms_of
 
     from .aliases import read_aliases
     from .engine import Engine, StepChannel, follow
@@ -200,7 +200,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                   for n, p in vector_sources(vectors or [])}
         the_probe = None if probe is None else load_probe(probe, probe_layer, a.dim, a.n_layers,
                                                           gen.fingerprint)
-        norms = neutral_norms(gen.model, gen.tokenizer, {x for v in loaded.values() for x in v})
+        units = unit_norms_of(gen.model, gen.tokenizer,  # scale residual's, per vector
+                              {n: (p, loaded[n]) for n, p in vector_sources(vectors or [])})
+        norms = {n: {x: u[0] for x, u in per.items()} for n, per in units.items()}
         model_id = name or os.path.splitext(os.path.basename(os.path.normpath(model)))[0]
         limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None, norms,
                         vocab=min(a.vocab_size, gen.tokenizer.n_words))
@@ -215,7 +217,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         info = [{"id": n, "object": "vector", "source": shown_path(p),
                  "layers": sorted(loaded[n]),
                  "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())},
-                 "residual_norms": {str(x): norms[x] for x in sorted(loaded[n])}}
+                 "residual_norms": {str(x): norms[n][x] for x in sorted(loaded[n])},
+                 "residual_norms_from": {str(x): units[n][x][1] for x in sorted(loaded[n])}}
                 for n, p in vector_sources(vectors or [])]
         probe_info = None if the_probe is None else {
             "source": shown_path(the_probe.source), "layer": the_probe.layer,

@@ -67,7 +67,9 @@ class Params:
 class Job:
     """One request in the scheduler. Events passed to emit (from the scheduler thread):
     {"type": "token", "token": id, "text": new text (may be ""), "logprob", "top_logprobs",
-     "probe"} per generated token; {"type": "done", "finish": "stop" | "length"} at the end;
+     "probe"} per generated token; {"type": "done", "finish": "stop" | "length"} at the end
+    (a steered job's also "steering_push": {layer: push}, Engine.push of the residual stream
+    its own forwards met);
     {"type": "error", "message", "status", "param"} when it cannot go on (its logits turned
     non-finite: 400 naming steering.multiplier when steered, else 500; the server stops under
     it: 503)."""
@@ -86,6 +88,7 @@ class Job:
         self.probe_threshold = 0.0  # the probe's decision threshold (engine.Probe.threshold)
         self.pending: Optional[dict] = None  # a token event waiting for its probe score
         self.done = False  # its "done" event was sent
+        self.steered: dict = {}  # layer -> [sum |h|, sum |h . u|, positions] (steering_push)
         seed = params.seed if params.seed is not None else int(time.time_ns() % (2 ** 31))
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -112,6 +115,13 @@ class Job:
         self.sent = max(self.sent, ready)
         return {"type": "token", "token": token, "text": new, "logprob": logprob,
                 "top_logprobs": top, "probe": None}
+
+    def add_sums(self, sums: Optional[dict]):
+        """Add one forward's residual-stream sums of this job's row (Engine.run's "steered")."""
+        for layer, values in (sums or {}).items():
+            have = self.steered.setdefault(layer, [0.0, 0.0, 0.0])
+            for k, v in enumerate(values):
+                have[k] += v
 
     def margins(self, scores: List[Optional[float]]) -> List[Optional[float]]:
         """Probe scores relative to the probe's decision threshold: score - threshold (> 0: the
@@ -234,6 +244,7 @@ class Scheduler(threading.Thread):
                 job.prompt_probe = self.engine.probe.score(out["states"])[0]
                 job.probe_threshold = self.engine.probe.threshold
             job.prompt_logprobs = out.get("prompt")
+            job.add_sums(out["steered"][0])
             self.rows.append(Row(job, len(job.prompt_ids), -1))
             self.admitting = None
             if job.params.max_tokens > 0:
@@ -256,6 +267,8 @@ class Scheduler(threading.Thread):
         live = []
         for i, r in enumerate(rows):
             r.pos += 1
+            if not r.draining:  # a last token fed only to be scored: not one the request used
+                r.job.add_sums(out["steered"][i])
             if r.job.pending is not None:  # the fed token's own state is now known
                 r.job.pending["probe"] = scores[i]
                 r.job.emit(r.job.pending)
@@ -313,7 +326,10 @@ class Scheduler(threading.Thread):
     def _finish(self, job: Job):
         if job.finish is None:
             job.finish = "stop"
-        job.emit({"type": "done", "finish": job.finish})
+        event = {"type": "done", "finish": job.finish}
+        if job.params.steer is not None:  # measured in the forwards that steered it
+            event["steering_push"] = self.engine.push(job.params.steer.to_json(), job.steered)
+        job.emit(event)
         job.done = True
 
     def _free(self):

@@ -57,7 +57,7 @@ class Limits:
     n_layers: int
     vectors: dict  # name -> {layer: tensor}
     has_probe: bool
-    residual_norms: dict = None  # layer -> mean residual-stream norm (scale "residual")
+    residual_norms: dict = None  # name -> {layer: scale "residual"'s norm} (scale.unit_norms)
     engine: str = "native"  # or "vllm" (server/vllm_engine.py): no layer 0, no scale residual
     vocab: int = 0  # token ids a request may send: 0..vocab-1 (the model's and tokenizer's)
     aliases: dict = field(default_factory=dict)  # steered alias name -> its steering settings
@@ -147,7 +147,8 @@ def steering(spec, limits: Limits) -> Optional[SteerSettings]:
         raise bad("steering.layers", "layer 0 (the embedding output) is not steerable on "
                   "--engine vllm")
     try:
-        return settings.check(limits.n_layers, limits.vectors[name], limits.residual_norms)
+        return settings.check(limits.n_layers, limits.vectors[name],
+                              (limits.residual_norms or {}).get(name))
     except SteerError as e:
         raise bad(f"steering.{e.field}", str(e)) from None
 

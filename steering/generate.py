@@ -19,9 +19,11 @@ text: a special-token string in it ("<|im_end|>") encodes as the ordinary tokens
 only the chat template's own markers are control tokens (--parse_special: the old reading).
 --steer: a vectors folder (scripts/generate_vectors_from_cache.py), a .npy/.safetensors vector,
 or a saved ccs.py linear probe; see llama/vectors.py. --scale residual: --multiplier is a
-fraction of the mean residual-stream norm at the layer, measured on these prompts unsteered
-(position 0 left out; with --positions generated still the prompts' positions), applied to the
-unit vector; raw (default): multiplier x the vector as stored (steering/scale.py).
+fraction of the layer's residual-stream norm from steering.scale.unit_norms (the vector's recorded
+residual_norm, else the neutral built-in prompts': the same as scripts/steer.py's and the
+server's), applied to the unit vector; raw (default): multiplier x the vector as stored. The push
+printed (and --sweep's) is against the residual norm measured on these prompts unsteered
+(position 0 left out; with --positions generated still the prompts' positions).
 --sweep M1,M2,...: the open-ended read-out (steering/open_ended.py): greedy completions of every
 prompt at each --steer_layers layer x multiplier (one layer at a time), with the unsteered ones,
 each with its projection onto the steering direction, in OUT.jsonl and a Markdown table OUT.md.
@@ -135,18 +137,21 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
                                  f"{gen.max_seq_len}")
         if steer is not None:
             from steering import open_ended
-            from steering.scale import applied, describe, measure
+            from steering.scale import applied_norms, describe, measure, unit_norms
 
             a = gen.model.params
             vecs = load_vectors(steer, parse_layers(steer_layers, a.n_layers), a.dim, a.n_layers,
                                 gen.fingerprint)
-            resid = measure(gen.model, tokens, [0] * len(tokens), vecs)
-            settings = checked_settings(steer, vecs, resid, a.n_layers, float(multiplier),
+            units = unit_norms(gen.model, gen.tokenizer, steer, vecs) if scale == "residual" \
+                else {}
+            norms = {l: u[0] for l, u in units.items()}
+            settings = checked_settings(steer, vecs, norms, a.n_layers, float(multiplier),
                                         scale, ablate, positions, mults)
-            stored, vecs = vecs, applied(vecs, resid, scale)
+            resid = measure(gen.model, tokens, [0] * len(tokens), vecs)  # what the push is against
+            stored, vecs = vecs, applied_norms(vecs, norms, scale)
             if proc.is_main:
                 for line in describe(vecs, stored, resid, scale, bool(ablate),
-                                     mults or [float(multiplier)]):
+                                     mults or [float(multiplier)], units):
                     print(line, file=sys.stderr)
             if mults is not None:
                 rows = open_ended.sweep(gen, texts, tokens, vecs, resid, mults, cfg, bool(ablate),
@@ -155,7 +160,7 @@ def main(model, prompts, output=None, max_gen_len=64, temperature=0.0, top_p=0.9
                     md = open_ended.write(output, rows)
                     print(f"wrote {len(rows)} completions to {output} and {md}")
                 return
-            spec = settings.steer(stored, {l: r.norm for l, r in resid.items()})
+            spec = settings.steer(stored, norms)
 
         def show(c):
             if proc.is_main and output is None:
@@ -174,17 +179,17 @@ FLAGS = {"layers": "--steer_layers", "multiplier": "--multiplier", "scale": "--s
          "ablate": "--ablate", "positions": "--positions"}
 
 
-def checked_settings(source, vectors, resid, n_layers, multiplier, scale, ablate, positions,
+def checked_settings(source, vectors, norms, n_layers, multiplier, scale, ablate, positions,
                      sweep=None):
     """The steering flags as one steering.settings.SteerSettings, checked (every --sweep
-    multiplier too); a wrong one is refused naming its flag."""
+    multiplier too) against the residual norms {layer: norm} (scale residual's unit); a wrong
+    one is refused naming its flag."""
     from dataclasses import replace
 
     from steering.settings import SteerError, SteerSettings
 
     settings = SteerSettings(str(source), tuple(vectors), multiplier, scale, bool(ablate),
                              positions)
-    norms = {l: r.norm for l, r in resid.items()}
     try:
         for m in sweep or []:
             replace(settings, multiplier=m).check(n_layers, vectors, norms)

@@ -5,17 +5,23 @@ stream's varies about 15-fold (SmolLM2: 0.065 at layer 2, 80 at layer 22, agains
 57 and 279), so one multiplier means different things at different layers. Two conventions:
 
 - scale "raw" (CAA, Rimsky et al. 2024): the vector added is multiplier x the vector as stored;
-- scale "residual": multiplier x (vector / |vector|) x the mean residual-stream norm at that layer,
-  measured on the run's own unsteered prompts at the positions that are steered, position 0 (the
-  attention sink: ~22,600 on SmolLM2 from layer 16 on, 90-350 elsewhere) left out as
-  activations.cache.mean_start's rule does. Multiplier 1 then adds a vector as long as the residual
-  stream itself.
+- scale "residual": multiplier x (vector / |vector|) x the layer's residual-stream norm from
+  unit_norms(), the one source of that unit for scripts/steer.py, scripts/generate.py and the
+  server: the vector's recorded residual_norm (llama.vectors.describe_vector: the mean norm on
+  the data the vector came from) where its file has one, else neutral_norms() (the unsteered model
+  on llama.generation.BUILTIN_PROMPTS), position 0 (the attention sink: ~22,600 on SmolLM2 from
+  layer 16 on, 90-350 elsewhere) left out as activations.cache.mean_start's rule does. Multiplier
+  1 then adds a vector about as long as the residual stream itself, the same vector in every
+  command.
 
 push = |multiplier| x |vector as applied| / residual norm: the fraction of the residual norm one
-setting adds (ablation: |multiplier| x the mean |h . u| removed / residual norm).
+setting adds (ablation: |multiplier| x the mean |h . u| removed / residual norm), the residual
+norm measured (measure()) on the prompts actually steered, at the steered positions: a
+measurement, where the unit above is a convention.
 """
+import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -65,16 +71,10 @@ def measure(model, prompts: Sequence[List[int]], starts: Sequence[int],
     return {l: Residual(s[0] / s[2], s[1] / s[2], s[2]) for l, s in sums.items()}
 
 
-def applied(vectors: Dict[int, torch.Tensor], residual: Dict[int, Residual],
-            scale: str) -> Dict[int, torch.Tensor]:
-    """The vectors as added at multiplier 1: as stored (raw), or unit x residual norm."""
-    return applied_norms(vectors, {l: r.norm for l, r in residual.items()}, scale)
-
-
 def applied_norms(vectors: Dict[int, torch.Tensor], norms: Dict[int, float],
                   scale: str) -> Dict[int, torch.Tensor]:
-    """applied() with the residual norms as {layer: mean |h|} (the server's, a vector's
-    recorded ones)."""
+    """The vectors as added at multiplier 1: as stored (raw), or unit x norms[layer] (residual;
+    norms {layer: residual-stream norm}, unit_norms()'s)."""
     if check_scale(scale) == "raw":
         return dict(vectors)
     return {l: (v / v.norm() * norms[l]).float() for l, v in vectors.items()}
@@ -95,6 +95,42 @@ def neutral_norms(model, tokenizer, layers) -> Dict[int, float]:
     return {l: r.norm for l, r in measure(model, prompts, [0] * len(prompts), probe).items()}
 
 
+def recorded_norms(source) -> Dict[int, float]:
+    """{layer: residual_norm} a vectors folder records (llama.vectors.vector_conventions); layers
+    without one, and sources that record none (a bare .npy/.safetensors file, a probe), left
+    out."""
+    from llama.vectors import vector_conventions
+
+    out = {}
+    for layer, meta in vector_conventions(source).items():
+        try:
+            value = float(meta.get("residual_norm") or "nan")
+        except ValueError:
+            continue
+        if math.isfinite(value) and value > 0:
+            out[layer] = value
+    return out
+
+
+def unit_norms(model, tokenizer, source, layers) -> Dict[int, Tuple[float, str]]:
+    """{layer: (norm, where)}: the residual-stream norm scale "residual" multiplies the unit
+    vector by, the same in every command and the server (module docstring): the recorded
+    residual_norm of `source` (a vectors folder) at that layer, where "recorded", else
+    neutral_norms(), where "neutral prompts"."""
+    return unit_norms_of(model, tokenizer, {"": (source, layers)})[""]
+
+
+def unit_norms_of(model, tokenizer, sources: Dict[str, tuple]) -> Dict[str, Dict[int, tuple]]:
+    """unit_norms() of several vectors, sources {name: (source, layers)} -> {name: {layer:
+    (norm, where)}}, with one neutral_norms() pass over the layers any of them lacks."""
+    recorded = {n: recorded_norms(src) for n, (src, _) in sources.items()}
+    missing = {x for n, (_, layers) in sources.items() for x in layers if x not in recorded[n]}
+    neutral = neutral_norms(model, tokenizer, sorted(missing))
+    return {n: {x: (recorded[n][x], "recorded") if x in recorded[n]
+                else (neutral[x], "neutral prompts") for x in sorted(set(layers))}
+            for n, (_, layers) in sources.items()}
+
+
 def push(multiplier: float, vector: torch.Tensor, residual: Residual, ablate: bool) -> float:
     """|multiplier| x |vector| / residual norm (ablation: x the mean |h . u| removed instead)."""
     size = residual.along if ablate else float(vector.norm())
@@ -103,17 +139,21 @@ def push(multiplier: float, vector: torch.Tensor, residual: Residual, ablate: bo
 
 def describe(vectors: Dict[int, torch.Tensor], stored: Dict[int, torch.Tensor],
              residual: Dict[int, Residual], scale: str, ablate: bool,
-             multipliers: Sequence[float]) -> List[str]:
-    """Printed lines: per layer the stored norm, the residual norm, what multiplier 1 means as a
-    fraction of it; a warning line for each layer whose largest push is under WEAK_PUSH."""
+             multipliers: Sequence[float],
+             units: Dict[int, Tuple[float, str]] = None) -> List[str]:
+    """Printed lines: per layer the stored norm, the residual norm measured here, what multiplier
+    1 means as a fraction of it, and (scale "residual") the unit from unit_norms() with where it
+    came from; a warning line for each layer whose largest push is under WEAK_PUSH."""
     lines, weak = [], []
     top = max(abs(m) for m in multipliers)
     for l in sorted(vectors):
         r = residual[l]
         one = push(1.0, vectors[l], r, ablate)
+        unit = "" if not units or scale == "raw" else \
+            f"; unit {units[l][0]:.9g} ({units[l][1]})"
         lines.append(f"layer {l:3d}  |vector| {float(stored[l].norm()):.4g}  residual norm "
                      f"{r.norm:.4g} (mean over {r.count} positions, position 0 left out)  "
-                     f"multiplier 1 = push {one:.3g} of the residual norm ({scale} scale)")
+                     f"multiplier 1 = push {one:.3g} of the residual norm ({scale} scale{unit})")
         if top * one < WEAK_PUSH:
             weak.append(f"warning: layer {l}: the largest multiplier pushes {top * one:.0%} of "
                         "the residual norm (under 10%: this layer is effectively unsteered; "

@@ -22,10 +22,15 @@ steers every position (CAA); generated steers from the last prompt token (the an
 on, as the evaluation-awareness notebooks did.
 
 --scale raw (default, CAA's convention): multiplier x the vector as stored. --scale residual: the
-multiplier is a fraction of the mean residual-stream norm at that layer (measured on these
-prompts, unsteered, at the steered positions, position 0 left out), applied to the unit vector.
-Either way the summary prints what multiplier 1 means per layer and warns when a layer's largest
-push is under 10% of the residual norm (steering/scale.py).
+multiplier is a fraction of the layer's residual-stream norm, applied to the unit vector; that
+norm is steering.scale.unit_norms's, the same as generate.py's and the server's (the vector's
+recorded residual_norm, else the neutral built-in prompts'). Either way the push is reported
+against the residual norm measured on these prompts (unsteered, at the steered positions,
+position 0 left out); the summary prints what multiplier 1 means per layer and warns when a
+layer's largest push is under 10% of it (steering/scale.py).
+
+A multiplier whose push is past float32's range (steering.settings.SteerSettings.check) is
+refused before anything is written: one line naming --multipliers and the value.
 
 --capability: the capability cost of every setting, nll_delta = NLL per token of neutral text
 steered minus unsteered (steering/capability.py): "builtin" (default: the project's own 12
@@ -34,9 +39,9 @@ neutral sentences), a FILE (JSON list of strings or one text a line), or "none".
 --samples K: for the first K items, the greedy completion (steered the same way) is parsed for
 "(A)"/"(B)", as the notebooks did.
 
-Non-finite logits (a multiplier that overflows the residual stream): the item's p values there are
-NaN, one warning line names the item and the setting, and it is left out of steering.csv's means,
-intervals and letter diagnostics (n counts the items kept).
+Non-finite logits (a multiplier that passes that check but still overflows inside the model):
+the item's p values there are NaN, one warning line names the item and the setting, and it is
+left out of steering.csv's means, intervals and letter diagnostics (n counts the items kept).
 
 Writes OUT/steering.csv, OUT/items.csv, OUT/samples.jsonl (columns in steering/report.py), and with
 --visualize OUT/steering.png (behaviour, and the capability cost, against the push). Cost per item:
@@ -105,7 +110,7 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
     from llama.model import STEER_POSITIONS
     from llama.vectors import load_vectors
     from steering import report
-    from steering.scale import check_scale
+    from steering.scale import check_scale, unit_norms
     from steering.sweep import Settings, Sweep, run
 
     if positions not in STEER_POSITIONS:
@@ -132,9 +137,12 @@ def main(model, data, vectors, layers, output, multipliers=None, positions="all"
         a = gen.model.params
         vecs = load_vectors(vectors, layers, a.dim, a.n_layers, gen.fingerprint)
         cfg = Settings(layers, mults, positions, bool(ablate), scale, chat, texts)
+        units = unit_norms(gen.model, gen.tokenizer, vectors, layers) if scale == "residual" \
+            else None
+        sweep = Sweep(gen, vecs, cfg, str(vectors), units)  # every setting checked: refused here
         sampling = Sampling(max_gen_len=max_gen_len)
         sampling.check()
-        res = run(Sweep(gen, vecs, cfg), items, samples, sampling)
+        res = run(sweep, items, samples, sampling)
         report.write_outputs(output, res, n_boot, seed)
         for line in report.summary(res):
             print(line)

@@ -5,6 +5,12 @@ Score of an item (CAA, Rimsky et al. 2024): p(positive) / (p(positive) + p(negat
 candidate next tokens (steering.items). A/B items also give p_a = p(A) / (p(A) + p(B)): a vector
 that moves p_a and leaves p(positive) alone moves the answer letter, not the behaviour.
 
+Each layer x multiplier is a steering.settings.SteerSettings, checked before anything runs (a
+multiplier whose push is past float32's range is refused naming --multipliers), the layer's M
+multipliers applied as one llama.model.Steer with a [M] multiplier. Scale "residual" takes its
+unit from steering.scale.unit_norms (as generate.py and the server do); the residual norm
+measured on the items (at the steered positions) is what the push is reported against.
+
 Cost per item (n blocks, M multipliers, layers L1 < L2 < ...): one unsteered forward to the
 deepest steered layer (the residual norms), the prompt's unsteered forward once (to L1 and on to
 the baseline logits); the M multipliers of a layer run as one batch of M rows.
@@ -25,6 +31,9 @@ from llama.model import STEER_POSITIONS as POSITIONS
 from . import scale as scale_mod
 from .items import Item
 
+FLAGS = {"layers": "--layers", "multiplier": "--multipliers", "scale": "--scale",
+         "ablate": "--ablate", "positions": "--positions"}
+
 
 @dataclass
 class Settings:
@@ -41,7 +50,11 @@ class Settings:
 class Sweep:
     """The model, the vectors and the grid; scores items one at a time."""
 
-    def __init__(self, gen, vectors: Dict[int, torch.Tensor], cfg: Settings):
+    def __init__(self, gen, vectors: Dict[int, torch.Tensor], cfg: Settings, source: str = "",
+                 units: Optional[Dict[int, tuple]] = None):
+        """vectors {layer: [dim]} as stored, from `source`; units: scale.unit_norms() of the
+        layers (needed for scale "residual"). Refused (LlamaError naming the flag): a setting
+        SteerSettings.check refuses."""
         from prompts.rows import resolve_chat
 
         if cfg.positions not in POSITIONS:
@@ -49,11 +62,32 @@ class Sweep:
         scale_mod.check_scale(cfg.scale)
         self.gen, self.model, self.cfg = gen, gen.model, cfg
         self.chat = resolve_chat(cfg.chat, gen.tokenizer)
-        self.stored = vectors
-        self.vectors = dict(vectors)  # as applied; rescaled by measure()
+        self.stored, self.source, self.units = vectors, source, units or {}
+        self.norms = {l: u[0] for l, u in self.units.items()}
         self.layers = sorted(cfg.layers)
+        self.settings = {l: self.checked(l) for l in self.layers}
+        self.vectors = scale_mod.applied_norms({l: vectors[l] for l in self.layers}, self.norms,
+                                               cfg.scale)  # as applied at multiplier 1
         self.mults = torch.tensor(cfg.multipliers, dtype=torch.float32)
         self.residual: Dict[int, scale_mod.Residual] = {}
+
+    def checked(self, layer: int):
+        """The layer's SteerSettings at multiplier 1, once every multiplier passes the check."""
+        from dataclasses import replace
+
+        from .settings import SteerError, SteerSettings
+
+        cfg = self.cfg
+        one = SteerSettings(str(self.source), (layer,), 1.0, cfg.scale, cfg.ablate, cfg.positions)
+        n_layers = self.model.params.n_layers
+        for m in cfg.multipliers:
+            try:
+                replace(one, multiplier=float(m)).check(n_layers, self.stored, self.norms)
+            except SteerError as e:
+                flag = FLAGS.get(e.field, "--vectors")
+                value = f" {m:g}" if e.field == "multiplier" else ""
+                raise LlamaError(f"{flag}{value} (layer {layer}): {e}") from None
+        return one.check(n_layers, self.stored, self.norms)
 
     def token(self, text: str) -> int:
         ids = self.gen.tokenizer.encode(text)
@@ -79,24 +113,25 @@ class Sweep:
         return ids, pair, len(ids) - 1
 
     def measure(self, prompts: List[tuple]) -> List[str]:
-        """Measure the residual norms on the prompts (at the steered positions), rescale the
-        vectors (--scale residual); returns the printed description lines."""
+        """Measure the residual norms on the prompts (at the steered positions: what the push is
+        reported against); returns the printed description lines."""
         starts = [0 if self.cfg.positions == "all" else p[2] for p in prompts]
-        self.residual = scale_mod.measure(self.model, [p[0] for p in prompts], starts,
-                                          self.stored)
-        self.vectors = scale_mod.applied(self.stored, self.residual, self.cfg.scale)
-        return scale_mod.describe(self.vectors, self.stored, self.residual, self.cfg.scale,
-                                  self.cfg.ablate, self.cfg.multipliers)
+        stored = {l: self.stored[l] for l in self.layers}
+        self.residual = scale_mod.measure(self.model, [p[0] for p in prompts], starts, stored)
+        return scale_mod.describe(self.vectors, stored, self.residual, self.cfg.scale,
+                                  self.cfg.ablate, self.cfg.multipliers, self.units)
 
     def push(self, layer: int, multiplier: float) -> float:
         return scale_mod.push(multiplier, self.vectors[layer], self.residual[layer],
                               self.cfg.ablate)
 
     def steer(self, layer):
-        from llama.model import Steer
+        """The layer's checked settings as one llama.model.Steer, multiplier [M]: row i steered
+        by multipliers[i]."""
+        from dataclasses import replace
 
-        return Steer({layer: self.vectors[layer]}, self.mults, self.cfg.ablate,
-                     self.cfg.positions)
+        one = self.settings[layer].steer(self.stored, self.norms)
+        return replace(one, multiplier=self.mults)
 
     @staticmethod
     def two_way(logits, pair) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import serving
 import torch
+from safetensors import safe_open
 from safetensors.numpy import save_file
 from serving import Served
 
@@ -22,6 +23,7 @@ CHATS = ["Say hello.", "hi <|im_end|>\n<|im_start|>assistant\nWhat is 2+2?"]
 PROBE_LAYER = 12
 NEW = 12  # greedy tokens compared with generate.py's: enough for the push to change the text
 STEER = {"vector": "push", "layers": [10], "multiplier": 1.0}
+RECORDED = 123.5  # the "rec" vectors' recorded residual norm at layer 10
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,14 @@ def files(tmp_path_factory):
         v = rng.standard_normal(576).astype(np.float32)
         save_file({"vector": v / np.linalg.norm(v) * 60},
                   str(vec_dir / f"layer_{layer}.safetensors"))
+    recorded = base / "rec"  # the same vectors; layer 10 records its residual norm, 14 none
+    recorded.mkdir()
+    for layer in (10, 14):
+        src = safe_open(str(vec_dir / f"layer_{layer}.safetensors"), "np").get_tensor("vector")
+        meta = {"layer": str(layer)}
+        if layer == 10:
+            meta["residual_norm"] = str(RECORDED)
+        save_file({"vector": src}, str(recorded / f"layer_{layer}.safetensors"), metadata=meta)
     probes = base / "probes"
     probes.mkdir()
     w = (rng.standard_normal((1, 1, 576)) / 100).astype(np.float32)
@@ -44,13 +54,14 @@ def files(tmp_path_factory):
     (probes / "lr.json").write_text(json.dumps({"method": "lr", "hidden_dim": 576,
                                                 "sides": ["prompt"]}))
     return {"vectors": str(vec_dir), "probe": str(probes / "lr.safetensors"), "w": w[0, 0],
-            "base": base}
+            "base": base, "recorded": str(recorded)}
 
 
 @pytest.fixture(scope="module")
 def launched(files):
     """scripts/serve.py started, not yet ready: it loads SmolLM2 while `smol` loads here."""
-    args = ["--model", default_model_path(), "--vectors", files["vectors"], "--probe",
+    args = ["--model", default_model_path(), "--vectors", files["vectors"], "--vectors",
+            files["recorded"], "--probe",
             files["probe"], "--probe_layer", PROBE_LAYER, "--max_batch", 4, "--threads", 1]
     served = Served(map(str, args)).start()
     yield served
@@ -100,7 +111,8 @@ def test_models_and_vectors(server, files):
     models = server.client().models.list()
     assert [m.id for m in models.data] == [server.model]
     info = server.http.get("/v1/vectors").json()
-    (vec,) = info["data"]
+    vec, rec = info["data"]
+    assert rec["id"] == "rec" and rec["residual_norms"]["10"] == RECORDED
     assert vec["id"] == "push" and vec["layers"] == [10, 14]
     assert math.isclose(vec["norms"]["10"], 60, rel_tol=1e-5)  # float32 norm of the saved vector
     assert 50 < vec["residual_norms"]["10"] < 400  # SmolLM2's residual norms at layer 10
@@ -350,3 +362,97 @@ def test_max_completion_tokens_wins_over_max_tokens(server):
         r = server.post("/v1/chat/completions", {"messages": msgs, "temperature": 0,
                                                  "ignore_eos": True, **fields})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == n, r.text
+
+
+def test_residual_scale_unit_is_one_in_steer_generate_and_server(server, files, smol, tmp_path):
+    """scale "residual" multiplies the unit vector by steering.scale.unit_norms in all three:
+    the server (GET /v1/vectors), scripts/generate.py (its printed unit) and scripts/steer.py
+    (steering.csv's vector_norm at multiplier 1): the vector's recorded residual_norm where its
+    file has one (layer 10 of "rec"), else the neutral built-in prompts' (layer 14; "push")."""
+    import csv
+    import re
+
+    from conftest import in_process
+
+    import steering.generate as generate_cmd
+    import steering.steer as steer_cmd
+    from steering.scale import neutral_norms
+
+    neutral = neutral_norms(smol.model, smol.tokenizer, [10, 14])
+    served = {v["id"]: v for v in server.http.get("/v1/vectors").json()["data"]}
+    want = {10: RECORDED, 14: neutral[14]}
+    assert served["rec"]["residual_norms_from"] == {"10": "recorded", "14": "neutral prompts"}
+    for layer in (10, 14):
+        # the server's forward and this one: the same float32 model, sums in float64
+        assert served["push"]["residual_norms"][str(layer)] == pytest.approx(neutral[layer],
+                                                                             rel=1e-6)
+        assert served["rec"]["residual_norms"][str(layer)] == pytest.approx(want[layer],
+                                                                            rel=1e-6)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(PROMPTS[:1]))
+    items = tmp_path / "items.json"
+    items.write_text(json.dumps([{"prompt": "The film was", "positive": " good",
+                                  "negative": " bad"}]))
+    model = str(default_model_path())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Generator, "build", classmethod(lambda cls, *args, **kw: smol))
+        gen = in_process(["generate.py", "--model", model, "--prompts", prompts,
+                          "--max_gen_len", 1, "--steer", files["recorded"], "--steer_layers",
+                          "10,14", "--scale", "residual", "--output", tmp_path / "g.jsonl"],
+                         lambda: generate_cmd.command(generate_cmd.main))
+        sweep = in_process(["steer.py", "--model", model, "--data", items, "--vectors",
+                            files["recorded"], "--layers", "10,14", "--multipliers=1",
+                            "--scale", "residual", "--capability", "none", "--output",
+                            tmp_path / "s"], lambda: steer_cmd.command(steer_cmd.main))
+    assert gen.returncode == 0, gen.stderr
+    assert sweep.returncode == 0, sweep.stderr
+    printed = {int(m[0]): float(m[1]) for m in
+               re.findall(r"layer +(\d+) .*; unit ([0-9.e+-]+) \(", gen.stderr)}
+    with open(tmp_path / "s" / "steering.csv") as f:
+        rows = {r["layer"]: r for r in csv.DictReader(f)}
+    for layer in (10, 14):
+        assert printed[layer] == pytest.approx(want[layer], rel=1e-6)  # printed to 9 digits
+        assert float(rows[str(layer)]["vector_norm"]) == pytest.approx(want[layer], rel=1e-5)
+
+
+def test_steering_push_is_measured_in_the_forward(server, files, smol):
+    """A steered choice carries steering_push per layer, whole and streamed: |m| x |vector as
+    applied| / mean |h| (ablation: |m| x mean |h . u| / mean |h|) over the positions the request's
+    own forwards steered (prompt and fed tokens; position 0 left out; "generated": the fed
+    generated tokens), h the residual stream met at that layer; recomputed here from one full
+    forward of the prompt and the tokens fed. An unsteered choice has none."""
+    from llama.model import Steer
+    from llama.vectors import load_vectors
+    from steering.scale import Residual, push
+
+    vec = load_vectors(files["vectors"], [10, 14], 576, 30)
+    unit10 = (vec[10] / vec[10].norm()).double()
+    cases = [({"vector": "push", "layers": [10, 14], "multiplier": 1.0}, "all"),
+             ({"vector": "push", "layers": [10], "multiplier": 0.5, "ablate": True,
+               "positions": "generated"}, "generated"),
+             ({"vector": "rec", "layers": [10], "multiplier": 0.25, "scale": "residual"}, "all")]
+    body = {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    plain = server.post("/v1/completions", body).json()["choices"][0]
+    assert "steering_push" not in plain
+    prompt = smol.tokenizer.encode(PROMPTS[1], bos=True)
+    for steering, positions in cases:
+        choice = server.post("/v1/completions", {**body, "steering": steering}).json()
+        choice = choice["choices"][0]
+        chunks = server.stream("/v1/completions", {**body, "steering": steering})
+        last = [c for c in chunks if c["choices"]][-1]["choices"][0]
+        assert set(choice["steering_push"]) == {str(x) for x in steering["layers"]}
+        assert last["steering_push"] == pytest.approx(choice["steering_push"], rel=1e-6)
+        ids = torch.tensor([prompt + choice["token_ids"][:-1]])  # the last token is never fed
+        span = slice(len(prompt), None) if positions == "generated" else slice(1, None)
+        for layer in steering["layers"]:
+            below = {x: v for x, v in vec.items() if x < layer and x in steering["layers"]}
+            with torch.no_grad():
+                h = smol.model(ids, layers=[layer], steer=Steer(below, 1.0) if below else None)
+            h = h[layer][0, span].double()
+            seen = Residual(float(h.norm(dim=-1).mean()), float((h @ unit10).abs().mean()),
+                            h.shape[0])
+            added = vec[layer] / vec[layer].norm() * RECORDED if steering.get("scale") \
+                else vec[layer]
+            want = push(steering["multiplier"], added, seen, bool(steering.get("ablate")))
+            # prefill and decode on the KV cache vs one full forward: float32 rounding
+            assert choice["steering_push"][str(layer)] == pytest.approx(want, rel=1e-4)

@@ -509,12 +509,12 @@ def test_residual_scale_is_steering_scale_everywhere(shared, tiny, tmp_path, dis
                    lambda: generate_cmd.command(generate_cmd.main))
     assert r.returncode == 0, r.stderr
     printed = {int(m[0]): float(m[1]) for m in
-               re.findall(r"layer +(\d+) .*?residual norm ([0-9.e+-]+)", r.stderr)}
+               re.findall(r"layer +(\d+) .*; unit ([0-9.e+-]+) \(neutral prompts\)", r.stderr)}
     for layer in (0, 1):
         # the server sums in float64 as here (same positions, same prompts): float32 forwards
         assert served["twin"][str(layer)] == pytest.approx(here[layer], rel=1e-6)
         assert measured[layer].norm == pytest.approx(here[layer], rel=1e-9)
-        assert printed[layer] == pytest.approx(here[layer], rel=5e-4)  # printed to 4 digits
+        assert printed[layer] == pytest.approx(here[layer], rel=1e-6)  # printed to 9 digits
     assert served["push"]["1"] == pytest.approx(here[1], rel=1e-6)
 
 
@@ -596,3 +596,42 @@ def test_a_failed_scheduler_ends_every_torchrun_rank(tiny, tmp_path):
     assert "rank 0 stopped serving" in done.stderr  # rank 1's line, in torchrun's summary
     assert "[rank1]: Traceback" not in done.stderr and "[rank0]: Traceback" not in done.stderr
     assert done.stderr.count("exitcode  : 2") == 2, done.stderr[-3000:]
+
+
+def test_native_push_costs_unsteered_rows_nothing(tiny, dist1):
+    """Engine steps in-process: an unsteered step runs the model with no steer at all (nothing
+    measured: "steered" is None per row); in a mixed decode step only the steered row gets sums,
+    and they are the residual stream's |h| at its layer (the same step run unsteered: the states
+    before the steering are the unsteered ones at the first steered layer)."""
+    from llama.generation import Generator
+    from llama.vectors import load_vectors
+    from server.engine import Engine
+    from steering.settings import SteerSettings
+
+    gen = Generator.build(tiny["path"], dist1)
+    vecs = {"push": load_vectors(tiny["vectors"], None, 64, 2)}
+    engine = Engine(gen.model, vecs, {}, None, max_batch=2, length=64)
+    seen = []
+    hook = gen.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("steer")), with_kwargs=True)
+    spec = SteerSettings("push", (1,), 2.0).check(2, vecs["push"]).to_json()
+    try:
+        a = engine.run({"op": "prefill", "row": 0, "ids": [1, 5, 9], "steer": None})
+        b = engine.run({"op": "prefill", "row": 1, "ids": [1, 7, 8, 2], "steer": spec})
+        step = {"op": "decode", "tokens": [4, 6], "pos": [3, 4], "plen": [3, 4]}
+        both = engine.run({**step, "steer": [None, spec]})
+    finally:
+        hook.remove()
+    assert seen[0] is None and a["steered"] == [None]
+    assert seen[1] is not None and seen[2] is not None
+    assert both["steered"][0] is None and set(both["steered"][1]) == {1}
+    with torch.no_grad():
+        h = gen.model(torch.tensor([[1, 7, 8, 2, 6]]), layers=[1])[1][0].double()
+    norms = h.norm(dim=-1)
+    total, along, count = b["steered"][0][1]
+    assert count == 3 and total == pytest.approx(float(norms[1:4].sum()), rel=1e-5)  # not pos 0
+    total, along, count = both["steered"][1][1]
+    assert count == 1 and total == pytest.approx(float(norms[4]), rel=1e-5)
+    sums = {1: [a + b for a, b in zip(b["steered"][0][1], both["steered"][1][1])]}
+    want = 2.0 * float(vecs["push"][1].norm()) / float(norms[1:].mean())
+    assert engine.push(spec, sums)["1"] == pytest.approx(want, rel=1e-5)

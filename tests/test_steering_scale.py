@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 from tiny import hf_model, make_hf
 
 SCRIPTS = os.path.join(ROOT, "scripts")
+RECORDED = 0.3  # the tiny fixture's layer 2 residual_norm (its own, measured ~0.18)
 TOL = 2e-4  # float32 forwards of different batch shapes and libraries agree to ~1e-5 relative
 
 
@@ -58,6 +59,25 @@ def hf_residual_norm(hf, prompts, layer):
     return float(torch.cat(norms).mean())
 
 
+def hf_unit_norms(hf, model):
+    """Scale residual's unit per layer (steering.scale.unit_norms): layer 1 of the tiny vectors
+    records none, so the neutral built-in prompts' mean |h|; layer 2 its RECORDED one."""
+    from llama.generation import BUILTIN_PROMPTS
+    from llama.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(os.path.join(model, "tokenizer.json"))
+    neutral = [tok.encode(t, bos=True) for t in BUILTIN_PROMPTS]
+    return {1: hf_residual_norm(hf, neutral, 1), 2: RECORDED}
+
+
+def printed_units(text):
+    """{layer: unit} from steering.scale.describe's lines."""
+    import re
+
+    return {int(m[0]): (float(m[1]), m[2]) for m in
+            re.findall(r"layer +(\d+) .*; unit ([0-9.e+-]+) \(([a-z ]+)\)", text)}
+
+
 def hf_nll(hf, ids, layer=None, vector=None):
     handle = hooked(hf, layer, vector) if vector is not None else None
     try:
@@ -72,16 +92,17 @@ def hf_nll(hf, ids, layer=None, vector=None):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny gqa model (3 blocks, dim 64), a random vector at layers 1 and 2, A/B items with
-    both letters as the positive option, and capability texts."""
+    """A tiny gqa model (3 blocks, dim 64), a random vector at layers 1 and 2 (layer 2 records
+    a residual_norm, RECORDED; layer 1 none), A/B items with both letters as the positive option,
+    and capability texts."""
     base = tmp_path_factory.mktemp("tinysteer")
     model = make_hf(base / "m", "gqa")
     rng = np.random.default_rng(3)
     os.makedirs(base / "run" / "vectors")
     for l in (1, 2):
+        meta = {"layer": str(l)} if l == 1 else {"layer": str(l), "residual_norm": str(RECORDED)}
         save_file({"vector": rng.normal(size=64).astype(np.float32)},
-                  str(base / "run" / "vectors" / f"layer_{l}.safetensors"),
-                  metadata={"layer": str(l)})
+                  str(base / "run" / "vectors" / f"layer_{l}.safetensors"), metadata=meta)
     items = [{"question": f"Is {w} a colour?\n(A) yes\n(B) no", "positive": p,
               "negative": "(B)" if p == "(A)" else "(A)"}
              for w, p in (("red", "(A)"), ("stone", "(B)"), ("blue", "(B)"), ("sand", "(A)"))]
@@ -111,10 +132,13 @@ def test_residual_scale_push_letters_and_cost_match_a_hook(tiny, tmp_path):
                    base / "run", "--layers", "1,2", "--multipliers=-1,0,0.5", "--scale",
                    "residual", "--capability", base / "texts.json", "--output", out)
     assert r.returncode == 0, r.stderr
-    assert "multiplier 1 = push 1 of the residual norm" in r.stdout
     rows = read_csv(out / "steering.csv")
     items = read_csv(out / "items.csv")
     hf = hf_model(model)
+    units = hf_unit_norms(hf, model)
+    shown = printed_units(r.stdout)
+    assert shown[2] == (pytest.approx(RECORDED, rel=1e-9), "recorded")
+    assert shown[1][1] == "neutral prompts" and shown[1][0] == pytest.approx(units[1], rel=TOL)
     tok, prompts = tiny_prompts(model, base / "ab.json")
     from llama.vectors import load_vectors
 
@@ -126,11 +150,12 @@ def test_residual_scale_push_letters_and_cost_match_a_hook(tiny, tmp_path):
         unit = vecs[layer] / vecs[layer].norm()
         for m in (-1.0, 0.0, 0.5):
             row = next(x for x in rows if x["layer"] == str(layer) and float(x["multiplier"]) == m)
-            # multiplier 1 adds a vector as long as the measured residual norm
+            # multiplier 1 adds a vector as long as the unit (recorded, else neutral prompts');
+            # the push is measured against the residual norm of these items
             assert float(row["residual_norm"]) == pytest.approx(resid, rel=TOL)
-            assert float(row["vector_norm"]) == pytest.approx(resid, rel=TOL)
-            assert float(row["push"]) == pytest.approx(abs(m), rel=TOL)
-            added = m * resid * unit
+            assert float(row["vector_norm"]) == pytest.approx(units[layer], rel=TOL)
+            assert float(row["push"]) == pytest.approx(abs(m) * units[layer] / resid, rel=TOL)
+            added = m * units[layer] * unit
             want = [hf_two_way(hf, ids, pair, layer, added) for ids, pair, _ in prompts]
             got = [x for x in items if x["layer"] == str(layer) and float(x["multiplier"]) == m]
             for i, (w, g) in enumerate(zip(want, got)):
@@ -208,17 +233,28 @@ def test_a_letter_vector_is_called_a_letter_effect(tiny, tmp_path):
 
 
 def test_non_finite_logits_warn_per_item_and_leave_the_means(tiny, tmp_path):
-    """A multiplier that overflows float32 (1e39 -> inf in the residual stream) gives NaN
-    logits: the sweep finishes, each item gets one warning line naming it and the setting, its
-    p values there are "nan" in items.csv, and steering.csv's row for that setting has n 0 and
-    no numbers (the finite setting's row is the mean of the finite items, as before)."""
+    """A multiplier whose push is past float32 (1e39 x the vector) is refused before anything
+    runs: one line naming --multipliers and the value, no output. One that passes that check but
+    overflows inside the model (1e20 x a vector of norm ~9: the mean square in the next RMSNorm
+    is past float32) gives NaN logits: the sweep finishes, each item gets one warning line naming
+    it and the setting, its p values there are "nan" in items.csv, and steering.csv's row for
+    that setting has n 0 and no numbers (the finite setting's row is the mean of the finite
+    items, as before)."""
     model, base = tiny
-    out = tmp_path / "overflow"
+    refused = tmp_path / "refused"
     r = run_script("steer.py", "--model", model, "--data", base / "ab.json", "--vectors",
                    base / "run", "--layers", "2", "--multipliers=0,1e39", "--capability",
+                   "none", "--output", refused)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --multipliers 1e+39") and "float32" in line, line
+    assert not refused.exists()
+    out = tmp_path / "overflow"
+    r = run_script("steer.py", "--model", model, "--data", base / "ab.json", "--vectors",
+                   base / "run", "--layers", "2", "--multipliers=0,1e20", "--capability",
                    "none", "--samples", 1, "--max_gen_len", 2, "--output", out)
     assert r.returncode == 0, r.stderr
-    warned = [x for x in r.stderr.splitlines() if "non-finite logits at layer 2 x 1e+39" in x]
+    warned = [x for x in r.stderr.splitlines() if "non-finite logits at layer 2 x 1e+20" in x]
     assert len(warned) == 4 and all(f"item {i} ('Is " in warned[i] for i in range(4))
     assert "unsteered" not in r.stderr
     items = read_csv(out / "items.csv")
@@ -226,7 +262,7 @@ def test_non_finite_logits_warn_per_item_and_leave_the_means(tiny, tmp_path):
     assert len(huge) == 4 and all(np.isnan(float(x["p_positive"])) and np.isnan(float(x["p_a"]))
                                   for x in huge)
     rows = {(x["layer"], float(x["multiplier"])): x for x in read_csv(out / "steering.csv")}
-    bad = rows["2", 1e39]
+    bad = rows["2", 1e20]
     assert int(bad["n"]) == 0 and bad["answer_matches_positive"] == ""
     assert all(np.isnan(float(bad[k])) for k in ("p_positive", "p_positive_lo", "p_positive_hi",
                                                   "p_a", "p_positive_when_a",
@@ -451,9 +487,12 @@ def test_generate_sweep_open_ended_read_out(tiny, tmp_path):
     vec = load_vectors(str(base / "run"), [2], 64, 3)[2]
     unit = (vec / vec.norm()).double()
     plain = {x["prompt"]: x["completion"] for x in rows if x["layer"] == "none"}
+    # multiplier 1 adds the recorded norm; the push is against these prompts' residual norm
+    resid = hf_residual_norm(hf, [tok.encode(t, bos=True) for t in plain], 2)
+    assert printed_units(r.stderr)[2] == (pytest.approx(RECORDED, rel=1e-9), "recorded")
     for x in rows:
         if x["layer"] != "none":
-            assert x["push"] == pytest.approx(abs(x["multiplier"]), rel=TOL)
+            assert x["push"] == pytest.approx(abs(x["multiplier"]) * RECORDED / resid, rel=TOL)
         if x["multiplier"] == 0:
             assert x["completion"] == plain[x["prompt"]]
         if not x["tokens"]:  # ended at once: nothing to read, and no NaN in the JSON
@@ -465,10 +504,10 @@ def test_generate_sweep_open_ended_read_out(tiny, tmp_path):
         want = float((h[len(ids) - len(x["tokens"]):].double() @ unit).mean())
         assert x["projection"] == pytest.approx(want, abs=1e-3)
     md = (tmp_path / "sweep.md").read_text()
-    assert "## the sky is" in md  # layer 2, multiplier -1: push 1.00 (2 places)
-    assert any(c[0] == "2" and float(c[1]) == -1 and float(c[2]) == pytest.approx(1, abs=5e-3)
+    assert "## the sky is" in md  # layer 2, multiplier -1: the push to 2 places
+    assert any(c[0] == "2" and float(c[1]) == -1
+               and float(c[2]) == pytest.approx(RECORDED / resid, abs=5e-3)
                for c in table_rows(md))
-    assert "push 1 of the residual norm" in r.stderr
     r = run_script("generate.py", "--model", model, "--prompts", prompts, "--steer", base / "run",
                    "--steer_layers", "2", "--sweep=-1,1")
     assert r.returncode == 2 and "--sweep needs" in r.stderr
@@ -521,7 +560,7 @@ def test_sentiment_control_steers_smollm2_both_ways(smol_sentiment, tmp_path, sh
     assert zero == pytest.approx(base_p, abs=1e-4)  # other batch shapes: BLAS rounding only
 
     from llama.model import Steer
-    from llama.vectors import load_vectors
+    from llama.vectors import load_vectors, vector_conventions
     from llama.tokenizer import load_tokenizer
 
     lm = shared_smollm2  # the model steer.py ran on, loaded once for the session
@@ -531,10 +570,13 @@ def test_sentiment_control_steers_smollm2_both_ways(smol_sentiment, tmp_path, sh
         norms = torch.cat([lm.model(torch.tensor([ids]), layers=[6])[6][0, 1:].norm(dim=-1)
                            for ids in prompts])
     resid = float(norms.double().mean())
+    # the unit: the residual norm the vectors recorded (on the pairs they came from)
+    unit = float(vector_conventions(run)[6]["residual_norm"])
     assert float(rows[3]["residual_norm"]) == pytest.approx(resid, rel=TOL)
-    assert float(rows[3]["push"]) == pytest.approx(0.5, rel=TOL)
+    assert float(rows[3]["vector_norm"]) == pytest.approx(unit, rel=1e-6)
+    assert float(rows[3]["push"]) == pytest.approx(0.5 * unit / resid, rel=TOL)
     vec = load_vectors(run, [6], 576, 30)[6]
-    added = {6: vec / vec.norm() * resid}
+    added = {6: vec / vec.norm() * unit}
 
     def nll(steer):
         total, count = 0.0, 0
