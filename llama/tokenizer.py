@@ -411,9 +411,11 @@ def _read_json(path: str) -> dict:
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """A tokenizer.model (sentencepiece or tiktoken), a tokenizer.json, or a directory holding
-    one."""
+    """A tokenizer.model (sentencepiece or tiktoken), a tokenizer.json, a directory holding one,
+    or a .gguf file (the byte-level BPE it holds, gguf_tokenizer_dir)."""
     path = os.fspath(path)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return load_tokenizer(os.path.join(gguf_tokenizer_dir(path), "tokenizer.model"))
     if os.path.isdir(path):
         for name in ("tokenizer.model", "tokenizer.json"):
             if os.path.isfile(os.path.join(path, name)):
@@ -460,6 +462,38 @@ def _byte_of_char() -> dict[str, int]:
     keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
     moved = [b for b in range(256) if b not in keep]
     return {chr(b): b for b in keep} | {chr(256 + i): b for i, b in enumerate(moved)}
+
+
+def gguf_tokenizer_dir(path, reader=None):
+    """-> pathlib.Path of the folder holding the tokenizer.model + tokenizer_special.json of the
+    GGUF at `path` (write_gguf_tokenizer; reader: its gguf.GGUFReader, opened here when needed),
+    built once per GGUF file (keyed by its size and mtime, and by this file's source, so a fixed
+    builder rebuilds) in ~/.cache/llama-ccs/gguf-tokenizers; concurrent ranks race safely through
+    a rename. LlamaError (one line) for a GGUF whose tokenizer is not byte-level BPE."""
+    import hashlib
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    st = os.stat(path)
+    with open(__file__, "rb") as f:
+        key = hashlib.sha1(f"{st.st_size} {st.st_mtime_ns} ".encode() + f.read())
+    root = Path(os.environ.get("XDG_CACHE_HOME")
+                or Path.home() / ".cache") / "llama-ccs" / "gguf-tokenizers"
+    out = root / f"{Path(path).stem}-{key.hexdigest()[:12]}"
+    if (out / "tokenizer.model").is_file() and (out / "tokenizer_special.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=root))
+    try:
+        write_gguf_tokenizer(reader if reader is not None else path, tmp)
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "tokenizer.model").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def write_gguf_tokenizer(gguf, out_dir: str) -> str:

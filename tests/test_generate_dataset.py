@@ -112,7 +112,9 @@ def test_statements_contrast_and_statement_mode(tmp_path):
         assert s["statement"] in r["plus_prompt"]
         assert r["plus_answer"] in ("Yes", "True") and r["minus_answer"] in ("No", "False")
         answer_only(r)
-    single = gen(tmp_path, "s.csv", input=CITIES, mode="statement", limit=30)
+    # the bare statements: no tokenizer (the default model's would wrap them in its template)
+    single = gen(tmp_path, "s.csv", input=CITIES, mode="statement", limit=30,
+                 tokenizer_path="none")
     assert list(single[0])[:3] == ["idx", "prompt", "label"] and "plus_prompt" not in single[0]
     assert all(r["prompt"] == src[int(r["idx"])]["statement"]
                and r["label"] == src[int(r["idx"])]["label"]
@@ -202,7 +204,7 @@ def test_build_validation_and_single_prompts(tmp_path):
     assert all(v["question"] in (gsm if v["type"] == "testing" else share) for v in val)
     assert cli(*args[:1], tmp_path / "w.json", *args[2:]).returncode == 0
     assert (tmp_path / "w.json").read_text() == out.read_text()  # seeded
-    rows = gen(tmp_path, input=str(out))
+    rows = gen(tmp_path, input=str(out), tokenizer_path="none")  # the bare questions
     assert list(rows[0]) == ["idx", "prompt", "label", "type"] and len(rows) == 40
     assert all(r["prompt"] == val[int(r["idx"])]["question"]
                and r["label"] == str(int(r["type"] == "testing"))
@@ -248,7 +250,7 @@ def test_builtin_sets(tmp_path):
     assert Counter(r["city"] for r in rows).most_common(1)[0][1] == 2
     other = gen(tmp_path, "o.csv", format="cities", seed=1)
     assert [r["country"] for r in other] != [r["country"] for r in rows]
-    nums = gen(tmp_path, "n.csv", format="larger_than", mode="statement")
+    nums = gen(tmp_path, "n.csv", format="larger_than", mode="statement", tokenizer_path="none")
     assert Counter(r["label"] for r in nums) == {"1": 49 * 48 // 2, "0": 49 * 48 // 2}
     assert nums[0]["prompt"] == "Fifty-one is larger than fifty-two." and nums[0]["label"] == "0"
     assert all(r["label"] == str(int(int(r["n1"]) > int(r["n2"]))) for r in nums)
@@ -412,8 +414,8 @@ BAD = {
     "no_input": (None, None, [], "give --input FILE"),
     "input_with_builtin": ("data.csv", "statement,label\nThe sky is blue.,1\n",
                            ["--format", "cities"], "reads no --input"),
-    "long_without_tokenizer": (None, None, ["--format", "cities", "--max_seq_len", 10],
-                               "needs --tokenizer_path"),
+    "long_without_tokenizer": (None, None, ["--format", "cities", "--max_seq_len", 10,
+                                            "--tokenizer_path", "none"], "needs a tokenizer"),
 }
 
 

@@ -173,3 +173,27 @@ def test_readme_notebook_snippet_runs_on_smollm2(tmp_path):
     r = run([sys.executable, "snippet.py"], cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr
     assert "(2, 576)" in r.stdout and "lr" in r.stdout, r.stdout
+
+
+def test_prompts_from_any_folder_get_the_default_models_chat_template(tmp_path):
+    """`llama-ccs prompts` without --tokenizer_path, run outside the clone (the README's notebook
+    data line): the prompts are wrapped in the default model's (SmolLM2's) chat template, as the
+    demo's are; --tokenizer_path none leaves them bare."""
+    import csv
+
+    args = ["llama-ccs", "prompts", "cities.csv", "--format", "cities", "--limit", "4",
+            "--seed", "0"]
+    r = run(args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    bare = run(args[:2] + ["bare.csv"] + args[3:] + ["--tokenizer_path", "none"], cwd=tmp_path)
+    assert bare.returncode == 0, bare.stderr
+    with open(tmp_path / "cities.csv") as f, open(tmp_path / "bare.csv") as g:
+        rows, plain = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert len(rows) == len(plain) == 4
+    for row, base in zip(rows, plain):
+        text = row["plus_prompt"]
+        assert text.startswith("<|im_start|>system\n") and "<|im_start|>user\n" in text, text
+        assert f"<|im_end|>\n<|im_start|>assistant\n{row['plus_answer']}" in text, text
+        assert row["statement"] == base["statement"] and row["statement"] in text
+        assert not base["plus_prompt"].startswith("<|im_start|>")
+        assert int(row["plus_tokens"]) > 10  # counted with the default model's tokenizer
