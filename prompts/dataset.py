@@ -120,8 +120,8 @@ def redraw_ab(examples, rows, build, count, seed, max_seq_len, long, path):
 
 
 def main(out, input=None, format=None, tokenizer_path: Optional[str] = None, chat="auto",
-         system=None, template=None, mode="contrast", balance=False, limit=None, seed=0, max_seq_len=None,
-         on_long="drop", parse_special=False):
+         system=None, template=None, mode="contrast", balance=False, limit=None, seed=0,
+         max_seq_len=None, on_long="drop", parse_special=False):
     """Write a prompt CSV to OUT.
 
     The other command, `generate_dataset.py build_validation OUT.json --testing FILE
