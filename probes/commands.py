@@ -67,8 +67,13 @@ def choose_methods(cache, spec) -> List[str]:
 
 
 def positive_name(cache) -> str:
-    return ("label 1 = the plus side is the true one" if cache.is_contrast
-            else "label 1 = type 'testing'")
+    """What label 1 means in this cache (contrast pairs; single prompts labelled by the data's
+    label column, e.g. a true statement; or by their type, as validation sets are)."""
+    if cache.is_contrast:
+        return "label 1 = the plus side is the true one"
+    if cache.labels is None:  # probes/data.labels then reads the types
+        return "label 1 = type 'testing'"
+    return "label 1 = the data's label 1 (a true statement, a 'yes' answer, a testing prompt)"
 
 
 def train(cache: str, output: str, layers: str = "all", methods: str = "all",

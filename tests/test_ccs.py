@@ -220,6 +220,17 @@ def test_single_prompt_cache_runs_supervised_methods_only(tmp_path):
     assert "label 1 = type 'testing'" in r.stdout
 
 
+def test_labelled_single_prompts_name_the_label_as_positive_class(tmp_path):
+    """Statements with a label column (true / false): label 1 is the data's label, not a type."""
+    plus, minus, y, t, u = planted(seed=4, truth=3.0)
+    save_cache(str(tmp_path / "c"), {1: {"prompt": plus}},
+               {"labels": [int(v) for v in y], "model": {"fingerprint": "fp-A"}})
+    r = run("train", "--cache", tmp_path / "c", "--output", tmp_path / "r", "--bootstrap", 50,
+            "--methods", "lr")
+    assert r.returncode == 0, r.stderr
+    assert "label 1 = the data's label 1" in r.stdout and "testing'" not in r.stdout
+
+
 def test_kfold_and_transfer(tmp_path, contrast):
     path = contrast[0]
     r = run("train", "--cache", path, "--output", tmp_path / "k", "--folds", 3,
