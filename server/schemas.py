@@ -250,19 +250,6 @@ def read_prompts(prompt, tok, vocab: int) -> List[Prompt]:
     return out
 
 
-def refuse_scoring(body: dict, engine: str):
-    """The completions fields an engine other than the native one does not serve yet (echo,
-    n > 1, a list or token-id prompt): a 400 naming the field, never silently ignored."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list):
-        raise bad("prompt", f"a list or token-id prompt is not served on --engine {engine} yet: "
-                  "send one string")
-    if body.get("n") not in (None, 1):
-        raise bad("n", f"n > 1 is not served on --engine {engine} yet")
-    if body.get("echo"):
-        raise bad("echo", f"echo is not served on --engine {engine} yet")
-
-
 def choices_per_prompt(body: dict, n_prompts: int) -> int:
     """`n`: samples per prompt (1..MAX_N; prompts x n at most MAX_CHOICES)."""
     n = body.get("n", 1)
@@ -337,8 +324,6 @@ class CompletionRequest(BaseModel):
     def check(cls, body: dict, limits: Limits, tok) -> "CompletionRequest":
         """body: the parsed JSON object; ApiError on the first field that is wrong."""
         steer = check_model(body, limits)
-        if limits.engine != "native":
-            refuse_scoring(body, limits.engine)
         prompts = read_prompts(body.get("prompt"), tok, limits.vocab)
         n = choices_per_prompt(body, len(prompts))
         flow = streaming(body)
