@@ -6,6 +6,7 @@ beside a longer running one answers what it answers alone.
 
     check_bad(server, BAD)                     # SmolLM2 with a vector "push" (no layer 12)
     check_bad_completion(server, body, param)  # each of BAD_COMPLETIONS (alias "pushed")
+    check_neutral(server, prompt)              # those fields at values that change nothing
     check_hostile(server, hostile(steer, overflow), innocent_text, long_tokens=1800)
     check_http(server)                         # a keyless loopback server
 """
@@ -36,6 +37,8 @@ BAD = [  # (body or raw text, endpoint, status, param): SmolLM2 (30 layers), vec
     ({"messages": [{"role": "robot", "content": "x"}]}, "chat/completions", 400,
      "messages.0.role"),
     ({"prompt": "x", "model": "gpt-4"}, "completions", 404, "model"),
+    ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}, "chat/completions",
+     400, "presence_penalty"),
 ]
 
 BAD_COMPLETIONS = [  # (body, param) of /v1/completions, each a 400; "pushed": a steered alias
@@ -48,7 +51,15 @@ BAD_COMPLETIONS = [  # (body, param) of /v1/completions, each a 400; "pushed": a
     ({"prompt": ["a", "b"], "stream": True}, "stream"),
     ({"prompt": "a", "model": "pushed", "steering": {"vector": "push", "layers": [1],
                                                      "multiplier": 3.0}}, "steering"),
+    # fields neither engine implements, at values that would change the answer
+    ({"prompt": "a", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"prompt": "a", "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"prompt": "a", "top_k": 5}, "top_k"),
+    ({"prompt": "a", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "a", "best_of": 2}, "best_of"),
 ]
+NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "top_k": -1,
+           "response_format": {"type": "text"}, "best_of": 1, "suffix": None, "user": "u1"}
 
 
 def check_bad(server, table):
@@ -74,6 +85,13 @@ def check_bad_completion(server, body, param):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
     assert server.complete("a", max_tokens=2)["choices"]  # still serving
+
+
+def check_neutral(server, prompt: str):
+    """Fields no engine implements, sent at the values that change nothing (as clients send their
+    defaults), are accepted: the same answer as without them."""
+    want = server.complete(prompt, max_tokens=4)["choices"][0]["text"]
+    assert server.complete(prompt, max_tokens=4, **NEUTRAL)["choices"][0]["text"] == want
 
 
 INNOCENT = "the cat sat"

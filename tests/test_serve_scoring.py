@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from bad_requests import BAD_COMPLETIONS, check_bad_completion
+from bad_requests import BAD_COMPLETIONS, check_bad_completion, check_neutral
 from conftest import in_process, one_line_error
 from safetensors.numpy import save_file
 from serving import Served
@@ -117,6 +117,10 @@ def test_lists_of_prompts_and_n_samples(server):
 @pytest.mark.parametrize("body, param", BAD_COMPLETIONS)
 def test_bad_completion_requests_are_400(server, body, param):
     check_bad_completion(server, body, param)
+
+
+def test_unserved_fields_at_neutral_values_are_accepted(server):
+    check_neutral(server, "hello there")
 
 
 def test_tokenizer_routes_answer_as_vllm(server, tiny):

@@ -12,7 +12,7 @@ run_http and server/http11.py, is the same code on both engines)."""
 import pytest
 import torch
 from bad_requests import (BAD, BAD_COMPLETIONS, INNOCENT, check_bad, check_bad_completion,
-                          check_hostile, check_http, hostile)
+                          check_hostile, check_http, check_neutral, hostile)
 from serving import Served
 from smol import smol_hf
 
@@ -59,6 +59,10 @@ def test_bad_requests_are_4xx_json_and_the_server_goes_on(served):
 @pytest.mark.parametrize("body, param", BAD_COMPLETIONS)
 def test_bad_completion_requests_are_400(served, body, param):
     check_bad_completion(served, body, param)
+
+
+def test_unserved_fields_at_neutral_values_are_accepted(served):
+    check_neutral(served, INNOCENT)
 
 
 def test_hostile_requests_leave_the_server_and_other_requests_alone(served, vector_dir):
