@@ -12,7 +12,14 @@ ids (with a cache_salt when steered: server/vllm_steer.cache_salt), its sampling
 steering as SamplingParams.extra_args (server/vllm_steer.request_args: the vectors as applied),
 which the plugin adds inside vLLM's compiled model. Tokens come back one at a time and go through
 Job.accept (stop strings, max_tokens, text held back) as on the native engine; the "done" event
-carries steering_push, per layer, measured in the worker (vllm_steer.Steering.take).
+carries steering_push, per layer, measured in the worker (vllm_steer.Steering.take). A Job's
+prompt_logprobs (echo) come from vLLM's prompt_logprobs at the end of the prefill, put in the
+native engine's layout (`prompt_scores`); max_tokens 0 asks vLLM for one token and drops it
+(`scoring`). A steered request always asks for its sampled token's log-probability: vLLM samples
+from NaN logits without a word, so a push that overflows is seen there and ends that request
+alone with the native engine's error (`fail`); the plugin zeroes its KV-cache blocks
+(vllm_steer.clear_nonfinite). Prompt forms, n and aliases are resolved before a Job is made
+(server/schemas.py, server/app.py), the same for both engines.
 
 Not on this engine yet (refused at start-up or with a 400 naming the field): probe read-outs,
 steering at layer 0 (the embedding output), scale "residual" (it needs the residual norms the
