@@ -192,6 +192,9 @@ def common(body: dict, limits: Limits, n_prompt: int, chat: bool, echo: bool = F
         raise bad(key, f"prompt ({n_prompt} tokens) + {key} ({max_tokens}) exceeds the context "
                   f"of {limits.context} tokens")
     temperature = _number(body, "temperature", 1.0, lo=0)
+    if limits.engine == "vllm" and 1e-5 <= temperature < 0.01:
+        raise bad("temperature", f"{temperature:g}: vLLM raises temperatures below 0.01 to 0.01 "
+                  "(send 0 for greedy, or at least 0.01)")
     top_p = _number(body, "top_p", 1.0, lo=0, lo_open=True, hi=1)
     seed = _int(body, "seed", None, *SEED_RANGE)
     stop = body.get("stop")

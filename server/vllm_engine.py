@@ -38,6 +38,11 @@ from llama.generation import end_tokens
 from .vllm_steer import cache_salt, request_args
 
 
+# temperatures below this are greedy, as llama.generation.pick makes them on the native engine
+# (vLLM would raise them to 0.01 and sample); 1e-5 to 0.01 is refused (server/schemas.py)
+GREEDY_BELOW = 1e-5
+
+
 class VllmScheduler(threading.Thread):
     def __init__(self, engine_args, tokenizer, vectors: Dict[str, Dict[int, torch.Tensor]]):
         super().__init__(name="vllm", daemon=True)
@@ -104,9 +109,10 @@ class VllmScheduler(threading.Thread):
             s = p.steer
             vecs = {x: self.vectors[s.vector][x] for x in s.layers}
             extra = request_args(vecs, s.multiplier, s.ablate, s.positions, tag=tag)
+        greedy = p.temperature < GREEDY_BELOW
         return SamplingParams(
-            temperature=p.temperature,
-            top_p=p.top_p if p.temperature > 0 else 1.0, seed=p.seed,
+            temperature=0.0 if greedy else p.temperature,
+            top_p=1.0 if greedy else p.top_p, seed=p.seed,
             ignore_eos=True, stop_token_ids=[] if p.ignore_eos else self.stop_ids,
             extra_args=extra, output_kind=RequestOutputKind.DELTA,
             **scoring(p, extra is not None)), extra

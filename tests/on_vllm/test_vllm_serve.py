@@ -106,6 +106,7 @@ def test_streamed_chat_carries_push(served):
     ("steering", {"vector": "nope", "layers": [10]}, "steering.vector"),
     ("steering", {"vector": "push", "layers": [10], "scale": "residual"}, "steering.scale"),
     ("probe", True, "probe"),
+    ("temperature", 0.005, "temperature"),  # vLLM would raise it to 0.01: not what was asked
 ])
 def test_refusals_are_400_naming_the_field(served, field, value, param):
     r = served.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, field: value})
@@ -207,6 +208,8 @@ def test_n_samples_with_a_seed(served):
     out = served.complete([TEXTS[0], TEXTS[1]], max_tokens=5, n=2)
     texts = [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])]
     assert texts[:2] == [greedy, greedy] and texts[2] == texts[3]  # greedy: equal samples
+    tiny = served.complete(TEXTS[0], max_tokens=5, temperature=1e-300, seed=1)
+    assert tiny["choices"][0]["text"] == greedy  # a tiny temperature is greedy, as natively
     sampled = served.complete(TEXTS[0], max_tokens=8, n=3, temperature=1.0, seed=5)
     again = served.complete(TEXTS[0], max_tokens=8, n=3, temperature=1.0, seed=5)
     assert [c["text"] for c in sampled["choices"]] == [c["text"] for c in again["choices"]]
