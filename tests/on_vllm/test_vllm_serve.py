@@ -18,8 +18,8 @@ pytestmark = pytest.mark.heavy
 NEW = 16
 KEY = "vllm-key-123"
 ALIAS = {"vector": "push", "layers": [10, 20], "multiplier": 1.0, "positions": "generated"}
-LOGPROB_TOL = 2e-3  # |vLLM - native| per prompt token, natural log, SmolLM2 float32 (measured:
-# at most ~3e-5 over 4 prompts of 8-40 tokens; vLLM's compiled CPU kernels sum in another order)
+LOGPROB_TOL = 1e-3  # |vLLM - native| per prompt token, natural log, SmolLM2 float32 (measured:
+# at most 2.7e-5 over 3 prompts of 5-20 tokens; vLLM's compiled CPU kernels sum in another order)
 
 
 @pytest.fixture(scope="module")
