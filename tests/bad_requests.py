@@ -9,6 +9,7 @@ beside a longer running one answers what it answers alone.
     check_neutral(server, prompt)              # those fields at values that change nothing
     check_hostile(server, hostile(steer, overflow), innocent_text, long_tokens=1800)
     check_http(server)                         # a keyless loopback server
+    check_clients_let_go(server, max_tokens)   # a server started with --read_timeout 2
 """
 import json
 
@@ -209,3 +210,45 @@ def check_key(server, key: str):
     r = server.client().completions.create(model=server.model, prompt="a", max_tokens=2,
                                            temperature=0, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 2
+
+
+def check_clients_let_go(server, max_tokens: int):
+    """Whole-answer clients that give up free their rows at once (they held them until
+    max_tokens); a connection that sends its headers or its body too slowly (--read_timeout 2)
+    is closed, or answered 408, instead of being held for ever. max_tokens: what the abandoned
+    requests ask for (far more than they get to generate)."""
+    import socket
+    import time
+
+    import httpx
+
+    before = server.http.get("/health").json()["dropped"]
+    body = {"prompt": "z", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    for _ in range(4):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=body, timeout=0.5,
+                       headers=server.http.headers)
+    deadline = time.monotonic() + 120  # a bound for a loaded machine, not a timing assertion
+    while time.monotonic() < deadline:
+        h = server.http.get("/health").json()
+        if h["dropped"] == before + 4 and h["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert h["dropped"] == before + 4 and h["running"] == 0 and h["waiting"] == 0, h
+    host, port = server.url[len("http://"):].split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as slow:
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
+        start = time.monotonic()
+        assert slow.recv(1000) == b""  # closed by the server
+        assert time.monotonic() - start < 50
+    with socket.create_connection((host, int(port)), timeout=60) as slow:
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{")
+        answer = b""
+        while b"\r\n\r\n{" not in answer or not answer.endswith(b"}"):
+            chunk = slow.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer, answer
+    assert server.complete("hi", max_tokens=2)["usage"]["completion_tokens"] >= 1

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from bad_requests import INNOCENT, check_hostile, check_http, check_key, hostile
+from bad_requests import (INNOCENT, check_clients_let_go, check_hostile, check_http, check_key,
+                          hostile)
 from conftest import in_process, one_line_error
 from safetensors.numpy import save_file
 from serving import Served, generated
@@ -315,43 +316,7 @@ def test_http_refusals_and_routes(shared):
 
 
 def test_clients_that_leave_or_crawl_are_let_go(shared):
-    """Whole-answer clients that give up free their rows at once (they held them until
-    max_tokens); a connection that sends its headers or its body too slowly (--read_timeout 2)
-    is closed, or answered 408, instead of being held for ever."""
-    import socket
-    import time
-
-    import httpx
-
-    before = shared.http.get("/health").json()["dropped"]
-    body = {"prompt": "z", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
-    for _ in range(4):
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(shared.url + "/v1/completions", json=body, timeout=0.5)
-    deadline = time.monotonic() + 120  # a bound for a loaded machine, not a timing assertion
-    while time.monotonic() < deadline:
-        h = shared.http.get("/health").json()
-        if h["dropped"] == before + 4 and h["running"] == 0:
-            break
-        time.sleep(0.1)
-    assert h["dropped"] == before + 4 and h["running"] == 0 and h["waiting"] == 0, h
-    host, port = shared.url[len("http://"):].split(":")
-    with socket.create_connection((host, int(port)), timeout=60) as slow:
-        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
-        start = time.monotonic()
-        assert slow.recv(1000) == b""  # closed by the server
-        assert time.monotonic() - start < 50
-    with socket.create_connection((host, int(port)), timeout=60) as slow:
-        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{")
-        answer = b""
-        while b"\r\n\r\n{" not in answer or not answer.endswith(b"}"):
-            chunk = slow.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer, answer
-    assert shared.complete("hi", max_tokens=2)["usage"]["completion_tokens"] >= 1
+    check_clients_let_go(shared, max_tokens=2000)
 
 
 def test_sigterm_ends_every_open_request_after_the_grace(tiny):

@@ -6,13 +6,15 @@ answers what it answers alone, also after a steering push that overflows inside 
 Runs in the .venv-vllm/ of `make setup-vllm` (`make test-heavy`); one vLLM server for the module.
 
 Left out, native-only by nature: a scheduler that fails under a monkeypatched Engine.run and
-torchrun ranks that exit with it (test_serve_tiny.py: vLLM's engine is its own process tree), and
-the SIGTERM grace and slow-client tests (test_serve_tiny.py: the HTTP side, server/main.py
-run_http and server/http11.py, is the same code on both engines)."""
+torchrun ranks that exit with it (test_serve_tiny.py: vLLM's engine is its own process tree). Not
+repeated here: the SIGTERM grace test (test_serve_tiny.py; it ends its server, and a second vLLM
+start costs minutes: the HTTP side that it tests, server/main.py run_http, is the same code on
+both engines)."""
 import pytest
 import torch
 from bad_requests import (BAD, BAD_COMPLETIONS, INNOCENT, check_bad, check_bad_completion,
-                          check_hostile, check_http, check_neutral, hostile)
+                          check_clients_let_go, check_hostile, check_http, check_neutral,
+                          hostile)
 from serving import Served
 from smol import smol_hf
 
@@ -41,10 +43,10 @@ def vector_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(vector_dir):
     """Keyless on 127.0.0.1 (so the Host check is on), the alias `pushed` that BAD_COMPLETIONS
-    names."""
+    names, --read_timeout 2 (check_clients_let_go)."""
     server = Served(["--engine", "vllm", "--model", smol_hf(), "--vectors",
                      f"push={vector_dir[0]}", "--alias", "pushed=push:10:1.0",
-                     "--max_batch", "4", "--max_seq_len", "1024"],
+                     "--max_batch", "4", "--max_seq_len", "1024", "--read_timeout", "2"],
                     env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"})
     with server as s:
         yield s
@@ -84,3 +86,7 @@ def test_hostile_requests_leave_the_server_and_other_requests_alone(served, vect
 
 def test_http_refusals_and_routes(served):
     check_http(served)
+
+
+def test_clients_that_leave_or_crawl_are_let_go(served):
+    check_clients_let_go(served, max_tokens=1000)
