@@ -141,7 +141,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     alias: a steered model by name, NAME=VECTOR:LAYERS:MULTIPLIER[:SCALE] (layers
         comma-separated, SCALE raw or residual; e.g. sent=sentiment:10,14:0.25:residual) or
         NAME={JSON steering settings}, the flag given once per alias: /v1/models lists NAME and
-        a request for model NAME is steered so (--engine native)
+        a request for model NAME is steered so
     """
     from llama.dist import owned_group, setup
     from llama.generation import Generator
@@ -175,11 +175,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
         raise LlamaError(f"--engine {engine!r}: choose native or vllm")
     http = Http(host, api_key, max_body, shutdown_grace, read_timeout)
     if engine == "vllm":
-        if alias:
-            raise LlamaError("--alias: steered aliases are not on --engine vllm yet (serve "
-                             "with --engine native)")
         return serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len,
-                             compute_dtype, tensor_parallel_size, name, http)
+                             compute_dtype, tensor_parallel_size, name, http, alias or [])
     if tensor_parallel_size != 1:
         raise LlamaError("--tensor_parallel_size is vLLM's (--engine vllm); the native engine "
                          "splits the model with torchrun --nproc_per_node N")
@@ -230,13 +227,15 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
 
 
 def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
-                  tensor_parallel_size, name, http: "Http"):
+                  tensor_parallel_size, name, http: "Http", alias: List[str]):
     """serve --engine vllm: the same routes over vLLM's AsyncLLM (server/vllm_engine.py), the
-    loaded vectors' layers wrapped by the steering plugin (server/vllm_steer.py)."""
+    loaded vectors' layers wrapped by the steering plugin (server/vllm_steer.py); the aliases
+    checked before the engine starts."""
     from llama.checkpoint import fingerprint, open_source, read_args
     from llama.tokenizer import load_tokenizer
     from llama.vectors import load_vectors
 
+    from .aliases import read_aliases
     from .schemas import Limits
     from .vllm_engine import VllmScheduler, engine_args
 
@@ -261,6 +260,10 @@ def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
               for n, p in vector_sources(vectors or [])}
     tok = load_tokenizer(model)
     context = min(max_seq_len, a.max_seq_len)
+    model_id = name or os.path.basename(os.path.normpath(model))
+    limits = Limits(model_id, context, a.n_layers, loaded, False, None, engine="vllm",
+                    vocab=min(a.vocab_size, tok.n_words))
+    limits.aliases = read_aliases(alias, limits)
     layers = sorted({x for v in loaded.values() for x in v if x > 0})
     sock = bind(http.host, port)
     scheduler = VllmScheduler(engine_args(str(model), context, max_batch, tensor_parallel_size,
@@ -269,11 +272,9 @@ def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
     scheduler.ready.wait()
     if scheduler.error:
         raise LlamaError(scheduler.error)
-    model_id = name or os.path.basename(os.path.normpath(model))
     info = [{"id": n, "object": "vector", "source": shown_path(p), "layers": sorted(loaded[n]),
              "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())}}
             for n, p in vector_sources(vectors or [])]
-    limits = Limits(model_id, context, a.n_layers, loaded, False, None, engine="vllm")
     run_http(scheduler, tok, sock, limits, info, None, http)
 
 

@@ -11,8 +11,12 @@ generated). `model` names the served model or a steered alias (--alias, server/a
 Every refusal is an ApiError: HTTP status, a message naming the field, its OpenAI `type` and
 `param` (dotted: `steering.multiplier`, `messages.2.content`), sent as
 {"error": {"message", "type", "param", "code"}}. Unknown top-level fields are ignored, as
-OpenAI-compatible servers do (clients send extras); unknown fields inside `steering` are refused.
+OpenAI-compatible servers do (clients send extras), but the OpenAI and vLLM fields that neither
+engine implements (UNSERVED: penalties, logit_bias, response_format, ...) are refused with a 400
+naming the field unless their value changes nothing (a client's default): never silently ignored.
+Unknown fields inside `steering` are refused.
 """
+import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import List, Optional
@@ -31,6 +35,21 @@ ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4
 MAX_N = 16  # samples per prompt
 MAX_CHOICES = 256  # prompts x n in one request
+# OpenAI's and vLLM's request fields that neither engine implements -> the values that change
+# nothing; any other value is refused with a 400 naming the field (never silently ignored)
+UNSERVED = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,),
+    "length_penalty": (1,), "logit_bias": ({},), "best_of": (1,), "suffix": ("",),
+    "top_k": (-1, 0), "min_p": (0,), "min_tokens": (0,), "use_beam_search": (False,),
+    "response_format": ({"type": "text"},), "tools": ([],), "functions": ([],),
+    "tool_choice": ("none", "auto"), "function_call": ("none", "auto"), "stop_token_ids": ([],),
+    "bad_words": ([],), "allowed_token_ids": (), "logprob_token_ids": ([],),
+    "prompt_logprobs": (), "truncate_prompt_tokens": (), "structured_outputs": (),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,), "add_generation_prompt": (True,),
+    "continue_final_message": (False,), "chat_template": (), "chat_template_kwargs": ({},),
+}
 
 
 class ApiError(Exception):
@@ -174,6 +193,9 @@ def common(body: dict, limits: Limits, n_prompt: int, chat: bool, echo: bool = F
         raise bad(key, f"prompt ({n_prompt} tokens) + {key} ({max_tokens}) exceeds the context "
                   f"of {limits.context} tokens")
     temperature = _number(body, "temperature", 1.0, lo=0)
+    if limits.engine == "vllm" and 1e-5 <= temperature < 0.01:
+        raise bad("temperature", f"{temperature:g}: vLLM raises temperatures below 0.01 to 0.01 "
+                  "(send 0 for greedy, or at least 0.01)")
     top_p = _number(body, "top_p", 1.0, lo=0, lo_open=True, hi=1)
     seed = _int(body, "seed", None, *SEED_RANGE)
     stop = body.get("stop")
@@ -251,17 +273,22 @@ def read_prompts(prompt, tok, vocab: int) -> List[Prompt]:
     return out
 
 
-def refuse_scoring(body: dict, engine: str):
-    """The completions fields an engine other than the native one does not serve yet (echo,
-    n > 1, a list or token-id prompt): a 400 naming the field, never silently ignored."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list):
-        raise bad("prompt", f"a list or token-id prompt is not served on --engine {engine} yet: "
-                  "send one string")
-    if body.get("n") not in (None, 1):
-        raise bad("n", f"n > 1 is not served on --engine {engine} yet")
-    if body.get("echo"):
-        raise bad("echo", f"echo is not served on --engine {engine} yet")
+def refuse_unserved(body: dict):
+    """A 400 naming the first field of UNSERVED whose value would change the answer (absent or
+    null, or a value of no effect, passes: clients send their defaults)."""
+    for key, neutral in UNSERVED.items():
+        value = body.get(key)
+        if value is not None and not any(type(value) is type(n) and value == n
+                                         or _same_number(value, n) for n in neutral):
+            shown = " or ".join(json.dumps(n) for n in neutral) or "null"
+            raise bad(key, f"{json.dumps(value)} is not served (only {shown}, which changes "
+                      "nothing)")
+
+
+def _same_number(value, neutral) -> bool:
+    return (isinstance(value, (int, float)) and isinstance(neutral, (int, float))
+            and not isinstance(value, bool) and not isinstance(neutral, bool)
+            and value == neutral)
 
 
 def choices_per_prompt(body: dict, n_prompts: int) -> int:
@@ -338,8 +365,7 @@ class CompletionRequest(BaseModel):
     def check(cls, body: dict, limits: Limits, tok) -> "CompletionRequest":
         """body: the parsed JSON object; ApiError on the first field that is wrong."""
         steer = check_model(body, limits)
-        if limits.engine != "native":
-            refuse_scoring(body, limits.engine)
+        refuse_unserved(body)
         prompts = read_prompts(body.get("prompt"), tok, limits.vocab)
         n = choices_per_prompt(body, len(prompts))
         flow = streaming(body)
@@ -367,6 +393,7 @@ class ChatRequest(BaseModel):
     def check(cls, body: dict, limits: Limits, tok) -> "ChatRequest":
         """body: the parsed JSON object; ApiError on the first field that is wrong."""
         steer = check_model(body, limits)
+        refuse_unserved(body)
         messages = chat_messages(body)
         if tok.chat_source == "none":
             raise ApiError(400, "this model's tokenizer has no chat format: use /v1/completions",

@@ -12,13 +12,21 @@ ids (with a cache_salt when steered: server/vllm_steer.cache_salt), its sampling
 steering as SamplingParams.extra_args (server/vllm_steer.request_args: the vectors as applied),
 which the plugin adds inside vLLM's compiled model. Tokens come back one at a time and go through
 Job.accept (stop strings, max_tokens, text held back) as on the native engine; the "done" event
-carries steering_push, per layer, measured in the worker (vllm_steer.Steering.take).
+carries steering_push, per layer, measured in the worker (vllm_steer.Steering.take). A Job's
+prompt_logprobs (echo) come from vLLM's prompt_logprobs at the end of the prefill, put in the
+native engine's layout (`prompt_scores`); max_tokens 0 asks vLLM for one token and drops it
+(`scoring`). A steered request always asks for its sampled token's log-probability: vLLM samples
+from NaN logits without a word, so a push that overflows is seen there and ends that request
+alone with the native engine's error (`fail`); the plugin zeroes its KV-cache blocks
+(vllm_steer.clear_nonfinite). Prompt forms, n and aliases are resolved before a Job is made
+(server/schemas.py, server/app.py), the same for both engines.
 
 Not on this engine yet (refused at start-up or with a 400 naming the field): probe read-outs,
 steering at layer 0 (the embedding output), scale "residual" (it needs the residual norms the
 native engine measures with its own model).
 """
 import asyncio
+import math
 import secrets
 import threading
 from typing import Dict, List, Optional
@@ -28,6 +36,11 @@ import torch
 from llama.generation import end_tokens
 
 from .vllm_steer import cache_salt, request_args
+
+
+# temperatures below this are greedy, as llama.generation.pick makes them on the native engine
+# (vLLM would raise them to 0.01 and sample); 1e-5 to 0.01 is refused (server/schemas.py)
+GREEDY_BELOW = 1e-5
 
 
 class VllmScheduler(threading.Thread):
@@ -96,12 +109,13 @@ class VllmScheduler(threading.Thread):
             s = p.steer
             vecs = {x: self.vectors[s.vector][x] for x in s.layers}
             extra = request_args(vecs, s.multiplier, s.ablate, s.positions, tag=tag)
+        greedy = p.temperature < GREEDY_BELOW
         return SamplingParams(
-            max_tokens=p.max_tokens, temperature=p.temperature,
-            top_p=p.top_p if p.temperature > 0 else 1.0, seed=p.seed,
+            temperature=0.0 if greedy else p.temperature,
+            top_p=1.0 if greedy else p.top_p, seed=p.seed,
             ignore_eos=True, stop_token_ids=[] if p.ignore_eos else self.stop_ids,
-            logprobs=p.logprobs, extra_args=extra,
-            output_kind=RequestOutputKind.DELTA), extra
+            extra_args=extra, output_kind=RequestOutputKind.DELTA,
+            **scoring(p, extra is not None)), extra
 
     async def _serve(self, job):
         tag = "ccs-" + secrets.token_hex(8)
@@ -116,6 +130,9 @@ class VllmScheduler(threading.Thread):
                     self.dropped += 1
                     await self.engine.abort(tag)
                     return
+                if out.prompt_logprobs is not None and job.prompt_logprobs is None:
+                    job.prompt_logprobs = prompt_scores(out.prompt_logprobs, job.prompt_ids,
+                                                        job.params.prompt_logprobs)
                 done = self._tokens(job, out.outputs[0])
                 if done:
                     await self.engine.abort(tag)
@@ -127,6 +144,8 @@ class VllmScheduler(threading.Thread):
                 taken = await self.engine.collective_rpc("llama_ccs_take", args=([tag],))
                 got = [t[tag] for t in taken if t.get(tag)]
                 push = got[0]["push"] if got else {}
+            if job.finish == "error":  # its error event is sent
+                return
             event = {"type": "done", "finish": job.finish}
             if extra is not None:
                 event["steering_push"] = push
@@ -139,9 +158,17 @@ class VllmScheduler(threading.Thread):
             self.running -= 1
 
     def _tokens(self, job, completion) -> bool:
-        """Feed a delta's tokens through Job.accept; True once the job has finished."""
+        """Feed a delta's tokens through Job.accept; True once the job has finished (an end
+        token, max_tokens, a stop string, non-finite logits; max_tokens 0: the prompt scored,
+        the one token vLLM generates dropped)."""
         lps = completion.logprobs or [None] * len(completion.token_ids)
         for token, lp in zip(completion.token_ids, lps):
+            if lp is not None and not math.isfinite(lp[token].logprob):
+                fail(job, f"non-finite logits at step {len(job.ids) + 1}")
+                return True
+            if job.params.max_tokens == 0:
+                job.finish = "length"
+                return True
             if token in self.stop_ids and not job.params.ignore_eos:
                 job.finish = "stop"
                 rest = job.flush()
@@ -159,6 +186,44 @@ class VllmScheduler(threading.Thread):
             if job.finish is not None:
                 return True
         return False
+
+
+def scoring(p, steered: bool) -> dict:
+    """SamplingParams' max_tokens, logprobs and prompt_logprobs for a Job's Params. max_tokens 0
+    (echo, the prompt scored only) asks vLLM for one token, which is dropped, as vLLM's own server
+    does; a steered request always asks for the chosen token's log-probability, so that logits
+    a push made non-finite end it (vLLM samples from NaN logits without a word); prompt scores
+    are asked for with k >= 1, as Engine.score_prompt gives at least the most likely token."""
+    logprobs = p.logprobs if p.logprobs is not None else (0 if steered else None)
+    prompt = None if p.prompt_logprobs is None else max(p.prompt_logprobs, 1)
+    return {"max_tokens": max(p.max_tokens, 1), "logprobs": logprobs, "prompt_logprobs": prompt}
+
+
+def prompt_scores(scores, ids: List[int], top: int) -> List[list]:
+    """vLLM's prompt_logprobs (per position: None, then {token: Logprob(logprob, rank)} holding
+    the top k and the prompt's own token) -> Engine.score_prompt's layout: for positions 1..S-1,
+    [log p(ids[i] | ids[:i]), [[token, logprob], ...] the max(top, 1) most likely, most likely
+    first] (natural log of the softmax of the raw logits on both engines)."""
+    k = max(top, 1)
+    out = []
+    for i in range(1, len(ids)):
+        here = scores[i]
+        ranked = sorted(((v.rank, int(t), float(v.logprob)) for t, v in here.items()
+                         if v.rank is not None and v.rank <= k), key=lambda r: r[0])
+        out.append([float(here[ids[i]].logprob), [[t, v] for _, t, v in ranked[:k]]])
+    return out
+
+
+def fail(job, message: str):
+    """End a job with an error event, as the native scheduler does: 400 naming
+    steering.multiplier when steered (the push overflowed), else 500."""
+    if job.params.steer is not None:
+        job.emit({"type": "error", "status": 400, "param": "steering.multiplier",
+                  "message": f"{message}: the steering overflowed the model's numbers "
+                             "(lower steering.multiplier)"})
+    else:
+        job.emit({"type": "error", "status": 500, "param": None, "message": message})
+    job.finish = "error"
 
 
 def engine_args(model: str, context: int, max_batch: int, tensor_parallel_size: int,

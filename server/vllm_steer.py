@@ -276,10 +276,33 @@ def forwarding(model_forward):
         steering.fill(self)
         out = model_forward(self, *args, **kwargs)
         steering.collect()
+        clear_nonfinite(self, steering, out)
         return out
 
     forward.llama_ccs = True
     return forward
+
+
+def clear_nonfinite(runner, steering: Steering, out):
+    """After a forward: a steered request whose last-layer states are not finite (its push
+    overflowed the model's numbers) gets its KV-cache blocks zeroed, so that nothing of it
+    reaches the requests that reuse them (vLLM's CPU attention reads whole blocks: a NaN left in
+    a slot past another request's length turns its answer to NaN). The request itself is ended
+    by the engine (server/vllm_engine.py: its sampled token's log-probability is not finite).
+    out: the model's output, hidden states [tokens, dim] (other pipeline stages: not checked);
+    runner.kv_caches: per layer [blocks, ...], addressed by the scheduler's block ids (one KV-cache
+    group, as the LLaMA family has; models with several groups are not cleared here)."""
+    hidden = out[0] if isinstance(out, tuple) else out
+    if not steering.rows or not isinstance(hidden, torch.Tensor):
+        return
+    bad = (~torch.isfinite(hidden).all(-1)).cpu()
+    for req_id, lo, hi, _, _ in steering.rows:
+        state = runner.requests.get(req_id)
+        if state is None or len(state.block_ids) != 1 or not bool(bad[lo:hi].any()):
+            continue
+        index = torch.tensor(state.block_ids[0], dtype=torch.long)
+        for cache in runner.kv_caches:
+            cache[index.to(cache.device)] = 0
 
 
 def take_from_worker(self, req_ids: List[str]) -> Dict[str, Optional[dict]]:

@@ -144,6 +144,34 @@ def test_steered_alias_equals_lm_eval_steered(server, setup, reference):
         assert np.abs(want - unsteered).max() > 0.05  # the vector moves the log-likelihoods
 
 
+VLLM_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")  # `make setup-vllm`
+
+
+@pytest.fixture(scope="module")
+def on_vllm(setup):
+    """`serve --engine vllm` on the Hugging Face copy, started with the .venv-vllm/ python (vLLM
+    lives there; lm-eval here), with the same vector and alias as `server`."""
+    if not os.path.isfile(VLLM_PYTHON):
+        pytest.fail(f"{VLLM_PYTHON} is missing: `make setup-vllm` makes it", pytrace=False)
+    args = ["--engine", "vllm", "--model", setup["hf"], "--vectors", f"push={setup['vectors']}",
+            "--alias", f"pushed=push:{LAYER}:{MULTIPLIER}", "--max_batch", "4",
+            "--max_seq_len", "1024"]
+    with Served(args, launcher=[VLLM_PYTHON],
+                env={"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}) as s:
+        yield s
+
+
+def test_local_completions_on_vllm_equal_lm_eval_hf_and_steered(on_vllm, setup, reference):
+    """The same lm-eval runs against `serve --engine vllm`: its defaults (token ids from the
+    server's /tokenize, lists of prompts, echo with prompt log-probabilities) and the steered
+    alias give lm-eval's own `hf` and `steered` log-likelihoods to TOL."""
+    for alias, want in ((on_vllm.model, "base"), ("pushed", "pushed")):
+        got = run(setup, f"vllm_{want}", "local-completions", local_completions(on_vllm.url,
+                                                                                  alias))
+        for task in TASKS:
+            same_choices(loglikelihoods(got[task]), loglikelihoods(reference[want][task]))
+
+
 def test_bench_capability_tiny_slice(setup, tmp_path):
     out = tmp_path / "capability.md"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_capability.py"),

@@ -13,6 +13,7 @@ import serving
 import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from bad_requests import BAD, check_bad
 from serving import Served
 
 from llama.gguf import default_model_path
@@ -218,46 +219,8 @@ def test_seeded_sampling_repeats_and_stop_strings(server):
     assert all(len(t) == 2 for t in lp["top_logprobs"])
 
 
-BAD = [  # (body or raw text, endpoint, status, param)
-    ("{not json", "completions", 400, None),
-    ({"prompt": "x", "steering": {"vector": "nope"}}, "completions", 400, "steering.vector"),
-    ({"prompt": "x", "steering": {"vector": "push", "layers": [31]}}, "completions", 400,
-     "steering.layers"),
-    ({"prompt": "x", "steering": {"vector": "push", "layers": [12]}}, "completions", 400,
-     "steering.layers"),
-    ('{"prompt": "x", "steering": {"vector": "push", "multiplier": NaN}}', "completions", 400,
-     "steering.multiplier"),
-    ({"prompt": "x", "steering": {"vector": "push", "multiplier": "2"}}, "completions", 400,
-     "steering.multiplier"),
-    ({"prompt": "x", "steering": {"vector": "push", "strength": 2}}, "completions", 400,
-     "steering.strength"),
-    ({"prompt": "x", "temperature": -0.5}, "completions", 400, "temperature"),
-    ({"prompt": "x", "top_p": 0}, "completions", 400, "top_p"),
-    ({"prompt": "x", "top_p": 1.5}, "completions", 400, "top_p"),
-    ({"prompt": "x", "max_tokens": 0}, "completions", 400, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 5000}, "completions", 400, "max_tokens"),
-    ({"prompt": ""}, "completions", 400, "prompt"),
-    ({"messages": []}, "chat/completions", 400, "messages"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "chat/completions", 400,
-     "messages.0.role"),
-    ({"prompt": "x", "model": "gpt-4"}, "completions", 404, "model"),
-]
-
-
 def test_bad_requests_are_4xx_json_and_the_server_goes_on(server):
-    for body, path, status, param in BAD:
-        if isinstance(body, str):
-            r = server.http.post(f"/v1/{path}", content=body,
-                                 headers={"Content-Type": "application/json"})
-        else:
-            r = server.post(f"/v1/{path}", body)
-        assert r.status_code == status, (body, r.text)
-        err = r.json()["error"]
-        assert err["param"] == param and err["message"] and err["type"], (body, err)
-        assert server.complete("Hi", max_tokens=1)["choices"][0]["text"]
-    r = server.http.post("/v1/completions", content=b"x" * (2 << 20))
-    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
-    assert server.http.get("/health").json()["status"] == "ok"
+    check_bad(server, BAD)
 
 
 def mixed_requests():

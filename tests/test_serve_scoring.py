@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from bad_requests import BAD_COMPLETIONS, check_bad_completion, check_neutral
 from conftest import in_process, one_line_error
 from safetensors.numpy import save_file
 from serving import Served
@@ -113,21 +114,13 @@ def test_lists_of_prompts_and_n_samples(server):
     assert out["usage"]["completion_tokens"] == sum(len(c["token_ids"]) for c in out["choices"])
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": []}, "prompt"), ({"prompt": ["ok", 3]}, "prompt.1"),
-    ({"prompt": [[1, 2], []]}, "prompt.1"), ({"prompt": [1, 10 ** 6]}, "prompt"),
-    ({"prompt": [1, -1]}, "prompt"), ({"prompt": ["ok", ""]}, "prompt.1"),
-    ({"prompt": "a", "n": 0}, "n"), ({"prompt": "a", "n": 100}, "n"),
-    ({"prompt": "a", "echo": "yes"}, "echo"), ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "a", "echo": True, "stream": True}, "stream"),
-    ({"prompt": ["a", "b"], "stream": True}, "stream"),
-    ({"prompt": "a", "model": "pushed", "steering": STEER}, "steering"),
-])
+@pytest.mark.parametrize("body, param", BAD_COMPLETIONS)
 def test_bad_completion_requests_are_400(server, body, param):
-    r = server.post("/v1/completions", body)
-    assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == param
-    assert server.complete("a", max_tokens=2)["choices"]  # still serving
+    check_bad_completion(server, body, param)
+
+
+def test_unserved_fields_at_neutral_values_are_accepted(server):
+    check_neutral(server, "hello there")
 
 
 def test_tokenizer_routes_answer_as_vllm(server, tiny):

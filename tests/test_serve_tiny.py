@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from bad_requests import (INNOCENT, check_clients_let_go, check_hostile, check_http, check_key,
+                          hostile)
 from conftest import in_process, one_line_error
 from safetensors.numpy import save_file
 from serving import Served, generated
@@ -96,20 +98,7 @@ def answers(server, steer=None, probe=False):
 
 
 def test_every_route_needs_the_key(mp1):
-    import httpx
-
-    with httpx.Client(base_url=mp1.url) as anon:
-        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"),
-                             ("GET", "/v1/vectors"), ("GET", "/health")):
-            for headers in ({}, {"Authorization": "Bearer wrong"}):
-                r = anon.request(method, path, headers=headers, json={"prompt": "a"})
-                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    from openai import AuthenticationError, OpenAI
-
-    with pytest.raises(AuthenticationError):
-        OpenAI(base_url=mp1.url + "/v1", api_key="wrong", max_retries=0).models.list()
-    r = mp1.client().completions.create(model=mp1.model, prompt="a", max_tokens=2, temperature=0)
-    assert r.usage.completion_tokens == 2
+    check_key(mp1, KEY)
     r = mp1.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]})
     assert r.status_code == 400 and "no chat format" in r.json()["error"]["message"]
 
@@ -247,21 +236,8 @@ def test_stream_usage_logprobs_and_ignore_eos(mp1):
 
 # ------------------------------------------------------------ one request cannot knock it over
 
-INNOCENT = "the cat sat"
-POISON = "x" * 100  # 100 byte tokens: a row written far past where the innocent prompt reaches
 OVERFLOW = {"vector": "twin", "layers": [0, 1], "multiplier": 1e38}  # each push fits float32
-HOSTILE = [  # (extra body fields, status, param, words of the message); then innocent answers
-    ({"temperature": 1e-300}, 200, None, ()),  # greedy, not NaN probabilities
-    ({"temperature": 1e-300, "top_p": 0.5, "seed": 3}, 200, None, ()),
-    ({"steering": {**STEER, "multiplier": 1e308}}, 400, "steering.multiplier", ("float32",)),
-    ({"steering": {**STEER, "multiplier": 3e38}}, 400, "steering.multiplier", ("float32",)),
-    # each push within float32, their sum not: only its row ends, and that row is cleared
-    ({"steering": OVERFLOW}, 400, "steering.multiplier", ("non-finite logits at step 1",)),
-    ({"steering": OVERFLOW, "temperature": 0.8}, 400, "steering.multiplier",
-     ("non-finite logits at step 1",)),
-    ({"seed": 2 ** 64}, 400, "seed", ()),
-    ({"seed": -(2 ** 63) - 1}, 400, "seed", ()),
-]
+HOSTILE = hostile(STEER, OVERFLOW)
 
 
 @pytest.fixture(scope="module")
@@ -278,42 +254,8 @@ def innocent_reference(tiny, tmp_path_factory, dist1):
     return generated(tiny["path"], [INNOCENT], tmp_path_factory.mktemp("ref"), 8)[0][0]
 
 
-def innocent_beside_a_longer_one(server, hostile: dict):
-    """A long request holds row 0; `hostile` runs on row 1 and leaves; the innocent greedy request
-    then takes row 1 while the long one (further along: every decode step reads the rows up to
-    its position) runs beside it. -> (hostile's answer, innocent text, rows running then)."""
-    import httpx
-
-    long = {"prompt": "y" * 30, "max_tokens": 1800, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    with httpx.Client(base_url=server.url, timeout=300) as other:
-        with other.stream("POST", "/v1/completions", json=long) as r:
-            lines = r.iter_lines()
-            next(line for line in lines if line.startswith("data: {"))  # it holds row 0
-            bad = server.post("/v1/completions", {"prompt": POISON, "max_tokens": 4, **hostile})
-            text = server.complete(INNOCENT, max_tokens=8)["choices"][0]["text"]
-            running = server.http.get("/health").json()["running"]
-    return bad, text, running
-
-
 def test_hostile_requests_leave_the_server_and_other_rows_alone(shared, innocent_reference):
-    for extra, status, param, words in HOSTILE:
-        bad, text, running = innocent_beside_a_longer_one(shared, extra)
-        assert bad.status_code == status, (extra, bad.text)
-        if status != 200:
-            err = bad.json()["error"]
-            assert err["param"] == param and all(w in err["message"] for w in words), err
-            assert err["type"] == "invalid_request_error"
-        assert text == innocent_reference, extra
-        assert running >= 1, "the long request had ended: the innocent one ran alone"
-        health = shared.http.get("/health")
-        assert health.status_code == 200 and health.json()["status"] == "ok"
-    # streamed: the tokens so far, then an error event in OpenAI's shape, then [DONE]
-    chunks = shared.stream("/v1/completions", {"prompt": POISON, "max_tokens": 4,
-                                               "steering": OVERFLOW})
-    assert chunks[-1]["error"]["param"] == "steering.multiplier"
-    assert "non-finite logits at step 1" in chunks[-1]["error"]["message"]
-    assert shared.complete(INNOCENT, max_tokens=8)["choices"][0]["text"] == innocent_reference
+    check_hostile(shared, HOSTILE, innocent_reference, long_tokens=1800)
 
 
 def test_a_failed_scheduler_ends_the_server(tiny, dist1, monkeypatch):
@@ -366,78 +308,15 @@ def test_a_failed_scheduler_ends_the_server(tiny, dist1, monkeypatch):
 
 
 def test_http_refusals_and_routes(shared):
-    """Content-Type must be JSON (415), a keyless loopback server answers only loopback Host names
-    (421: DNS rebinding), unknown paths 404 and known ones with another method 405, deep JSON 400,
-    /v1/vectors names files without their folders; the server serves on after each."""
-    import httpx
-
-    hi = {"prompt": "hi", "max_tokens": 1, "temperature": 0}
-    r = shared.http.post("/v1/completions", content=json.dumps(hi),
-                         headers={"Content-Type": "text/plain"})  # a cross-site "simple" post
-    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
-    r = shared.http.post("/v1/completions", content=json.dumps(hi))
-    assert r.status_code == 415
-    port = shared.url.rsplit(":", 1)[1]
-    for host, status in (("evil.example", 421), (f"evil.example:{port}", 421),
-                         (f"localhost:{port}", 200), (f"[::1]:{port}", 200)):
-        r = shared.http.post("/v1/completions", json=hi, headers={"Host": host})
-        assert r.status_code == status, (host, r.text)
-    with httpx.Client(base_url=shared.url, headers={"Host": "attacker.test"}) as rebound:
-        assert rebound.get("/health").status_code == 421
-        assert rebound.get("/").status_code == 421
-    for method, path, status in (("POST", "/v1/nope", 404), ("GET", "/nope", 404),
-                                 ("GET", "/v1/completions", 405),
-                                 ("DELETE", "/v1/models", 405)):
-        r = shared.http.request(method, path)
-        assert r.status_code == status and r.json()["error"]["message"], (method, path, r.text)
-    assert shared.http.get("/").status_code == 200  # the playground page
-    r = shared.http.post("/v1/completions", content="[" * 100000 + "]" * 100000,
-                         headers={"Content-Type": "application/json"})
-    assert r.status_code == 400 and "nested" in r.json()["error"]["message"]
+    """bad_requests.check_http, and /v1/vectors names files without their folders."""
+    check_http(shared)
     info = shared.http.get("/v1/vectors").json()
     assert [v["source"] for v in info["data"]] == ["push", "twin"]
     assert info["probe"]["source"] == "ccs.safetensors"  # the file name only, no folders
-    assert shared.complete("hi", max_tokens=2)["usage"]["completion_tokens"] >= 1
 
 
 def test_clients_that_leave_or_crawl_are_let_go(shared):
-    """Whole-answer clients that give up free their rows at once (they held them until
-    max_tokens); a connection that sends its headers or its body too slowly (--read_timeout 2)
-    is closed, or answered 408, instead of being held for ever."""
-    import socket
-    import time
-
-    import httpx
-
-    before = shared.http.get("/health").json()["dropped"]
-    body = {"prompt": "z", "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
-    for _ in range(4):
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(shared.url + "/v1/completions", json=body, timeout=0.5)
-    deadline = time.monotonic() + 120  # a bound for a loaded machine, not a timing assertion
-    while time.monotonic() < deadline:
-        h = shared.http.get("/health").json()
-        if h["dropped"] == before + 4 and h["running"] == 0:
-            break
-        time.sleep(0.1)
-    assert h["dropped"] == before + 4 and h["running"] == 0 and h["waiting"] == 0, h
-    host, port = shared.url[len("http://"):].split(":")
-    with socket.create_connection((host, int(port)), timeout=60) as slow:
-        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
-        start = time.monotonic()
-        assert slow.recv(1000) == b""  # closed by the server
-        assert time.monotonic() - start < 50
-    with socket.create_connection((host, int(port)), timeout=60) as slow:
-        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{")
-        answer = b""
-        while b"\r\n\r\n{" not in answer or not answer.endswith(b"}"):
-            chunk = slow.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer, answer
-    assert shared.complete("hi", max_tokens=2)["usage"]["completion_tokens"] >= 1
+    check_clients_let_go(shared, max_tokens=2000)
 
 
 def test_sigterm_ends_every_open_request_after_the_grace(tiny):
