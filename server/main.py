@@ -176,7 +176,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     http = Http(host, api_key, max_body, shutdown_grace, read_timeout)
     if engine == "vllm":
         return serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len,
-                             compute_dtype, tensor_parallel_size, name, http, alias or [])
+                             compute_dtype, tensor_parallel_size, name, http, alias or [],
+                             probe_layer)
     if tensor_parallel_size != 1:
         raise LlamaError("--tensor_parallel_size is vLLM's (--engine vllm); the native engine "
                          "splits the model with torchrun --nproc_per_node N")
@@ -217,23 +218,30 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                  "residual_norms": {str(x): norms[n][x] for x in sorted(loaded[n])},
                  "residual_norms_from": {str(x): units[n][x][1] for x in sorted(loaded[n])}}
                 for n, p in vector_sources(vectors or [])]
-        probe_info = None if the_probe is None else {
-            "source": shown_path(the_probe.source), "layer": the_probe.layer,
-            "read_out": the_probe.kind, "bias": the_probe.bias,
-            "threshold": the_probe.threshold, "text": the_probe.text,
-            "positive": the_probe.positive}
         run_http(Scheduler(engine, gen.tokenizer, channel, max_batch), gen.tokenizer, sock,
-                 limits, info, probe_info, http)
+                 limits, info, probe_description(the_probe), http)
+
+
+def probe_description(probe) -> Optional[dict]:
+    """What GET /v1/vectors says of the loaded probe (None: no probe)."""
+    if probe is None:
+        return None
+    return {"source": shown_path(probe.source), "layer": probe.layer, "read_out": probe.kind,
+            "bias": probe.bias, "threshold": probe.threshold, "text": probe.text,
+            "positive": probe.positive}
 
 
 def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
-                  tensor_parallel_size, name, http: "Http", alias: List[str]):
+                  tensor_parallel_size, name, http: "Http", alias: List[str], probe_layer=None):
     """serve --engine vllm: the same routes over vLLM's AsyncLLM (server/vllm_engine.py), the
-    loaded vectors' layers wrapped by the steering plugin (server/vllm_steer.py); the aliases
-    checked before the engine starts."""
+    loaded vectors' layers and the probe's layer wrapped by the plugin (server/vllm_steer.py);
+    the aliases checked before the engine starts; the residual norms of scale "residual" (where
+    a vector records none) measured inside vLLM at start-up."""
     from llama.checkpoint import fingerprint, open_source, read_args
     from llama.tokenizer import load_tokenizer
     from llama.vectors import load_vectors
+
+    from steering.scale import recorded_norms
 
     from .aliases import read_aliases
     from .schemas import Limits
@@ -247,9 +255,6 @@ def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
     if not os.path.isfile(os.path.join(str(model), "config.json")):
         raise LlamaError(f"--engine vllm loads a Hugging Face folder; convert {model} first: "
                          f"python -m llama.convert {model} DIR --to hf")
-    if probe is not None:
-        raise LlamaError("--probe: probe read-outs are not on --engine vllm yet "
-                         "(serve with --engine native)")
     if tensor_parallel_size < 1:
         raise LlamaError(f"--tensor_parallel_size {tensor_parallel_size} is not a positive "
                          "integer")
@@ -258,24 +263,38 @@ def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
     print_ = fingerprint(weights, weights.args)
     loaded = {n: load_vectors(p, None, a.dim, a.n_layers, print_)
               for n, p in vector_sources(vectors or [])}
+    the_probe = None if probe is None else load_probe(probe, probe_layer, a.dim, a.n_layers,
+                                                      print_)
     tok = load_tokenizer(model)
-    context = min(max_seq_len, a.max_seq_len)
+    # with a probe vLLM runs one token past the answer (vllm_engine.ProbeHold)
+    context = min(max_seq_len, a.max_seq_len - (the_probe is not None))
     model_id = name or os.path.basename(os.path.normpath(model))
-    limits = Limits(model_id, context, a.n_layers, loaded, False, None, engine="vllm",
-                    vocab=min(a.vocab_size, tok.n_words))
-    limits.aliases = read_aliases(alias, limits)
-    layers = sorted({x for v in loaded.values() for x in v if x > 0})
+    layers = sorted({x for v in loaded.values() for x in v})
+    recorded = {n: recorded_norms(p) for n, p in vector_sources(vectors or [])}
+    # the aliases are checked before the engine starts (minutes), with a stand-in unit of 1 for
+    # scale "residual" where a vector records no norm, and again once vLLM has measured them
+    stand_in = {n: {x: recorded[n].get(x, 1.0) for x in loaded[n]} for n in loaded}
+    read_aliases(alias, Limits(model_id, context, a.n_layers, loaded, the_probe is not None,
+                               stand_in, engine="vllm", vocab=min(a.vocab_size, tok.n_words)))
     sock = bind(http.host, port)
-    scheduler = VllmScheduler(engine_args(str(model), context, max_batch, tensor_parallel_size,
-                                          dtype, layers), tok, loaded)
+    scheduler = VllmScheduler(
+        engine_args(str(model), context, max_batch, tensor_parallel_size, dtype, layers,
+                    None if the_probe is None else the_probe.layer),
+        tok, loaded, the_probe, layers, recorded)
     scheduler.start()
     scheduler.ready.wait()
     if scheduler.error:
         raise LlamaError(scheduler.error)
+    units = scheduler.units  # {vector: {layer: (norm, where)}} (vllm_engine.unit_norms)
     info = [{"id": n, "object": "vector", "source": shown_path(p), "layers": sorted(loaded[n]),
-             "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())}}
+             "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())},
+             "residual_norms": {str(x): norms[x] for x in sorted(loaded[n]) if x in norms}}
             for n, p in vector_sources(vectors or [])]
-    run_http(scheduler, tok, sock, limits, info, None, http)
+    limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None,
+                    {n: {x: u[0] for x, u in per.items()} for n, per in units.items()},
+                    engine="vllm", vocab=min(a.vocab_size, tok.n_words))
+    limits.aliases = read_aliases(alias, limits)
+    run_http(scheduler, tok, sock, limits, info, probe_description(the_probe), http)
 
 
 @dataclass

@@ -126,9 +126,16 @@ def unit_norms_of(model, tokenizer, sources: Dict[str, tuple]) -> Dict[str, Dict
     recorded = {n: recorded_norms(src) for n, (src, _) in sources.items()}
     missing = {x for n, (_, layers) in sources.items() for x in layers if x not in recorded[n]}
     neutral = neutral_norms(model, tokenizer, sorted(missing))
-    return {n: {x: (recorded[n][x], "recorded") if x in recorded[n]
-                else (neutral[x], "neutral prompts") for x in sorted(set(layers))}
-            for n, (_, layers) in sources.items()}
+    return {n: choose_units(recorded[n], neutral, layers) for n, (_, layers) in sources.items()}
+
+
+def choose_units(recorded: Dict[int, float], neutral: Dict[int, float],
+                 layers) -> Dict[int, Tuple[float, str]]:
+    """unit_norms()'s rule for one vector, given its recorded norms (recorded_norms) and the
+    neutral norms (neutral_norms, or the same rule measured by another engine): {layer: (norm,
+    "recorded" | "neutral prompts")}. KeyError if a layer has neither."""
+    return {x: (recorded[x], "recorded") if x in recorded else (neutral[x], "neutral prompts")
+            for x in sorted(set(layers))}
 
 
 def push(multiplier: float, vector: torch.Tensor, residual: Residual, ablate: bool) -> float:

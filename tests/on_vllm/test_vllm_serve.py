@@ -104,7 +104,7 @@ def test_streamed_chat_carries_push(served):
 
 @pytest.mark.parametrize("field,value,param", [
     ("steering", {"vector": "nope", "layers": [10]}, "steering.vector"),
-    ("steering", {"vector": "push", "layers": [10], "scale": "residual"}, "steering.scale"),
+    ("steering", {"vector": "push", "layers": [0]}, "steering.layers"),
     ("probe", True, "probe"),
     ("temperature", 0.005, "temperature"),  # vLLM would raise it to 0.01: not what was asked
 ])
@@ -117,8 +117,7 @@ def test_refusals_are_400_naming_the_field(served, field, value, param):
 
 
 def test_refusals_at_start_name_the_way_out(vector_dir):
-    """A GGUF (or Meta) model: the conversion command; --probe: not on this engine yet; a bad
-    --alias, before vLLM starts."""
+    """A GGUF (or Meta) model: the conversion command; a bad --alias, before vLLM starts."""
     from conftest import in_process, one_line_error
 
     from llama.gguf import default_model_path
@@ -126,9 +125,6 @@ def test_refusals_at_start_name_the_way_out(vector_dir):
 
     r = in_process(["serve", "--engine", "vllm", "--model", default_model_path()], cli)
     one_line_error(r, "Hugging Face folder", "--to hf")
-    r = in_process(["serve", "--engine", "vllm", "--model", smol_hf(), "--probe", "x.safetensors",
-                    "--probe_layer", "10"], cli)
-    one_line_error(r, "--probe", "--engine native")
     r = in_process(["serve", "--engine", "vllm", "--model", smol_hf(), "--vectors",
                     f"push={vector_dir[0]}", "--alias", "x=nope:10:1.0"], cli)  # no engine start
     one_line_error(r, "--alias x=nope:10:1.0", "no vector named 'nope'")
