@@ -2,7 +2,8 @@
 127.0.0.1) against the native engine on SmolLM2 float32: per-token probe scores (whole and
 streamed, with and without steering, the last token of a stop string or max_tokens scored too),
 a mixed batch of probed / unprobed / steered requests, the residual norms measured inside vLLM at
-start-up and the steered text they give, steering at layer 0 (the embedding output). Runs in the .venv-vllm/ of `make setup-vllm`.
+start-up and the steered text they give, steering at layer 0 (the embedding output). Runs in
+the .venv-vllm/ of `make setup-vllm`.
 
 Probe scores must be within REL (2e-3) of the native engine's over the tokens both answers share,
 relative to the standard deviation of the native scores in that request. Where two greedy texts
