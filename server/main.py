@@ -179,7 +179,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
             raise LlamaError("--alias: steered aliases are not on --engine vllm yet (serve "
                              "with --engine native)")
         return serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len,
-                             compute_dtype, tensor_parallel_size, name, http)
+                             compute_dtype, tensor_parallel_size, name, http, probe_layer)
     if tensor_parallel_size != 1:
         raise LlamaError("--tensor_parallel_size is vLLM's (--engine vllm); the native engine "
                          "splits the model with torchrun --nproc_per_node N")
@@ -217,19 +217,24 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
                  "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())},
                  "residual_norms": {str(x): norms[x] for x in sorted(loaded[n])}}
                 for n, p in vector_sources(vectors or [])]
-        probe_info = None if the_probe is None else {
-            "source": shown_path(the_probe.source), "layer": the_probe.layer,
-            "read_out": the_probe.kind, "bias": the_probe.bias,
-            "threshold": the_probe.threshold, "text": the_probe.text,
-            "positive": the_probe.positive}
         run_http(Scheduler(engine, gen.tokenizer, channel, max_batch), gen.tokenizer, sock,
-                 limits, info, probe_info, http)
+                 limits, info, probe_description(the_probe), http)
+
+
+def probe_description(probe) -> Optional[dict]:
+    """What GET /v1/vectors says of the loaded probe (None: no probe)."""
+    if probe is None:
+        return None
+    return {"source": shown_path(probe.source), "layer": probe.layer, "read_out": probe.kind,
+            "bias": probe.bias, "threshold": probe.threshold, "text": probe.text,
+            "positive": probe.positive}
 
 
 def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
-                  tensor_parallel_size, name, http: "Http"):
+                  tensor_parallel_size, name, http: "Http", probe_layer=None):
     """serve --engine vllm: the same routes over vLLM's AsyncLLM (server/vllm_engine.py), the
-    loaded vectors' layers wrapped by the steering plugin (server/vllm_steer.py)."""
+    loaded vectors' layers and the probe's layer wrapped by the plugin (server/vllm_steer.py);
+    the residual norms of scale "residual" measured inside vLLM at start-up."""
     from llama.checkpoint import fingerprint, open_source, read_args
     from llama.tokenizer import load_tokenizer
     from llama.vectors import load_vectors
@@ -245,9 +250,6 @@ def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
     if not os.path.isfile(os.path.join(str(model), "config.json")):
         raise LlamaError(f"--engine vllm loads a Hugging Face folder; convert {model} first: "
                          f"python -m llama.convert {model} DIR --to hf")
-    if probe is not None:
-        raise LlamaError("--probe: probe read-outs are not on --engine vllm yet "
-                         "(serve with --engine native)")
     if tensor_parallel_size < 1:
         raise LlamaError(f"--tensor_parallel_size {tensor_parallel_size} is not a positive "
                          "integer")
@@ -256,22 +258,30 @@ def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
     print_ = fingerprint(weights, weights.args)
     loaded = {n: load_vectors(p, None, a.dim, a.n_layers, print_)
               for n, p in vector_sources(vectors or [])}
+    the_probe = None if probe is None else load_probe(probe, probe_layer, a.dim, a.n_layers,
+                                                      print_)
     tok = load_tokenizer(model)
-    context = min(max_seq_len, a.max_seq_len)
-    layers = sorted({x for v in loaded.values() for x in v if x > 0})
+    # with a probe vLLM runs one token past the answer (vllm_engine.ProbeHold)
+    context = min(max_seq_len, a.max_seq_len - (the_probe is not None))
+    layers = sorted({x for v in loaded.values() for x in v})
     sock = bind(http.host, port)
-    scheduler = VllmScheduler(engine_args(str(model), context, max_batch, tensor_parallel_size,
-                                          dtype, layers), tok, loaded)
+    scheduler = VllmScheduler(
+        engine_args(str(model), context, max_batch, tensor_parallel_size, dtype, layers,
+                    None if the_probe is None else the_probe.layer),
+        tok, loaded, the_probe, layers)
     scheduler.start()
     scheduler.ready.wait()
     if scheduler.error:
         raise LlamaError(scheduler.error)
     model_id = name or os.path.basename(os.path.normpath(model))
+    norms = scheduler.norms  # measured inside vLLM (vllm_engine.measure_norms)
     info = [{"id": n, "object": "vector", "source": shown_path(p), "layers": sorted(loaded[n]),
-             "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())}}
+             "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())},
+             "residual_norms": {str(x): norms[x] for x in sorted(loaded[n]) if x in norms}}
             for n, p in vector_sources(vectors or [])]
-    limits = Limits(model_id, context, a.n_layers, loaded, False, None, engine="vllm")
-    run_http(scheduler, tok, sock, limits, info, None, http)
+    limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None, norms,
+                    engine="vllm")
+    run_http(scheduler, tok, sock, limits, info, probe_description(the_probe), http)
 
 
 @dataclass

@@ -58,7 +58,7 @@ class Limits:
     vectors: dict  # name -> {layer: tensor}
     has_probe: bool
     residual_norms: dict = None  # layer -> mean residual-stream norm (scale "residual")
-    engine: str = "native"  # or "vllm" (server/vllm_engine.py): no layer 0, no scale residual
+    engine: str = "native"  # or "vllm" (server/vllm_engine.py)
     vocab: int = 0  # token ids a request may send: 0..vocab-1 (the model's and tokenizer's)
     aliases: dict = field(default_factory=dict)  # steered alias name -> its steering settings
 
@@ -140,12 +140,6 @@ def steering(spec, limits: Limits) -> Optional[SteerSettings]:
     settings = SteerSettings(name, tuple(layers), spec.get("multiplier", 1.0),
                              spec.get("scale", "raw"), spec.get("ablate", False),
                              spec.get("positions", "all"))
-    if limits.engine == "vllm" and settings.scale == "residual":
-        raise bad("steering.scale", "residual is not available on --engine vllm yet (the "
-                  "residual norms are measured by the native engine): use raw")
-    if limits.engine == "vllm" and 0 in layers:
-        raise bad("steering.layers", "layer 0 (the embedding output) is not steerable on "
-                  "--engine vllm")
     try:
         return settings.check(limits.n_layers, limits.vectors[name], limits.residual_norms)
     except SteerError as e:

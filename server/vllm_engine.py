@@ -14,9 +14,22 @@ which the plugin adds inside vLLM's compiled model. Tokens come back one at a ti
 Job.accept (stop strings, max_tokens, text held back) as on the native engine; the "done" event
 carries steering_push, per layer, measured in the worker (vllm_steer.Steering.take).
 
-Not on this engine yet (refused at start-up or with a 400 naming the field): probe read-outs,
-steering at layer 0 (the embedding output), scale "residual" (it needs the residual norms the
-native engine measures with its own model).
+Probe read-outs (`probe`, engine.Probe): the plugin scores every token inside vLLM's compiled
+model at the probe's layer (vllm_steer.ProbedLayer; weight and bias sent once at start-up) and
+keeps the probed requests' scores in the worker; `ProbeHold` holds each token event until its
+score has come back, as the native scheduler does (a token's score is its own hidden state's,
+known once the token has been fed: vLLM is asked for one token more than max_tokens, which is
+dropped, so that the last token is fed too), and `scores_of` fetches the scores of every
+probed request waiting at that moment in one collective_rpc ("llama_ccs_scores"), one call in
+flight at a time.
+
+scale "residual": its unit, the mean residual-stream norm at each steered layer on the
+built-in prompts (steering.scale.neutral_norms' rule: BOS first, position 0 left out), is
+measured at start-up inside vLLM's own forward passes (`measure_norms`: requests with a
+"measure" spec), so the server never loads a second copy of the model.
+
+Layer 0 (the embedding output) is steered and probed where it enters the first decoder layer
+(vllm_steer.SteeredInput, ProbedInput).
 """
 import asyncio
 import secrets
@@ -27,15 +40,25 @@ import torch
 
 from llama.generation import end_tokens
 
-from .vllm_steer import cache_salt, request_args
+from .vllm_steer import cache_salt, request_args, steered
 
 
 class VllmScheduler(threading.Thread):
-    def __init__(self, engine_args, tokenizer, vectors: Dict[str, Dict[int, torch.Tensor]]):
+    def __init__(self, engine_args, tokenizer, vectors: Dict[str, Dict[int, torch.Tensor]],
+                 probe=None, norm_layers: List[int] = ()):
+        """probe: the engine.Probe read at "probe": true (its layer wrapped by engine_args);
+        norm_layers: the layers whose residual norms scale "residual" needs (measured at
+        start-up into `norms`)."""
         super().__init__(name="vllm", daemon=True)
         self.engine_args = engine_args
         self.tokenizer = tokenizer
         self.vectors = vectors
+        self.probe = probe
+        self.norm_layers = sorted(norm_layers)
+        self.norms: Dict[int, float] = {}  # layer -> mean residual-stream norm (measure_norms)
+        self.units: Dict[str, Dict[int, float]] = {}  # vector -> layer -> scale residual's unit
+        self.wanted: List[tuple] = []  # (request tag, future) waiting for probe scores
+        self.fetching = False
         self.stop_ids = end_tokens(tokenizer)
         self.halt = threading.Event()
         self.ready = threading.Event()
@@ -73,6 +96,7 @@ class VllmScheduler(threading.Thread):
         asyncio.set_event_loop(self.loop)
         try:
             self.engine = AsyncLLM.from_engine_args(self.engine_args)
+            self.loop.run_until_complete(self.start_up())
             self.ready.set()
             self.loop.run_forever()
         except Exception as e:
@@ -94,10 +118,14 @@ class VllmScheduler(threading.Thread):
         extra = None
         if p.steer is not None and p.steer.multiplier != 0:
             s = p.steer
-            vecs = {x: self.vectors[s.vector][x] for x in s.layers}
-            extra = request_args(vecs, s.multiplier, s.ablate, s.positions, tag=tag)
+            vecs = s.steer(self.vectors[s.vector], self.units.get(s.vector)).vectors  # applied
+            extra = request_args(vecs, s.multiplier, s.ablate, s.positions, tag=tag,
+                                 probe=p.probe)
+        elif p.probe:
+            extra = request_args(None, tag=tag, probe=True)
         return SamplingParams(
-            max_tokens=p.max_tokens, temperature=p.temperature,
+            max_tokens=p.max_tokens + (1 if p.probe else 0),  # ProbeHold: the last one fed
+            temperature=p.temperature,
             top_p=p.top_p if p.temperature > 0 else 1.0, seed=p.seed,
             ignore_eos=True, stop_token_ids=[] if p.ignore_eos else self.stop_ids,
             logprobs=p.logprobs, extra_args=extra,
@@ -107,8 +135,9 @@ class VllmScheduler(threading.Thread):
         tag = "ccs-" + secrets.token_hex(8)
         params, extra = self.params(job, tag)
         prompt = {"prompt_token_ids": job.prompt_ids}
-        if extra is not None:
+        if steered(extra):
             prompt["cache_salt"] = cache_salt(extra)
+        hold = ProbeHold(self, job, tag) if job.params.probe else None
         self.running += 1
         try:
             async for out in self.engine.generate(prompt, params, tag):
@@ -116,22 +145,28 @@ class VllmScheduler(threading.Thread):
                     self.dropped += 1
                     await self.engine.abort(tag)
                     return
-                done = self._tokens(job, out.outputs[0])
+                done = job.finish is not None or self._tokens(job, out.outputs[0])
+                if hold is not None:  # finished only once its last token's score is in
+                    done = await hold.advance(len(out.outputs[0].token_ids), done)
                 if done:
                     await self.engine.abort(tag)
                     break
             if job.finish is None:  # vLLM ended it first: its max_tokens is the job's
                 job.finish = "length"
+            if hold is not None:
+                hold.release(final=True)
             push = None
-            if extra is not None:
+            if steered(extra):
                 taken = await self.engine.collective_rpc("llama_ccs_take", args=([tag],))
                 got = [t[tag] for t in taken if t.get(tag)]
                 push = got[0]["push"] if got else {}
             event = {"type": "done", "finish": job.finish}
-            if extra is not None:
+            if steered(extra):
                 event["steering_push"] = push
             job.emit(event)
         except Exception as e:
+            if hold is not None:
+                hold.release(final=True)
             job.emit({"type": "error", "status": 500, "param": None,
                       "message": f"the vLLM engine failed: {type(e).__name__}: {e}"})
         finally:
@@ -161,15 +196,157 @@ class VllmScheduler(threading.Thread):
         return False
 
 
+    # ------------------------------------------------------------------ probe and norms
+    async def start_up(self):
+        """Before the first request: the probe's weight and bias to the workers; the residual
+        norms of norm_layers measured."""
+        if self.probe is not None:
+            await self.engine.collective_rpc(
+                "llama_ccs_set_probe", args=(self.probe.weight.tolist(), float(self.probe.bias)))
+        if self.norm_layers:
+            self.norms = await measure_norms(self.engine, self.tokenizer, self.norm_layers)
+        self.units = unit_norms(self.vectors, self.norms)
+
+    async def scores_of(self, tag: str) -> List[list]:
+        """The probe scores of request `tag` kept in the workers since its last call, [[position,
+        score], ...]; the requests asking while a call is in flight share the next one."""
+        done = self.loop.create_future()
+        self.wanted.append((tag, done))
+        if not self.fetching:
+            self.fetching = True
+            self.loop.create_task(self._fetch())
+        return await done
+
+    async def _fetch(self):
+        try:
+            while self.wanted:
+                wanted, self.wanted = self.wanted, []
+                try:
+                    parts = await self.engine.collective_rpc(
+                        "llama_ccs_scores", args=(sorted({t for t, _ in wanted}),))
+                except Exception as e:
+                    for _, done in wanted:
+                        if not done.done():
+                            done.set_exception(e)
+                    continue
+                merged: Dict[str, list] = {}
+                for part in parts:  # every rank that holds the probe layer has the same
+                    for t, pairs in (part or {}).items():
+                        merged.setdefault(t, []).extend(pairs)
+                for t, done in wanted:
+                    if not done.done():
+                        done.set_result(merged.get(t, []))
+        finally:
+            self.fetching = False
+
+
+class ProbeHold:
+    """A probed job's events held until each token's probe score is in: it takes the job's emit
+    and gives events back in order, each token event with its score ("probe"), the prompt's
+    last-token score set on the job (prompt_probe) before the first. Token j (0-based) sits at
+    position prompt length + j, and its score exists once vLLM has produced token j + 1."""
+
+    def __init__(self, scheduler: VllmScheduler, job, tag: str):
+        self.scheduler, self.job, self.tag = scheduler, job, tag
+        self.emit = job.emit
+        job.emit = self.events_append
+        job.probe_threshold = scheduler.probe.threshold
+        self.events: List[dict] = []
+        self.scores: Dict[int, float] = {}  # position -> score
+        self.plen = len(job.prompt_ids)
+        self.tokens = 0  # token events taken so far
+        self.produced = 0  # tokens vLLM has produced
+
+    def events_append(self, event: dict):
+        if event["type"] == "token" and event["token"] is not None:
+            event["position"] = self.plen + self.tokens
+            self.tokens += 1
+        self.events.append(event)
+
+    async def advance(self, produced: int, finished: bool) -> bool:
+        """vLLM produced `produced` more tokens; fetch the scores now known, give back what has
+        its score. True when the job is finished and nothing is held any more."""
+        self.produced += produced
+        fed = self.plen + self.produced - 1  # positions below this have been fed
+        if any(e.get("position", -1) < fed and e["position"] not in self.scores
+               for e in self.events) or (self.produced and self.plen - 1 not in self.scores):
+            for pos, score in await self.scheduler.scores_of(self.tag):
+                self.scores[int(pos)] = float(score)
+        self.release(final=False)
+        return finished and not self.events
+
+    def release(self, final: bool):
+        """Emit the held events whose scores are in (final: all of them, a missing score as
+        None, and the job's emit given back)."""
+        if self.job.prompt_probe is None and (self.plen - 1 in self.scores or final):
+            self.job.prompt_probe = self.scores.get(self.plen - 1)
+        if self.job.prompt_probe is None and not final:
+            return
+        while self.events:
+            event = self.events[0]
+            if "position" in event:
+                if event["position"] not in self.scores and not final:
+                    break
+                event["probe"] = self.scores.get(event.pop("position"))
+            self.emit(self.events.pop(0))
+        if final:
+            self.job.emit = self.emit
+
+
+def unit_norms(vectors: Dict[str, Dict[int, torch.Tensor]],
+               neutral: Dict[int, float]) -> Dict[str, Dict[int, float]]:
+    """{vector: {layer: norm}}: the residual-stream norm scale "residual" multiplies each unit
+    vector by, given the neutral norms measured in vLLM (measure_norms). The one place this
+    engine decides the unit: today the native server's rule (the neutral norms for every
+    vector); where steering/scale.py names one source of the unit for every command (a vector's
+    recorded residual_norm first), this is to call it with `neutral` as its neutral norms."""
+    return {name: {x: neutral[x] for x in per if x in neutral} for name, per in vectors.items()}
+
+
+async def measure_norms(engine, tokenizer, layers: List[int]) -> Dict[int, float]:
+    """{layer: mean residual-stream norm} at wrapped steering layers, measured in vLLM's forward
+    passes over llama.generation.BUILTIN_PROMPTS (BOS first, position 0 left out, pooled over
+    the prompts): steering.scale.neutral_norms' rule, the unit of scale "residual". Each prompt
+    runs as one request with a "measure" spec and a cache_salt of its own (no cached prefix:
+    every position is computed)."""
+    from vllm import SamplingParams
+
+    from llama.generation import BUILTIN_PROMPTS
+
+    sums = {x: [0.0, 0] for x in layers}
+    for i, text in enumerate(BUILTIN_PROMPTS):
+        tag = f"ccs-measure-{i}-{secrets.token_hex(8)}"
+        params = SamplingParams(max_tokens=1, temperature=0,
+                                extra_args=request_args(None, tag=tag, measure=True))
+        prompt = {"prompt_token_ids": tokenizer.encode(text, bos=True), "cache_salt": tag}
+        async for _ in engine.generate(prompt, params, tag):
+            pass
+        seen = set()
+        for part in await engine.collective_rpc("llama_ccs_take", args=([tag],)):
+            for layer, (total, count) in ((part or {}).get(tag) or {"sums": {}})["sums"].items():
+                if int(layer) in sums and int(layer) not in seen:  # once across ranks
+                    seen.add(int(layer))
+                    sums[int(layer)][0] += total
+                    sums[int(layer)][1] += count
+    missing = [x for x, (_, count) in sums.items() if count == 0]
+    if missing:
+        raise RuntimeError(f"no residual norm was measured at layer {missing[0]}")
+    return {x: total / count for x, (total, count) in sums.items()}
+
+
 def engine_args(model: str, context: int, max_batch: int, tensor_parallel_size: int,
-                dtype: str, layers: List[int]):
-    """vLLM's AsyncEngineArgs for serve --engine vllm (the steered layers in additional_config,
-    so the plugin wraps them)."""
+                dtype: str, layers: List[int], probe_at: Optional[int] = None):
+    """vLLM's AsyncEngineArgs for serve --engine vllm (the steered layers and the probe's layer
+    in additional_config, so the plugin wraps them). With a probe, vLLM's context is one token
+    longer than the server's `context` (ProbeHold asks for one token more)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from .vllm_steer import steering_config
 
-    return AsyncEngineArgs(model=model, dtype=dtype, max_model_len=context,
+    wrapped = layers or probe_at is not None
+    return AsyncEngineArgs(model=model, dtype=dtype,
+                           max_model_len=context + (probe_at is not None),
                            max_num_seqs=max_batch, tensor_parallel_size=tensor_parallel_size,
                            seed=0, enable_prefix_caching=True,
-                           additional_config=steering_config(layers) if layers else {})
+                           additional_config=steering_config(layers, probe_at) if wrapped
+                           else {})

@@ -91,7 +91,7 @@ def test_streamed_chat_carries_push(served):
 
 @pytest.mark.parametrize("field,value,param", [
     ("steering", {"vector": "nope", "layers": [10]}, "steering.vector"),
-    ("steering", {"vector": "push", "layers": [10], "scale": "residual"}, "steering.scale"),
+    ("steering", {"vector": "push", "layers": [0]}, "steering.layers"),
     ("probe", True, "probe"),
 ])
 def test_refusals_are_400_naming_the_field(served, field, value, param):
@@ -103,7 +103,7 @@ def test_refusals_are_400_naming_the_field(served, field, value, param):
 
 
 def test_refusals_at_start_name_the_way_out(vector_dir):
-    """A GGUF (or Meta) model: the conversion command; --probe: not on this engine yet."""
+    """A GGUF (or Meta) model: the conversion command."""
     from conftest import in_process, one_line_error
 
     from llama.gguf import default_model_path
@@ -111,6 +111,3 @@ def test_refusals_at_start_name_the_way_out(vector_dir):
 
     r = in_process(["serve", "--engine", "vllm", "--model", default_model_path()], cli)
     one_line_error(r, "Hugging Face folder", "--to hf")
-    r = in_process(["serve", "--engine", "vllm", "--model", smol_hf(), "--probe", "x.safetensors",
-                    "--probe_layer", "10"], cli)
-    one_line_error(r, "--probe", "--engine native")
