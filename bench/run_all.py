@@ -290,8 +290,8 @@ def main(quick: bool, threads: int) -> int:
     return 1 if failed else 0
 
 
-# The section of RESULTS.md that bench_serve.py --engine native,vllm's rows go in, by hand (it needs
-# the .venv-vllm/ of make setup-vllm, which this script does not): a rerun keeps it.
+# The section of RESULTS.md that bench_serve.py --engine native,vllm's rows go in, by hand (it
+# needs the .venv-vllm/ of make setup-vllm, which this script does not): a rerun keeps it.
 ENGINES_HEAD = "## Serving engines side by side"
 
 
