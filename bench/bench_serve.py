@@ -377,6 +377,9 @@ def markdown(a, out: dict) -> str:
                      f"({r['min']:.1f}-{r['max']:.1f}) | {ratio(r['vs_plain'])} | "
                      f"{ratio(r['vs_native'])} | {r['p50_s']:.2f} |")
     lines.append("")
+    if not a.probed:
+        lines.append("- the vLLM server refused --probe (probe read-outs not on this engine): "
+                     "every request steered, none probed")
     for what, measured, least, ok in verdicts(out["table"]):
         lines.append(f"- {what}: {measured:.2f} (target >= {least}): "
                      f"{'yes' if ok else '**no**'}")
