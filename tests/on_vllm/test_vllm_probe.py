@@ -2,7 +2,7 @@
 127.0.0.1) against the native engine on SmolLM2 float32: per-token probe scores (whole and
 streamed, with and without steering, the last token of a stop string or max_tokens scored too),
 a mixed batch of probed / unprobed / steered requests, the residual norms measured inside vLLM at
-start-up and the steered text they give. Runs in the .venv-vllm/ of `make setup-vllm`.
+start-up and the steered text they give, steering at layer 0 (the embedding output). Runs in the .venv-vllm/ of `make setup-vllm`.
 
 Probe scores must be within REL (2e-3) of the native engine's over the tokens both answers share,
 relative to the standard deviation of the native scores in that request. Where two greedy texts
@@ -250,11 +250,11 @@ def test_last_token_is_scored_at_a_stop_string_and_an_end_token(served, native, 
     n = len(cut["token_ids"])
     assert cut["token_ids"] == full["token_ids"][:n]
     assert cut["probe_scores"] == pytest.approx(full["probe_scores"][:n], abs=1e-4)
-    chat = served.post("/v1/chat/completions", {"messages": texts[5], "max_tokens": 200,
+    chat = served.post("/v1/chat/completions", {"messages": texts[4], "max_tokens": 64,
                                                 "temperature": 0, "probe": True}).json()
     choice = chat["choices"][0]
-    assert choice["finish_reason"] == "stop"
-    ids, steps, states = native_run(model, prompt_ids(tok, texts[5]),
+    assert choice["finish_reason"] == "stop", choice  # a short answer, then the end token
+    ids, steps, states = native_run(model, prompt_ids(tok, texts[4]),
                                     n=len(choice["token_ids"]))
     check_scores("end token", choice, ids, steps, states, files["w"], threshold)
 
