@@ -16,7 +16,14 @@ on the
 (d) A Llama-3.1-8B-shaped model with random bfloat16 weights shared with transformers: extraction
     FLOP/s (every layer's last-position state) as a share of the device's bfloat16 peak, decode
     bytes/s as a share of its memory bandwidth, each side by side with transformers.
-(e) Everything in DIR/gpu_check.md (and DIR/gpu_check.json; DIR/errors.txt for a failed part).
+(e) vLLM (the .venv-vllm/ of `make setup-vllm`, --vllm_python; bench/gpu_vllm.py in a
+    subprocess) at tensor parallel size 1, and 2 when two GPUs are present, float32, with this
+    project's steering plugin: steered and unsteered greedy text differ, the steered text equals
+    the native engine's (CPU float32) or first differs at a near tie (native logit margin <
+    VLLM_TIE, the vLLM issue's rule), every rank reports steering_push, and a throughput line
+    (64 requests of 64 tokens, unsteered and every one steered). Skipped with one line when the
+    venv is absent, and on --device cpu unless --vllm yes (tests/on_vllm check vLLM on the CPU).
+(f) Everything in DIR/gpu_check.md (and DIR/gpu_check.json; DIR/errors.txt for a failed part).
 
 Peaks come from a table of known GPUs (bench/gpu_parts.PEAKS, by torch.cuda.get_device_name),
 or --peak_tflops/--peak_tbps; an unknown device is reported against what it reaches in isolation
@@ -56,6 +63,8 @@ ROOT = os.path.dirname(HERE)
 # in summation order (1e-4 is far above that, far below a bug).
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 NEW_TOKENS = 32
+VLLM_TIE = 1e-3  # the largest native logit margin at which vLLM may pick the other token
+VLLM_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")
 
 
 class Parser(argparse.ArgumentParser):
@@ -75,6 +84,10 @@ def flags(argv):
                     help="the device's dense bfloat16 TFLOP/s, overriding the table")
     ap.add_argument("--peak_tbps", type=float, default=None,
                     help="the device's memory bandwidth in TB/s, overriding the table")
+    ap.add_argument("--vllm", default="auto", choices=("auto", "yes", "no"),
+                    help="(e), the vLLM part: auto runs it on cuda when --vllm_python exists")
+    ap.add_argument("--vllm_python", default=VLLM_PYTHON,
+                    help="the python of the venv with vLLM (make setup-vllm: .venv-vllm/)")
     a = ap.parse_args(argv)
     try:  # (a), (b) and (d) compare against transformers: a dependency of the tests' set-up
         import transformers  # noqa: F401
@@ -96,6 +109,9 @@ def flags(argv):
             raise LlamaError(f"--{name} {v}: must be positive")
     if a.model is not None and not os.path.exists(a.model):
         raise LlamaError(f"--model {a.model}: no such file or folder")
+    if a.vllm == "yes" and not os.path.isfile(a.vllm_python):
+        raise LlamaError(f"--vllm yes: {a.vllm_python} not found (`make setup-vllm` builds "
+                         ".venv-vllm/; or give --vllm_python)")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise LlamaError(f"--out {a.out}: exists and is not a folder")
     return a
@@ -277,6 +293,60 @@ def check_speed(a, d, tmp) -> dict:
     return res
 
 
+def vllm_skipped(a):
+    """Why (e) does not run, in one line, or None when it does."""
+    if a.vllm == "no":
+        return "vLLM part skipped: --vllm no"
+    if a.vllm == "auto" and a.device != "cuda":
+        return ("vLLM part skipped on --device cpu (tests/on_vllm check vLLM on the CPU; "
+                "--vllm yes runs it here)")
+    if not os.path.isfile(a.vllm_python):
+        return (f"vLLM part skipped: {a.vllm_python} not found (`make setup-vllm` builds "
+                ".venv-vllm/, or give --vllm_python)")
+    return None
+
+
+def check_vllm(a, d, model, tmp) -> dict:
+    """(e): vLLM at TP 1 (and 2 with two GPUs) against the native engine, steered."""
+    from llama.checkpoint import load_model
+    from llama.tokenizer import load_tokenizer
+
+    hf = os.path.join(tmp, "vllm-hf")
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "llama.convert", model, hf, "--to", "hf"], cwd=ROOT,
+                   env=env, check=True, capture_output=True, timeout=900)
+    ref = load_model(model, dataclasses.replace(d, device=torch.device("cpu")), "float32")
+    tok = load_tokenizer(ref.tokenizer_path)
+    prompts = [tok.encode(p, bos=True) for p in parts.GEN_PROMPTS]
+    g = torch.Generator().manual_seed(1)
+    vectors = {}
+    for layer in (10, 20):
+        v = torch.randn(ref.args.dim, generator=g)
+        vectors[layer] = v / v.norm() * 40
+    native = [parts.steered_greedy(ref.model, p, vectors, 1.0, NEW_TOKENS) for p in prompts]
+    gpus = torch.cuda.device_count() if a.device == "cuda" else 0
+    res = {"tie": VLLM_TIE, "runs": {}}
+    for tp in (1, 2) if gpus >= 2 else (1,):
+        spec = {"hf": hf, "dtype": "float32", "tp": tp, "prompts": prompts, "new": NEW_TOKENS,
+                "vectors": {str(k): v.tolist() for k, v in vectors.items()}, "multiplier": 1.0,
+                "requests": 64, "throughput_new": 64}
+        paths = [os.path.join(tmp, f"vllm-tp{tp}.{x}.json") for x in ("spec", "out")]
+        with open(paths[0], "w") as f:
+            json.dump(spec, f)
+        p = subprocess.run([a.vllm_python, os.path.join(HERE, "gpu_vllm.py"), *paths],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        if p.returncode:
+            tail = (p.stderr or p.stdout).strip().splitlines()[-20:]
+            raise RuntimeError(f"vLLM at TP {tp} exited {p.returncode}: " + " | ".join(tail))
+        with open(paths[1]) as f:
+            got = json.load(f)
+        got["against_native"] = [parts.first_difference(ids, steps, mine, VLLM_TIE)
+                                 for (ids, steps), mine in zip(native, got["steered"])]
+        got["ok"] = parts.vllm_ok(got, [str(x) for x in vectors])
+        res["runs"][str(tp)] = got
+    return res
+
+
 def main(argv=None) -> int:
     a = flags(argv)
     from llama.dist import setup, teardown
@@ -309,6 +379,12 @@ def main(argv=None) -> int:
                                     errors)
             res["speed"] = guarded("8B-shaped speed", lambda: check_speed(a, d, tmp),
                                    errors)
+            skipped = vllm_skipped(a)
+            if skipped or model is None:
+                res["vllm"] = {"skipped": skipped or "vLLM part skipped: no SmolLM2 model"}
+                print(res["vllm"]["skipped"], flush=True)
+            else:
+                res["vllm"] = guarded("vLLM", lambda: check_vllm(a, d, model, tmp), errors)
     finally:
         teardown()
     res["seconds"] = round(time.perf_counter() - started, 1)

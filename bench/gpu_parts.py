@@ -209,6 +209,48 @@ def greedy(model, tok, prompts: List[List[int]], new: int) -> List[List[int]]:
     return [ids for ids, _, _ in gen.generate(prompts, Sampling(max_gen_len=new))]
 
 
+def steered_greedy(model, prompt: List[int], vectors: Dict[int, torch.Tensor],
+                   multiplier: float, new: int) -> Tuple[List[int], List[torch.Tensor]]:
+    """`new` greedy tokens after `prompt` (end tokens ignored) with llama.model.Steer's addition
+    of multiplier x vectors[layer] at every position, each step a whole forward; and the logits
+    [vocab] each token was picked from."""
+    from llama.model import Steer
+
+    steer = Steer(vectors=vectors, multiplier=multiplier)
+    out, steps = [], []
+    with torch.no_grad():
+        for _ in range(new):
+            logits = model(torch.tensor([prompt + out]), layers=[], logits=True,
+                           prompt_len=torch.tensor([len(prompt)]), steer=steer)["logits"][0, -1]
+            steps.append(logits.float())
+            out.append(int(logits.argmax()))
+    return out, steps
+
+
+def first_difference(ref: List[int], steps: List[torch.Tensor], got: List[int],
+                     tie: float) -> dict:
+    """Another engine's greedy ids against the reference's (steps: the reference's logits at
+    each of its tokens): equal, or where they first differ with the reference's logit margin
+    there (its own pick minus the other's), a near tie when that margin is under `tie`."""
+    n = min(len(ref), len(got))
+    first = next((i for i in range(n) if ref[i] != got[i]), None)
+    if first is None:
+        return {"verdict": "equal" if len(ref) == len(got) else "length differs", "tokens": n}
+    margin = float(steps[first][ref[first]] - steps[first][got[first]])
+    return {"verdict": "near tie" if margin < tie else "MISMATCH", "tokens": n,
+            "first_diff": first, "ref_margin": margin}
+
+
+def vllm_ok(run: dict, layers: List[str]) -> bool:
+    """One vLLM run passes: steering changed at least 3 of the 4 texts, each steered text is the
+    native one up to a near tie, and every rank reported a push at every steered layer."""
+    changed = sum(s != u for s, u in zip(run["steered"], run["plain"]))
+    close = all(x["verdict"] in ("equal", "near tie") for x in run["against_native"])
+    pushed = all(push and set(push) == set(layers) and all(v > 0 for v in push.values())
+                 for ranks in run["push"] for push in ranks)
+    return changed >= 3 and close and pushed and bool(run["push"])
+
+
 # ---- the Llama-3.1-8B-shaped model, ours and transformers' on the same weights ----
 
 def hf_config(shape: dict):

@@ -25,6 +25,12 @@ def verdicts(res: dict) -> List[Tuple[str, str]]:
         agree = s["extract"]["rel_error_vs_hf"] <= s["tolerance"]
         out.append(("(d) 8B-shaped speed (ours and transformers agree)",
                     "pass" if agree else "FAIL"))
+    v = res.get("vllm") or {"skipped": "not run"}
+    if "error" in v:
+        out.append(("(e) vLLM", "error"))
+    for tp, run in v.get("runs", {}).items():  # none when skipped: no verdict, one line
+        out.append((f"(e) vLLM at TP {tp}, steered, against the native engine",
+                    "pass" if run["ok"] else "FAIL"))
     return out
 
 
@@ -177,6 +183,32 @@ def speed_section(s: dict, info: dict) -> List[str]:
     return out + [""]
 
 
+def vllm_section(v: dict) -> List[str]:
+    if "skipped" in v:
+        return [v["skipped"], ""]
+    if "error" in v:
+        return [error_line(v)]
+    out = ["Greedy, 32 tokens per prompt, float32, steered by a random vector of norm 40 at "
+           "layers 10 and 20 (multiplier 1), against the native engine's steered text on the CPU "
+           "(float32); a first difference is a near tie when the native logit margin there is "
+           f"under {v['tie']}. Push: steering_push of request 0 from each rank. Throughput: 64 "
+           "requests of 64 tokens sent at once.\n",
+           "| TP | vLLM | start s | texts the steering changed | against the native engine "
+           "| push per rank | tokens/s unsteered | tokens/s steered |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for tp, r in v["runs"].items():
+        changed = sum(s != u for s, u in zip(r["steered"], r["plain"]))
+        against = ", ".join(x["verdict"] + (f" at token {x['first_diff']} (margin "
+                                            f"{x['ref_margin']:.1e})" if "first_diff" in x
+                                            else "") for x in r["against_native"])
+        push = "; ".join(", ".join(f"layer {k} {p:.3f}" for k, p in sorted(ranks.items()))
+                         if ranks else "none" for ranks in r["push"][0])
+        out.append(f"| {tp} | {r['vllm']} | {r['start_s']:.0f} | {changed} of "
+                   f"{len(r['plain'])} | {against} | {push} | {r['plain_tokens_per_s']:.0f} | "
+                   f"{r['steered_tokens_per_s']:.0f} |")
+    return out + [""]
+
+
 def write_report(res: dict, folder: str) -> str:
     """FOLDER/gpu_check.md from gpu_check's results; returns its path."""
     info = res["info"]
@@ -192,6 +224,8 @@ def write_report(res: dict, folder: str) -> str:
     lines += ["## (c) Process groups", ""] + groups_section(res["groups"])
     lines += ["## (d) Llama-3.1-8B-shaped speed, ours and transformers", ""]
     lines += speed_section(res["speed"], {} if "error" in info else info)
+    lines += ["## (e) vLLM, steered, against the native engine", ""]
+    lines += vllm_section(res.get("vllm") or {"skipped": "not run"})
     path = os.path.join(folder, "gpu_check.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -278,10 +278,21 @@ def main(quick: bool, threads: int) -> int:
     for cmd, out in details:
         lines += ["", f"`{cmd}`", "", out.strip() or "(nothing printed)"]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(BENCH, "RESULTS-quick.md" if quick else "RESULTS.md"), "w") as f:
+    path = os.path.join(BENCH, "RESULTS-quick.md" if quick else "RESULTS.md")
+    if not quick and os.path.isfile(path):  # bench_serve --engine native,vllm's rows: kept
+        with open(path) as f:
+            old = f.read()
+        if ENGINES_HEAD in old:
+            text += "\n" + old[old.index(ENGINES_HEAD):]
+    with open(path, "w") as f:
         f.write(text)
     print("\n" + text)
     return 1 if failed else 0
+
+
+# The section of RESULTS.md that bench_serve.py --engine native,vllm's rows go in, by hand (it
+# needs the .venv-vllm/ of make setup-vllm, which this script does not): a rerun keeps it.
+ENGINES_HEAD = "## Serving engines side by side"
 
 
 if __name__ == "__main__":

@@ -264,6 +264,7 @@ class Steering:
         if not chosen:
             return
         qsl = runner.query_start_loc.np
+        put = {}  # (layer, ablate) -> the rows, their vectors and multipliers
         for i, req_id, spec in chosen:
             lo, hi = int(qsl[i]), int(qsl[i + 1])
             computed = int(batch.num_computed_tokens_cpu[i])
@@ -278,29 +279,43 @@ class Steering:
                 lo = max(lo, lo + first)
             if lo >= hi:
                 continue
-            m = spec["multiplier"]
-            for layer, vec in spec["vectors"].items():
-                wrap = self.layers[layer]
-                if spec["ablate"]:
-                    wrap.unit[lo:hi] = vec / vec.norm()
-                    wrap.coef[lo:hi] = m
-                else:
-                    wrap.add[lo:hi] = m * vec
+            if "rows" not in spec:  # what its rows get, computed once per request
+                m = spec["multiplier"]
+                spec["rows"] = {layer: vec / vec.norm() if spec["ablate"] else m * vec
+                                for layer, vec in spec["vectors"].items()}
+            for layer, vec in spec["rows"].items():
+                index, values, coefs = put.setdefault((layer, spec["ablate"]), ([], [], []))
+                index.extend(range(lo, hi))
+                values.extend([vec] * (hi - lo))
+                coefs.extend([spec["multiplier"]] * (hi - lo))
             start = int(batch.num_computed_tokens_cpu[i]) + lo - int(qsl[i])
             self.rows.append((req_id, lo, hi, start, spec))
             self.dirty = max(self.dirty, hi)
+        for (layer, ablate), (index, values, coefs) in put.items():  # one write per buffer
+            wrap = self.layers[layer]
+            rows = torch.tensor(index, device=wrap.add.device)
+            if ablate:
+                wrap.unit[rows] = torch.stack(values)
+                wrap.coef[rows] = torch.tensor(coefs, dtype=wrap.coef.dtype,
+                                               device=wrap.coef.device)[:, None]
+            else:
+                wrap.add[rows] = torch.stack(values)
 
     def collect(self):
         """Add the last forward's |s| and |s . u| of each steered request's rows to its stats."""
+        read = {}  # layer -> its stats rows as float64 numbers, read once
+        top = max((hi for _, _, hi, _, _ in self.rows), default=0)
         for _, lo, hi, start, spec in self.rows:
             req_id = spec["id"]
             got = self.stats.setdefault(req_id, {"missing": spec["missing"], "layers": {}})
             skip = 1 if start == 0 and hi - lo > 1 else 0  # position 0, the attention sink
             for layer in self.measured_layers(spec):
-                part = self.layers[layer].stats[lo + skip:hi].double().sum(0).tolist()
+                if layer not in read:
+                    read[layer] = self.layers[layer].stats[:top].double().tolist()
                 acc = got["layers"].setdefault(layer, [0.0, 0.0, 0])
-                acc[0] += part[0]
-                acc[1] += part[1]
+                for norm, along in read[layer][lo + skip:hi]:
+                    acc[0] += norm
+                    acc[1] += along
                 acc[2] += hi - lo - skip
             got["spec"] = spec
             self.stats.move_to_end(req_id)

@@ -24,3 +24,43 @@ def test_before_after_refuses_unknown_work_and_commit():
     r = subprocess.run(run + ["--base", "no-such-commit-xyz", "--only", "decode"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     one_line_error(r, "--base no-such-commit-xyz")
+
+
+def test_bench_serve_refuses_bad_engines_and_a_missing_vllm_venv(tmp_path):
+    run = [sys.executable, os.path.join(ROOT, "bench", "bench_serve.py")]
+    r = subprocess.run(run + ["--engine", "native,tgi"], capture_output=True, text=True,
+                       timeout=120)
+    one_line_error(r, "--engine native,tgi")
+    r = subprocess.run(run + ["--engine", "native,vllm", "--clients", "16,x"],
+                       capture_output=True, text=True, timeout=120)
+    one_line_error(r, "--clients 16,x")
+    missing = str(tmp_path / "no-venv" / "bin" / "python")
+    r = subprocess.run(run + ["--engine", "native,vllm", "--vllm_python", missing],
+                       capture_output=True, text=True, timeout=120)
+    one_line_error(r, missing, "make setup-vllm")
+
+
+def test_bench_serve_table_takes_medians_and_judges_the_targets():
+    """Side by side: per clients and configuration the median of the rounds, ratios of medians
+    against plain vLLM and the native engine, and the issue's targets on them."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_serve", os.path.join(ROOT, "bench", "bench_serve.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    speeds = {"plain": [100, 300, 200], "idle": [190, 90, 500], "steered": [150, 10, 170],
+              "native": [90, 80, 85]}
+    results = {f"{n}@16": [{"tokens_per_s": x, "p50_s": 1.0} for x in v]
+               for n, v in speeds.items()}
+    a = SimpleNamespace(clients=[16], rounds=3, probed=True)
+    rows = {r["config"]: r for r in bench.table(a, list(speeds), results)}
+    assert rows["idle"]["tokens_per_s"] == 190 and rows["idle"]["min"] == 90
+    assert abs(rows["idle"]["vs_plain"] - 0.95) < 1e-12
+    assert abs(rows["steered"]["vs_plain"] - 0.75) < 1e-12
+    assert abs(rows["plain"]["vs_native"] - 200 / 85) < 1e-12
+    judged = {what: ok for what, _, _, ok in bench.verdicts(list(rows.values()))}
+    assert judged == {"idle / plain at 16 clients": True, "idle / native at 16 clients": True,
+                      "steered / plain at 16 clients": False,
+                      "steered / native at 16 clients": False}

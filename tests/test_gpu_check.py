@@ -94,6 +94,9 @@ def test_cpu_against_cpu_agrees(checked):
     (["--dtype", "int8"], ["--dtype", "int8"]),
     (["--peak_tflops", "-3"], ["--peak_tflops"]),
     (["--devcie", "cpu"], ["--devcie"]),
+    (["--vllm", "yes", "--vllm_python", "/no/venv/bin/python"],
+     ["--vllm yes", "/no/venv/bin/python", "make setup-vllm"]),
+    (["--vllm", "maybe"], ["--vllm", "maybe"]),
 ])
 def test_bad_flags_are_one_line(argv, words, tmp_path):
     r = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", *argv, "--out",
@@ -161,3 +164,44 @@ def test_verdicts_report_a_failure_and_an_error(tmp_path):
     assert float(margin) == pytest.approx(0.01, abs=5e-4)
     assert "**OutOfMemoryError: CUDA out of memory** (traceback in errors.txt)" in md
     assert "SmolLM2-135M: **not run: not installed**" in md
+
+
+def test_vllm_part_is_skipped_on_the_cpu_in_one_line(checked):
+    _, res, md = checked
+    assert res["vllm"] == {"skipped": "vLLM part skipped on --device cpu (tests/on_vllm check "
+                                      "vLLM on the CPU; --vllm yes runs it here)"}
+    assert res["vllm"]["skipped"] in sections(md)["(e) vLLM, steered, against the native engine"]
+    assert not [name for name, _ in res["verdicts"] if name.startswith("(e)")]
+
+
+def test_vllm_part_verdicts():
+    """The native engine's greedy ids against vLLM's: equal, a near tie or a mismatch; a run
+    passes when steering changed the texts, they match the native ones and every rank pushed."""
+    parts = bench_module("gpu_parts")
+    report = bench_module("gpu_report")
+    steps = [torch.tensor([0.0, 5.0, 4.9995]), torch.tensor([3.0, 0.0, 1.0])]
+    assert parts.first_difference([1, 0], steps, [1, 0], 1e-3)["verdict"] == "equal"
+    tie = parts.first_difference([1, 0], steps, [2, 0], 1e-3)
+    assert tie["verdict"] == "near tie" and tie["first_diff"] == 0
+    assert tie["ref_margin"] == pytest.approx(5e-4, abs=1e-6)
+    wrong = parts.first_difference([1, 0], steps, [1, 2], 1e-3)
+    assert wrong["verdict"] == "MISMATCH" and wrong["ref_margin"] == pytest.approx(2.0)
+    assert parts.first_difference([1, 0], steps, [1], 1e-3)["verdict"] == "length differs"
+    push = {"10": 0.4, "20": 0.3}
+    good = {"tp": 2, "vllm": "0.32.0", "start_s": 80.0, "plain": [[1], [2], [3], [4]],
+            "steered": [[5], [6], [7], [4]], "push": [[push, push]] * 4,
+            "against_native": [{"verdict": "equal", "tokens": 1}] * 3 + [tie],
+            "plain_tokens_per_s": 900.0, "steered_tokens_per_s": 850.0}
+    assert parts.vllm_ok(good, ["10", "20"])
+    assert not parts.vllm_ok({**good, "steered": good["plain"]}, ["10", "20"])  # a no-op
+    assert not parts.vllm_ok({**good, "push": [[push, None]] * 4}, ["10", "20"])
+    assert not parts.vllm_ok({**good, "against_native": [wrong] * 4}, ["10", "20"])
+    res = {"models": {}, "groups": {"error": "x"}, "speed": {"error": "x"},
+           "vllm": {"tie": 1e-3, "runs": {"1": {**good, "ok": True},
+                                          "2": {**good, "ok": False}}}}
+    assert report.verdicts(res)[-2:] == [
+        ("(e) vLLM at TP 1, steered, against the native engine", "pass"),
+        ("(e) vLLM at TP 2, steered, against the native engine", "FAIL")]
+    rows = table_rows("\n".join(report.vllm_section(res["vllm"])))
+    assert rows[0][:4] == ["1", "0.32.0", "80", "3 of 4"]
+    assert "near tie at token 0" in rows[0][4] and float(rows[0][7]) == 850
