@@ -48,6 +48,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from llama.gguf import default_model_path
+from llama.hf_export import default_hf_folder
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -208,22 +209,6 @@ class Server:
                 self.proc.wait()
 
 
-def hf_folder() -> str:
-    """The GGUF as a Hugging Face folder (llama.convert --to hf), kept under
-    ~/.cache/llama-ccs/test-hf/ as tests/on_vllm/smol.py keeps it (so vLLM's compile cache, keyed
-    by the model's path, is shared with the tests)."""
-    from pathlib import Path
-
-    gguf = default_model_path()
-    st = os.stat(gguf)
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-ccs"
-    out = root / "test-hf" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
-    if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
-        subprocess.run([sys.executable, "-m", "llama.convert", str(gguf), str(out), "--to", "hf",
-                        "--overwrite"], cwd=ROOT, check=True, capture_output=True)
-    return str(out)
-
-
 def launch(a, engines: set, tmp: str) -> dict:
     """Start every configuration's server at once; {name: Server}; "steered" shares the "idle"
     server. Sets a.probed: whether the vLLM server took --probe."""
@@ -236,7 +221,7 @@ def launch(a, engines: set, tmp: str) -> dict:
             os.path.join(tmp, "native.log"))
     a.probed = False
     if "vllm" in engines:
-        hf = a.hf or hf_folder()
+        hf = a.hf or default_hf_folder()
         env = dict(os.environ, PYTHONPATH=ROOT, VLLM_CPU_KVCACHE_SPACE=str(a.kv_gib),
                    HF_HUB_OFFLINE="1")
         servers["plain"] = Server(

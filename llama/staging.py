@@ -1,10 +1,19 @@
 """A model folder written in full beside its destination, then put in its place, so an
 interrupted or failed write never leaves a half-written model where a complete one is expected
-(llama.convert's Meta shards and its Hugging Face export)."""
+(llama.convert's Meta shards and its Hugging Face export); the user cache those derived files
+are kept in (`user_cache`)."""
 import contextlib
 import os
 import shutil
 import tempfile
+from pathlib import Path
+
+
+def user_cache(name: str) -> Path:
+    """$XDG_CACHE_HOME/llama-ccs/NAME (default ~/.cache/llama-ccs/NAME): files derived from a
+    model once and reused (a GGUF's tokenizer, a GGUF as a Hugging Face folder)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "llama-ccs" / name
 
 
 @contextlib.contextmanager

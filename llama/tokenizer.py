@@ -475,11 +475,12 @@ def gguf_tokenizer_dir(path, reader=None):
     import tempfile
     from pathlib import Path
 
+    from .staging import user_cache
+
     st = os.stat(path)
     with open(__file__, "rb") as f:
         key = hashlib.sha1(f"{st.st_size} {st.st_mtime_ns} ".encode() + f.read())
-    root = Path(os.environ.get("XDG_CACHE_HOME")
-                or Path.home() / ".cache") / "llama-ccs" / "gguf-tokenizers"
+    root = user_cache("gguf-tokenizers")
     out = root / f"{Path(path).stem}-{key.hexdigest()[:12]}"
     if (out / "tokenizer.model").is_file() and (out / "tokenizer_special.json").is_file():
         return out

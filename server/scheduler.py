@@ -64,6 +64,16 @@ class Params:
     # may then be 0 (the prompt is scored, nothing generated)
 
 
+def nonfinite_error(job, message: str) -> dict:
+    """The error event of a job whose logits turned non-finite (both engines): 400 naming
+    steering.multiplier when steered (the push overflowed the model's numbers), else 500."""
+    if job.params.steer is not None:
+        return {"type": "error", "status": 400, "param": "steering.multiplier",
+                "message": f"{message}: the steering overflowed the model's numbers "
+                           "(lower steering.multiplier)"}
+    return {"type": "error", "status": 500, "param": None, "message": message}
+
+
 class Job:
     """One request in the scheduler. Events passed to emit (from the scheduler thread):
     {"type": "token", "token": id, "text": new text (may be ""), "logprob", "top_logprobs",
@@ -315,12 +325,7 @@ class Scheduler(threading.Thread):
 
     def _fail(self, job: Job, message: str):
         """End one job with an error event (its row is freed and cleared like any other)."""
-        if job.params.steer is not None:
-            job.emit({"type": "error", "status": 400, "param": "steering.multiplier",
-                      "message": f"{message}: the steering overflowed the model's numbers "
-                                 "(lower steering.multiplier)"})
-        else:
-            job.emit({"type": "error", "status": 500, "param": None, "message": message})
+        job.emit(nonfinite_error(job, message))
         job.finish, job.done = "error", True
 
     def _finish(self, job: Job):

@@ -49,6 +49,7 @@ import torch
 from llama.generation import end_tokens
 from steering.scale import choose_units
 
+from .scheduler import nonfinite_error
 from .vllm_steer import cache_salt, request_args, steered
 
 
@@ -396,14 +397,8 @@ def prompt_scores(scores, ids: List[int], top: int) -> List[list]:
 
 
 def fail(job, message: str):
-    """End a job with an error event, as the native scheduler does: 400 naming
-    steering.multiplier when steered (the push overflowed), else 500."""
-    if job.params.steer is not None:
-        job.emit({"type": "error", "status": 400, "param": "steering.multiplier",
-                  "message": f"{message}: the steering overflowed the model's numbers "
-                             "(lower steering.multiplier)"})
-    else:
-        job.emit({"type": "error", "status": 500, "param": None, "message": message})
+    """End a job with the native scheduler's error event (scheduler.nonfinite_error)."""
+    job.emit(nonfinite_error(job, message))
     job.finish = "error"
 
 

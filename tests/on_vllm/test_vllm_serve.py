@@ -11,7 +11,7 @@ import pytest
 import torch
 from bad_requests import check_key
 from serving import Served
-from smol import smol_hf
+from smol import push_vectors, smol_hf
 
 pytestmark = pytest.mark.heavy
 
@@ -25,17 +25,7 @@ LOGPROB_TOL = 1e-3  # |vLLM - native| per prompt token, natural log, SmolLM2 flo
 @pytest.fixture(scope="module")
 def vector_dir(tmp_path_factory):
     """A vectors folder: a random vector of norm 40 at layers 10 and 20 (layer_L.safetensors)."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(1)
-    path = tmp_path_factory.mktemp("vec") / "push"
-    path.mkdir()
-    vecs = {}
-    for layer in (10, 20):
-        v = torch.randn(576, generator=g)
-        vecs[layer] = v / v.norm() * 40
-        save_file({"vector": vecs[layer].contiguous()}, str(path / f"layer_{layer}.safetensors"))
-    return path, vecs
+    return push_vectors(tmp_path_factory.mktemp("vec"))
 
 
 @pytest.fixture(scope="module")
