@@ -288,7 +288,10 @@ def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
     units = scheduler.units  # {vector: {layer: (norm, where)}} (vllm_engine.unit_norms)
     info = [{"id": n, "object": "vector", "source": shown_path(p), "layers": sorted(loaded[n]),
              "norms": {str(x): float(v.norm()) for x, v in sorted(loaded[n].items())},
-             "residual_norms": {str(x): norms[x] for x in sorted(loaded[n]) if x in norms}}
+             "residual_norms": {str(x): units[n][x][0] for x in sorted(loaded[n])
+                                if x in units[n]},
+             "residual_norms_from": {str(x): units[n][x][1] for x in sorted(loaded[n])
+                                     if x in units[n]}}
             for n, p in vector_sources(vectors or [])]
     limits = Limits(model_id, context, a.n_layers, loaded, the_probe is not None,
                     {n: {x: u[0] for x, u in per.items()} for n, per in units.items()},
