@@ -111,14 +111,10 @@ def write_tokenizer(path: str) -> str:
     return os.path.join(path, "tokenizer.json")
 
 
-def make_tiny_gqa(path: str, seed: int = 0) -> str:
-    """A random transformers LlamaForCausalLM (TINY_GQA) saved with safetensors and a byte-level
-    tokenizer. Weights are drawn at unit scale (std 1/sqrt(fan in), embeddings std 1, norms in
-    [0.5, 1.5]) so that logits spread out and greedy picks are not near ties everywhere."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_GQA, bos_token_id=1, eos_token_id=2)).float()
+def unit_scale(model) -> None:
+    """Redraw a random transformers model's weights in place at unit scale (linear weights std
+    1/sqrt(fan in), embeddings std 1, norms uniform in [0.5, 1.5]) from torch's global
+    generator, so that its logits spread out and greedy picks are not near ties everywhere."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -127,6 +123,16 @@ def make_tiny_gqa(path: str, seed: int = 0) -> str:
                 p.normal_(0.0, 1.0)
             else:
                 p.normal_(0.0, p.shape[1] ** -0.5)
+
+
+def make_tiny_gqa(path: str, seed: int = 0) -> str:
+    """A random transformers LlamaForCausalLM (TINY_GQA) saved with safetensors and a byte-level
+    tokenizer, its weights drawn at unit scale (unit_scale)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_GQA, bos_token_id=1, eos_token_id=2)).float()
+    unit_scale(model)
     model.save_pretrained(path)
     write_tokenizer(path)
     return path

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 from serving import Served
-from smol import smol_hf
+from smol import first_difference, smol_hf
 
 pytestmark = pytest.mark.heavy
 
@@ -163,14 +163,8 @@ def native_run(model, ids, steer=None, n=NEW):
 def shared_prefix(name, ours, theirs, steps) -> int:
     """How many leading tokens two greedy answers share; a difference must be a native near
     tie (printed)."""
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        if a != b:
-            margin = float(steps[i][a] - steps[i][b])
-            print(f"{name}: first difference at token {i}: native {a} vs vLLM {b}, native "
-                  f"logit margin {margin:.2e}")
-            assert margin < TIE, (name, i, margin)
-            return i
-    return min(len(ours), len(theirs))
+    first = first_difference(name, ours, theirs, steps, TIE)
+    return min(len(ours), len(theirs)) if first is None else first
 
 
 def check_scores(name, choice, want_ids, steps, states, w, threshold, bias=0.25):

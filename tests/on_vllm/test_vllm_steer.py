@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from smol import smol_hf
+from smol import first_difference, smol_hf
 
 pytestmark = pytest.mark.heavy
 
@@ -114,13 +114,8 @@ def run_vllm(llm, prompt_ids, steer=None, tag=None):
 
 def same_or_near_tie(name, ours, theirs, steps):
     """Equal ids, or equal up to a first difference that is a native near tie (printed)."""
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        if a != b:
-            margin = float(steps[i][a] - steps[i][b])
-            print(f"{name}: first difference at token {i}: native {a} vs vLLM {b}, native "
-                  f"logit margin {margin:.2e}")
-            assert margin < TIE, (name, i, margin)
-            return False
+    if first_difference(name, ours, theirs, steps, TIE) is not None:
+        return False
     assert len(ours) == len(theirs) == NEW, name
     return True
 

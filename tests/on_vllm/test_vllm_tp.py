@@ -6,7 +6,6 @@ down_proj end in an all-reduce, so the (hidden_states, residual) a layer returns
 every rank: every rank adds the same vector to the whole residual stream. Steered greedy text at
 TP 2 must equal TP 1's, steering must change it, and both ranks must measure the same push.
 Runs in the .venv-vllm/ of `make setup-vllm` (`make test-heavy`); two engine start-ups."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from smol import gpu_parts
 
 pytestmark = pytest.mark.heavy
 
@@ -35,19 +35,9 @@ def tiny(tmp_path_factory):
                          num_key_value_heads=2, intermediate_size=512, vocab_size=512,
                          max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(config).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif "embed" in name:
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, p.shape[1] ** -0.5)
+    parts = gpu_parts()
+    parts.unit_scale(model)
     model.save_pretrained(path / "model")
-    spec = importlib.util.spec_from_file_location(
-        "gpu_parts", os.path.join(ROOT, "bench", "gpu_parts.py"))
-    parts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(parts)
     parts.write_tokenizer(str(path / "model"))  # a byte-level tokenizer: vLLM loads one
     g = torch.Generator().manual_seed(1)
     vectors = {}
