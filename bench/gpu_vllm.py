@@ -5,11 +5,15 @@ of `make setup-vllm`; gpu_check starts it in a subprocess):
 
 SPEC.json (written by gpu_check): {"hf": Hugging Face folder, "dtype", "tp": tensor parallel size,
 "prompts": [[token ids]], "new": greedy tokens, "vectors": {layer: [dim floats]}, "multiplier",
-"requests": throughput requests, "throughput_new": their tokens}. vLLM (compiled, prefix caching
-on) with this project's steering plugin (server/vllm_steer.py) wrapping the vectors' layers:
-greedy ids of the prompts unsteered and steered, each steered request's steering_push from every
-rank (collective_rpc llama_ccs_take), then `requests` requests of `throughput_new` greedy tokens
-sent at once, unsteered and every one steered: completion tokens/s. OUT.json gets it all.
+"requests": throughput requests, "throughput_new": their tokens}, optionally "pp": pipeline
+parallel size (default 1) and "probe": {"layer", "weight": [dim floats], "bias"}. vLLM (compiled,
+prefix caching on) with this project's steering plugin (server/vllm_steer.py) wrapping the
+vectors' layers (and the probe's): greedy ids of the prompts unsteered and steered, each steered
+request's steering_push from every rank (collective_rpc llama_ccs_take: under pipeline
+parallelism each stage reports its own layers), with a probe each steered request's probe scores
+per position ("scores": [[position, score], ...], llama_ccs_scores merged over the ranks), then
+`requests` requests of `throughput_new` greedy tokens sent at once, unsteered and every one
+steered: completion tokens/s. OUT.json gets it all.
 """
 import json
 import os
@@ -17,15 +21,17 @@ import sys
 import time
 
 
-def generate(llm, prompts, new, vectors=None, multiplier=1.0, tag="r"):
-    """Greedy ids per prompt (end tokens ignored) and the wall seconds; vectors: steer each."""
+def generate(llm, prompts, new, vectors=None, multiplier=1.0, tag="r", probe=False):
+    """Greedy ids per prompt (end tokens ignored) and the wall seconds; vectors: steer each;
+    probe: read the probe at each steered request's tokens."""
     from vllm import SamplingParams
 
     from server.vllm_steer import cache_salt, request_args
 
     reqs, params = [], []
     for i, ids in enumerate(prompts):
-        extra = None if vectors is None else request_args(vectors, multiplier, tag=f"{tag}-{i}")
+        extra = None if vectors is None else request_args(vectors, multiplier, tag=f"{tag}-{i}",
+                                                          probe=probe)
         reqs.append({"prompt_token_ids": ids,
                      **({"cache_salt": cache_salt(extra)} if extra else {})})
         params.append(SamplingParams(temperature=0, max_tokens=new, ignore_eos=True,
@@ -47,18 +53,29 @@ def main(spec_path: str, out_path: str):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["HF_HUB_OFFLINE"] = "1"
     vectors = {int(k): torch.tensor(v) for k, v in spec["vectors"].items()}
+    probe = spec.get("probe")
     t = time.perf_counter()
     llm = LLM(model=spec["hf"], dtype=spec["dtype"], tensor_parallel_size=spec["tp"],
-              max_model_len=1024, seed=0, enable_prefix_caching=True,
-              additional_config=steering_config(vectors))
-    res = {"tp": spec["tp"], "vllm": vllm.__version__, "start_s": time.perf_counter() - t,
+              pipeline_parallel_size=spec.get("pp", 1), max_model_len=1024, seed=0,
+              enable_prefix_caching=True,
+              additional_config=steering_config(vectors, probe and probe["layer"]))
+    res = {"tp": spec["tp"], "pp": spec.get("pp", 1), "vllm": vllm.__version__,
+           "start_s": time.perf_counter() - t,
            "compiled": not llm.llm_engine.vllm_config.model_config.enforce_eager}
+    if probe:
+        llm.collective_rpc("llama_ccs_set_probe", args=(probe["weight"], probe["bias"]))
     prompts, new, m = spec["prompts"], spec["new"], spec["multiplier"]
     res["plain"], _ = generate(llm, prompts, new)
-    res["steered"], _ = generate(llm, prompts, new, vectors, m, tag="steer")
+    res["steered"], _ = generate(llm, prompts, new, vectors, m, tag="steer", probe=bool(probe))
     tags = [f"steer-{i}" for i in range(len(prompts))]
     taken = llm.collective_rpc("llama_ccs_take", args=(tags,))  # one dict per rank
     res["push"] = [[(rank.get(tag) or {}).get("push") for rank in taken] for tag in tags]
+    if probe:
+        kept = [{} for _ in tags]  # each rank holding the probe layer has the same scores
+        for rank in llm.collective_rpc("llama_ccs_scores", args=(tags,)):
+            for i, tag in enumerate(tags):
+                kept[i].update({int(pos): score for pos, score in rank.get(tag, [])})
+        res["scores"] = [sorted(k.items()) for k in kept]
     many = [prompts[i % len(prompts)] for i in range(spec["requests"])]
     for name, vecs in (("plain", None), ("steered", vectors)):
         ids, wall = generate(llm, many, spec["throughput_new"], vecs, m, tag="speed")

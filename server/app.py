@@ -183,7 +183,7 @@ async def answer(request: Request, body, chat: bool):
         except RuntimeError:
             pass  # the event loop is closed: the server is gone
 
-    job = Job(body.prompt_ids, body.params, emit)
+    job = Job(body.prompt_ids, body.params, emit, streamed=body.stream)
     if not served.scheduler.is_alive():
         raise ApiError(503, "the server is shutting down", kind="server_error")
     served.scheduler.submit(job)

@@ -101,7 +101,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
           tokenizer_path: Optional[str] = None,
           name: Optional[str] = None, shutdown_grace: float = 30.0,
           read_timeout: float = 30.0, engine: str = "native", tensor_parallel_size: int = 1,
-          alias: Optional[List[str]] = None):
+          pipeline_parallel_size: int = 1, alias: Optional[List[str]] = None):
     """Serve a model over an OpenAI-compatible HTTP API, with per-request steering and probe
     read-outs.
 
@@ -137,7 +137,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     engine: native (this project's engine: torchrun model parallelism, the exact float32
         reference) or vllm (vLLM's engine with the steering plugin, server/vllm_engine.py: run
         from the .venv-vllm/ of `make setup-vllm`; --model a Hugging Face folder)
-    tensor_parallel_size: vLLM's tensor parallelism (--engine vllm)
+    tensor_parallel_size: vLLM's tensor parallelism (--engine vllm): each layer split across N
+        processes (GPUs); the steering vector is added where the residual stream is whole
+    pipeline_parallel_size: vLLM's pipeline parallelism (--engine vllm): the layers split into
+        N stages, one per process (GPU or node); each stage steers, probes and measures
+        steering_push at its own layers. On a CPU without VLLM_CPU_OMP_THREADS_BIND set, the
+        server gives vLLM's tensor x pipeline workers every core, split evenly
     alias: a steered model by name, NAME=VECTOR:LAYERS:MULTIPLIER[:SCALE] (layers
         comma-separated, SCALE raw or residual; e.g. sent=sentiment:10,14:0.25:residual) or
         NAME={JSON steering settings}, the flag given once per alias: /v1/models lists NAME and
@@ -176,11 +181,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000,
     http = Http(host, api_key, max_body, shutdown_grace, read_timeout)
     if engine == "vllm":
         return serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len,
-                             compute_dtype, tensor_parallel_size, name, http, alias or [],
-                             probe_layer)
-    if tensor_parallel_size != 1:
-        raise LlamaError("--tensor_parallel_size is vLLM's (--engine vllm); the native engine "
-                         "splits the model with torchrun --nproc_per_node N")
+                             compute_dtype, (tensor_parallel_size, pipeline_parallel_size),
+                             name, http, alias or [], probe_layer)
+    for flag, v in (("tensor_parallel_size", tensor_parallel_size),
+                    ("pipeline_parallel_size", pipeline_parallel_size)):
+        if v != 1:
+            raise LlamaError(f"--{flag} is vLLM's (--engine vllm); the native engine splits "
+                             "the model with torchrun --nproc_per_node N")
     if threads:
         torch.set_num_threads(threads)
     with owned_group():
@@ -232,9 +239,10 @@ def probe_description(probe) -> Optional[dict]:
 
 
 def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
-                  tensor_parallel_size, name, http: "Http", alias: List[str], probe_layer=None):
+                  parallel: tuple, name, http: "Http", alias: List[str], probe_layer=None):
     """serve --engine vllm: the same routes over vLLM's AsyncLLM (server/vllm_engine.py), the
     loaded vectors' layers and the probe's layer wrapped by the plugin (server/vllm_steer.py);
+    parallel: (tensor, pipeline) parallel sizes;
     the aliases checked before the engine starts; the residual norms of scale "residual" (where
     a vector records none) measured inside vLLM at start-up."""
     from llama.checkpoint import fingerprint, open_source, read_args
@@ -245,7 +253,7 @@ def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
 
     from .aliases import read_aliases
     from .schemas import Limits
-    from .vllm_engine import VllmScheduler, engine_args
+    from .vllm_engine import VllmScheduler, cpu_thread_binding, engine_args
 
     import importlib.util
 
@@ -255,9 +263,9 @@ def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
     if not os.path.isfile(os.path.join(str(model), "config.json")):
         raise LlamaError(f"--engine vllm loads a Hugging Face folder; convert {model} first: "
                          f"python -m llama.convert {model} DIR --to hf")
-    if tensor_parallel_size < 1:
-        raise LlamaError(f"--tensor_parallel_size {tensor_parallel_size} is not a positive "
-                         "integer")
+    for flag, v in zip(("tensor_parallel_size", "pipeline_parallel_size"), parallel):
+        if v < 1:
+            raise LlamaError(f"--{flag} {v} is not a positive integer")
     a = read_args(model)
     weights = open_source(str(model))[0]
     print_ = fingerprint(weights, weights.args)
@@ -276,9 +284,15 @@ def serve_on_vllm(model, port, vectors, probe, max_batch, max_seq_len, dtype,
     stand_in = {n: {x: recorded[n].get(x, 1.0) for x in loaded[n]} for n in loaded}
     read_aliases(alias, Limits(model_id, context, a.n_layers, loaded, the_probe is not None,
                                stand_in, engine="vllm", vocab=min(a.vocab_size, tok.n_words)))
+    if parallel[1] > a.n_layers:
+        raise LlamaError(f"--pipeline_parallel_size {parallel[1]}: the model has only "
+                         f"{a.n_layers} layers to split into stages")
+    binding = cpu_thread_binding(parallel[0] * parallel[1])
+    if not torch.cuda.is_available() and binding and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding  # read by vLLM's workers
     sock = bind(http.host, port)
     scheduler = VllmScheduler(
-        engine_args(str(model), context, max_batch, tensor_parallel_size, dtype, layers,
+        engine_args(str(model), context, max_batch, parallel, dtype, layers,
                     None if the_probe is None else the_probe.layer),
         tok, loaded, the_probe, layers, recorded)
     scheduler.start()

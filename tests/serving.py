@@ -39,7 +39,7 @@ class Served:
         cmd = self.launcher + [os.path.join(ROOT, "scripts", "serve.py"), "--port", "0",
                                *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True,
-                                     env=self.env, cwd=ROOT)
+                                     env=self.env, cwd=ROOT, start_new_session=True)
         self.lines = []
         return self
 
@@ -58,7 +58,7 @@ class Served:
                 headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
                 self.http = httpx.Client(base_url=self.url, timeout=300, headers=headers)
                 return self
-        self.proc.kill()
+        os.killpg(self.proc.pid, signal.SIGKILL)  # and what it started (vLLM's engine core)
         raise RuntimeError(f"the server did not start: {self.lines} {self.stderr()}")
 
     def stderr(self) -> str:

@@ -34,6 +34,12 @@ def test_bench_serve_refuses_bad_engines_and_a_missing_vllm_venv(tmp_path):
     r = subprocess.run(run + ["--engine", "native,vllm", "--clients", "16,x"],
                        capture_output=True, text=True, timeout=120)
     one_line_error(r, "--clients 16,x")
+    r = subprocess.run(run + ["--engine", "native,vllm", "--vllm_env", "LD_PRELOAD"],
+                       capture_output=True, text=True, timeout=120)
+    one_line_error(r, "--vllm_env LD_PRELOAD", "NAME=VALUE")
+    r = subprocess.run(run + ["--engine", "native,vllm", "--per_client", "0"],
+                       capture_output=True, text=True, timeout=120)
+    one_line_error(r, "--per_client")
     missing = str(tmp_path / "no-venv" / "bin" / "python")
     r = subprocess.run(run + ["--engine", "native,vllm", "--vllm_python", missing],
                        capture_output=True, text=True, timeout=120)
