@@ -12,7 +12,8 @@ ids (with a cache_salt when steered: server/vllm_steer.cache_salt), its sampling
 steering as SamplingParams.extra_args (server/vllm_steer.request_args: the vectors as applied),
 which the plugin adds inside vLLM's compiled model. Tokens come back one at a time and go through
 Job.accept (stop strings, max_tokens, text held back) as on the native engine; the "done" event
-carries steering_push, per layer, measured in the worker (vllm_steer.Steering.take). A Job's
+carries steering_push, per layer, measured in the worker (vllm_steer.Steering.take; fetched
+in one collective_rpc with those of the requests finishing at that moment: `ask`). A Job's
 prompt_logprobs (echo) come from vLLM's prompt_logprobs at the end of the prefill, put in the
 native engine's layout (`prompt_scores`); max_tokens 0 asks vLLM for one token and drops it
 (`scoring`). A steered request always asks for its sampled token's log-probability: vLLM samples
@@ -28,7 +29,7 @@ score has come back, as the native scheduler does (a token's score is its own hi
 known once the token has been fed: vLLM is asked for one token more than max_tokens, which is
 dropped, so that the last token is fed too), and `scores_of` fetches the scores of every
 probed request waiting at that moment in one collective_rpc ("llama_ccs_scores"), one call in
-flight at a time.
+flight at a time; a request that is not streamed fetches its scores once, when it has finished.
 
 scale "residual": its unit, the mean residual-stream norm at each steered layer on the
 built-in prompts (steering.scale.neutral_norms' rule: BOS first, position 0 left out), is
@@ -76,7 +77,7 @@ class VllmScheduler(threading.Thread):
         self.norms: Dict[int, float] = {}  # layer -> mean residual-stream norm (measure_norms)
         self.recorded = recorded or {}
         self.units: Dict[str, Dict[int, tuple]] = {}  # vector -> layer -> (unit, where)
-        self.wanted: List[tuple] = []  # (request tag, future) waiting for probe scores
+        self.wanted: List[tuple] = []  # (worker method, request tag, future) waiting (`ask`)
         self.fetching = False
         self.stop_ids = end_tokens(tokenizer)
         self.halt = threading.Event()
@@ -149,6 +150,7 @@ class VllmScheduler(threading.Thread):
             top_p=1.0 if greedy else p.top_p, seed=p.seed,
             ignore_eos=True, stop_token_ids=[] if p.ignore_eos else self.stop_ids,
             extra_args=extra, output_kind=RequestOutputKind.DELTA,
+            detokenize=False,  # Job.accept makes the text (stop strings too), as natively
             **scoring(p, steered(extra))), extra
 
     async def _serve(self, job):
@@ -180,8 +182,7 @@ class VllmScheduler(threading.Thread):
                 hold.release(final=True)
             push = None
             if steered(extra):
-                push = merged_push(
-                    await self.engine.collective_rpc("llama_ccs_take", args=([tag],)), tag)
+                push = await self.push_of(tag)
             if job.finish == "error":  # its error event is sent
                 return
             event = {"type": "done", "finish": job.finish}
@@ -241,9 +242,20 @@ class VllmScheduler(threading.Thread):
 
     async def scores_of(self, tag: str) -> List[list]:
         """The probe scores of request `tag` kept in the workers since its last call, [[position,
-        score], ...]; the requests asking while a call is in flight share the next one."""
+        score], ...] (`ask`)."""
+        return await self.ask("llama_ccs_scores", tag)
+
+    async def push_of(self, tag: str) -> Dict[str, float]:
+        """A finished steered request's steering_push, {layer: push}, merged over the ranks
+        (`ask`; merged_push)."""
+        return await self.ask("llama_ccs_take", tag)
+
+    async def ask(self, method: str, tag: str):
+        """What worker method `method` ("llama_ccs_scores" or "llama_ccs_take") gives for request
+        `tag`: the requests asking while a call is in flight share the next one (one
+        collective_rpc per method for all of them, not one per request)."""
         done = self.loop.create_future()
-        self.wanted.append((tag, done))
+        self.wanted.append((method, tag, done))
         if not self.fetching:
             self.fetching = True
             self.loop.create_task(self._fetch())
@@ -253,21 +265,26 @@ class VllmScheduler(threading.Thread):
         try:
             while self.wanted:
                 wanted, self.wanted = self.wanted, []
-                try:
-                    parts = await self.engine.collective_rpc(
-                        "llama_ccs_scores", args=(sorted({t for t, _ in wanted}),))
-                except Exception as e:
-                    for _, done in wanted:
+                for method in sorted({name for name, _, _ in wanted}):
+                    mine = [(req, done) for name, req, done in wanted if name == method]
+                    tags = sorted({req for req, _ in mine})
+                    try:
+                        parts = await self.engine.collective_rpc(method, args=(tags,))
+                    except Exception as e:
+                        for _, done in mine:
+                            if not done.done():
+                                done.set_exception(e)
+                        continue
+                    if method == "llama_ccs_take":
+                        got = {req: merged_push(parts, req) for req in tags}
+                    else:
+                        got = {}
+                        for part in parts:  # each rank that holds the probe layer has the same
+                            for req, pairs in (part or {}).items():
+                                got.setdefault(req, []).extend(pairs)
+                    for req, done in mine:
                         if not done.done():
-                            done.set_exception(e)
-                    continue
-                merged: Dict[str, list] = {}
-                for part in parts:  # every rank that holds the probe layer has the same
-                    for t, pairs in (part or {}).items():
-                        merged.setdefault(t, []).extend(pairs)
-                for t, done in wanted:
-                    if not done.done():
-                        done.set_result(merged.get(t, []))
+                            done.set_result(got.get(req, []))
         finally:
             self.fetching = False
 

@@ -159,6 +159,8 @@ def test_refusals_at_start(tiny, dist1):
     one_line_error(r, "--engine", "native or vllm")
     r = serve_here("--model", tiny["path"], "--tensor_parallel_size", 2)
     one_line_error(r, "--tensor_parallel_size", "torchrun")
+    r = serve_here("--model", tiny["path"], "--pipeline_parallel_size", 2)
+    one_line_error(r, "--pipeline_parallel_size", "torchrun")
     r = serve_here("--model", tiny["path"], "--engine", "vllm")  # this environment has no vLLM
     one_line_error(r, "make setup-vllm")
 

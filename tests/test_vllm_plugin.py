@@ -5,6 +5,7 @@ inside vLLM's compiled model is tested against the native engine in tests/on_vll
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from llama.model import Steer
@@ -155,9 +156,12 @@ def test_measure_sums_the_residual_norm_at_every_wrapped_layer():
     assert abs(got["sums"]["20"][0] - float(s2[1:].norm(dim=-1).sum())) < 1e-4
 
 
-def test_probe_hold_emits_each_token_once_its_score_is_in():
+@pytest.mark.parametrize("streamed", [True, False])
+def test_probe_hold_emits_each_token_once_its_score_is_in(streamed):
     """vllm_engine.ProbeHold: token events wait for their position's score; the prompt's score
-    is set before the first; a finished job waits until its last token has been fed."""
+    is set before the first; a finished job waits until its last token has been fed. A job that
+    is not streamed asks for scores only once it has finished (here twice: its last token is
+    fed by the token after it)."""
     import asyncio
 
     from server.vllm_engine import ProbeHold
@@ -173,7 +177,8 @@ def test_probe_hold_emits_each_token_once_its_score_is_in():
             return [[p, scores[p]] for p in sorted(scores) if p < self.fed]
 
     out = []
-    job = SimpleNamespace(prompt_ids=[1] * 5, emit=out.append, prompt_probe=None)
+    job = SimpleNamespace(prompt_ids=[1] * 5, emit=out.append, prompt_probe=None,
+                          streamed=streamed)
     sched = Scheduler()
     hold = ProbeHold(sched, job, "t")
 
@@ -183,15 +188,19 @@ def test_probe_hold_emits_each_token_once_its_score_is_in():
     async def play():
         sched.fed = 5  # vLLM produced token 0: the prompt's last position was fed
         token(10)
-        assert not await hold.advance(1, False) and out == [] and job.prompt_probe == 0.1
+        assert not await hold.advance(1, False) and out == []
+        assert job.prompt_probe == (0.1 if streamed else None)
+        assert sched.asked == (1 if streamed else 0)
         sched.fed = 7  # tokens 1 and 2 produced: tokens 0 and 1 fed
         token(11)
         token(12)  # the job ends at its third token (a stop string): not fed yet
         assert not await hold.advance(2, True)
         assert [(e["token"], e["probe"]) for e in out] == [(10, 1.5), (11, 2.5)]
+        assert job.prompt_probe == 0.1
         sched.fed = 8
         assert await hold.advance(1, True)
         assert [e["probe"] for e in out] == [1.5, 2.5, 3.5]
+        assert sched.asked == (3 if streamed else 2)
         hold.release(final=True)
         job.emit({"type": "done"})
         assert out[-1] == {"type": "done"} and "position" not in out[0]

@@ -107,7 +107,8 @@ def test_refusals_are_400_naming_the_field(served, field, value, param):
 
 
 def test_refusals_at_start_name_the_way_out(vector_dir):
-    """A GGUF (or Meta) model: the conversion command; a bad --alias, before vLLM starts."""
+    """A GGUF (or Meta) model: the conversion command; a bad --alias or parallel size, before
+    vLLM starts."""
     from conftest import in_process, one_line_error
 
     from llama.gguf import default_model_path
@@ -118,6 +119,12 @@ def test_refusals_at_start_name_the_way_out(vector_dir):
     r = in_process(["serve", "--engine", "vllm", "--model", smol_hf(), "--vectors",
                     f"push={vector_dir[0]}", "--alias", "x=nope:10:1.0"], cli)  # no engine start
     one_line_error(r, "--alias x=nope:10:1.0", "no vector named 'nope'")
+    r = in_process(["serve", "--engine", "vllm", "--model", smol_hf(),
+                    "--pipeline_parallel_size", "31"], cli)  # SmolLM2 has 30 layers
+    one_line_error(r, "--pipeline_parallel_size 31", "30 layers")
+    r = in_process(["serve", "--engine", "vllm", "--model", smol_hf(),
+                    "--tensor_parallel_size", "0"], cli)
+    one_line_error(r, "--tensor_parallel_size 0", "positive")
 
 
 TEXTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:",
