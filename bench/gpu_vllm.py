@@ -46,6 +46,7 @@ def main(spec_path: str, out_path: str):
     import vllm
     from vllm import LLM
 
+    from server.vllm_engine import merged_scores
     from server.vllm_steer import steering_config
 
     with open(spec_path) as f:
@@ -71,11 +72,8 @@ def main(spec_path: str, out_path: str):
     taken = llm.collective_rpc("llama_ccs_take", args=(tags,))  # one dict per rank
     res["push"] = [[(rank.get(tag) or {}).get("push") for rank in taken] for tag in tags]
     if probe:
-        kept = [{} for _ in tags]  # each rank holding the probe layer has the same scores
-        for rank in llm.collective_rpc("llama_ccs_scores", args=(tags,)):
-            for i, tag in enumerate(tags):
-                kept[i].update({int(pos): score for pos, score in rank.get(tag, [])})
-        res["scores"] = [sorted(k.items()) for k in kept]
+        scores = merged_scores(llm.collective_rpc("llama_ccs_scores", args=(tags,)))
+        res["scores"] = [scores.get(tag, []) for tag in tags]
     many = [prompts[i % len(prompts)] for i in range(spec["requests"])]
     for name, vecs in (("plain", None), ("steered", vectors)):
         ids, wall = generate(llm, many, spec["throughput_new"], vecs, m, tag="speed")

