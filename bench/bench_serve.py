@@ -218,14 +218,13 @@ class Server:
                  if re.search(r"Error: |^error: ", line) and "WARNING" not in line]
         return (named or lines or [f"exit status {self.proc.returncode}"])[-1]
 
+    def measure(self, name: str, probed: bool, clients: int, n: int, new: int) -> dict:
+        """run() against this server with configuration `name`'s request fields and check."""
+        extra, check = request_fields(name, probed)
+        return run(self.url, clients, n, new, extra, check)
+
     def stop(self):
         self.pause(False)
-        if self.proc.stdin is not None and self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()  # the offline engine's end of input: it stops
-                self.proc.wait(60)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -264,9 +263,10 @@ class Offline(Server):
                 return self.last_line()
         return f"not ready after {START_LIMIT_S} s"
 
-    def run(self, clients: int, n: int, new: int) -> dict:
+    def measure(self, name: str, probed: bool, clients: int, n: int, new: int) -> dict:
         """run()'s measure for n requests from `clients` clients: n / clients waves of `clients`
-        prompts at once; each request's latency taken as its wave's time."""
+        prompts at once; each request's latency taken as its wave's time (name and probed: no
+        request fields here, the engine runs no plugin)."""
         waves = max(n // clients, 1)
         order = {"prompts": [PROMPTS[i % len(PROMPTS)] for i in range(clients)], "new": new,
                  "waves": waves}
@@ -281,6 +281,17 @@ class Offline(Server):
         return {"clients": clients, "requests": clients * waves, "tokens": got["tokens"],
                 "wall_s": got["wall_s"], "tokens_per_s": got["tokens"] / got["wall_s"],
                 "p50_s": wave_s, "p95_s": wave_s}
+
+    def stop(self):
+        """Its end of input first (it stops by itself), then what Server.stop does."""
+        if self.proc.poll() is None:
+            try:
+                self.pause(False)
+                self.proc.stdin.close()
+                self.proc.wait(60)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        super().stop()
 
 
 def launch(a, engines: set, tmp: str) -> dict:
@@ -354,14 +365,6 @@ def request_fields(name: str, probed: bool) -> tuple:
     return {}, None
 
 
-def measure(server, name: str, probed: bool, clients: int, n: int, new: int) -> dict:
-    """run() against one configuration (the offline engine: its own waves)."""
-    if isinstance(server, Offline):
-        return server.run(clients, n, new)
-    extra, check = request_fields(name, probed)
-    return run(server.url, clients, n, new, extra, check)
-
-
 def load_line() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -377,7 +380,7 @@ def side_by_side(a, engines: set) -> dict:
         out["settings"]["probed"] = a.probed
         try:
             for name in names:  # warm-up: every server, every request form
-                measure(servers[name], name, a.probed, 4, 4, 8)
+                servers[name].measure(name, a.probed, 4, 4, 8)
             for k in range(a.rounds):
                 start_load = load_line()
                 for clients in a.clients:
@@ -385,8 +388,8 @@ def side_by_side(a, engines: set) -> dict:
                         for server in servers.values():
                             server.pause(server is not servers[name])
                         time.sleep(1)
-                        got = measure(servers[name], name, a.probed, clients,
-                                      clients * a.per_client, a.new)
+                        got = servers[name].measure(name, a.probed, clients,
+                                                    clients * a.per_client, a.new)
                         results[f"{name}@{clients}"].append(got)
                         print(f"round {k + 1} {clients:>3} clients {name:>8}: "
                               f"{got['tokens_per_s']:7.1f} tokens/s", flush=True)

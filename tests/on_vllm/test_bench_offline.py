@@ -39,12 +39,12 @@ def test_offline_engine_answers_waves_and_stops(tmp_path):
                             str(tmp_path / "model"), "8"], env, str(tmp_path / "offline.log"))
     try:
         assert engine.ready() is None, engine.last_line()
-        got = engine.run(4, 8, 6)  # 8 requests from 4 clients: 2 waves of 4 prompts
+        got = engine.measure("offline", False, 4, 8, 6)  # 8 from 4 clients: 2 waves of 4
         assert got["requests"] == 8 and got["tokens"] == 8 * 6
         assert got["tokens_per_s"] > 0 and got["p50_s"] * 2 == pytest.approx(got["wall_s"])
         engine.pause(True)
         engine.pause(False)
-        assert engine.run(2, 2, 3)["tokens"] == 2 * 3
+        assert engine.measure("offline", False, 2, 2, 3)["tokens"] == 2 * 3
     finally:
         engine.stop()
     assert engine.proc.returncode is not None
